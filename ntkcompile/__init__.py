@@ -1,0 +1,1 @@
+"""ntkcompile: compile a PyTorch module into its infinite-width NNGP and NTK."""

@@ -1,0 +1,1 @@
+"""Evaluation of the Master Theorem: Gaussian expectations and covariance rules."""

@@ -1,0 +1,1 @@
+"""Passes that rewrite a traced torch.fx graph into Tensor Program form."""

@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ntkcompile",
+    version="0.1.0",
+    description="Compile PyTorch modules into their infinite-width NNGP and NTK kernels (Tensor Programs)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ntkcompile", "ntkcompile.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.2", "numpy", "opt_einsum>=3.3"],
+    extras_require={
+        "test": ["pytest", "scipy"],
+        "demo": ["scikit-learn", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["ntkcompile=ntkcompile.cli:main"]},
+)
