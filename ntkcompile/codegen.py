@@ -1,0 +1,103 @@
+"""Codegen: the kernel plan as Python source, compiled once, called many times.
+
+``kernels.master.Planner`` emits one line per quantity (a covariance, a
+V-transform, a quadrature) into a ``Source``; ``Source.build`` compiles it into
+a function ``kernel(x1, x2) -> (nngp, ntk, mc_stderr)``.  The generated text is
+what ``kfn.code`` shows.  Every helper the lines call lives in ``RUNTIME``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import quadrature as quad
+
+
+def _t(x, like):
+    return x if torch.is_tensor(x) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
+
+
+def _cf(fn, like, *ks):
+    """Call a closed form with tensor arguments (constants become 0-d tensors)."""
+    return fn(*[_t(k, like) for k in ks])
+
+
+def _cov_matrix(entries, like):
+    """Stack a DxD nested list of broadcastable entries into ``(*batch, D, D)``."""
+    flat = [_t(e, like) for row in entries for e in row]
+    flat = torch.broadcast_tensors(*flat)
+    d = len(entries)
+    return torch.stack(flat, dim=-1).reshape(*flat[0].shape, d, d)
+
+
+def _q1(f, var, like, degree=64):
+    return quad.expect_1d(f, _t(var, like), degree)
+
+
+def _q2(f, g, like, k11, k12, k22, degree=32):
+    return quad.expect_2d(f, g, _t(k11, like), _t(k12, like), _t(k22, like), degree)
+
+
+def _qn(f, entries, like, errors, samples, seed):
+    """N-D expectation; a Monte Carlo standard error is appended to ``errors``."""
+    value, stderr = quad.expect_nd(f, _cov_matrix(entries, like), mc_samples=samples, seed=seed)
+    if stderr is not None:
+        errors.append(float(stderr.max()))
+    return value
+
+
+def _full(x, like, shape):
+    return torch.broadcast_to(_t(x, like), shape).clone() if not torch.is_tensor(x) or tuple(x.shape) != tuple(shape) else x
+
+
+RUNTIME = {
+    "torch": torch,
+    "cf": _cf,
+    "q1": _q1,
+    "q2": _q2,
+    "qn": _qn,
+    "full": _full,
+}
+
+
+class Source:
+    """Accumulates generated lines; binds Python objects to names for the namespace."""
+
+    def __init__(self):
+        self.lines: list = []
+        self.namespace = dict(RUNTIME)
+        self._bound: dict = {}
+        self._count = 0
+        self._assigned: dict = {}     # expression -> name (common subexpressions)
+
+    def bind(self, obj, prefix):
+        key = id(obj)
+        if key not in self._bound:
+            name = f"{prefix}{len(self._bound)}"
+            self._bound[key] = (name, obj)
+            self.namespace[name] = obj
+        return self._bound[key][0]
+
+    def fresh(self, prefix="t"):
+        self._count += 1
+        return f"{prefix}{self._count}"
+
+    def emit(self, line, comment=None):
+        self.lines.append(f"{line}  # {comment}" if comment else line)
+
+    def assign(self, expr, prefix="t", comment=None):
+        if expr in self._assigned:
+            return self._assigned[expr]
+        name = self.fresh(prefix)
+        self.emit(f"{name} = {expr}", comment)
+        self._assigned[expr] = name
+        return name
+
+    def text(self, signature, returns):
+        body = "\n".join("    " + ln for ln in self.lines + [f"return {returns}"])
+        return f"def {signature}:\n{body}\n"
+
+    def build(self, signature, returns, fname):
+        src = self.text(signature, returns)
+        ns = dict(self.namespace)
+        exec(compile(src, f"<ntkcompile:{fname}>", "exec"), ns)
+        return ns[fname], src

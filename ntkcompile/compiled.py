@@ -1,0 +1,206 @@
+"""``compile()`` and the compiled kernel it returns.
+
+Pipeline: trace (``trace``) -> lower to Tensor Program IR (``passes.lower``,
+with width inference and the Simple GIA Check) -> plan the Master Theorem
+(``kernels.master``) -> generate Python source (``codegen``).  Calling the
+compiled kernel only runs generated code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import codegen
+from .errors import InputShapeError, NonFiniteInputError
+from .kernels.master import Planner
+from .passes.lower import is_rule_module, lower
+from .printer import format_program
+from .trace import trace
+
+_GETS = ("nngp", "ntk")
+
+
+@dataclass
+class Kernels:
+    """Kernels of ``x1`` against ``x2``: ``(N1, N2)`` tensors (None if not requested).
+
+    For several outputs these are the per-output factors (the full kernel is the
+    factor times the identity on outputs).  ``mc_stderr`` is the largest standard
+    error of any Monte Carlo expectation used (None when none was needed).
+    """
+    nngp: Optional[torch.Tensor]
+    ntk: Optional[torch.Tensor]
+    mc_stderr: Optional[float] = None
+
+    def __iter__(self):
+        return iter((self.nngp, self.ntk))
+
+
+class CompiledKernel:
+    """The infinite-width NNGP and NTK of a model; call it on batches of inputs."""
+
+    def __init__(self, model, gm, *, W_std, b_std, std, input_shape, dtype, device, mc_samples, seed):
+        self.model_name = type(model).__name__
+        self._gm = gm
+        self._model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        self.W_std, self.b_std, self.std = W_std, b_std, std
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.mc_samples, self.seed = mc_samples, seed
+        self._program = None
+        self._fns: dict = {}
+        self._evaluators: list = []
+        self.input_shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(gm)
+        if self.input_shape is not None:
+            self._lower()
+
+    # ---------------------------------------------------------------- compile
+    def _lower(self):
+        example = torch.zeros((2,) + self.input_shape, dtype=self._model_dtype)
+        self._program = lower(self._gm, example, self.W_std, self.b_std, self.std)
+
+    def _function(self, self_mode: bool, want_ntk: bool):
+        key = (self_mode, want_ntk)
+        if key not in self._fns:
+            src = codegen.Source()
+            src.namespace["prep"] = self._program.prep
+            src.emit("F1 = prep(x1)")
+            src.emit("F2 = F1" if self_mode else "F2 = prep(x2)")
+            src.emit("like = F1[0]")
+            src.emit("_mc = []")
+            planner = Planner(self._program, src, self_mode=self_mode,
+                              mc_samples=self.mc_samples, seed=self.seed)
+            nngp = planner.nngp()
+            ntk = planner.ntk() if want_ntk else None
+            shape = "(x1.shape[0], x1.shape[0])" if self_mode else "(x1.shape[0], x2.shape[0])"
+            src.emit(f"nngp = full({_code(nngp)}, like, {shape})")
+            src.emit(f"ntk = full({_code(ntk)}, like, {shape})" if want_ntk else "ntk = None")
+            sig = "kernel_self(x1)" if self_mode else "kernel_cross(x1, x2)"
+            fn, text = src.build(sig, "nngp, ntk, _mc", sig.split("(")[0])
+            self._fns[key] = (fn, text)
+            if want_ntk and self_mode:
+                self._evaluators = planner.evaluators
+        return self._fns[key]
+
+    # ---------------------------------------------------------------- inspect
+    @property
+    def program(self) -> str:
+        """The forward and backward Tensor Program, with the evaluator of every expectation."""
+        if self._program is None:
+            return (f"<{self.model_name}: not yet specialized; the input shape is fixed by the first "
+                    "call or by compile(..., input_shape=...)>")
+        self._function(True, True)
+        return format_program(self._program, self._evaluators)
+
+    @property
+    def code(self) -> str:
+        """The generated source of the kernel functions built so far (self mode, both kernels first)."""
+        if self._program is None:
+            return self.program
+        self._function(True, True)
+        return "\n".join(text for _, text in self._fns.values())
+
+    def __repr__(self):
+        shape = self.input_shape if self.input_shape is not None else "?"
+        return f"<ntkcompile kernel of {self.model_name}, input shape {shape}>"
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, x1, x2=None, get=_GETS) -> Kernels:
+        get = (get,) if isinstance(get, str) else tuple(get)
+        bad = [g for g in get if g not in _GETS]
+        if bad or not get:
+            raise ValueError(f"get must name kernels among {_GETS}, got {get!r}")
+        x1 = self._check(x1, "x1")
+        x2 = None if x2 is None else self._check(x2, "x2")
+        if self._program is None:
+            self.input_shape = tuple(x1.shape[1:])
+            self._lower()
+            x1 = self._check(x1, "x1")
+        fn, _ = self._function(x2 is None, "ntk" in get)
+        with torch.no_grad():
+            nngp, ntk, mc = fn(x1) if x2 is None else fn(x1, x2)
+            if x2 is None:
+                nngp = 0.5 * (nngp + nngp.T)
+                ntk = None if ntk is None else 0.5 * (ntk + ntk.T)
+        return Kernels(nngp=nngp if "nngp" in get else None,
+                       ntk=ntk if "ntk" in get else None,
+                       mc_stderr=max(mc) if mc else None)
+
+    def _check(self, x, name):
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not torch.is_tensor(x):
+            raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+        if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise InputShapeError(
+                f"{name} has shape {tuple(x.shape)}, but the kernel was compiled for inputs of shape "
+                f"(N, {', '.join(map(str, self.input_shape))})")
+        if x.ndim < 2:
+            raise InputShapeError(f"{name} must have a batch axis first: shape (N, features), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten().tolist()
+            raise NonFiniteInputError(f"{name} contains NaN or inf (rows {bad[:10]}{'...' if len(bad) > 10 else ''})")
+        device = self.device or x.device
+        return x.to(device=device, dtype=self.dtype)
+
+
+def _code(x):
+    if x is None:
+        return "0.0"
+    return repr(x) if isinstance(x, float) else x
+
+
+def _infer_input_shape(gm: fx.GraphModule):
+    """The input's feature shape when the input feeds a Linear directly, else None."""
+    modules = dict(gm.named_modules())
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for user in ph.users:
+        if user.op == "call_module" and isinstance(modules[user.target], nn.Linear):
+            return (modules[user.target].in_features,)
+    return None
+
+
+def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, parameterization: str = "ntk",
+            std: Optional[dict] = None, input_shape=None, dtype=torch.float64, device=None,
+            mc_samples: int = 200_000, seed: int = 0) -> CompiledKernel:
+    """Compile ``model`` into its infinite-width NNGP and NTK (Tensor Programs II/IIb).
+
+    Args:
+        model: an ordinary ``nn.Module`` at any finite width; which axes are width
+            is inferred from the data flow.
+        W_std, b_std: every weight is ``W_std/sqrt(fan_in) * w`` and every bias
+            ``b_std * beta`` with ``w, beta ~ N(0, 1)`` (the readout included).
+        parameterization: ``"ntk"`` (the only one so far).
+        std: ``{qualified module name: (W_std, b_std)}`` overrides.
+        input_shape: feature shape of one input (inferred when the input feeds a
+            Linear; otherwise fixed by the first call).
+        dtype: ``torch.float64`` (default) or ``torch.float32``.
+        device: where kernels are computed (default: the inputs' device).
+        mc_samples, seed: the Monte Carlo evaluator, used only for nonlinearities
+            of more than three correlated Gaussians.
+    """
+    if parameterization != "ntk":
+        raise ValueError(f"parameterization must be 'ntk', got {parameterization!r}")
+    for name, value in (("W_std", W_std), ("b_std", b_std)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    names = {n for n, _ in model.named_modules()}
+    for key, pair in (std or {}).items():
+        if key not in names:
+            raise ValueError(f"std names a module {key!r} that the model does not have; "
+                             f"modules: {sorted(n for n in names if n)}")
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"std[{key!r}] must be a pair (W_std, b_std), got {pair!r}")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    gm = trace(model, is_rule_module)
+    return CompiledKernel(model, gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
+                          dtype=dtype, device=device, mc_samples=mc_samples, seed=seed)

@@ -1,0 +1,420 @@
+"""The Master Theorem, evaluated: a planner that emits kernel code.
+
+For two batches of inputs (side 1: ``x1``, side 2: ``x2``) every quantity is an
+array over *pairs*:
+
+* ``"x"``  -- one vector on an input of side 1, the other on an input of side 2:
+  shape ``(N1, N2)`` (in self mode, ``x2 = x1``);
+* ``"d1"``, ``"d2"`` -- both vectors on the *same* input of one side: ``(N,)``.
+  These are the variances the V-transforms need.
+
+``Planner.E(u, v, pair)`` plans ``E[Z^u Z^v']`` by the rules of
+tensor_programs.md Sec. 3, term by term over canonical forms:
+
+* G x G: covariance of Gaussians, nonzero only for the same matrix/bias:
+  ``W_std^2 E[z z']`` for two uses ``W z``, ``W z'`` (weight sharing is exactly
+  this), ``W_std^2 xi.xi'/d`` at the input layer, ``b_std^2`` for a bias;
+* G x H: Stein's lemma ``E[g f(h)] = sum_j Cov(g, h_j) E[d_j f(h)]`` (exact,
+  also for kinks; functions with jumps fall back to quadrature);
+* H x H: a closed-form V-transform when both sides are the same named
+  nonlinearity of one Gaussian, else Gauss-Hermite in 2-D, else the N-D
+  evaluator (quadrature up to rank 3, Monte Carlo beyond, with a standard error);
+  independent arguments factorize into a product of means.
+
+``Planner.D(g, g')`` plans the backward covariances (Sec. 4) and ``ntk()`` sums
+``D * Cov`` over every pair of uses of every parameter (Sec. 5).  Each planned
+quantity is one line of generated code, emitted once (memoized); the evaluator
+chosen for every expectation is recorded in ``self.evaluators`` for the program
+printout.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+from .. import ir
+from ..printer import atom_label
+from ..passes.backward import Backward, derivative_elementwise, expr_has_jump
+
+_SIDES = {"d1": (1, 1), "d2": (2, 2), "x": (1, 2)}
+
+
+# -- symbolic arithmetic on code fragments (None = exact zero, float = constant) --
+
+def _mul(*factors):
+    const, parts = 1.0, []
+    for f in factors:
+        if f is None:
+            return None
+        if isinstance(f, float):
+            const *= f
+        else:
+            parts.append(f if _atomic(f) else f"({f})")
+    if const == 0.0:
+        return None
+    if not parts:
+        return const
+    if const != 1.0:
+        parts.insert(0, repr(const))
+    return " * ".join(parts)
+
+
+def _add(terms):
+    const, parts = 0.0, []
+    for t in terms:
+        if t is None:
+            continue
+        if isinstance(t, float):
+            const += t
+        else:
+            parts.append(t)
+    if not parts:
+        return const if const != 0.0 else None
+    if const != 0.0:
+        parts.append(repr(const))
+    return " + ".join(parts)
+
+
+def _atomic(s: str) -> bool:
+    return s.replace("_", "").replace("[", "").replace("]", "").replace(":", "").replace(",", "") \
+        .replace(" ", "").replace("None", "").isalnum()
+
+
+class Planner:
+    """Plans NNGP and NTK for one lowered program into a ``codegen.Source``."""
+
+    def __init__(self, program: ir.Program, src, *, self_mode: bool, mc_samples=200_000, seed=0):
+        self.p = program
+        self.b = program.builder
+        self.bw = Backward(program)
+        self.src = src
+        self.self_mode = self_mode
+        self.mc_samples, self.seed = mc_samples, seed
+        self.memo: dict = {}
+        self.evaluators: list = []      # (description, evaluator)
+
+    # ------------------------------------------------------------ plumbing
+    def pair(self, pair):
+        return "d1" if self.self_mode and pair == "d2" else pair
+
+    def side_pair(self, side):
+        return self.pair(f"d{side}")
+
+    def lift(self, sym, side, pair):
+        """A per-input array of ``side`` broadcast into the layout of ``pair``."""
+        if sym is None or isinstance(sym, float) or pair != "x":
+            return sym
+        return f"{sym}[:, None]" if side == 1 else f"{sym}[None, :]"
+
+    def _memo(self, key, plan):
+        if key not in self.memo:
+            val = plan()
+            if isinstance(val, str) and not _atomic(val):
+                val = self.src.assign(val, "k")
+            self.memo[key] = val
+        return self.memo[key]
+
+    @staticmethod
+    def label(node):
+        return atom_label(node)
+
+    # ------------------------------------------------------------ scalars
+    def scalar(self, s, side):
+        """A per-input scalar node on ``side``: float or a code symbol of shape (N,)."""
+        if isinstance(s, ir.SConst):
+            return s.value
+        return self._memo(("s", s, self.side_pair(side)), lambda: self._scalar(s, side))
+
+    def _scalar(self, s, side):
+        if isinstance(s, ir.SMoment):
+            if s.which == "mean":
+                v = self.mean_vec(s.vec, side)
+            else:
+                v = self.Evec(s.vec, s.vec, self.side_pair(side))
+            return 0.0 if v is None else v
+        args = [self.scalar(a, side) for a in s.args]
+        if s.op == "mul":
+            return _mul(*args) or 0.0
+        if s.op == "add":
+            return _add(args) or 0.0
+        if s.op == "rsqrt":
+            x = args[0]
+            return (x + s.eps) ** -0.5 if isinstance(x, float) else f"torch.rsqrt({x} + {s.eps!r})"
+        if s.op == "pow":
+            x = args[0]
+            return x ** s.eps if isinstance(x, float) else f"({x}) ** {s.eps!r}"
+        raise NotImplementedError(s.op)
+
+    # ------------------------------------------------------------ first moments
+    def mean_vec(self, vec, side):
+        return _add([_mul(float(a), self.mean_var(v, side)) for a, v in vec.pieces])
+
+    def mean_var(self, var, side):
+        return _add([_mul(self.scalar(c, side), self.mean_atom(a, side)) for c, a in var.terms])
+
+    def mean_atom(self, a, side):
+        if a is self.b.ONE:
+            return 1.0
+        if a.gaussian:
+            return None
+        return self._memo(("m", a, self.side_pair(side)), lambda: self._mean_h(a, side))
+
+    def _mean_h(self, a, side):
+        d = self.side_pair(side)
+        desc = f"E[{self.label(a)}] ({d})"
+        if len(a.gargs) == 1:
+            var = self.Evar(a.gargs[0], a.gargs[0], d)
+            if isinstance(a.expr, ir.ECall) and isinstance(a.expr.arg, ir.ESlot) and a.expr.fn.mean is not None:
+                self.evaluators.append((desc, f"closed form ({a.expr.fn.name} mean)"))
+                return f"cf({self.src.bind(a.expr.fn.mean, 'mean')}, like, {_sym(var)})"
+            self.evaluators.append((desc, self._quad_note("quadrature(1-D, deg=64)", a.expr)))
+            f = self.expr_fn(a.expr, ["z"], side, d)
+            return f"q1(lambda z: {f}, {_sym(var)}, like)"
+        entries = [[self.Evar(g, h, d) for h in a.gargs] for g in a.gargs]
+        return self._nd(desc, [(a, side)], entries, d)
+
+    # ------------------------------------------------------------ expectations
+    def Evec(self, u, v, pair):
+        """``E[Z^u Z^v']`` for width vectors (piecewise, weighted by fractions)."""
+        pair = self.pair(pair)
+        if u.pieces and len(u.pieces) == 1 and len(v.pieces) == 1:
+            return self.Evar(u.pieces[0][1], v.pieces[0][1], pair)
+        pu, pv = ir.Builder.refine(u, v)
+        return _add([_mul(float(a), self.Evar(x, y, pair)) for (a, x), (_, y) in zip(pu, pv)])
+
+    def Evar(self, u, v, pair):
+        pair = self.pair(pair)
+        if pair != "x" and u.uid > v.uid:
+            u, v = v, u
+        return self._memo(("E", u, v, pair), lambda: self._Evar(u, v, pair))
+
+    def _Evar(self, u, v, pair):
+        left, right = _SIDES[pair]
+        terms = []
+        for cu, a in u.terms:
+            for cv, b in v.terms:
+                e = self.Eatom(a, b, pair)
+                if e is None:
+                    continue
+                terms.append(_mul(self.lift(self.scalar(cu, left), left, pair),
+                                  self.lift(self.scalar(cv, right), right, pair), e))
+        return _add(terms)
+
+    def Eatom(self, a, b, pair):
+        pair = self.pair(pair)
+        if pair != "x" and a.uid > b.uid:
+            a, b = b, a
+        return self._memo(("A", a, b, pair), lambda: self._Eatom(a, b, pair))
+
+    def _Eatom(self, a, b, pair):
+        left, right = _SIDES[pair]
+        one = self.b.ONE
+        if a is one and b is one:
+            return 1.0
+        if a is one:
+            return self.lift(self.mean_atom(b, right), right, pair)
+        if b is one:
+            return self.lift(self.mean_atom(a, left), left, pair)
+        if a.gaussian and b.gaussian:
+            return self.gcov(a, b, pair)
+        if a.gaussian or b.gaussian:
+            return self.stein(a, b, pair)
+        return self.hh(a, b, pair)
+
+    def gcov(self, a, b, pair):
+        """Covariance of two G-atoms (tensor_programs.md Sec. 3)."""
+        if type(a) is not type(b) or getattr(a, "param", None) is not getattr(b, "param", None):
+            return None
+        if isinstance(a, ir.GProbe):
+            return None
+        if isinstance(a, ir.GBias):
+            return a.param.b_std ** 2
+        W2 = a.param.W_std ** 2
+        if isinstance(a, ir.GMatMul):
+            return _mul(W2, self.Evec(a.arg, b.arg, pair))
+        # GInput: W_std^2 xi.xi' / d on the fixed inputs
+        left, right = _SIDES[pair]
+        fa, fb = f"F{left}[{a.fixed}]", f"F{right}[{b.fixed}]"
+        dot = f"{fa} @ {fb}.T" if pair == "x" else f"({fa} * {fb}).sum(-1)"
+        return _mul(W2 / a.param.fan_in, dot)
+
+    @staticmethod
+    def _static_zero(u: ir.Var, v: ir.Var) -> bool:
+        """True if two Gaussian Vars are independent by construction (distinct matrices)."""
+        for _, a in u.terms:
+            for _, b in v.terms:
+                if type(a) is type(b) and not isinstance(a, ir.GProbe) and a.param is b.param:
+                    return False
+        return True
+
+    def stein(self, a, b, pair):
+        """``E[g h]`` for a G-atom and an H-atom (Stein's lemma)."""
+        left, right = _SIDES[pair]
+        g_left = a.gaussian
+        g, h = (a, b) if g_left else (b, a)
+        hside = right if g_left else left
+        gvar = self.b.atom_var(g)
+        if all(self._static_zero(gvar, s) for s in h.gargs):
+            return None
+        if expr_has_jump(h.expr):
+            desc = f"E[{self.label(a)} {self.label(b)}'] ({pair})"
+            return self._general(desc, a, b, pair)
+        terms = []
+        for j, s in enumerate(h.gargs):
+            cov = self.Evar(gvar, s, pair) if g_left else self.Evar(s, gvar, pair)
+            if cov is None:
+                continue
+            dexpr = self.b.differentiate(h.expr, j, derivative_elementwise)
+            dmean = self.mean_var(self.bw._expr_var(dexpr, h.gargs), hside)
+            terms.append(_mul(cov, self.lift(dmean, hside, pair)))
+        return _add(terms)
+
+    def hh(self, a, b, pair):
+        left, right = _SIDES[pair]
+        if all(self._static_zero(s, t) for s in a.gargs for t in b.gargs):
+            return _mul(self.lift(self.mean_atom(a, left), left, pair),
+                        self.lift(self.mean_atom(b, right), right, pair))
+        desc = f"E[{self.label(a)} {self.label(b)}'] ({pair})"
+        if len(a.gargs) == 1 and len(b.gargs) == 1:
+            ka = self.Evar(a.gargs[0], a.gargs[0], self.side_pair(left))
+            kb = self.Evar(b.gargs[0], b.gargs[0], self.side_pair(right))
+            kab = self.Evar(a.gargs[0], b.gargs[0], pair)
+            k11, k12, k22 = self.lift(ka, left, pair), kab, self.lift(kb, right, pair)
+            fa, fb = _single_call(a.expr), _single_call(b.expr)
+            if fa is not None and fa is fb and fa.vt is not None:
+                self.evaluators.append((desc, f"closed form ({fa.name} V-transform)"))
+                return f"cf({self.src.bind(fa.vt, 'vt')}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)})"
+            self.evaluators.append((desc, self._quad_note("quadrature(2-D, deg=32)", a.expr, b.expr)))
+            sa = self.expr_fn(a.expr, ["z"], left, pair)
+            sb = self.expr_fn(b.expr, ["z"], right, pair)
+            return f"q2(lambda z: {sa}, lambda z: {sb}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)})"
+        return self._general(desc, a, b, pair)
+
+    def _general(self, desc, a, b, pair):
+        """``E[a b']`` by the N-D evaluator over the joint Gaussian of all slots."""
+        left, right = _SIDES[pair]
+        sa = self._slots(a)
+        sb = self._slots(b)
+        slots = [(g, left) for g in sa] + [(g, right) for g in sb]
+        entries = []
+        for g, sg in slots:
+            row = []
+            for h, sh in slots:
+                if sg == sh:
+                    row.append(self.lift(self.Evar(g, h, self.side_pair(sg)), sg, pair))
+                else:
+                    row.append(self.Evar(g, h, pair) if sg == left else self.Evar(h, g, pair))
+            entries.append(row)
+        return self._nd(desc, [(a, left), (b, right)], entries, pair)
+
+    def _slots(self, a):
+        return [self.b.atom_var(a)] if a.gaussian else list(a.gargs)
+
+    def _nd(self, desc, factors, entries, pair):
+        """Emit an N-D expectation of a product of atoms; ``entries`` is the slot covariance."""
+        parts, offset = [], 0
+        for atom, side in factors:
+            if atom.gaussian:
+                parts.append(f"z[..., {offset}]")
+                offset += 1
+            else:
+                names = [f"z[..., {offset + j}]" for j in range(len(atom.gargs))]
+                parts.append(f"({self.expr_fn(atom.expr, names, side, pair)})")
+                offset += len(atom.gargs)
+        rows = "[" + ", ".join("[" + ", ".join(_sym(e) for e in row) + "]" for row in entries) + "]"
+        smooth = all(a.gaussian or ir.expr_smooth(a.expr) for a, _ in factors)
+        self.evaluators.append((desc, f"N-D evaluator over {offset} slots: quadrature up to rank 3, "
+                                f"else monte-carlo(n={self.mc_samples}, seed={self.seed})"
+                                + ("" if smooth else " [non-smooth integrand: approximate]")))
+        return f"qn(lambda z: {' * '.join(parts)}, {rows}, like, _mc, {self.mc_samples}, {self.seed})"
+
+    def _quad_note(self, what, *exprs):
+        return what if all(ir.expr_smooth(e) for e in exprs) else what + " [non-smooth integrand: approximate]"
+
+    # ------------------------------------------------------------ expression source
+    def expr_fn(self, expr, slot_names, side, pair):
+        """Python source evaluating ``expr`` at quadrature nodes (coefficients lifted to ``pair``)."""
+        if isinstance(expr, ir.ESlot):
+            return slot_names[expr.index]
+        if isinstance(expr, ir.EConst):
+            return repr(expr.value)
+        if isinstance(expr, ir.ECall):
+            return f"{self.src.bind(expr.fn.fn, 'fn_')}({self.expr_fn(expr.arg, slot_names, side, pair)})"
+        if isinstance(expr, ir.EMul):
+            return " * ".join(f"({self.expr_fn(e, slot_names, side, pair)})" for e in expr.args)
+        if isinstance(expr, ir.ELin):
+            terms = []
+            for c, e in expr.terms:
+                coef = self.lift(self.scalar(c, side), side, pair)
+                inner = "1.0" if isinstance(e, ir.EConst) else f"({self.expr_fn(e, slot_names, side, pair)})"
+                terms.append(f"{_sym(coef)} * {inner}")
+            return " + ".join(terms)
+        raise TypeError(expr)
+
+    # ------------------------------------------------------------ backward
+    def D(self, k, l):
+        """``D = E[dG_k dG_l']`` on the cross pair (GIA; module docstring of passes.backward)."""
+        return self._memo(("D", k, l), lambda: self._D(k, l))
+
+    def _D(self, k, l):
+        terms = []
+        for u in self.bw.consumers.get(k, ()):
+            for w in self.bw.consumers.get(l, ()):
+                bc = self.bcov(u, w)
+                if bc is None:
+                    continue
+                pu, pw = ir.Builder.refine(self.bw.arg(u), self.bw.arg(w))
+                for (alpha, vu), (_, vw) in zip(pu, pw):
+                    mk, ml = self.bw.deriv(vu, k), self.bw.deriv(vw, l)
+                    if mk is None or ml is None:
+                        continue
+                    terms.append(_mul(float(alpha), self.Evar(mk, ml, "x"), bc))
+        return _add(terms)
+
+    def bcov(self, u, w):
+        R = Backward.READOUT
+        if u == R and w == R:
+            return self.p.readout.W_std ** 2
+        if u == R or w == R or u.param is not w.param:
+            return None
+        return _mul(u.param.W_std ** 2, self.D(u, w))
+
+    # ------------------------------------------------------------ kernels
+    def nngp(self):
+        r = self.p.readout
+        core = self.Evec(r.vec, r.vec, "x")
+        return _mul(r.scale ** 2, _add([_mul(r.W_std ** 2, core), r.b_std ** 2 if r.has_bias else None]))
+
+    def ntk(self):
+        r = self.p.readout
+        core = self.Evec(r.vec, r.vec, "x")
+        terms = [_mul(r.W_std ** 2, core), r.b_std ** 2 if r.has_bias else None]
+        uses: dict = {}
+        for node in self.b.nodes:
+            if isinstance(node, (ir.GInput, ir.GMatMul, ir.GBias, ir.GProbe)):
+                uses.setdefault(node.param, []).append(node)
+        for param in self.b.params:
+            atoms = uses.get(param, [])
+            if isinstance(param, ir.Affine):
+                for pr in atoms:
+                    d = self.D(pr, pr)
+                    if param.gain:
+                        terms.append(_mul(d, self.Evec(param.xhat, param.xhat, "x")))
+                    if param.shift:
+                        terms.append(d)
+                continue
+            for u in atoms:
+                for w in atoms:
+                    terms.append(_mul(self.D(u, w), self.Eatom(u, w, "x")))
+        return _mul(r.scale ** 2, _add(terms))
+
+
+def _single_call(expr):
+    if isinstance(expr, ir.ECall) and isinstance(expr.arg, ir.ESlot):
+        return expr.fn
+    return None
+
+
+def _sym(x):
+    if x is None:
+        return "0.0"
+    return repr(x) if isinstance(x, float) else x

@@ -1,0 +1,73 @@
+"""Frontend: trace a user's ``nn.Module`` into a torch.fx graph.
+
+Modules that have a Tensor Program rule (``passes.lower.MODULE_RULES``) stay
+leaves; everything else is traced through, so user-defined containers and
+custom ``forward`` methods work as written.  Stack traces are recorded so every
+later error can point at the user's source line.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, is_rule_module):
+        super().__init__()
+        self.record_stack_traces = True
+        self._is_rule_module = is_rule_module
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return self._is_rule_module(m)
+
+
+def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
+    """Symbolically trace ``model``; ``is_rule_module(m)`` decides the leaves."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ntkcompile.compile expects an nn.Module, got {type(model).__name__}")
+    tracer = _Tracer(is_rule_module)
+    try:
+        graph = tracer.trace(model)
+    except fx.proxy.TraceError as e:
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {e}\n"
+            "The forward pass must not branch on tensor values (if/while on data, "
+            "x.item(), len(x) of a traced tensor). Write the architecture without "
+            "data-dependent control flow, or branch on Python attributes instead."
+        ) from e
+    except Exception as e:  # fx raises plain exceptions for many untraceable constructs
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
+            "ntkcompile needs a forward pass that torch.fx can trace symbolically "
+            "(no data-dependent control flow)."
+        ) from e
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line for ``node`` (last frame of its recorded stack trace)."""
+    st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
+    if not st:
+        return "<source line unavailable>"
+    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
+    # the recorded trace ends with: File "...", line N, in fn \n code
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{lines[i]}: {code}"
+    return lines[-1]
+
+
+def describe(node: fx.Node) -> str:
+    """``node 'name' (op target)`` for error messages."""
+    target = node.target
+    if callable(target) and not isinstance(target, str):
+        target = getattr(target, "__module__", "") + "." + getattr(target, "__name__", repr(target))
+    return f"node '{node.name}' ({node.op} {target})"
+
+
+def is_tensor_like(x) -> bool:
+    return isinstance(x, (torch.Tensor, fx.Node))
