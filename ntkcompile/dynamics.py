@@ -1,0 +1,681 @@
+"""Training dynamics of infinitely wide networks (TP IIb, Theorem 5.3).
+
+In NTK parametrization, SGD with any batches ``B_t``, learning rate ``lr`` and a
+loss ``L`` with continuous derivative has, at every fixed step and as width ->
+infinity, the network outputs
+
+    f_{t+1}(xi) = f_t(xi) - lr * sum_{i in B_t} NTK(xi, x_i) dL_t/df(x_i)
+
+with the NTK frozen at initialization (times the identity on outputs) and
+``f_0 ~ GP(0, NNGP)`` jointly on train and test points (docs, Sec. 6).
+``dL_t/df`` is the gradient of the loss *as PyTorch computes it on the batch*,
+so ``torch.optim.SGD(lr=lr)`` on the finite network is the matching experiment.
+
+Two ways to evaluate it live here:
+
+* :func:`simulate` runs the recursion step by step for any loss and batches.
+* The mean-MSE closed forms :func:`mse_continuous`, :func:`mse_discrete`,
+  :func:`mse_infinite` and :func:`mse_ensemble` diagonalize the train NTK once
+  (``K = V diag(lam) V^T``) and evaluate any number of times from it.
+
+Mean-MSE normalization. ``F.mse_loss`` (mean over ``N`` rows and ``out``
+outputs) has ``dL/df = 2 (f - y) / (N * out)``. Write ``a = lr * 2 / (N * out)``
+and ``r = f_train - y``. Full-batch steps give ``r_t = (I - a K)^t r_0``; the
+gradient flow ``df/dt = -lr * K dL/df`` gives ``r(t) = exp(-a K t) r_0`` (``t`` is
+measured in units where one step of size ``lr`` advances it by 1). Every point
+``x`` (train or test) then moves as
+
+    f(x, t) = f_0(x) - K(x, X) Phi_t r_0,    Phi_t = V diag(phi_t(lam)) V^T,
+
+    continuous: phi_t(lam) = (1 - exp(-a lam t)) / lam     (-> a t at lam = 0)
+    discrete:   phi_t(lam) = (1 - (1 - a lam)^t) / lam     (-> a t at lam = 0)
+    t = inf:    phi(lam)   = 1 / lam                        (kernel regression)
+
+``ridge`` replaces ``lam`` by ``lam + ridge`` inside ``phi`` (``K + ridge I`` in the
+residual's evolution, as neural-tangents' ``diag_reg``); at ``t = inf`` this is
+kernel ridge regression ``f_0(x) + K(x, X) (K + ridge I)^-1 (y - f_0(X))``.
+
+Stability. Full-batch discrete MSE is stable iff ``|1 - a lam| <= 1`` for every
+eigenvalue, i.e. ``lr <= N * out / lam_max(K)`` (``= 2 / (2 lam_max / (N out))``).
+Above it a ``RuntimeWarning`` states the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .errors import KernelNotPSDError, NonFiniteInputError
+
+__all__ = [
+    "Ensemble",
+    "KernelBlocks",
+    "Trajectory",
+    "kernel_blocks",
+    "mse_continuous",
+    "mse_discrete",
+    "mse_ensemble",
+    "mse_infinite",
+    "simulate",
+]
+
+_DTYPE = torch.float64
+
+# Eigenvalues below -_PSD_RTOL * lam_max mean the kernel is not PSD; smaller
+# negative ones are rounding and are clamped to zero.
+_PSD_RTOL = 1e-8
+
+
+# ---------------------------------------------------------------------------
+# Kernel blocks: compute once, evaluate many times.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBlocks:
+    """The kernel blocks the dynamics need (per-output factors, float64).
+
+    Fields (``N`` train points, ``M`` test points; ``None`` when not computed):
+
+    * ``ntk_train``: NTK(train, train), ``(N, N)``.
+    * ``ntk_test_train``: NTK(test, train), ``(M, N)``; ``None`` without test points.
+    * ``nngp_train``, ``nngp_test_train``, ``nngp_test``: NNGP(train, train),
+      NNGP(test, train), NNGP(test, test); needed only for the prior over
+      ``f_0`` (``simulate(f0="prior")`` and :func:`mse_ensemble`).
+
+    Build it with :func:`kernel_blocks` or directly from tensors. The
+    eigendecomposition of ``ntk_train`` is computed on first use and cached.
+    """
+
+    ntk_train: torch.Tensor
+    ntk_test_train: Optional[torch.Tensor] = None
+    nngp_train: Optional[torch.Tensor] = None
+    nngp_test_train: Optional[torch.Tensor] = None
+    nngp_test: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            value = torch.as_tensor(value).to(_DTYPE)
+            _check_finite(value, field.name)
+            object.__setattr__(self, field.name, value)
+        n = self.n_train
+        _check_shape(self.ntk_train, (n, n), "ntk_train")
+        m = None if self.ntk_test_train is None else self.ntk_test_train.shape[0]
+        if self.ntk_test_train is not None:
+            _check_shape(self.ntk_test_train, (m, n), "ntk_test_train")
+        if self.nngp_train is not None:
+            _check_shape(self.nngp_train, (n, n), "nngp_train")
+        if m is not None and self.nngp_train is not None:
+            for name, shape in (("nngp_test_train", (m, n)), ("nngp_test", (m, m))):
+                if getattr(self, name) is None:
+                    raise ValueError(f"KernelBlocks: nngp_train is given with test points, so {name} is needed too")
+                _check_shape(getattr(self, name), shape, name)
+
+    @property
+    def n_train(self) -> int:
+        return self.ntk_train.shape[0]
+
+    @property
+    def n_test(self) -> Optional[int]:
+        return None if self.ntk_test_train is None else self.ntk_test_train.shape[0]
+
+    @functools.cached_property
+    def ntk_train_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lam, V)`` with ``ntk_train = V diag(lam) V^T``, ``lam >= 0`` (clamped)."""
+        return _psd_eigh(self.ntk_train, "NTK(train, train)")
+
+
+def kernel_blocks(kfn, x_train, x_test=None, *, get: Sequence[str] = ("ntk",)) -> KernelBlocks:
+    """Evaluate ``kfn`` on the blocks the dynamics need, one call per block.
+
+    ``get`` is ``("ntk",)`` or ``("nngp", "ntk")``. Calls
+    ``kfn(x_train, get=get)``, ``kfn(x_test, x_train, get=get)`` and, when
+    ``"nngp"`` is asked for, ``kfn(x_test, get=("nngp",))``.
+    """
+    get = tuple(get)
+    unknown = set(get) - {"nngp", "ntk"}
+    if "ntk" not in get or unknown:
+        raise ValueError(f"kernel_blocks: get must be ('ntk',) or ('nngp', 'ntk'), got {get}")
+    want_nngp = "nngp" in get
+    x_train = _as_input(x_train, "x_train")
+    x_test = None if x_test is None else _as_input(x_test, "x_test")
+    train = kfn(x_train, None, get=get)
+    fields = {"ntk_train": train.ntk}
+    if want_nngp:
+        fields["nngp_train"] = train.nngp
+    if x_test is not None:
+        cross = kfn(x_test, x_train, get=get)
+        fields["ntk_test_train"] = cross.ntk
+        if want_nngp:
+            fields["nngp_test_train"] = cross.nngp
+            fields["nngp_test"] = kfn(x_test, None, get=("nngp",)).nngp
+    return KernelBlocks(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """Network outputs over time.
+
+    ``train``: ``(T, N, out)``; ``test``: ``(T, M, out)`` or ``None`` without
+    test points; ``loss``: ``(T,)`` loss on the full training set as PyTorch
+    computes it. For :func:`simulate` ``T = steps + 1`` and index 0 is ``f_0``;
+    for the closed forms ``T = len(t)``, and the time axis is absent for a
+    scalar ``t``.
+    """
+
+    train: torch.Tensor
+    test: Optional[torch.Tensor]
+    loss: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+    """Mean and covariance of outputs over initializations ``f_0 ~ GP(0, NNGP)``.
+
+    ``mean_*``: ``(T, N, out)``; ``cov_*``: ``(T, N, N)``, the per-output factor
+    (outputs are independent and identically distributed, so the full
+    covariance is ``cov (x) I_out``). Time axis absent for a scalar ``t``;
+    ``*_test`` are ``None`` without test points.
+    """
+
+    mean_train: torch.Tensor
+    cov_train: torch.Tensor
+    mean_test: Optional[torch.Tensor]
+    cov_test: Optional[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------
+# Losses for simulate: one entry per name, value and gradient side by side.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loss:
+    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # dL/df for the loss on a batch, (B, out) -> (B, out); None: use autograd.
+    grad: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+def _mse_grad(f, y):
+    # F.mse_loss averages over every entry: d/df mean((f - y)^2) = 2 (f - y) / (B * out).
+    return 2.0 * (f - y) / f.numel()
+
+
+def _cross_entropy_grad(f, y):
+    # Mean over the batch of -log softmax(f)[y]: (softmax(f) - onehot(y)) / B.
+    p = torch.softmax(f, dim=1)
+    p[torch.arange(f.shape[0]), y] -= 1.0
+    return p / f.shape[0]
+
+
+_LOSSES = {
+    "mse": _Loss(F.mse_loss, _mse_grad),
+    "cross_entropy": _Loss(F.cross_entropy, _cross_entropy_grad),
+}
+
+
+def _autograd_loss(fn) -> _Loss:
+    def grad(f, y):
+        f = f.detach().clone().requires_grad_(True)
+        value = fn(f, y)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise ValueError(f"simulate: the loss callable must return a scalar tensor, got {value!r}")
+        (g,) = torch.autograd.grad(value.reshape(()), f, allow_unused=True)
+        return torch.zeros_like(f) if g is None else g.detach()
+
+    return _Loss(fn, grad)
+
+
+def _resolve_loss(loss) -> tuple[str, _Loss]:
+    if callable(loss):
+        return "callable", _autograd_loss(loss)
+    if isinstance(loss, str) and loss in _LOSSES:
+        return loss, _LOSSES[loss]
+    raise ValueError(f"simulate: unknown loss {loss!r}; valid names are {sorted(_LOSSES)}, or pass a callable loss(f_batch, y_batch)")
+
+
+# ---------------------------------------------------------------------------
+# simulate
+# ---------------------------------------------------------------------------
+
+
+def simulate(
+    kfn,
+    x_train,
+    y_train,
+    x_test=None,
+    *,
+    loss: Union[str, Callable] = "mse",
+    lr: float = 1.0,
+    steps: int = 100,
+    batch_size: Optional[int] = None,
+    batches: Optional[Sequence] = None,
+    f0=None,
+    seed: int = 0,
+) -> Trajectory:
+    """Run the infinite-width SGD recursion (TP IIb, Thm. 5.3) for ``steps`` steps.
+
+    Each step is ``f <- f - lr * NTK(., X[B_t]) dL_t/df(X[B_t])``, ``L_t`` the loss
+    on batch ``B_t`` exactly as PyTorch computes it:
+
+    * ``"mse"``: ``F.mse_loss`` (mean; gradient ``2 (f - y) / (B * out)``).
+      Floating ``y_train`` of shape ``(N,)`` is treated as ``(N, 1)``.
+    * ``"cross_entropy"``: ``F.cross_entropy`` with int64 class indices
+      ``y_train`` of shape ``(N,)`` (mean over the batch).
+    * a callable ``loss(f_batch, y_batch) -> scalar``, differentiated by autograd.
+
+    ``out`` is ``f0.shape[1]`` for a tensor ``f0``; otherwise ``max(y) + 1`` for
+    integer targets, else ``y.shape[1]``.
+
+    Batches (index ``i`` into a duplicate-containing batch counts each time):
+
+    * ``batches``: an explicit list of ``steps`` 1-D integer index tensors.
+    * ``batch_size``: shuffled epochs. ``g = torch.Generator().manual_seed(seed)``;
+      each epoch is ``torch.randperm(N, generator=g)`` cut into consecutive chunks
+      of ``batch_size``; the last, shorter chunk is kept (like a DataLoader with
+      ``drop_last=False``); epochs are drawn until there are ``steps`` batches.
+    * neither: full batch.
+
+    ``f0``: ``None`` is the zero function; ``"prior"`` draws ``f_0`` jointly on
+    train and test points from ``GP(0, NNGP)``, independently per output, as
+    ``f_0 = V diag(sqrt(lam)) z`` from the eigendecomposition of the joint NNGP
+    and ``z = torch.randn(N + M, out, generator=torch.Generator().manual_seed(seed))``
+    (a generator separate from the batch one); a tensor of shape ``(N + M, out)``
+    (train rows first) is used as given.
+
+    Returns a :class:`Trajectory` with ``steps + 1`` entries, index 0 being ``f_0``.
+    """
+    name, loss_rule = _resolve_loss(loss)
+    x_train = _as_input(x_train, "x_train")
+    n = x_train.shape[0]
+    y = _as_targets(y_train, n, name)
+    if x_test is not None:
+        x_test = _as_input(x_test, "x_test")
+    lr = _check_lr(lr)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"simulate: steps must be a non-negative int, got {steps!r}")
+    is_prior = isinstance(f0, str)
+    if is_prior and f0 != "prior":
+        raise ValueError(f"simulate: f0 must be None, 'prior' or a tensor, got {f0!r}")
+
+    kernels = kernel_blocks(kfn, x_train, x_test, get=("nngp", "ntk") if is_prior else ("ntk",))
+    m = kernels.n_test or 0
+    out = _infer_out(y, f0, name)
+    if name == "cross_entropy" and len(y) and int(y.max()) >= out:
+        raise ValueError(f"simulate: y_train has class index {int(y.max())} but the outputs have only {out} classes")
+    if name == "mse" and out != y.shape[1]:
+        raise ValueError(f"simulate: f0 has {out} outputs but y_train has {y.shape[1]} columns")
+    f = _initial_outputs(f0, kernels, n, m, out, seed)
+    schedule = _batch_schedule(n, steps, batch_size, batches, seed)
+
+    lam_max = float(kernels.ntk_train_eigh[0].max()) if n else 0.0
+    if name == "mse":
+        _warn_if_unstable(lr, lam_max, n, out, "simulate")
+
+    # Rows: train points then test points; columns: train points.
+    ntk_rows = kernels.ntk_train if m == 0 else torch.cat([kernels.ntk_train, kernels.ntk_test_train])
+    fs = [f]
+    for idx in schedule:
+        g = loss_rule.grad(f[idx], y[idx])
+        f = f - lr * (ntk_rows[:, idx] @ g)
+        fs.append(f)
+    traj = torch.stack(fs)
+    losses = torch.stack([_loss_value(loss_rule.value, ft[:n], y) for ft in traj])
+    return Trajectory(
+        train=traj[:, :n],
+        test=None if x_test is None else traj[:, n:],
+        loss=losses,
+    )
+
+
+def _loss_value(fn, f, y) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.as_tensor(fn(f, y), dtype=_DTYPE).reshape(())
+
+
+def _infer_out(y, f0, loss_name) -> int:
+    if isinstance(f0, torch.Tensor):
+        if f0.ndim != 2:
+            raise ValueError(f"simulate: f0 must have shape (N_train + N_test, out), got {tuple(f0.shape)}")
+        return f0.shape[1]
+    if not y.is_floating_point():
+        if loss_name == "mse":
+            raise ValueError("simulate: loss 'mse' needs floating targets y_train")
+        return int(y.max()) + 1 if len(y) else 1
+    return y.shape[1]
+
+
+def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: int) -> torch.Tensor:
+    if f0 is None:
+        return torch.zeros(n + m, out, dtype=_DTYPE)
+    if isinstance(f0, str):
+        joint = kernels.nngp_train
+        if m:
+            joint = torch.cat(
+                [torch.cat([kernels.nngp_train, kernels.nngp_test_train.T], 1),
+                 torch.cat([kernels.nngp_test_train, kernels.nngp_test], 1)]
+            )
+        lam, vecs = _psd_eigh(joint, "NNGP(train + test, train + test)")
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(n + m, out, generator=gen, dtype=_DTYPE)
+        return (vecs * lam.sqrt()) @ z
+    f0 = torch.as_tensor(f0).to(_DTYPE)
+    _check_shape(f0, (n + m, out), "f0 (train rows first, then test rows)")
+    _check_finite(f0, "f0")
+    return f0.clone()
+
+
+def _batch_schedule(n, steps, batch_size, batches, seed) -> list[torch.Tensor]:
+    if batches is not None and batch_size is not None:
+        raise ValueError("simulate: pass batches or batch_size, not both")
+    if batches is not None:
+        batches = list(batches)
+        if len(batches) != steps:
+            raise ValueError(f"simulate: len(batches) = {len(batches)} but steps = {steps}; give one index tensor per step")
+        schedule = []
+        for t, idx in enumerate(batches):
+            idx = torch.as_tensor(idx)
+            if idx.ndim != 1 or idx.is_floating_point() or idx.dtype == torch.bool or idx.numel() == 0:
+                raise ValueError(f"simulate: batches[{t}] must be a non-empty 1-D integer index tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+            if int(idx.min()) < 0 or int(idx.max()) >= n:
+                raise ValueError(f"simulate: batches[{t}] has indices outside [0, {n}) (min {int(idx.min())}, max {int(idx.max())})")
+            schedule.append(idx.long())
+        return schedule
+    full = torch.arange(n)
+    if batch_size is None:
+        return [full] * steps
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"simulate: batch_size must be a positive int, got {batch_size!r}")
+    gen = torch.Generator().manual_seed(seed)
+    schedule = []
+    while len(schedule) < steps:
+        perm = torch.randperm(n, generator=gen)
+        schedule.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+    return schedule[:steps]
+
+
+# ---------------------------------------------------------------------------
+# Mean-MSE closed forms: spectral functions phi_t(lam), one per flow.
+# ---------------------------------------------------------------------------
+
+
+def _phi_continuous(lam: torch.Tensor, a: float, t: float) -> torch.Tensor:
+    # (1 - exp(-a lam t)) / lam = a t * (-expm1(-x) / x), x = a lam t; -> a t at x = 0.
+    x = a * lam * t
+    safe = torch.where(x > 0, x, torch.ones_like(x))
+    return a * t * torch.where(x > 0, -torch.expm1(-safe) / safe, torch.ones_like(x))
+
+
+def _phi_discrete(lam: torch.Tensor, a: float, t: float) -> torch.Tensor:
+    # (1 - (1 - x)^t) / lam with x = a lam, i.e. a * sum_{s < t} (1 - x)^s.
+    # For 0 < x < 1 use expm1/log1p so tiny x keeps its digits.
+    x = a * lam
+    inside = (x > 0) & (x < 1)
+    safe = torch.where(inside, x, torch.full_like(x, 0.5))
+    geometric_small = -torch.expm1(t * torch.log1p(-safe)) / safe
+    big = torch.where(x > 0, x, torch.ones_like(x))
+    geometric_big = (1 - (1 - big) ** t) / big
+    geometric = torch.where(inside, geometric_small, torch.where(x > 0, geometric_big, torch.full_like(x, float(t))))
+    return a * geometric
+
+
+_FLOWS = {"continuous": _phi_continuous, "discrete": _phi_discrete}
+
+
+def _phi_infinite(lam: torch.Tensor, ridge: float, what: str) -> torch.Tensor:
+    lam_max = float(lam.max()) if lam.numel() else 0.0
+    tol = max(lam.numel(), 1) * torch.finfo(_DTYPE).eps * max(lam_max, 0.0)
+    if lam.numel() and float(lam.min()) <= tol:
+        hint = "pass ridge > 0" if ridge == 0 else "increase ridge"
+        raise KernelNotPSDError(
+            f"{what}: NTK(train, train) + ridge*I is singular at t = inf (smallest eigenvalue "
+            f"{float(lam.min()):.3g}, largest {lam_max:.3g}, ridge {ridge:g}); kernel regression "
+            f"needs an invertible kernel: {hint} (e.g. ridge = {max(1e-6 * lam_max, 1e-12):.1g})"
+        )
+    return 1.0 / lam
+
+
+def _spectral_weights(kernels: KernelBlocks, times, flow: str, a: float, ridge: float, what: str):
+    """``phi_t(lam + ridge)`` for each time, stacked ``(T, N)``."""
+    lam, _ = kernels.ntk_train_eigh
+    lam_r = lam + ridge
+    if flow not in _FLOWS:
+        raise ValueError(f"{what}: unknown flow {flow!r}; valid flows are {sorted(_FLOWS)}")
+    rows = []
+    for t in times:
+        rows.append(_phi_infinite(lam_r, ridge, what) if math.isinf(t) else _FLOWS[flow](lam_r, a, t))
+    return torch.stack(rows) if rows else torch.zeros(0, lam.numel(), dtype=_DTYPE)
+
+
+def _times(t, flow: str, what: str) -> tuple[list[float], bool]:
+    tt = torch.as_tensor(t, dtype=_DTYPE)
+    if tt.ndim > 1:
+        raise ValueError(f"{what}: t must be a scalar or a 1-D sequence of times, got shape {tuple(tt.shape)}")
+    scalar = tt.ndim == 0
+    values = [float(v) for v in tt.reshape(-1)]
+    for v in values:
+        if math.isnan(v) or v < 0:
+            raise ValueError(f"{what}: times must be >= 0 (inf allowed), got {v}")
+        if flow == "discrete" and not math.isinf(v) and v != int(v):
+            raise ValueError(f"{what}: discrete time counts steps and must be an integer, got {v}")
+    return values, scalar
+
+
+def _mse_propagators(kernels, times, flow, lr, ridge, out, what):
+    """Maps ``P_train (T, N, N)``, ``P_test (T, M, N)`` with ``f(t) = f_0 - P r_0``."""
+    n = kernels.n_train
+    a = lr * 2.0 / (n * out)
+    lam, vecs = kernels.ntk_train_eigh
+    phi = _spectral_weights(kernels, times, flow, a, ridge, what)  # (T, N)
+    # K Phi_t = V diag(lam phi) V^T exactly, without re-multiplying by K.
+    p_train = torch.einsum("ik,tk,jk->tij", vecs, lam * phi, vecs)
+    p_test = None
+    if kernels.ntk_test_train is not None:
+        p_test = torch.einsum("mi,ik,tk,jk->tmj", kernels.ntk_test_train, vecs, phi, vecs)
+    return p_train, p_test
+
+
+def _mse_predict(kernels, y_train, t, *, flow, lr, f0, ridge, what) -> Trajectory:
+    if not isinstance(kernels, KernelBlocks):
+        raise TypeError(f"{what}: expected KernelBlocks (build it with kernel_blocks(kfn, x_train, x_test)), got {type(kernels).__name__}")
+    n, m = kernels.n_train, kernels.n_test or 0
+    y = _as_targets(y_train, n, "mse")
+    out = y.shape[1]
+    lr = _check_lr(lr)
+    ridge = _check_ridge(ridge, what)
+    times, scalar = _times(t, flow, what)
+    if flow == "discrete" and any(not math.isinf(v) for v in times):
+        _warn_if_unstable(lr, float(kernels.ntk_train_eigh[0].max()), n, out, what, stacklevel=4)
+    if f0 is None:
+        f0 = torch.zeros(n + m, out, dtype=_DTYPE)
+    else:
+        f0 = torch.as_tensor(f0).to(_DTYPE)
+        _check_shape(f0, (n + m, out), "f0 (train rows first, then test rows)")
+        _check_finite(f0, "f0")
+    r0 = f0[:n] - y
+    p_train, p_test = _mse_propagators(kernels, times, flow, lr, ridge, out, what)
+    train = f0[:n] - p_train @ r0
+    test = None if p_test is None else f0[n:] - p_test @ r0
+    loss = ((train - y) ** 2).mean(dim=(1, 2))
+    if scalar:
+        train, loss = train[0], loss[0]
+        test = None if test is None else test[0]
+    return Trajectory(train=train, test=test, loss=loss)
+
+
+def mse_continuous(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, f0=None, ridge: float = 0.0) -> Trajectory:
+    """Gradient flow ``df/dt = -lr * NTK dL/df`` on the full-batch mean MSE.
+
+    ``L = F.mse_loss(f_train, y)``, so ``r(t) = exp(-lr (2 / (N out)) K t) r_0``;
+    ``t`` (scalar or 1-D sequence, ``inf`` allowed) counts steps of size ``lr``.
+    ``f0``: ``None`` (zero) or ``(N + M, out)``, train rows first. One
+    eigendecomposition of ``K`` (cached on ``kernels``) serves every ``t``.
+    """
+    return _mse_predict(kernels, y_train, t, flow="continuous", lr=lr, f0=f0, ridge=ridge, what="mse_continuous")
+
+
+def mse_discrete(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, f0=None, ridge: float = 0.0) -> Trajectory:
+    """``t`` full-batch SGD steps on the mean MSE in closed form.
+
+    ``r_t = (I - lr (2 / (N out)) K)^t r_0``; test points move by
+    ``-lr (2 / (N out)) K(test, X) sum_{s < t} r_s``. ``t``: int(s) >= 0.
+    Warns above the stability limit ``lr = N out / lam_max(K)``.
+    """
+    return _mse_predict(kernels, y_train, t, flow="discrete", lr=lr, f0=f0, ridge=ridge, what="mse_discrete")
+
+
+def mse_infinite(kernels: KernelBlocks, y_train, *, f0=None, ridge: float = 0.0) -> Trajectory:
+    """The ``t = inf`` limit: kernel (ridge) regression with the NTK.
+
+    ``f(x) = f_0(x) + K(x, X) (K + ridge I)^-1 (y - f_0(X))`` at train and test
+    points. Raises :class:`KernelNotPSDError` when ``K + ridge I`` is singular.
+    """
+    return _mse_predict(kernels, y_train, math.inf, flow="continuous", lr=1.0, f0=f0, ridge=ridge, what="mse_infinite")
+
+
+def mse_ensemble(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, flow: str = "continuous", ridge: float = 0.0) -> Ensemble:
+    """Mean and covariance over initializations ``f_0 ~ GP(0, NNGP)`` (jointly
+    on train and test points, independent per output) of the MSE-trained outputs.
+
+    With ``f(t) = f_0 - P_t (f_0(X) - y)`` (``P_t = K(., X) Phi_t``, NTK only):
+
+        mean(t) = P_t y
+        cov(t)  = S(., .) - P_t S(X, .) - S(., X) P_t^T + P_t S(X, X) P_t^T
+
+    where ``S`` is the NNGP. ``flow`` is ``"continuous"`` (gradient flow) or
+    ``"discrete"`` (full-batch steps); ``t = inf`` gives kernel regression.
+    ``kernels`` must carry the NNGP blocks (``kernel_blocks(..., get=("nngp", "ntk"))``).
+    """
+    what = "mse_ensemble"
+    if not isinstance(kernels, KernelBlocks):
+        raise TypeError(f"{what}: expected KernelBlocks, got {type(kernels).__name__}")
+    if kernels.nngp_train is None:
+        raise ValueError(f"{what}: kernels have no NNGP blocks; build them with kernel_blocks(kfn, x_train, x_test, get=('nngp', 'ntk'))")
+    n = kernels.n_train
+    y = _as_targets(y_train, n, "mse")
+    lr = _check_lr(lr)
+    ridge = _check_ridge(ridge, what)
+    if flow not in _FLOWS:
+        raise ValueError(f"{what}: unknown flow {flow!r}; valid flows are {sorted(_FLOWS)}")
+    times, scalar = _times(t, flow, what)
+    if flow == "discrete" and any(not math.isinf(v) for v in times):
+        _warn_if_unstable(lr, float(kernels.ntk_train_eigh[0].max()), n, y.shape[1], what, stacklevel=3)
+    p_train, p_test = _mse_propagators(kernels, times, flow, lr, ridge, y.shape[1], what)
+
+    def moments(p, s_self, s_cross):
+        # s_self = S(rows, rows), s_cross = S(rows, X).
+        ps = p @ s_cross.T  # P S(X, rows)
+        cov = s_self - ps - ps.transpose(1, 2) + p @ kernels.nngp_train @ p.transpose(1, 2)
+        return p @ y, 0.5 * (cov + cov.transpose(1, 2))
+
+    mean_train, cov_train = moments(p_train, kernels.nngp_train, kernels.nngp_train)
+    mean_test = cov_test = None
+    if p_test is not None:
+        mean_test, cov_test = moments(p_test, kernels.nngp_test, kernels.nngp_test_train)
+    if scalar:
+        mean_train, cov_train = mean_train[0], cov_train[0]
+        if p_test is not None:
+            mean_test, cov_test = mean_test[0], cov_test[0]
+    return Ensemble(mean_train, cov_train, mean_test, cov_test)
+
+
+# ---------------------------------------------------------------------------
+# Checks shared by the entry points.
+# ---------------------------------------------------------------------------
+
+
+def _psd_eigh(k: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix; tiny negative eigenvalues clamped."""
+    scale = float(k.abs().max()) if k.numel() else 0.0
+    asym = float((k - k.T).abs().max()) if k.numel() else 0.0
+    if asym > _PSD_RTOL * max(scale, 1e-300):
+        raise KernelNotPSDError(f"{what} is not symmetric (max |K - K^T| = {asym:.3g}, max |K| = {scale:.3g}); the kernel function is inconsistent")
+    lam, vecs = torch.linalg.eigh(0.5 * (k + k.T))
+    if lam.numel():
+        lam_max = max(float(lam.max()), 0.0)
+        lam_min = float(lam.min())
+        if lam_min < -_PSD_RTOL * max(lam_max, 1e-300):
+            raise KernelNotPSDError(
+                f"{what} is not positive semidefinite: smallest eigenvalue {lam_min:.3g} "
+                f"(largest {lam_max:.3g}, tolerance {_PSD_RTOL:g} * largest); check the kernel "
+                f"rules (a quadrature or Monte Carlo rule may be too coarse)"
+            )
+    return lam.clamp_min(0.0), vecs
+
+
+def _mse_lr_limit(lam_max: float, n: int, out: int) -> float:
+    # Step map r -> (I - lr (2 / (N out)) K) r is stable iff lr (2 / (N out)) lam_max <= 2.
+    return math.inf if lam_max <= 0 else n * out / lam_max
+
+
+def _warn_if_unstable(lr: float, lam_max: float, n: int, out: int, what: str, stacklevel: int = 3) -> None:
+    limit = _mse_lr_limit(lam_max, n, out)
+    if lr > limit:
+        warnings.warn(
+            f"{what}: lr = {lr:g} is above the full-batch mean-MSE stability limit "
+            f"lr_max = N * out / lambda_max(NTK_train) = {n} * {out} / {lam_max:.6g} = {limit:.6g}; "
+            f"the residual grows geometrically",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if x.is_floating_point() or x.is_complex():
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteInputError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def _check_shape(x: torch.Tensor, shape: tuple, name: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def _as_input(x, name: str) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have a leading batch axis, got a scalar")
+    _check_finite(x, name)
+    return x
+
+
+def _as_targets(y, n: int, loss_name: str) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(f"y_train has {y.shape[0] if y.ndim else 0} rows but x_train has {n}")
+    _check_finite(y, "y_train")
+    if loss_name == "cross_entropy":
+        if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
+            raise ValueError(f"y_train for 'cross_entropy' must be int64 class indices of shape (N,), got shape {tuple(y.shape)} dtype {y.dtype}")
+        if len(y) and int(y.min()) < 0:
+            raise ValueError("y_train for 'cross_entropy' has negative class indices")
+        return y.long()
+    if y.is_floating_point():
+        y = y.to(_DTYPE)
+        return y.unsqueeze(1) if y.ndim == 1 else y
+    if loss_name == "mse":
+        raise ValueError(f"y_train for 'mse' must be floating point, got {y.dtype}")
+    return y
+
+
+def _check_lr(lr) -> float:
+    lr = float(lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite positive number, got {lr}")
+    return lr
+
+
+def _check_ridge(ridge, what: str) -> float:
+    ridge = float(ridge)
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"{what}: ridge must be finite and >= 0, got {ridge}")
+    return ridge
