@@ -61,13 +61,14 @@ class Affine:
     """Elementwise gain/shift of a normalization layer (PyTorch init: 1 and 0).
 
     They are trained as PyTorch stores them (no NTK rescaling), so they add
-    ``D(y, y') * C(xhat, xhat')`` (gain) and ``D(y, y')`` (shift) to the NTK
-    (tensor_programs.md Sec. 5), read off at the probe added to ``y``.
+    ``E[(dy xhat)(dy' xhat')]`` (gain) and ``D(y, y')`` (shift) to the NTK, read
+    off at the probe added to ``y``.  The gain term factorizes into
+    ``D * C(xhat, xhat')`` only when ``dy`` is independent of ``xhat``.
     """
     name: str
     gain: bool
     shift: bool
-    xhat: Any = None          # Vec: the normalized input the gain multiplies
+    xhat: Any = None          # Var: the normalized input the gain multiplies
     uid: int = -1
 
 

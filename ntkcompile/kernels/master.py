@@ -82,13 +82,15 @@ def _atomic(s: str) -> bool:
 class Planner:
     """Plans NNGP and NTK for one lowered program into a ``codegen.Source``."""
 
-    def __init__(self, program: ir.Program, src, *, self_mode: bool, mc_samples=200_000, seed=0):
+    def __init__(self, program: ir.Program, src, *, self_mode: bool, mc_samples=200_000, seed=0,
+                 degree=64):
         self.p = program
         self.b = program.builder
         self.bw = Backward(program)
         self.src = src
         self.self_mode = self_mode
         self.mc_samples, self.seed = mc_samples, seed
+        self.deg1, self.deg2 = 2 * degree, degree      # Gauss-Hermite degrees in 1-D and 2-D
         self.memo: dict = {}
         self.evaluators: list = []      # (description, evaluator)
 
@@ -166,9 +168,9 @@ class Planner:
             if isinstance(a.expr, ir.ECall) and isinstance(a.expr.arg, ir.ESlot) and a.expr.fn.mean is not None:
                 self.evaluators.append((desc, f"closed form ({a.expr.fn.name} mean)"))
                 return f"cf({self.src.bind(a.expr.fn.mean, 'mean')}, like, {_sym(var)})"
-            self.evaluators.append((desc, self._quad_note("quadrature(1-D, deg=64)", a.expr)))
+            self.evaluators.append((desc, self._quad_note(f"quadrature(1-D, deg={self.deg1})", a.expr)))
             f = self.expr_fn(a.expr, ["z"], side, d)
-            return f"q1(lambda z: {f}, {_sym(var)}, like)"
+            return f"q1(lambda z: {f}, {_sym(var)}, like, {self.deg1})"
         entries = [[self.Evar(g, h, d) for h in a.gargs] for g in a.gargs]
         return self._nd(desc, [(a, side)], entries, d)
 
@@ -283,10 +285,10 @@ class Planner:
             if fa is not None and fa is fb and fa.vt is not None:
                 self.evaluators.append((desc, f"closed form ({fa.name} V-transform)"))
                 return f"cf({self.src.bind(fa.vt, 'vt')}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)})"
-            self.evaluators.append((desc, self._quad_note("quadrature(2-D, deg=32)", a.expr, b.expr)))
+            self.evaluators.append((desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))
             sa = self.expr_fn(a.expr, ["z"], left, pair)
             sb = self.expr_fn(b.expr, ["z"], right, pair)
-            return f"q2(lambda z: {sa}, lambda z: {sb}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)})"
+            return f"q2(lambda z: {sa}, lambda z: {sb}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)}, {self.deg2})"
         return self._general(desc, a, b, pair)
 
     def _general(self, desc, a, b, pair):
@@ -351,11 +353,17 @@ class Planner:
         raise TypeError(expr)
 
     # ------------------------------------------------------------ backward
-    def D(self, k, l):
-        """``D = E[dG_k dG_l']`` on the cross pair (GIA; module docstring of passes.backward)."""
-        return self._memo(("D", k, l), lambda: self._D(k, l))
+    def D(self, k, l, weight=None):
+        """``D = E[dG_k dG_l']`` on the cross pair (GIA; module docstring of passes.backward).
 
-    def _D(self, k, l):
+        With ``weight`` (a Var in the coordinates of ``G_k``), the multipliers are
+        multiplied by it first: ``E[(dG_k w)(dG_l' w')]``, the NTK term of an
+        elementwise gain, which does *not* factorize into ``D * E[w w']`` when the
+        backward multiplier depends on ``w`` (e.g. ``tanh(LayerNorm(x))``).
+        """
+        return self._memo(("D", k, l, weight), lambda: self._D(k, l, weight))
+
+    def _D(self, k, l, weight):
         terms = []
         for u in self.bw.consumers.get(k, ()):
             for w in self.bw.consumers.get(l, ()):
@@ -367,6 +375,8 @@ class Planner:
                     mk, ml = self.bw.deriv(vu, k), self.bw.deriv(vw, l)
                     if mk is None or ml is None:
                         continue
+                    if weight is not None:
+                        mk, ml = self.bw.times(mk, weight), self.bw.times(ml, weight)
                     terms.append(_mul(float(alpha), self.Evar(mk, ml, "x"), bc))
         return _add(terms)
 
@@ -396,11 +406,10 @@ class Planner:
             atoms = uses.get(param, [])
             if isinstance(param, ir.Affine):
                 for pr in atoms:
-                    d = self.D(pr, pr)
                     if param.gain:
-                        terms.append(_mul(d, self.Evec(param.xhat, param.xhat, "x")))
+                        terms.append(self.D(pr, pr, weight=param.xhat))
                     if param.shift:
-                        terms.append(d)
+                        terms.append(self.D(pr, pr))
                 continue
             for u in atoms:
                 for w in atoms:

@@ -114,6 +114,10 @@ class Backward:
         self._deriv[key] = out
         return out
 
+    def times(self, m: ir.Var, w) -> ir.Var:
+        """The elementwise product ``m * w`` of two Vars in the same coordinates."""
+        return self.b._compose(lambda es: self.b.emul(es), [m, w])
+
     def _expr_var(self, expr, gargs) -> ir.Var:
         b = self.b
         if isinstance(expr, ir.EConst):

@@ -668,8 +668,10 @@ def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normaliz
             raise lw.error(node, f"the normalization parameters of '{name}' are not at PyTorch's "
                            "initialization (gain 1, shift 0); the kernel at initialization assumes them")
     if gain_param is not None or shift_param is not None:
+        if len(vec.pieces) != 1:
+            raise lw.unsupported(node, "a normalization with elementwise affine over a concatenation")
         aff = bb.param(ir.Affine(name=name, gain=gain_param is not None,
-                                 shift=shift_param is not None, xhat=vec))
+                                 shift=shift_param is not None, xhat=vec.pieces[0][1]))
         probe = bb.single(bb.atom_var(bb.make(ir.GProbe, aff)))
         vec = bb.lincomb([(bb.sconst(1.0), vec), (bb.sconst(1.0), probe)])
     return lw.width(node, vec, x.size)

@@ -1,0 +1,1 @@
+"""Shared utilities for the test suite (not part of the ntkcompile package)."""

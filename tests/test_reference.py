@@ -1,0 +1,63 @@
+"""Against neural-tangents 0.6.5 reference kernels (../shared/reference/neural_tangents)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ntkcompile
+from conftest import REFERENCE_DIR
+from models import Erf, ResidualMLP, mlp
+
+
+def _layernorm_mlp(d, n):
+    ln = lambda: nn.LayerNorm(n, eps=1e-12, elementwise_affine=False)  # neural-tangents' eps
+    return nn.Sequential(nn.Linear(d, n), ln(), nn.ReLU(), nn.Linear(n, n), ln(), Erf(), nn.Linear(n, 1))
+
+
+CASES = {
+    "mlp_relu": (lambda d: mlp(d, 32, nn.ReLU), 1.5, 0.05),
+    "mlp_erf": (lambda d: mlp(d, 32, Erf, depth=3), 1.2, 0.1),
+    "mlp_gelu_nobias": (lambda d: mlp(d, 32, nn.GELU, bias=False), 1.0, 0.0),
+    "resnet_mlp": (lambda d: ResidualMLP(d, 32), 1.0, 0.1),
+    "layernorm_mlp": (lambda d: _layernorm_mlp(d, 32), 1.3, 0.2),
+}
+
+
+def _load(case):
+    path = os.path.join(REFERENCE_DIR, case + ".npz")
+    if not os.path.exists(path):
+        pytest.fail(f"reference fixture missing: {path}")
+    z = np.load(path)
+    return {k: z[k] for k in z.files}
+
+
+def _rel(a, b):
+    return np.linalg.norm(a.numpy() - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_neural_tangents(case):
+    ref = _load(case)
+    build, W_std, b_std = CASES[case]
+    x1, x2 = torch.from_numpy(ref["x1"]), torch.from_numpy(ref["x2"])
+    kfn = ntkcompile.compile(build(x1.shape[1]), W_std=W_std, b_std=b_std)
+    k12, k11 = kfn(x1, x2), kfn(x1)
+    assert k12.nngp.dtype == torch.float64 and k12.nngp.shape == (x1.shape[0], x2.shape[0])
+    assert _rel(k12.nngp, ref["nngp_12"]) <= 1e-8
+    assert _rel(k12.ntk, ref["ntk_12"]) <= 1e-8
+    assert _rel(k11.nngp, ref["nngp_11"]) <= 1e-8
+    assert _rel(k11.ntk, ref["ntk_11"]) <= 1e-8
+
+
+@pytest.mark.parametrize("case", ["mlp_relu", "resnet_mlp"])
+def test_width_equal_to_input_dimension(case):
+    """A hidden width equal to the input dimension must not confuse width inference."""
+    ref = _load(case)
+    build, W_std, b_std = CASES[case]
+    x1 = torch.from_numpy(ref["x1"])
+    d = x1.shape[1]
+    model = mlp(d, d, nn.ReLU) if case == "mlp_relu" else ResidualMLP(d, d)
+    k = ntkcompile.compile(model, W_std=W_std, b_std=b_std)(x1)
+    assert _rel(k.ntk, ref["ntk_11"]) <= 1e-8
