@@ -192,6 +192,8 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
             without a closed form (1-D ones use twice this). 64 gives ~1e-6 relative
             error for erf-like functions at variance ~3; 128 gives ~1e-12.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ntkcompile.compile expects an nn.Module, got {type(model).__name__}")
     if parameterization != "ntk":
         raise ValueError(f"parameterization must be 'ntk', got {parameterization!r}")
     for name, value in (("W_std", W_std), ("b_std", b_std)):

@@ -7,6 +7,8 @@ later error can point at the user's source line.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -48,17 +50,20 @@ def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
 
 
 def source_line(node: fx.Node) -> str:
-    """The user's source line for ``node`` (last frame of its recorded stack trace)."""
+    """The user's source line for ``node``: the innermost recorded frame outside torch."""
     st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
     if not st:
         return "<source line unavailable>"
     lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
-    # the recorded trace ends with: File "...", line N, in fn \n code
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{lines[i]}: {code}"
-    return lines[-1]
+    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
+              for i in range(len(lines)) if lines[i].startswith("File ")]
+    user = [f for f in frames if _TORCH_DIR not in f[0] and _OWN_DIR not in f[0]]
+    where, code = (user or frames or [(lines[-1], "")])[-1]
+    return f"{where}: {code}" if code else where
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def describe(node: fx.Node) -> str:

@@ -180,8 +180,12 @@ def _pin_zero_variance(e: Elementwise) -> Elementwise:
         def pinned(k11, k12, k22):
             k11, k22 = _f64(k11), _f64(k22)
             out = moment(k11, k12, k22)
-            out = torch.where(k11 == 0, at0 * pinned_mean(k22), out)
-            return torch.where(k22 == 0, at0 * pinned_mean(k11), out)
+            # the checks run on the (small) variance arrays; full-size work only if needed
+            if bool((k11 == 0).any()):
+                out = torch.where(k11 == 0, at0 * pinned_mean(k22), out)
+            if bool((k22 == 0).any()):
+                out = torch.where(k22 == 0, at0 * pinned_mean(k11), out)
+            return out
 
         return pinned
 
@@ -210,18 +214,34 @@ def _step_kernel(c: Tensor) -> Tensor:
     return (_PI - torch.arccos(c)) / (2.0 * _PI)
 
 
+def _combine(kernel, a: float, b: float):
+    """``(a^2 + b^2) kernel(c) + 2ab kernel(-c)``, skipping the second term when ``ab = 0``."""
+    def combined(*args):
+        *rest, c = args
+        out = kernel(*rest, c)
+        if a * a + b * b != 1.0:
+            out = (a * a + b * b) * out
+        return out if a * b == 0 else out + 2.0 * a * b * kernel(*rest, -c)
+
+    return combined
+
+
 def _step_family_vt(a: float, b: float) -> Moment2:
+    comb = _combine(_step_kernel, a, b)
+
     def vt(k11, k12, k22):
         _, c = correlation(k11, k12, k22)
-        return (a * a + b * b) * _step_kernel(c) + 2.0 * a * b * _step_kernel(-c)
+        return comb(c)
 
     return vt
 
 
 def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
+    comb = _combine(_relu_kernel, a, b)
+
     def vt(k11, k12, k22):
         scale, c = correlation(k11, k12, k22)
-        return (a * a + b * b) * _relu_kernel(scale, c) + 2.0 * a * b * _relu_kernel(scale, -c)
+        return comb(scale, c)
 
     return _pin_zero_variance(
         Elementwise(

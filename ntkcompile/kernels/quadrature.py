@@ -88,6 +88,8 @@ def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     """
     k11, k12, k22 = _f64(k11, k12, k22)
     scale = (k11.clamp_min(0.0) * k22.clamp_min(0.0)).sqrt()
+    if bool((k11 > 0).all()) and bool((k22 > 0).all()):   # cheap: on the variance arrays
+        return scale, (k12 / scale).clamp(-1.0, 1.0)
     positive = scale > 0
     c = torch.where(positive, k12 / torch.where(positive, scale, 1.0), 0.0)
     return scale, c.clamp(-1.0, 1.0)
