@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Time ntkcompile against neural-tangents 0.6.5 on the same inputs.
+
+    bash benchmarks/setup_nt_env.sh                 # once: creates benchmarks/.nt-venv
+    python benchmarks/bench_vs_neural_tangents.py   # runs both, prints a table per case
+
+neural-tangents runs in its own virtual environment (``benchmarks/.nt-venv``,
+jax 0.4.30 CPU) through ``_nt_worker.py`` in a subprocess; ntkcompile runs in
+this process.  Both compute the float64 NNGP and NTK of ``x`` against itself.
+See benchmarks/README.md for what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+VENV_PYTHON = HERE / ".nt-venv" / "bin" / "python"
+WORKER = HERE / "_nt_worker.py"
+
+# Benchmark the checkout this script lives in, installed or not.
+if (HERE.parent / "ntkcompile" / "__init__.py").is_file():
+    sys.path.insert(0, str(HERE.parent))
+
+# Must match _nt_worker.CASES (W_std / b_std / depth); widths are those of the
+# finite torch model handed to ntkcompile, irrelevant for the limit kernel.
+CASES = {
+    "mlp8_relu": dict(W_std=1.5, b_std=0.05, depth=8, width=512, n=2000, shape=(100,),
+                      desc="8 x [Linear, ReLU] + Linear(., 1)"),
+    "cnn3_gap": dict(W_std=1.4, b_std=0.1, depth=3, width=64, n=64, shape=(3, 8, 8),
+                     desc="3 x [Conv2d 3x3 pad 1, ReLU] + AdaptiveAvgPool2d(1) + Linear(., 1)"),
+}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_inputs(case: str, seed: int) -> np.ndarray:
+    spec = CASES[case]
+    # One independent stream per case, so --cases does not change the inputs.
+    rng = np.random.default_rng([seed, sorted(CASES).index(case)])
+    return rng.standard_normal((spec["n"], *spec["shape"]))
+
+
+def build_torch_model(case: str, width: int | None = None):
+    from torch import nn
+
+    spec = CASES[case]
+    w = width or spec["width"]
+    layers: list = []
+    if case == "mlp8_relu":
+        d = spec["shape"][0]
+        for _ in range(spec["depth"]):
+            layers += [nn.Linear(d, w), nn.ReLU()]
+            d = w
+        layers += [nn.Linear(d, 1)]
+    elif case == "cnn3_gap":
+        c = spec["shape"][0]
+        for _ in range(spec["depth"]):
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU()]
+            c = w
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1)]
+    else:
+        raise KeyError(case)
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def rel_diffs(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max |a - ref| / max |ref|, ||a - ref||_F / ||ref||_F)."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if a.shape != ref.shape:
+        raise ValueError(f"kernel shapes differ: {a.shape} vs {ref.shape}")
+    d = a - ref
+    return float(np.abs(d).max() / np.abs(ref).max()), float(np.linalg.norm(d) / np.linalg.norm(ref))
+
+
+# --------------------------------------------------------------------------- neural-tangents
+
+
+def run_nt(case: str, x_path: str, out_path: str, repeats: int) -> tuple[dict, dict]:
+    if not VENV_PYTHON.exists():
+        sys.exit(
+            f"error: the neural-tangents environment {VENV_PYTHON.parent.parent} does not exist.\n"
+            f"Create it first (needs PyPI access, ~3 GB):\n\n    bash {HERE / 'setup_nt_env.sh'}\n\n"
+            "or pass --skip-nt to time ntkcompile alone."
+        )
+    req = {"case": case, "inputs": x_path, "out": out_path, "repeats": repeats}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    env.pop("PYTHONPATH", None)  # nothing from this environment leaks into the venv
+    proc = subprocess.run([str(VENV_PYTHON), str(WORKER), json.dumps(req)],
+                          capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.splitlines()[-30:])
+        sys.exit(f"error: the neural-tangents worker failed on {case!r} (exit {proc.returncode}):\n{tail}\n"
+                 f"If the environment is broken, recreate it: bash {HERE / 'setup_nt_env.sh'} --force")
+    result = json.loads(lines[-1])
+    with np.load(out_path) as k:
+        kernels = {"nngp": k["nngp"], "ntk": k["ntk"]}
+    return result, kernels
+
+
+# --------------------------------------------------------------------------- ntkcompile
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device) -> tuple[dict, dict]:
+    import torch
+
+    import ntkcompile
+
+    spec = CASES[case]
+    torch.manual_seed(0)
+    model = build_torch_model(case).to(device)
+    x = torch.as_tensor(x_np, dtype=torch.float64, device=device)
+    get = ("nngp", "ntk")
+
+    _sync(device)
+    t0 = time.perf_counter()
+    kfn = ntkcompile.compile(model, W_std=spec["W_std"], b_std=spec["b_std"])
+    t_compile = time.perf_counter() - t0
+    out = kfn(x, None, get=get)
+    _sync(device)
+    cold = time.perf_counter() - t0
+
+    def call():
+        o = kfn(x, None, get=get)
+        _sync(device)
+        return o
+
+    call()  # warm-up
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        warm.append(time.perf_counter() - t0)
+
+    kernels = {k: getattr(out, k).detach().to("cpu", torch.float64).numpy() for k in get}
+    return {"cold_s": cold, "compile_s": t_compile, "warm_s": min(warm), "warm_all_s": warm}, kernels
+
+
+def run_empirical(case: str, x_np: np.ndarray, n: int, width: int, device) -> dict:
+    """Empirical NTK of the case's MLP at finite ``width`` via torch.func."""
+    import torch
+
+    import ntkcompile
+    from ntkcompile.empirical import empirical_ntk
+
+    spec = CASES[case]
+    torch.manual_seed(0)
+    model = build_torch_model(case, width=width).to(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    ntk_parametrize = getattr(ntkcompile, "ntk_parametrize", None)
+    if ntk_parametrize is None:  # not re-exported at the top level yet
+        from ntkcompile.parametrize import ntk_parametrize
+    net = ntk_parametrize(model, spec["W_std"], spec["b_std"], generator=gen)
+    x = torch.as_tensor(x_np[:n], dtype=torch.float64, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    k = empirical_ntk(net, x)
+    _sync(device)
+    t = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in net.parameters())
+    return {"time_s": t, "n": n, "width": width, "n_params": n_params,
+            "ntk": k.detach().to("cpu", torch.float64).numpy()}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt_t(t: float | None) -> str:
+    if t is None:
+        return "-"
+    if t < 1e-3:
+        return f"{t * 1e6:.0f} us"
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _fmt_ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: dict | None,
+               diffs: dict, entk: dict | None) -> None:
+    spec = CASES[case]
+    print()
+    print(f"== {case}: {spec['desc']}, W_std={spec['W_std']}, b_std={spec['b_std']}")
+    print(f"   {x_np.shape[0]} inputs of shape {tuple(x_np.shape[1:])}, NNGP + NTK of x with itself, float64")
+    rows = [("", "neural-tangents", "ntkcompile", "NT/ntkcompile")]
+    nt_cold = nt["cold_s"] if nt else None
+    nt_warm = nt["warm_s"] if nt else None
+    nc_cold = nc["cold_s"] if nc else None
+    nc_warm = nc["warm_s"] if nc else None
+    cold_nc = _fmt_t(nc_cold) + (f" ({_fmt_t(nc['compile_s'])} compile)" if nc else "")
+    rows.append(("cold: first call incl. compile", _fmt_t(nt_cold), cold_nc, _fmt_ratio(nt_cold, nc_cold)))
+    rows.append((f"warm: best of {repeats}", _fmt_t(nt_warm), _fmt_t(nc_warm), _fmt_ratio(nt_warm, nc_warm)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("   " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    for k in ("nngp", "ntk"):
+        if k in diffs:
+            mx, fro = diffs[k]
+            print(f"   {k.upper():4s} ntkcompile vs NT: max|a-b|/max|b| = {mx:.2e}   rel. Frobenius = {fro:.2e}")
+    if entk is not None:
+        sub = "" if entk["n"] == x_np.shape[0] else f" (first {entk['n']} of {x_np.shape[0]} inputs, for time)"
+        print(f"   empirical NTK, width {entk['width']} ({entk['n_params']:,} params), torch.func{sub}: "
+              f"{_fmt_t(entk['time_s'])}")
+        for ref, (mx, fro) in entk["diffs"].items():
+            print(f"      vs {ref:15s}: max|a-b|/max|b| = {mx:.2e}   rel. Frobenius = {fro:.2e}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated cases (default: all = {','.join(CASES)})")
+    p.add_argument("--repeats", type=int, default=3, help="warm calls; the best is reported (default 3)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for ntkcompile and the empirical NTK (default cpu); "
+                        "neural-tangents always runs on the CPU build of jax")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    p.add_argument("--nt-only", action="store_true",
+                   help="skip ntkcompile.compile: time neural-tangents only (the empirical-NTK "
+                        "check still runs, against the neural-tangents NTK, unless --entk-n 0)")
+    p.add_argument("--skip-nt", action="store_true", help="skip neural-tangents: time ntkcompile only")
+    p.add_argument("--entk-n", type=int, default=200,
+                   help="inputs for the empirical NTK of mlp8_relu (default 200: the 2000 of the "
+                        "case take ~100x longer); 0 disables it")
+    p.add_argument("--entk-width", type=int, default=1024, help="width of the empirical-NTK MLP (default 1024)")
+    p.add_argument("--json", metavar="PATH", help="also write all timings and differences to PATH")
+    args = p.parse_args(argv)
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.nt_only and args.skip_nt:
+        p.error("--nt-only and --skip-nt exclude each other")
+
+    device = None
+    if not args.nt_only or args.entk_n > 0:
+        import torch
+
+        device = torch.device(args.device)
+
+    print(f"ntkcompile vs neural-tangents 0.6.5 | {os.cpu_count()} CPUs | device {args.device} | "
+          f"repeats {args.repeats} | seed {args.seed}")
+    report = {}
+    with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
+        for case in cases:
+            x_np = make_inputs(case, args.seed)
+            x_path = os.path.join(tmp, f"{case}_x.npz")
+            np.savez(x_path, x=x_np)
+
+            nt = nt_k = None
+            if not args.skip_nt:
+                nt, nt_k = run_nt(case, x_path, os.path.join(tmp, f"{case}_nt.npz"), args.repeats)
+            nc = nc_k = None
+            if not args.nt_only:
+                nc, nc_k = run_ntkcompile(case, x_np, args.repeats, device)
+            diffs = {}
+            if nt_k is not None and nc_k is not None:
+                diffs = {k: rel_diffs(nc_k[k], nt_k[k]) for k in ("nngp", "ntk")}
+
+            entk = None
+            n_e = min(args.entk_n, x_np.shape[0])
+            if case == "mlp8_relu" and n_e > 0:
+                entk = run_empirical(case, x_np, n_e, args.entk_width, device)
+                entk["diffs"] = {}
+                if nc_k is not None:
+                    entk["diffs"]["ntkcompile"] = rel_diffs(entk["ntk"], nc_k["ntk"][:n_e, :n_e])
+                if nt_k is not None:
+                    entk["diffs"]["neural-tangents"] = rel_diffs(entk["ntk"], nt_k["ntk"][:n_e, :n_e])
+
+            print_case(case, x_np, args.repeats, nt, nc, diffs, entk)
+            report[case] = {
+                "n": int(x_np.shape[0]), "input_shape": list(x_np.shape[1:]),
+                "neural_tangents": nt, "ntkcompile": nc,
+                "diff_ntkcompile_vs_nt": {k: {"max_rel": v[0], "fro_rel": v[1]} for k, v in diffs.items()},
+                "empirical_ntk": None if entk is None else {
+                    k: v for k, v in entk.items() if k != "ntk"},
+            }
+    print()
+    print("Times are wall clock on a shared machine: treat them as approximate.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Tests of ntkcompile.parametrize against networks built by hand.
+
+The oracle is always the plain functional form ``F.linear`` / ``F.conv*d`` with
+``weight = W_std / sqrt(fan_in) * w`` and ``bias = b_std * beta``, where ``w`` and
+``beta`` are the stored standard-normal tensors (TP II Sec. 1 conventions).
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ntkcompile.parametrize import NTKScale, ntk_parametrize, ntk_scales
+
+
+def _stored(module: nn.Module, name: str) -> torch.Tensor:
+    """The stored N(0, 1) tensor behind ``module.<name>``."""
+    return getattr(module.parametrizations, name).original
+
+
+def _mlp(bias: bool) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 7, bias=bias), nn.Tanh(), nn.Linear(7, 3, bias=bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forward_matches_hand_built(bias):
+    torch.manual_seed(0)
+    net = ntk_parametrize(_mlp(bias), 1.7, 0.3)
+    x = torch.randn(5, 4)
+    h = x
+    for m, fan_in in ((net[0], 4), (net[2], 7)):
+        W = 1.7 / math.sqrt(fan_in) * _stored(m, "weight")
+        b = 0.3 * _stored(m, "bias") if bias else None
+        h = F.linear(h, W, b)
+        if m is net[0]:
+            h = torch.tanh(h)
+    torch.testing.assert_close(net(x), h, rtol=1e-6, atol=1e-6)
+
+
+CONVS = [
+    (nn.Conv1d, F.conv1d, dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1), (2, 3, 11)),
+    (nn.Conv2d, F.conv2d, dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1), (2, 4, 7, 6)),
+    (nn.Conv2d, F.conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, groups=2), (2, 4, 5, 5)),
+    (nn.Conv3d, F.conv3d, dict(in_channels=2, out_channels=3, kernel_size=2, stride=(1, 2, 1)), (2, 2, 4, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cls,fn,kw,shape", CONVS, ids=["conv1d", "conv2d_stride_pad", "conv2d_groups", "conv3d"])
+def test_conv_forward_matches_hand_built(cls, fn, kw, shape, bias):
+    torch.manual_seed(1)
+    conv = ntk_parametrize(cls(**kw, bias=bias), 1.3, 0.7)
+    k = kw["kernel_size"]
+    ksize = math.prod(k) if isinstance(k, tuple) else k ** (len(shape) - 2)
+    fan_in = kw["in_channels"] // kw.get("groups", 1) * ksize  # computed independently of the weight shape
+    assert ntk_scales(conv)[""].fan_in == fan_in
+    W = 1.3 / math.sqrt(fan_in) * _stored(conv, "weight")
+    b = 0.7 * _stored(conv, "bias") if bias else None
+    x = torch.randn(shape)
+    expect = fn(x, W, b, stride=kw.get("stride", 1), padding=kw.get("padding", 0), groups=kw.get("groups", 1))
+    torch.testing.assert_close(conv(x), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_draws_are_standard_normal_and_reproducible():
+    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 1))
+    a = ntk_parametrize(model, generator=torch.Generator().manual_seed(5))
+    b = ntk_parametrize(model, generator=torch.Generator().manual_seed(5))
+    c = ntk_parametrize(model, generator=torch.Generator().manual_seed(6))
+    w = _stored(a[0], "weight")
+    # 120000 N(0, 1) draws: mean within 5 / sqrt(N), std within 1 %.
+    assert abs(w.mean().item()) < 5 / math.sqrt(w.numel())
+    assert abs(w.std().item() - 1) < 0.01
+    assert abs(_stored(a[0], "bias").std().item() - 1) < 0.2  # 400 draws, not PyTorch's U(+-1/sqrt(300))
+    for (n1, p1), (n2, p2), (_, p3) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2) and not torch.equal(p1, p3)
+    torch.manual_seed(3)
+    d = ntk_parametrize(model)
+    torch.manual_seed(3)
+    e = ntk_parametrize(model)
+    assert all(torch.equal(p, q) for p, q in zip(d.parameters(), e.parameters()))
+
+
+def test_original_model_is_untouched():
+    torch.manual_seed(0)
+    model = _mlp(True)
+    before = copy.deepcopy(model.state_dict())
+    net = ntk_parametrize(model, 2.0, 1.0)
+    assert net is not model
+    assert type(model[0]) is nn.Linear and not hasattr(model[0], "parametrizations")
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not hasattr(model, "ntk_scales")
+
+
+def test_std_overrides_hit_exactly_the_named_module():
+    model = nn.Sequential(
+        nn.Linear(3, 8),
+        nn.Sequential(nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8, bias=False)),
+        nn.Conv1d(1, 2, 3),
+    )
+    net = ntk_parametrize(model, 1.5, 0.1, std={"1.1": (2.0, 0.5), "2": (0.5, 0.0)})
+    scales = ntk_scales(net)
+    assert scales == {
+        "0": NTKScale(1.5, 0.1, 3, True),
+        "1.1": NTKScale(2.0, 0.5, 8, True),
+        "1.3": NTKScale(1.5, 0.1, 8, False),
+        "2": NTKScale(0.5, 0.0, 3, True),
+    }
+    # The scale actually applied in the forward pass, read off the module.
+    for name, s in scales.items():
+        m = net.get_submodule(name)
+        torch.testing.assert_close(m.weight, s.W_std / math.sqrt(s.fan_in) * _stored(m, "weight"))
+        if s.has_bias:
+            torch.testing.assert_close(m.bias, s.b_std * _stored(m, "bias"))
+    assert torch.count_nonzero(net[2].bias) == 0  # b_std = 0 zeroes the bias ...
+    assert net[2].parametrizations.bias.original.requires_grad  # ... which stays a parameter
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(std={"3": (1.0, 0.0)}), "names no module"),
+        (dict(std={"0.weight": (1.0, 0.0)}), "names no module"),
+        (dict(std={"1": (1.0, 0.0)}), "ReLU"),
+        (dict(std={"0": (0.0, 0.0)}), "W_std"),
+        (dict(std={"0": (1.0, -0.5)}), "b_std"),
+        (dict(std={"0": 1.0}), "pair"),
+        (dict(W_std=-1.0), "W_std"),
+        (dict(W_std=0.0), "W_std"),
+        (dict(W_std=float("nan")), "W_std"),
+        (dict(b_std=-0.1), "b_std"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ntk_parametrize(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "module,typename",
+    [
+        (nn.Embedding(10, 4), "Embedding"),
+        (nn.RNN(4, 4), "RNN"),
+        (nn.MultiheadAttention(4, 2), "MultiheadAttention"),
+        (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d"),
+        (nn.PReLU(), "PReLU"),
+    ],
+)
+def test_unsupported_modules_raise_naming_the_module(module, typename):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    model.add_module("odd", module)
+    with pytest.raises(NotImplementedError, match=rf"'odd'.*{typename}"):
+        ntk_parametrize(model)
+
+
+def test_norm_and_parameter_free_layers_keep_pytorch_init():
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.LayerNorm(6), nn.GELU(), nn.Dropout(0.0), nn.Identity(),
+        nn.GroupNorm(2, 6), nn.Linear(6, 1),
+    )
+    torch.manual_seed(0)
+    net = ntk_parametrize(model, 1.0, 1.0)
+    assert set(ntk_scales(net)) == {"0", "6"}
+    for i in (1, 5):
+        assert type(net[i]) is type(model[i])
+        assert torch.equal(net[i].weight, torch.ones(6)) and torch.equal(net[i].bias, torch.zeros(6))
+        assert net[i].weight.requires_grad
+    names = {n for n, _ in net.named_parameters()}
+    assert {"1.weight", "1.bias", "5.weight", "5.bias", "0.parametrizations.weight.original"} <= names
+
+
+def test_already_parametrized_model_is_refused():
+    net = ntk_parametrize(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already parametrized"):
+        ntk_parametrize(net)
+
+
+def test_gradients_are_ntk_parametrization_gradients():
+    """dL/dw = (W_std / sqrt(fan_in)) dL/dW and dL/dbeta = b_std dL/db."""
+    torch.manual_seed(2)
+    net = ntk_parametrize(_mlp(True), 1.4, 0.6)
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    F.mse_loss(net(x), y).backward()
+
+    Ws = [(1.4 / math.sqrt(f) * _stored(m, "weight")).detach().requires_grad_() for m, f in ((net[0], 4), (net[2], 7))]
+    bs = [(0.6 * _stored(m, "bias")).detach().requires_grad_() for m in (net[0], net[2])]
+    out = F.linear(torch.tanh(F.linear(x, Ws[0], bs[0])), Ws[1], bs[1])
+    F.mse_loss(out, y).backward()
+    for m, W, b, f in zip((net[0], net[2]), Ws, bs, (4, 7)):
+        torch.testing.assert_close(_stored(m, "weight").grad, 1.4 / math.sqrt(f) * W.grad)
+        torch.testing.assert_close(_stored(m, "bias").grad, 0.6 * b.grad)
+
+
+def test_sgd_and_functional_call():
+    torch.manual_seed(3)
+    net = ntk_parametrize(_mlp(True), 1.0, 0.5)
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    torch.testing.assert_close(functional_call(net, params, (x,)), net(x))
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt.zero_grad()
+    F.mse_loss(net(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    opt.step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), params[n] - 0.1 * grads[n])
+    # The forward after the step uses the updated N(0, 1)-scale tensors.
+    moved = {n: params[n] - 0.1 * grads[n] for n in params}
+    torch.testing.assert_close(net(x), functional_call(net, moved, (x,)))
+
+
+def test_result_survives_deepcopy_and_state_dict():
+    torch.manual_seed(4)
+    net = ntk_parametrize(_mlp(True), 1.2, 0.2)
+    twin = copy.deepcopy(net)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(twin(x), net(x))
+    assert ntk_scales(twin) == ntk_scales(net)
+    fresh = ntk_parametrize(_mlp(True), 1.2, 0.2)
+    fresh.load_state_dict(net.state_dict())
+    torch.testing.assert_close(fresh(x), net(x))
+
+
+def test_ntk_scales_of_a_plain_model_raises():
+    with pytest.raises(ValueError, match="ntk_parametrize"):
+        ntk_scales(nn.Linear(2, 2))
