@@ -130,8 +130,10 @@ class CompiledKernel:
             if x2 is None:
                 nngp = 0.5 * (nngp + nngp.T)
                 ntk = None if ntk is None else 0.5 * (ntk + ntk.T)
-        return Kernels(nngp=nngp if "nngp" in get else None,
-                       ntk=ntk if "ntk" in get else None,
+        # closed forms and quadrature run in float64; float32 results are rounded at the end
+        cast = (lambda t: t.to(self.dtype)) if self.dtype != torch.float64 else (lambda t: t)
+        return Kernels(nngp=cast(nngp) if "nngp" in get else None,
+                       ntk=cast(ntk) if "ntk" in get and ntk is not None else None,
                        mc_stderr=max(mc) if mc else None)
 
     def _check(self, x, name):

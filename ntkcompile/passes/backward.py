@@ -25,11 +25,11 @@ _DERIVATIVES: dict = {}
 
 def derivative_elementwise(fn: Elementwise) -> Elementwise:
     """``phi'`` as an Elementwise whose closed forms are ``phi``'s ``dvt``/``dmean``."""
-    d = _DERIVATIVES.get(fn.name)
+    d = _DERIVATIVES.get(fn)       # keyed by the entry itself: names may be reused by user entries
     if d is None:
         d = Elementwise(name=fn.name + "'", fn=fn.derivative, vt=fn.dvt, mean=fn.dmean,
                         smooth=fn.smooth)
-        _DERIVATIVES[fn.name] = d
+        _DERIVATIVES[fn] = d
         _JUMPS[d.name] = not fn.smooth
     return d
 
