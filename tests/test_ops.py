@@ -150,9 +150,20 @@ def test_rmsnorm_against_hand_formula():
     np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-8)
 
 
+class CorrelatedGate(nn.Module):
+    """``tanh(h) * sigmoid(h + g)``: four correlated Gaussians per input pair -> Monte Carlo."""
+
+    def __init__(self, n=8):
+        super().__init__()
+        self.a, self.c, self.o = nn.Linear(D, n), nn.Linear(D, n), nn.Linear(n, 1)
+
+    def forward(self, x):
+        h, g = self.a(x), self.c(x)
+        return self.o(torch.tanh(h) * torch.sigmoid(h + g))
+
+
 def test_program_shows_evaluators_and_monte_carlo_error():
-    from models import GatedMLP
-    kfn = ntkcompile.compile(GatedMLP(D, 8), mc_samples=20_000, seed=3)
+    kfn = ntkcompile.compile(CorrelatedGate(), mc_samples=20_000, seed=3)
     x = torch.randn(3, D, dtype=torch.float64)
     k = kfn(x)
     text = kfn.program
@@ -162,6 +173,48 @@ def test_program_shows_evaluators_and_monte_carlo_error():
     relu = ntkcompile.compile(nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 1)))
     relu(x)
     assert "closed form (relu V-transform)" in relu.program and relu(x).mc_stderr is None
+
+
+def test_product_of_independent_branches_factorizes_exactly():
+    """``sigmoid(a x) * tanh(c x)``: E factorizes over the independent matrices a, c."""
+    from models import GatedMLP
+    W, b = 1.2, 0.3
+    x1, x2 = torch.randn(4, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64)
+    kfn = ntkcompile.compile(GatedMLP(D, 8), W_std=W, b_std=b, quadrature_degree=256)
+    k = kfn(x1, x2)
+    assert k.mc_stderr is None and "monte-carlo" not in kfn.program
+    a, c = x1.numpy(), x2.numpy()
+    q1, q2 = W**2 * (a * a).sum(1) / D + b**2, W**2 * (c * c).sum(1) / D + b**2
+    kk = W**2 * a @ c.T / D + b**2
+    E = lambda f: _gh2(_torch_np(f), q1, q2, kk)
+    dE = lambda f: _gh2(_deriv_np(f), q1, q2, kk)
+    ss, tt = E(torch.sigmoid), E(torch.tanh)
+    nngp = W**2 * ss * tt + b**2
+    ntk = nngp + W**2 * (dE(torch.sigmoid) * tt + ss * dE(torch.tanh)) * kk
+    np.testing.assert_allclose(k.nngp.numpy(), nngp, rtol=1e-8)
+    np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-8)
+
+
+def test_concatenation_weights_pieces_by_width():
+    """``cat([relu(a x), c x])`` of widths n and 3n, then a Linear: pieces weigh 1/4 and 3/4."""
+
+    class Cat(nn.Module):
+        def __init__(self, n=4):
+            super().__init__()
+            self.a, self.c, self.o = nn.Linear(D, n), nn.Linear(D, 3 * n), nn.Linear(4 * n, 1)
+
+        def forward(self, x):
+            return self.o(torch.cat([torch.relu(self.a(x)), self.c(x)], dim=-1))
+
+    W, b = 1.3, 0.2
+    x1, x2 = torch.randn(5, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64)
+    k = ntkcompile.compile(Cat(), W_std=W, b_std=b)(x1, x2)
+    k0, erelu, estep = _relu_layer(W, b, x1.numpy(), x2.numpy())
+    nngp = W**2 * (0.25 * erelu + 0.75 * k0) + b**2
+    # readout term + first layer a (multiplier relu', piece 1/4) + first layer c (identity, piece 3/4)
+    ntk = nngp + W**2 * (0.25 * estep + 0.75) * k0
+    np.testing.assert_allclose(k.nngp.numpy(), nngp, rtol=1e-12)
+    np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-12)
 
 
 def test_duplicate_inputs_give_psd_symmetric_kernels():

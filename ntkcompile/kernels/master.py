@@ -171,6 +171,9 @@ class Planner:
             self.evaluators.append((desc, self._quad_note(f"quadrature(1-D, deg={self.deg1})", a.expr)))
             f = self.expr_fn(a.expr, ["z"], side, d)
             return f"q1(lambda z: {f}, {_sym(var)}, like, {self.deg1})"
+        factored = self._factorize([(a, side)])
+        if factored is not None:
+            return _mul(*[self.mean_atom(f[0], side) for f in factored])
         entries = [[self.Evar(g, h, d) for h in a.gargs] for g in a.gargs]
         return self._nd(desc, [(a, side)], entries, d)
 
@@ -289,7 +292,58 @@ class Planner:
             sa = self.expr_fn(a.expr, ["z"], left, pair)
             sb = self.expr_fn(b.expr, ["z"], right, pair)
             return f"q2(lambda z: {sa}, lambda z: {sb}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)}, {self.deg2})"
+        factored = self._factorize([(a, left), (b, right)])
+        if factored is not None:
+            return _mul(*[self.Eatom(fa, fb, pair) for fa, fb in factored])
         return self._general(desc, a, b, pair)
+
+    def _factorize(self, atoms):
+        """Split ``E[prod_i a_i]`` into independent groups of slots (TP II: factorize first).
+
+        Slots are grouped by possible correlation (same matrix or bias somewhere in
+        both); if every atom's expression is a product of factors each using the
+        slots of one group, the expectation is the product over groups of the
+        expectations of the per-group sub-atoms.  Returns a list of per-group
+        tuples of sub-atoms (``ONE`` where an atom has no factor in a group), or
+        None if there is a single group or an expression does not separate.
+        """
+        slots = [(i, j, g) for i, (a, _) in enumerate(atoms) for j, g in enumerate(a.gargs)]
+        parent = list(range(len(slots)))
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for x in range(len(slots)):
+            for y in range(x + 1, len(slots)):
+                if not self._static_zero(slots[x][2], slots[y][2]):
+                    parent[find(x)] = find(y)
+        groups = sorted({find(x) for x in range(len(slots))})
+        if len(groups) < 2:
+            return None
+        group_of = {(i, j): find(x) for x, (i, j, _) in enumerate(slots)}
+        per_group = {g: [] for g in groups}
+        for i, (a, _) in enumerate(atoms):
+            factors = list(a.expr.args) if isinstance(a.expr, ir.EMul) else [a.expr]
+            by_group: dict = {}
+            for f in factors:
+                used = {group_of[(i, j)] for j in range(len(a.gargs)) if ir.expr_uses_slot(f, j)}
+                if len(used) != 1:
+                    return None
+                by_group.setdefault(used.pop(), []).append(f)
+            for g in groups:
+                fs = by_group.get(g)
+                if not fs:
+                    per_group[g].append(self.b.ONE)
+                    continue
+                idx = sorted({j for f in fs for j in range(len(a.gargs)) if ir.expr_uses_slot(f, j)})
+                remap = {j: self.b.eslot(k) for k, j in enumerate(idx)}
+                remap.update({j: self.b.econst(0.0) for j in range(len(a.gargs)) if j not in remap})
+                sub = self.b.emul([self.b.substitute(f, remap) for f in fs])
+                per_group[g].append(self.b.hatom(sub, [a.gargs[j] for j in idx]))
+        return [tuple(per_group[g]) for g in groups]
 
     def _general(self, desc, a, b, pair):
         """``E[a b']`` by the N-D evaluator over the joint Gaussian of all slots."""
