@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import quadrature as quad
+from .kernels import spatial as _sp
 
 
 def _t(x, like):
@@ -56,6 +57,10 @@ RUNTIME = {
     "q2": _q2,
     "qn": _qn,
     "full": _full,
+    **{name: getattr(_sp, name) for name in (
+        "patches", "input_cov_cross", "input_cov_same", "stencil_same", "stencil_pair",
+        "stencil_pair_adjoint", "lift1", "lift2", "spatial_sum", "global_mean", "diagonal_mean",
+        "identity_pairs")},
 }
 
 

@@ -75,6 +75,7 @@ class CompiledKernel:
             src.emit("F1 = prep(x1)")
             src.emit("F2 = F1" if self_mode else "F2 = prep(x2)")
             src.emit("like = F1[0]")
+            src.emit("BATCH = (F1[0].shape[0], F2[0].shape[0])")
             src.emit("_mc = []")
             planner = Planner(self._program, src, self_mode=self_mode,
                               mc_samples=self.mc_samples, seed=self.seed, degree=self.quadrature_degree)
@@ -169,7 +170,7 @@ def _infer_input_shape(gm: fx.GraphModule):
     for user in ph.users:
         if user.op == "call_module" and isinstance(modules[user.target], nn.Linear):
             return (modules[user.target].in_features,)
-    return None
+    return None      # e.g. a convolution: the spatial size is fixed by the first call
 
 
 def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, parameterization: str = "ntk",

@@ -45,6 +45,7 @@ class Matrix:
     kind: str
     W_std: float
     fan_in: Optional[int] = None
+    conv: Any = None          # kernels.spatial.ConvGeometry for a convolution, else None
     uid: int = -1
 
 
@@ -53,6 +54,7 @@ class Bias:
     """A trainable bias vector ``b_std * beta``, ``beta ~ N(0, 1)``, shared by all uses."""
     name: str
     b_std: float
+    spatial: tuple = ()       # positions it is broadcast over (a conv bias)
     uid: int = -1
 
 
@@ -82,6 +84,8 @@ class Readout:
     out_features: int
     vec: Any                  # Vec
     scale: float = 1.0
+    pool: Optional[str] = None   # None, "gap" (global average pool) or "flatten" over positions
+    spatial: tuple = ()          # the positions pooled or flattened
 
 
 # --------------------------------------------------------------------------- #
@@ -541,7 +545,7 @@ class Program:
     builder: Builder
     readout: Readout
     fixed_names: list
-    fixed_dims: list
+    fixed_dims: list          # shape of one fixed input (without the batch axis)
     prep: Callable
     input_shape: tuple
     names: dict = field(default_factory=dict)   # node -> user-facing name (fx node)

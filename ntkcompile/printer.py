@@ -82,12 +82,14 @@ def format_program(program: ir.Program, evaluators=()) -> str:
                  + (f", b_std={r.b_std:g}" if r.has_bias else "") + f", {r.out_features} output(s)")
     lines += ["", "forward:"]
     for i, (nm, d) in enumerate(zip(program.fixed_names, program.fixed_dims)):
-        lines.append(f"  x{i} = {nm}  (fixed input, {d} features)")
+        lines.append(f"  x{i} = {nm}  (fixed input of shape {tuple(d)})")
     for node in b.nodes:
         if isinstance(node, ir.GInput):
-            lines.append(f"  {names(node)} = U[{node.param.name}] x{node.fixed}    # G (input layer)")
+            op = "conv" if node.param.conv is not None else ""
+            lines.append(f"  {names(node)} = U[{node.param.name}] {op}* x{node.fixed}    # G (input layer)")
         elif isinstance(node, ir.GMatMul):
-            lines.append(f"  {names(node)} = W[{node.param.name}] ({_vec(node.arg, names)})    # G")
+            op = "conv* " if node.param.conv is not None else ""
+            lines.append(f"  {names(node)} = W[{node.param.name}] {op}({_vec(node.arg, names)})    # G")
         elif isinstance(node, ir.GBias):
             lines.append(f"  {names(node)} = b[{node.param.name}]    # G (bias)")
         elif isinstance(node, ir.GProbe):
@@ -96,7 +98,8 @@ def format_program(program: ir.Program, evaluators=()) -> str:
             slots = [f"[{_var(g, names)}]" for g in node.gargs]
             lines.append(f"  {names(node)} = {_expr(node.expr, slots, names)}    # H of {len(slots)} G-var(s)")
     scale = "" if r.scale == 1.0 else f"{r.scale:g} * "
-    lines.append(f"  f = {scale}(W_std/sqrt(n)) v[{r.name}] . ({_vec(r.vec, names)})"
+    pooled = {"gap": "mean over positions of ", "flatten": "flatten over positions of "}.get(r.pool, "")
+    lines.append(f"  f = {scale}(W_std/sqrt(n)) v[{r.name}] . {pooled}({_vec(r.vec, names)})"
                  + (" + b_std beta" if r.has_bias else "") + "    # readout")
     bw = Backward(program)
     lines += ["", "backward (gradient independence assumption; Simple GIA Check passed):"]

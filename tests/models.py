@@ -92,3 +92,31 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         return self.o(torch.sigmoid(self.a(x)) * torch.tanh(self.c(x)))
+
+
+class ConvResNet(nn.Module):
+    """A small conv ResNet: stride-2 conv, residual blocks, global average pooling."""
+
+    def __init__(self, c, n):
+        super().__init__()
+        self.stem = nn.Conv2d(c, n, 3, padding=1)
+        self.down = nn.Conv2d(n, n, 3, stride=2, padding=1)
+        self.block = nn.Conv2d(n, n, 3, padding="same")
+        self.out = nn.Linear(n, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = self.down(h)
+        h = h + self.block(torch.relu(h))
+        return self.out(torch.relu(h).mean(dim=(2, 3)))
+
+
+class DilatedConv1d(nn.Module):
+    def __init__(self, c, n):
+        super().__init__()
+        self.a = nn.Conv1d(c, n, 3, dilation=2, padding=2)
+        self.b = nn.Conv1d(n, n, 2, stride=2)
+        self.out = nn.Linear(n * 4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.relu(self.a(x)))).flatten(1))

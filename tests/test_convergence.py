@@ -11,7 +11,8 @@ from torch import nn
 
 import ntkcompile
 from helpers.convergence import convergence_sweep
-from models import (AffineLayerNormMLP, ConcatMLP, CorrelatedResidual, GatedMLP, SharedLinear, mlp)
+from models import (AffineLayerNormMLP, ConcatMLP, ConvResNet, CorrelatedResidual, DilatedConv1d, GatedMLP,
+                    SharedLinear, mlp)
 
 D = 6
 WIDTHS = [128, 512, 2048]
@@ -29,10 +30,10 @@ SLOW_CASES = {
 }
 
 
-def _check(factory):
-    x = torch.randn(5, D, dtype=torch.float64)
+def _check(factory, shape=(D,), widths=WIDTHS):
+    x = torch.randn(5, *shape, dtype=torch.float64)
     limit = ntkcompile.compile(factory(16), W_std=1.3, b_std=0.2)(x).ntk
-    errors, slope = convergence_sweep(lambda n: factory(n).double(), WIDTHS, SEEDS, x, None, limit, 1.3, 0.2)
+    errors, slope = convergence_sweep(lambda n: factory(n).double(), widths, SEEDS, x, None, limit, 1.3, 0.2)
     assert errors[-1] < errors[0], errors
     assert -0.7 <= slope <= -0.3, (errors, slope)
 
@@ -46,3 +47,13 @@ def test_convergence(case):
 @pytest.mark.parametrize("case", sorted(SLOW_CASES))
 def test_convergence_slow(case):
     _check(SLOW_CASES[case])
+
+
+def test_convergence_conv_resnet():
+    """Conv ResNet with a stride-2 conv and global average pooling (issue 3 acceptance)."""
+    _check(lambda n: ConvResNet(2, n), shape=(2, 6, 6), widths=[32, 128, 512])
+
+
+@pytest.mark.slow
+def test_convergence_dilated_conv1d():
+    _check(lambda n: DilatedConv1d(2, n), shape=(2, 8), widths=[32, 128, 512])

@@ -61,3 +61,33 @@ def test_width_equal_to_input_dimension(case):
     model = mlp(d, d, nn.ReLU) if case == "mlp_relu" else ResidualMLP(d, d)
     k = ntkcompile.compile(model, W_std=W_std, b_std=b_std)(x1)
     assert _rel(k.ntk, ref["ntk_11"]) <= 1e-8
+
+
+def _cnn_gap(c):
+    return nn.Sequential(nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 1))
+
+
+class _CnnFlatten(nn.Module):
+    def __init__(self, c, h, w):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 16, 3, stride=2)
+        ho, wo = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+        self.out = nn.Linear(16 * ho * wo, 1)
+
+    def forward(self, x):
+        return self.out(torch.special.erf(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("case", ["cnn_gap", "cnn_flatten"])
+def test_cnn_matches_neural_tangents(case):
+    ref = _load(case)
+    x1, x2 = torch.from_numpy(ref["x1"]), torch.from_numpy(ref["x2"])
+    c, h, w = x1.shape[1:]
+    model, W_std, b_std = (_cnn_gap(c), 1.4, 0.1) if case == "cnn_gap" else (_CnnFlatten(c, h, w), 1.1, 0.3)
+    kfn = ntkcompile.compile(model, W_std=W_std, b_std=b_std)
+    k12, k11 = kfn(x1, x2), kfn(x1)
+    assert _rel(k12.nngp, ref["nngp_12"]) <= 1e-8
+    assert _rel(k12.ntk, ref["ntk_12"]) <= 1e-8
+    assert _rel(k11.nngp, ref["nngp_11"]) <= 1e-8
+    assert _rel(k11.ntk, ref["ntk_11"]) <= 1e-8

@@ -29,7 +29,7 @@ printout.
 """
 from __future__ import annotations
 
-from fractions import Fraction
+import math
 
 from .. import ir
 from ..printer import atom_label
@@ -92,6 +92,7 @@ class Planner:
         self.mc_samples, self.seed = mc_samples, seed
         self.deg1, self.deg2 = 2 * degree, degree      # Gauss-Hermite degrees in 1-D and 2-D
         self.memo: dict = {}
+        self._spatial: dict = {}
         self.evaluators: list = []      # (description, evaluator)
 
     # ------------------------------------------------------------ plumbing
@@ -101,11 +102,38 @@ class Planner:
     def side_pair(self, side):
         return self.pair(f"d{side}")
 
-    def lift(self, sym, side, pair):
-        """A per-input array of ``side`` broadcast into the layout of ``pair``."""
+    def lift(self, sym, side, pair, k=0):
+        """A per-input array of ``side`` broadcast into the layout of ``pair``.
+
+        ``k`` is the number of position axes of the context: same-input arrays are
+        ``(N, *P)``, cross arrays ``(N1, N2, *P, *P)`` (kernels.spatial).
+        """
         if sym is None or isinstance(sym, float) or pair != "x":
             return sym
+        if k:
+            return f"lift{side}({sym}, {k})"
         return f"{sym}[:, None]" if side == 1 else f"{sym}[None, :]"
+
+    def spatial(self, node) -> tuple:
+        """Positions of a Var/Vec/atom (``()`` for plain vectors and for biases)."""
+        if node in self._spatial:
+            return self._spatial[node]
+        if isinstance(node, ir.Vec):
+            shapes = [self.spatial(v) for _, v in node.pieces]
+        elif isinstance(node, ir.Var):
+            shapes = [self.spatial(a) for _, a in node.terms]
+        elif isinstance(node, (ir.GInput, ir.GMatMul)):
+            shapes = [node.param.conv.out_shape if node.param.conv is not None else ()]
+        elif isinstance(node, ir.HAtom):
+            shapes = [self.spatial(g) for g in node.gargs]
+        else:
+            shapes = []
+        out = max(shapes, key=len, default=())
+        self._spatial[node] = out
+        return out
+
+    def k(self, *nodes) -> int:
+        return max(len(self.spatial(n)) for n in nodes)
 
     def _memo(self, key, plan):
         if key not in self.memo:
@@ -169,7 +197,7 @@ class Planner:
                 self.evaluators.append((desc, f"closed form ({a.expr.fn.name} mean)"))
                 return f"cf({self.src.bind(a.expr.fn.mean, 'mean')}, like, {_sym(var)})"
             self.evaluators.append((desc, self._quad_note(f"quadrature(1-D, deg={self.deg1})", a.expr)))
-            f = self.expr_fn(a.expr, ["z"], side, d)
+            f = self.expr_fn(a.expr, ["z"], side, d)  # same-input arrays need no lifting
             return f"q1(lambda z: {f}, {_sym(var)}, like, {self.deg1})"
         factored = self._factorize([(a, side)])
         if factored is not None:
@@ -194,14 +222,15 @@ class Planner:
 
     def _Evar(self, u, v, pair):
         left, right = _SIDES[pair]
+        k = self.k(u, v)
         terms = []
         for cu, a in u.terms:
             for cv, b in v.terms:
                 e = self.Eatom(a, b, pair)
                 if e is None:
                     continue
-                terms.append(_mul(self.lift(self.scalar(cu, left), left, pair),
-                                  self.lift(self.scalar(cv, right), right, pair), e))
+                terms.append(_mul(self.lift(self.scalar(cu, left), left, pair, k),
+                                  self.lift(self.scalar(cv, right), right, pair, k), e))
         return _add(terms)
 
     def Eatom(self, a, b, pair):
@@ -213,12 +242,13 @@ class Planner:
     def _Eatom(self, a, b, pair):
         left, right = _SIDES[pair]
         one = self.b.ONE
+        k = self.k(a, b)
         if a is one and b is one:
             return 1.0
         if a is one:
-            return self.lift(self.mean_atom(b, right), right, pair)
+            return self.lift(self.mean_atom(b, right), right, pair, k)
         if b is one:
-            return self.lift(self.mean_atom(a, left), left, pair)
+            return self.lift(self.mean_atom(a, left), left, pair, k)
         if a.gaussian and b.gaussian:
             return self.gcov(a, b, pair)
         if a.gaussian or b.gaussian:
@@ -234,13 +264,27 @@ class Planner:
         if isinstance(a, ir.GBias):
             return a.param.b_std ** 2
         W2 = a.param.W_std ** 2
+        geom = a.param.conv
         if isinstance(a, ir.GMatMul):
-            return _mul(W2, self.Evec(a.arg, b.arg, pair))
-        # GInput: W_std^2 xi.xi' / d on the fixed inputs
+            inner = self.Evec(a.arg, b.arg, pair)
+            if geom is None:
+                return _mul(W2, inner)
+            if not isinstance(inner, str):
+                raise NotImplementedError("a convolution of a vector constant over positions")
+            g = self.src.bind(geom, "geom")
+            return _mul(W2, f"stencil_{'pair' if pair == 'x' else 'same'}({inner}, {g})")
+        # GInput: W_std^2 xi.xi' / fan_in on the fixed inputs (patches under each tap for a conv)
         left, right = _SIDES[pair]
         fa, fb = f"F{left}[{a.fixed}]", f"F{right}[{b.fixed}]"
-        dot = f"{fa} @ {fb}.T" if pair == "x" else f"({fa} * {fb}).sum(-1)"
-        return _mul(W2 / a.param.fan_in, dot)
+        if geom is None:
+            dot = f"{fa} @ {fb}.T" if pair == "x" else f"({fa} * {fb}).sum(-1)"
+            return _mul(W2 / a.param.fan_in, dot)
+        g = self.src.bind(geom, "geom")
+        pa = self.src.assign(f"patches({fa}, {g})", "p")
+        if pair == "x":
+            pb = self.src.assign(f"patches({fb}, {g})", "p")
+            return _mul(W2, f"input_cov_cross({pa}, {pb}, {g}, {a.param.fan_in})")
+        return _mul(W2, f"input_cov_same({pa}, {g}, {a.param.fan_in})")
 
     @staticmethod
     def _static_zero(u: ir.Var, v: ir.Var) -> bool:
@@ -270,27 +314,28 @@ class Planner:
                 continue
             dexpr = self.b.differentiate(h.expr, j, derivative_elementwise)
             dmean = self.mean_var(self.bw._expr_var(dexpr, h.gargs), hside)
-            terms.append(_mul(cov, self.lift(dmean, hside, pair)))
+            terms.append(_mul(cov, self.lift(dmean, hside, pair, self.k(a, b))))
         return _add(terms)
 
     def hh(self, a, b, pair):
         left, right = _SIDES[pair]
+        k = self.k(a, b)
         if all(self._static_zero(s, t) for s in a.gargs for t in b.gargs):
-            return _mul(self.lift(self.mean_atom(a, left), left, pair),
-                        self.lift(self.mean_atom(b, right), right, pair))
+            return _mul(self.lift(self.mean_atom(a, left), left, pair, k),
+                        self.lift(self.mean_atom(b, right), right, pair, k))
         desc = f"E[{self.label(a)} {self.label(b)}'] ({pair})"
         if len(a.gargs) == 1 and len(b.gargs) == 1:
             ka = self.Evar(a.gargs[0], a.gargs[0], self.side_pair(left))
             kb = self.Evar(b.gargs[0], b.gargs[0], self.side_pair(right))
             kab = self.Evar(a.gargs[0], b.gargs[0], pair)
-            k11, k12, k22 = self.lift(ka, left, pair), kab, self.lift(kb, right, pair)
+            k11, k12, k22 = self.lift(ka, left, pair, k), kab, self.lift(kb, right, pair, k)
             fa, fb = _single_call(a.expr), _single_call(b.expr)
             if fa is not None and fa is fb and fa.vt is not None:
                 self.evaluators.append((desc, f"closed form ({fa.name} V-transform)"))
                 return f"cf({self.src.bind(fa.vt, 'vt')}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)})"
             self.evaluators.append((desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))
-            sa = self.expr_fn(a.expr, ["z"], left, pair)
-            sb = self.expr_fn(b.expr, ["z"], right, pair)
+            sa = self.expr_fn(a.expr, ["z"], left, pair, k)
+            sb = self.expr_fn(b.expr, ["z"], right, pair, k)
             return f"q2(lambda z: {sa}, lambda z: {sb}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)}, {self.deg2})"
         factored = self._factorize([(a, left), (b, right)])
         if factored is not None:
@@ -348,6 +393,7 @@ class Planner:
     def _general(self, desc, a, b, pair):
         """``E[a b']`` by the N-D evaluator over the joint Gaussian of all slots."""
         left, right = _SIDES[pair]
+        k = self.k(a, b)
         sa = self._slots(a)
         sb = self._slots(b)
         slots = [(g, left) for g in sa] + [(g, right) for g in sb]
@@ -356,16 +402,16 @@ class Planner:
             row = []
             for h, sh in slots:
                 if sg == sh:
-                    row.append(self.lift(self.Evar(g, h, self.side_pair(sg)), sg, pair))
+                    row.append(self.lift(self.Evar(g, h, self.side_pair(sg)), sg, pair, k))
                 else:
                     row.append(self.Evar(g, h, pair) if sg == left else self.Evar(h, g, pair))
             entries.append(row)
-        return self._nd(desc, [(a, left), (b, right)], entries, pair)
+        return self._nd(desc, [(a, left), (b, right)], entries, pair, k)
 
     def _slots(self, a):
         return [self.b.atom_var(a)] if a.gaussian else list(a.gargs)
 
-    def _nd(self, desc, factors, entries, pair):
+    def _nd(self, desc, factors, entries, pair, k=0):
         """Emit an N-D expectation of a product of atoms; ``entries`` is the slot covariance."""
         parts, offset = [], 0
         for atom, side in factors:
@@ -374,7 +420,7 @@ class Planner:
                 offset += 1
             else:
                 names = [f"z[..., {offset + j}]" for j in range(len(atom.gargs))]
-                parts.append(f"({self.expr_fn(atom.expr, names, side, pair)})")
+                parts.append(f"({self.expr_fn(atom.expr, names, side, pair, k)})")
                 offset += len(atom.gargs)
         rows = "[" + ", ".join("[" + ", ".join(_sym(e) for e in row) + "]" for row in entries) + "]"
         smooth = all(a.gaussian or ir.expr_smooth(a.expr) for a, _ in factors)
@@ -387,21 +433,21 @@ class Planner:
         return what if all(ir.expr_smooth(e) for e in exprs) else what + " [non-smooth integrand: approximate]"
 
     # ------------------------------------------------------------ expression source
-    def expr_fn(self, expr, slot_names, side, pair):
+    def expr_fn(self, expr, slot_names, side, pair, k=0):
         """Python source evaluating ``expr`` at quadrature nodes (coefficients lifted to ``pair``)."""
         if isinstance(expr, ir.ESlot):
             return slot_names[expr.index]
         if isinstance(expr, ir.EConst):
             return repr(expr.value)
         if isinstance(expr, ir.ECall):
-            return f"{self.src.bind(expr.fn.fn, 'fn_')}({self.expr_fn(expr.arg, slot_names, side, pair)})"
+            return f"{self.src.bind(expr.fn.fn, 'fn_')}({self.expr_fn(expr.arg, slot_names, side, pair, k)})"
         if isinstance(expr, ir.EMul):
-            return " * ".join(f"({self.expr_fn(e, slot_names, side, pair)})" for e in expr.args)
+            return " * ".join(f"({self.expr_fn(e, slot_names, side, pair, k)})" for e in expr.args)
         if isinstance(expr, ir.ELin):
             terms = []
             for c, e in expr.terms:
-                coef = self.lift(self.scalar(c, side), side, pair)
-                inner = "1.0" if isinstance(e, ir.EConst) else f"({self.expr_fn(e, slot_names, side, pair)})"
+                coef = self.lift(self.scalar(c, side), side, pair, k)
+                inner = "1.0" if isinstance(e, ir.EConst) else f"({self.expr_fn(e, slot_names, side, pair, k)})"
                 terms.append(f"{_sym(coef)} * {inner}")
             return " + ".join(terms)
         raise TypeError(expr)
@@ -435,22 +481,49 @@ class Planner:
         return _add(terms)
 
     def bcov(self, u, w):
+        """Covariance of the backward atoms ``B_u``, ``B_w`` (readout ``v`` or ``W^T dy``)."""
         R = Backward.READOUT
         if u == R and w == R:
-            return self.p.readout.W_std ** 2
+            r = self.p.readout
+            n = math.prod(r.spatial)
+            if r.pool == "gap":          # v / P at every position
+                return r.W_std ** 2 / n ** 2
+            if r.pool == "flatten":      # a separate readout vector per position
+                return _mul(r.W_std ** 2 / n, f"identity_pairs({r.spatial!r}, like)")
+            return r.W_std ** 2
         if u == R or w == R or u.param is not w.param:
             return None
-        return _mul(u.param.W_std ** 2, self.D(u, w))
+        d = self.D(u, w)
+        geom = u.param.conv
+        if geom is None or d is None:
+            return _mul(u.param.W_std ** 2, d)
+        return _mul(u.param.W_std ** 2, f"stencil_pair_adjoint({_sym(d)}, {self.src.bind(geom, 'geom')}, BATCH)")
 
     # ------------------------------------------------------------ kernels
-    def nngp(self):
+    def readout_cov(self):
+        """``E[x_L x_L']`` as the readout sees it (pooled or flattened positions)."""
         r = self.p.readout
         core = self.Evec(r.vec, r.vec, "x")
+        if r.pool is None or core is None:
+            return core
+        how = "global_mean" if r.pool == "gap" else "diagonal_mean"
+        return self.src.assign(f"{how}({_sym(core)}, {r.spatial!r})", "k")
+
+    def nngp(self):
+        r = self.p.readout
+        core = self.readout_cov()
         return _mul(r.scale ** 2, _add([_mul(r.W_std ** 2, core), r.b_std ** 2 if r.has_bias else None]))
+
+    def _spatial_sum(self, term, node):
+        """NTK terms of a weight shared over positions sum over all pairs of positions."""
+        sp = node.param.spatial if isinstance(node, ir.GBias) else self.spatial(node)
+        if term is None or not sp:
+            return term
+        return f"spatial_sum({_sym(term)}, BATCH + {sp!r} + {sp!r})"
 
     def ntk(self):
         r = self.p.readout
-        core = self.Evec(r.vec, r.vec, "x")
+        core = self.readout_cov()
         terms = [_mul(r.W_std ** 2, core), r.b_std ** 2 if r.has_bias else None]
         uses: dict = {}
         for node in self.b.nodes:
@@ -467,7 +540,7 @@ class Planner:
                 continue
             for u in atoms:
                 for w in atoms:
-                    terms.append(_mul(self.D(u, w), self.Eatom(u, w, "x")))
+                    terms.append(self._spatial_sum(_mul(self.D(u, w), self.Eatom(u, w, "x")), u))
         return _mul(r.scale ** 2, _add(terms))
 
 

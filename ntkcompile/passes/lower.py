@@ -21,7 +21,7 @@ import math
 import operator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -31,6 +31,7 @@ from torch import nn
 from .. import ir
 from ..errors import GIACheckError, UnsupportedOpError, WidthInferenceError
 from ..kernels import elementwise as ew
+from ..kernels.spatial import ConvGeometry
 from ..trace import describe, source_line
 from .width import find_readout, is_linear_node
 
@@ -48,6 +49,9 @@ class Fixed:
 class Width:
     vec: Any           # ir.Vec
     size: int          # finite width in the traced model (ratios matter for concatenation)
+    spatial: tuple = ()            # fixed positions (conv feature maps: (H, W)); width axis is 1
+    pool: Optional[str] = None     # "gap" / "flatten": positions already pooled, readout only
+    pooled: tuple = ()             # the positions that were pooled
 
 
 @dataclass(frozen=True)
@@ -137,21 +141,20 @@ class Lowering:
             "(@rule(MODULE_RULES, ModuleType) / FUNCTION_RULES / METHOD_RULES).",
         )
 
-    def width(self, node, vec, size):
+    def width(self, node, vec, size, spatial=(), pool=None, pooled=()):
         self.names.setdefault(vec, node.name)
         for _, var in vec.pieces:
             self.names.setdefault(var, node.name)
-        return Width(vec, size)
+        return Width(vec, size, tuple(spatial), pool, tuple(pooled))
 
-    def fixed_index(self, node):
+    def fixed_index(self, node, ndim=2):
+        shp = self.shape(node)
+        if len(shp) != ndim:
+            raise self.error(
+                node, f"an input layer expects a fixed input with {ndim} axes, got shape {tuple(shp)}")
         if node not in self.fixed_nodes:
-            shp = self.shape(node)
-            if len(shp) != 2:
-                raise self.error(
-                    node, f"an input layer applied to a tensor of shape {tuple(shp)}: only "
-                    "(batch, features) inputs are supported by Linear input layers so far")
             self.fixed_nodes.append(node)
-            self.fixed_dims.append(int(shp[-1]))
+            self.fixed_dims.append(tuple(int(v) for v in shp[1:]))
         return self.fixed_nodes.index(node)
 
     # ------------------------------------------------------------------- walk
@@ -190,6 +193,10 @@ class Lowering:
             raise self.error(node, "only shapes and scaling by a number may follow the readout",
                              GIACheckError)
         tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment))]
+        if any(isinstance(v, Width) and v.pool for v in flat) and not _is_shape_op(node, self.modules):
+            raise self.unsupported(
+                node, f"{describe(node)} after global average pooling or flattening of positions "
+                "(only a readout Linear may follow them so far)")
         if node.op == "call_module":
             m = self.modules[node.target]
             if tensors and all(isinstance(v, Fixed) for v in tensors) and not _is_linear_module(m):
@@ -206,7 +213,7 @@ class Lowering:
                 return elementwise_rule(self, node, fn, args[0])
             raise self.unsupported(node, f"module {type(m).__module__}.{type(m).__name__}")
         if node.op in ("call_function", "call_method"):
-            if not any(isinstance(v, (Width, Moment)) for v in flat) and node.target is not F.linear:
+            if not any(isinstance(v, (Width, Moment)) for v in flat) and node.target not in _INPUT_LAYER_FUNCTIONS:
                 if any(isinstance(v, Fixed) and v.node.op == "get_attr" and
                        _is_trainable_attr(self.gm, v.node.target) for v in flat):
                     raise self.unsupported(node, f"trainable parameter used directly in {describe(node)}")
@@ -254,6 +261,10 @@ class Lowering:
 
     def linear(self, node, x, name, in_features, out_features, has_bias):
         one = self.b.sconst(1.0)
+        if isinstance(x, Width) and x.spatial:
+            raise self.error(node, "nn.Linear applied to a feature map with positions acts on the last "
+                             "spatial axis, not on channels; flatten or pool the positions first",
+                             WidthInferenceError)
         if isinstance(x, Fixed):
             mat = self.matrix(node, name, "input", in_features)
             terms = [(one, self.b.make(ir.GInput, mat, self.fixed_index(x.node)))]
@@ -287,9 +298,16 @@ class Lowering:
                              "(Simple GIA Check: the readout must be a fresh matrix used nowhere else)",
                              GIACheckError)
         W_std, b_std = self.std_for(name)
+        if x.spatial:
+            raise self.error(node, "the readout Linear is applied to a feature map with positions; "
+                             "flatten or pool them first", WidthInferenceError)
         self.readout = ir.Readout(name=name, W_std=W_std, b_std=b_std, has_bias=has_bias and b_std != 0,
-                                  out_features=out, vec=x.vec, scale=self.out_scale)
+                                  out_features=out, vec=x.vec, scale=self.out_scale,
+                                  pool=x.pool, spatial=x.pooled)
         return Output()
+
+
+_INPUT_LAYER_FUNCTIONS = (F.linear, F.conv1d, F.conv2d)
 
 
 def _flatten(x):
@@ -308,7 +326,8 @@ def _module_of(qualname: str) -> str:
 
 
 def _is_linear_module(m):
-    return isinstance(m, nn.Linear)
+    """Modules whose parameters make a fixed input into a width vector (input layers)."""
+    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
 
 
 def _is_trainable_attr(gm, target):
@@ -368,7 +387,7 @@ def elementwise_rule(lw: Lowering, node, fn, x):
         return Fixed(node)
     if not isinstance(x, Width):
         raise lw.unsupported(node, f"elementwise {fn.name} of a per-input scalar")
-    return lw.width(node, lw.b.apply(lambda es: lw.b.ecall(fn, es[0]), [x.vec]), x.size)
+    return lw.width(node, lw.b.apply(lambda es: lw.b.ecall(fn, es[0]), [x.vec]), x.size, x.spatial)
 
 
 @rule(MODULE_RULES, nn.Linear)
@@ -428,10 +447,10 @@ def _add(lw, node, a, b, sign=1.0, alpha=1.0):
     """``a + sign*alpha*b``: width vectors, numbers and moments."""
     bb = lw.b
     if isinstance(a, Width) and isinstance(b, Width):
-        if a.size != b.size:
-            raise lw.error(node, f"adding width vectors of sizes {a.size} and {b.size}")
+        if a.size != b.size or a.spatial != b.spatial:
+            raise lw.error(node, f"adding width vectors of sizes {a.size}{a.spatial} and {b.size}{b.spatial}")
         vec = bb.lincomb([(bb.sconst(1.0), a.vec), (bb.sconst(sign * alpha), b.vec)])
-        return lw.width(node, vec, a.size)
+        return lw.width(node, vec, a.size, a.spatial)
     if isinstance(a, Width) or isinstance(b, Width):
         w, other, cw, co = (a, b, 1.0, sign * alpha) if isinstance(a, Width) else (b, a, sign * alpha, 1.0)
         s = _as_scalar(lw, other)
@@ -440,7 +459,7 @@ def _add(lw, node, a, b, sign=1.0, alpha=1.0):
                            "match in this finite model, but a fixed tensor has no infinite-width "
                            "limit as a width vector", WidthInferenceError)
         vec = bb.lincomb([(bb.sconst(cw), w.vec), (bb.smul(bb.sconst(co), s), _one_vec(lw))])
-        return lw.width(node, vec, w.size)
+        return lw.width(node, vec, w.size, w.spatial)
     sa, sb = _as_scalar(lw, a), _as_scalar(lw, b)
     if sa is not None and sb is not None:
         return Moment(bb.sadd(sa, bb.smul(bb.sconst(sign * alpha), sb)))
@@ -480,15 +499,17 @@ def _neg_method(lw, node, a):
 def _mul(lw, node, a, b):
     bb = lw.b
     if isinstance(a, Width) and isinstance(b, Width):
+        if a.spatial != b.spatial:
+            raise lw.error(node, "multiplying feature maps with different positions", WidthInferenceError)
         vec = bb.apply(lambda es: bb.emul(es), [a.vec, b.vec])
-        return lw.width(node, vec, a.size)
+        return lw.width(node, vec, a.size, a.spatial)
     if isinstance(a, Width) or isinstance(b, Width):
         w, other = (a, b) if isinstance(a, Width) else (b, a)
         s = _as_scalar(lw, other)
         if s is None:
             raise lw.error(node, "multiplying a width vector by a fixed-dimensional tensor",
                            WidthInferenceError)
-        return lw.width(node, bb.lincomb([(s, w.vec)]), w.size)
+        return lw.width(node, bb.lincomb([(s, w.vec)]), w.size, w.spatial)
     sa, sb = _as_scalar(lw, a), _as_scalar(lw, b)
     if sa is not None and sb is not None:
         return Moment(bb.smul(sa, sb))
@@ -559,9 +580,9 @@ def _sqrt_rule(lw, node, a):
 
 def _width_axis(lw, node, dim, ndim):
     d = dim if dim >= 0 else dim + ndim
-    if d != ndim - 1:
+    if d != 1:
         raise lw.error(node, f"a reduction or concatenation along axis {dim} of a width vector: "
-                       "only the width (last) axis is supported", WidthInferenceError)
+                       "only the width axis (1: features or channels) is supported", WidthInferenceError)
 
 
 @rule(FUNCTION_RULES, torch.cat, torch.concat)
@@ -571,18 +592,25 @@ def _cat(lw, node, tensors, dim=0):
     if not all(isinstance(t, Width) for t in tensors):
         raise lw.error(node, "concatenating width vectors with fixed tensors", WidthInferenceError)
     _width_axis(lw, node, dim, len(lw.shape(node)))
+    if len({t.spatial for t in tensors}) != 1:
+        raise lw.error(node, "concatenating feature maps with different positions", WidthInferenceError)
     total = sum(t.size for t in tensors)
     pieces = []
     for t in tensors:
         for frac, var in t.vec.pieces:
             pieces.append((frac * Fraction(t.size, total), var))
-    return lw.width(node, lw.b.vec(pieces), total)
+    return lw.width(node, lw.b.vec(pieces), total, tensors[0].spatial)
 
 
 def _mean_rule_impl(lw, node, x, dim, keepdim, which):
     if not isinstance(x, Width):
         raise lw.unsupported(node)
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if x.spatial:
+        nd = len(lw.shape(node.args[0]))
+        if sorted(d % nd for d in dims) != list(range(2, nd)):
+            raise lw.unsupported(node, "a mean over some but not all positions of a feature map")
+        return _gap(lw, node, x)
     if len(dims) != 1:
         raise lw.unsupported(node, "a reduction over several axes of a width vector")
     _width_axis(lw, node, dims[0], len(lw.shape(node.args[0])))
@@ -602,21 +630,39 @@ def _mean_fn(lw, node, x, dim=None, keepdim=False, dtype=None):
     return _mean_rule_impl(lw, node, x, dim, keepdim, "mean")
 
 
-# Shape-only ops on a 2-D (batch, width) vector are the identity.
+# Shape-only ops: the identity on (batch, width); on a feature map, flattening the
+# positions into the width axis (a flatten readout); after global pooling, dropping
+# the size-1 position axes.
 def _shape_identity(lw, node, x, *args, **kwargs):
-    if isinstance(x, Width):
-        if tuple(lw.shape(node)) != tuple(lw.shape(node.args[0])):
-            raise lw.unsupported(node, f"reshaping a width vector from {lw.shape(node.args[0])} to "
-                                 f"{lw.shape(node)}")
+    if not isinstance(x, Width):
+        raise lw.unsupported(node)
+    before, after = tuple(lw.shape(node.args[0])), tuple(lw.shape(node))
+    if before == after:
         return x
-    raise lw.unsupported(node)
+    if x.spatial and after == (before[0], math.prod(before[1:])):
+        return lw.width(node, x.vec, after[1], (), "flatten", x.spatial)
+    if x.pool == "gap" and len(after) >= 2 and after[:2] == before[:2] and math.prod(after[2:]) == 1:
+        return x
+    raise lw.unsupported(node, f"reshaping a width vector from {before} to {after}")
 
 
-for _name in ("view", "reshape", "flatten", "contiguous", "clone", "squeeze", "unsqueeze",
-              "float", "double", "to", "type_as"):
+_SHAPE_METHODS = ("view", "reshape", "flatten", "contiguous", "clone", "squeeze", "unsqueeze",
+                  "float", "double", "to", "type_as")
+_SHAPE_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.clone)
+for _name in _SHAPE_METHODS:
     rule(METHOD_RULES, _name)(_shape_identity)
-for _fn in (torch.reshape, torch.flatten, torch.squeeze, torch.clone):
+for _fn in _SHAPE_FUNCTIONS:
     rule(FUNCTION_RULES, _fn)(_shape_identity)
+
+
+def _is_shape_op(node, modules) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in _SHAPE_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.Flatten, nn.Identity))
+    return False
 
 
 @rule(MODULE_RULES, nn.Flatten)
@@ -644,13 +690,91 @@ def _getitem(lw, node, x, idx):
     raise lw.unsupported(node, "indexing a width vector")
 
 
+# Convolutions and pooling ----------------------------------------------------
+
+def _gap(lw, node, x):
+    return lw.width(node, x.vec, x.size, (), "gap", x.spatial)
+
+
+def _conv(lw, node, x, name, weight_shape, has_bias, stride, padding, dilation, groups, padding_mode="zeros"):
+    """``nn.Conv{1,2}d``: a matrix per kernel tap, positions fixed (tensor_programs.md Sec. 5)."""
+    if groups != 1:
+        raise lw.unsupported(node, f"a grouped convolution (groups={groups})")
+    if padding_mode != "zeros":
+        raise lw.unsupported(node, f"a convolution with padding_mode={padding_mode!r} (only zeros)")
+    out_c, in_c, *kernel = weight_shape
+    if isinstance(x, Fixed):
+        in_shape = tuple(lw.shape(x.node)[2:])
+    elif isinstance(x, Width) and x.spatial:
+        in_shape = x.spatial
+    else:
+        raise lw.error(node, "a convolution applied to a tensor without positions", WidthInferenceError)
+    try:
+        geom = ConvGeometry.make(kernel, stride, padding, dilation, in_shape)
+    except ValueError as e:
+        raise lw.unsupported(node, f"this convolution ({e})") from e
+    if geom.out_shape != tuple(lw.shape(node)[2:]):
+        raise lw.unsupported(node, f"a convolution whose output shape {lw.shape(node)} differs from the "
+                             f"computed {geom.out_shape}")
+    one = lw.b.sconst(1.0)
+    fan_in = in_c * geom.size
+    if isinstance(x, Fixed):
+        mat = lw.matrix(node, name, "input", fan_in)
+        atom = lw.b.make(ir.GInput, mat, lw.fixed_index(x.node, 2 + len(in_shape)))
+    else:
+        mat = lw.matrix(node, name, "hidden", fan_in)
+        atom = lw.b.make(ir.GMatMul, mat, x.vec)
+    if mat.conv is None:
+        mat.conv = geom
+    elif mat.conv != geom:
+        raise lw.unsupported(node, f"the convolution '{name}' applied to inputs of different sizes")
+    terms = [(one, atom)]
+    if has_bias:
+        b = lw.bias_atom(name + ".bias", name)
+        if b is not None:
+            b.param.spatial = geom.out_shape
+            terms.append((one, b))
+    return lw.width(node, lw.b.single(lw.b.var(terms)), out_c, geom.out_shape)
+
+
+@rule(MODULE_RULES, nn.Conv1d, nn.Conv2d)
+def _conv_module(lw, node, m, x):
+    return _conv(lw, node, x, node.target, tuple(m.weight.shape), m.bias is not None, m.stride,
+                 m.padding, m.dilation, m.groups, m.padding_mode)
+
+
+@rule(FUNCTION_RULES, F.conv1d, F.conv2d)
+def _conv_function(lw, node, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    if wnode.op != "get_attr":
+        raise lw.unsupported(node, "a convolution whose weight is not a module parameter")
+    return _conv(lw, node, x, _module_of(wnode.target), tuple(lw.shape(wnode)), bias is not None,
+                 stride, padding, dilation, groups)
+
+
+@rule(MODULE_RULES, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+def _adaptive_pool(lw, node, m, x):
+    size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
+    if any(s not in (1, None) for s in size) or not isinstance(x, Width) or not x.spatial:
+        raise lw.unsupported(node, f"adaptive average pooling to {m.output_size} (only to size 1)")
+    return _gap(lw, node, x)
+
+
+@rule(FUNCTION_RULES, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
+def _adaptive_pool_fn(lw, node, x, output_size):
+    size = output_size if isinstance(output_size, (tuple, list)) else (output_size,)
+    if any(s != 1 for s in size) or not isinstance(x, Width) or not x.spatial:
+        raise lw.unsupported(node, f"adaptive average pooling to {output_size} (only to size 1)")
+    return _gap(lw, node, x)
+
+
 # Normalization ---------------------------------------------------------------
 
 def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normalized_shape):
     """LayerNorm (``center=True``) or RMSNorm over the width axis (tensor_programs.md Sec. 5)."""
     bb = lw.b
-    if not isinstance(x, Width):
-        raise lw.unsupported(node, "normalization of a non-width tensor")
+    if not isinstance(x, Width) or x.spatial:
+        raise lw.unsupported(node, "normalization of a non-width tensor or of a feature map with positions")
     ns = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
     if len(ns) != 1 or ns[0] != x.size:
         raise lw.error(node, f"normalization over shape {ns}: only the width axis (size {x.size}) is "

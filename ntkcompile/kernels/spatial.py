@@ -1,0 +1,172 @@
+"""Fixed spatial axes: convolution stencils on covariance arrays (tensor_programs.md Sec. 5).
+
+A width vector of a convolutional network has fixed positions ``P`` (e.g.
+``(H, W)``).  Kernel arrays then carry them:
+
+* cross-input arrays ``(N1, N2, *P, *P)``: every pair of positions;
+* same-input arrays ``(N, *P)``: one position with itself (the variances that
+  V-transforms need; a convolution only ever pairs position ``s+k`` with
+  ``t+k``, so these never need other pairs).
+
+A convolution with offsets ``k`` maps ``C`` to
+``C'(s, t) = (W_std^2/|K|) sum_k C(s*stride + k*dil - pad, t*stride + k*dil - pad)``
+(zero padding drops out-of-range terms); the backward covariance uses the
+adjoint stencil.  These are the runtime helpers the generated code calls.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Geometry of one convolution over ``len(kernel)`` spatial axes (symmetric zero padding)."""
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    in_shape: tuple
+    out_shape: tuple
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.kernel)
+
+    def offsets(self):
+        """Offsets (in padded input coordinates) of every kernel tap."""
+        return list(itertools.product(*[[k * d for k in range(n)] for n, d in zip(self.kernel, self.dilation)]))
+
+    def window(self, offset):
+        """Slices picking, for every output position, the padded input position at ``offset``."""
+        return tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offset, self.stride, self.out_shape))
+
+    @staticmethod
+    def make(kernel, stride, padding, dilation, in_shape):
+        nd = len(in_shape)
+        tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * nd  # noqa: E731
+        kernel, stride, dilation = tup(kernel), tup(stride), tup(dilation)
+        if padding == "same":
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            if any(t % 2 for t in total):
+                raise ValueError("padding='same' with an even effective kernel pads asymmetrically")
+            padding = tuple(t // 2 for t in total)
+        elif padding == "valid":
+            padding = (0,) * nd
+        padding = tup(padding)
+        out = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
+                    for s, p, d, k, st in zip(in_shape, padding, dilation, kernel, stride))
+        if any(o <= 0 for o in out):
+            raise ValueError(f"convolution output would be empty for input {in_shape}")
+        return ConvGeometry(kernel, stride, padding, dilation, tuple(in_shape), out)
+
+
+def _pad(a, g: ConvGeometry, groups: int):
+    """Zero-pad the last ``groups * nd`` axes (``groups`` spatial groups) by the padding."""
+    pads = []
+    for _ in range(groups):
+        for p in reversed(g.padding):
+            pads += [p, p]
+    return F.pad(a, pads) if any(g.padding) else a
+
+
+def patches(x, g: ConvGeometry):
+    """``(N, C, *S) -> (N, C*|K|, prod(P))``: the input under every kernel tap."""
+    xp = _pad(x, g, 1)
+    nd = len(g.kernel)
+    taps = [xp[(Ellipsis,) + g.window(o)] for o in g.offsets()]
+    out = torch.stack(taps, dim=2)           # (N, C, |K|, *P)
+    return out.reshape(x.shape[0], -1, math.prod(g.out_shape)) if nd else out
+
+
+def input_cov_cross(p1, p2, g: ConvGeometry, fan_in):
+    """``sum_{c,k} x_c(s+k) x'_c(t+k) / fan_in`` as ``(N1, N2, *P, *P)``."""
+    out = torch.einsum("acs,bct->abst", p1, p2) / fan_in
+    return out.reshape(p1.shape[0], p2.shape[0], *g.out_shape, *g.out_shape)
+
+
+def input_cov_same(p, g: ConvGeometry, fan_in):
+    """``sum_{c,k} x_c(s+k)^2 / fan_in`` as ``(N, *P)``."""
+    return (p * p).sum(1).reshape(p.shape[0], *g.out_shape) / fan_in
+
+
+def stencil_same(a, g: ConvGeometry):
+    """``(N, *S) -> (N, *P)``: ``(1/|K|) sum_k a(s*stride + k)``; constants stay constants."""
+    nd = len(g.kernel)
+    if a.ndim == 1:   # constant over positions: padding still makes the border differ
+        a = a.reshape(a.shape[0], *([1] * nd)).expand(a.shape[0], *g.in_shape)
+    ap = _pad(a, g, 1)
+    return sum(ap[(Ellipsis,) + g.window(o)] for o in g.offsets()) / g.size
+
+
+def stencil_pair(a, g: ConvGeometry):
+    """``(N1, N2, *S, *S) -> (N1, N2, *P, *P)``, the same tap on both position groups."""
+    nd = len(g.kernel)
+    if a.ndim == 2:   # constant over positions
+        a = a.reshape(*a.shape, *([1] * 2 * nd)).expand(*a.shape, *g.in_shape, *g.in_shape)
+    ap = _pad(a, g, 2)
+    total = 0
+    for o in g.offsets():
+        w = g.window(o)
+        total = total + ap[(Ellipsis,) + w + w]
+    return total / g.size
+
+
+def stencil_pair_adjoint(d, g: ConvGeometry, batch_shape):
+    """Adjoint of ``stencil_pair``: ``(N1, N2, *P, *P) -> (N1, N2, *S, *S)`` (scatter-add)."""
+    nd = len(g.kernel)
+    padded = tuple(s + 2 * p for s, p in zip(g.in_shape, g.padding))
+    d = torch.as_tensor(d) if not torch.is_tensor(d) else d
+    d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
+    out = torch.zeros((*batch_shape, *padded, *padded), dtype=d.dtype, device=d.device)
+    for o in g.offsets():
+        w = g.window(o)
+        out[(Ellipsis,) + w + w] += d
+    crop = tuple(slice(p, p + s) for p, s in zip(g.padding, g.in_shape))
+    return out[(Ellipsis,) + crop + crop] / g.size
+
+
+def lift1(t, k):
+    """A side-1 array ``(N1, *P)`` (or ``(N1,)``) in the layout ``(N1, N2, *P, *P)``."""
+    if not torch.is_tensor(t):
+        return t
+    sp = t.shape[1:]
+    return t.reshape(t.shape[0], 1, *sp, *([1] * k)) if sp else t.reshape(t.shape[0], 1, *([1] * 2 * k))
+
+
+def lift2(t, k):
+    if not torch.is_tensor(t):
+        return t
+    sp = t.shape[1:]
+    return t.reshape(1, t.shape[0], *([1] * k), *sp) if sp else t.reshape(1, t.shape[0], *([1] * 2 * k))
+
+
+def spatial_sum(t, shape):
+    """Sum of ``t`` broadcast to ``(N1, N2, *P, *P)`` over the position axes."""
+    t = torch.broadcast_to(t, shape)
+    return t.sum(dim=tuple(range(2, len(shape))))
+
+
+def global_mean(a, spatial):
+    """``E[mean_s u_s mean_t v_t']`` from ``(N1, N2, *P, *P)``."""
+    full = torch.broadcast_to(a, a.shape[:2] + tuple(spatial) + tuple(spatial)) if torch.is_tensor(a) else a
+    return full.mean(dim=tuple(range(2, 2 + 2 * len(spatial)))) if torch.is_tensor(full) else full
+
+
+def diagonal_mean(a, spatial):
+    """``mean_s E[u_s v_s']`` (a flatten readout) from ``(N1, N2, *P, *P)``."""
+    if not torch.is_tensor(a):
+        return a
+    n = math.prod(spatial)
+    a = torch.broadcast_to(a, a.shape[:2] + tuple(spatial) + tuple(spatial)).reshape(*a.shape[:2], n, n)
+    return torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+
+
+def identity_pairs(spatial, like):
+    """``delta_{st}`` as ``(*P, *P)`` (the backward covariance of a flatten readout)."""
+    n = math.prod(spatial)
+    return torch.eye(n, dtype=like.dtype, device=like.device).reshape(*spatial, *spatial)

@@ -1,0 +1,188 @@
+"""Finite networks trained by SGD against the infinite-width recursion (TP IIb).
+
+Oracle: real finite networks (``ntk_parametrize``-d, float64, ``torch.optim.SGD``)
+trained on sklearn's 8x8 digits. From each network's own ``f_0``, the max over
+steps, points and outputs of ``|f_t - f_t^inf|`` must fall like ``width^(-1/2)``
+(TP IIb Thm. 5.3; docs Sec. 6-7): the fitted log-log slope lies in [-0.7, -0.3].
+
+Run the full sweeps with ``pytest -m slow tests/test_harness.py``.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ntkcompile
+from ntkcompile import demo, dynamics
+from ntkcompile.errors import UnsupportedOpError
+from ntkcompile.harness import compare_widths, fit_loglog_slope
+
+W_STD, B_STD = 1.4, 0.1
+LR = {"mse": 1.0, "cross_entropy": 2.0}
+STEPS, BATCH = 20, 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # SGD and simulate are thousands of small ops; with two OpenMP threads on a
+    # busy 2-core machine they spin and run up to 100x slower. One thread also
+    # makes every gap below bit-reproducible.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return demo.load_digits_data(64, 32, seed=0)
+
+
+def _mlp(act):
+    return lambda n: nn.Sequential(nn.Linear(64, n), act(), nn.Linear(n, n), act(), nn.Linear(n, 10))
+
+
+def _cnn(n):
+    return nn.Sequential(nn.Conv2d(1, n, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n, 10))
+
+
+# name: (factory, input shape of one example)
+MODELS = {
+    "relu_mlp": (_mlp(nn.ReLU), (64,)),
+    "tanh_mlp": (_mlp(nn.Tanh), (64,)),
+    "cnn": (_cnn, (1, 8, 8)),
+}
+
+
+def _setup(name, loss, digits):
+    """Inputs, targets and compiled kernel; skips the CNN only while convs are unsupported."""
+    factory, shape = MODELS[name]
+    x_train, y_train, x_test, _ = digits
+    x_train, x_test = x_train.reshape(-1, *shape), x_test.reshape(-1, *shape)
+    try:
+        kfn = ntkcompile.compile(factory(16), W_std=W_STD, b_std=B_STD, input_shape=shape)
+    except UnsupportedOpError:
+        if name == "cnn":
+            pytest.skip("convolutions not supported yet")
+        raise
+    y = F.one_hot(y_train, 10).double() if loss == "mse" else y_train
+    return factory, kfn, x_train, y, x_test
+
+
+def _sweep(name, loss, digits, widths, seeds):
+    factory, kfn, x_train, y, x_test = _setup(name, loss, digits)
+    return compare_widths(
+        factory, widths, x_train, y, x_test, W_std=W_STD, b_std=B_STD, loss=loss, lr=LR[loss],
+        steps=STEPS, batch_size=BATCH, seeds=seeds, kfn=kfn,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The harness replays simulate's own batches from the network's own f_0.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_infinite_run_is_simulate_with_batch_size_from_own_f0(loss, digits):
+    factory, kfn, x_train, y, x_test = _setup("relu_mlp", loss, digits)
+    report = compare_widths(factory, [32], x_train, y, x_test, W_std=W_STD, b_std=B_STD, loss=loss,
+                            lr=LR[loss], steps=5, batch_size=BATCH, seeds=(3,), kfn=kfn)
+    fin, inf = report.finite[32, 3], report.infinite[32, 3]
+    assert fin.train.shape == inf.train.shape == (6, 64, 10)
+    assert fin.test.shape == (6, 32, 10)
+    f0 = torch.cat([fin.train[0], fin.test[0]])
+    direct = dynamics.simulate(kfn, x_train, y, x_test, loss=loss, lr=LR[loss], steps=5,
+                               batch_size=BATCH, seed=3, f0=f0)
+    torch.testing.assert_close(inf.train, direct.train, rtol=0, atol=0)
+    torch.testing.assert_close(inf.test, direct.test, rtol=0, atol=0)
+    # The finite network really trained, and its recorded loss is the loss of its outputs.
+    assert fin.loss[-1] < fin.loss[0]
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+    assert math.isclose(float(fin.loss[2]), float(loss_fn(fin.train[2], y)), rel_tol=1e-12)
+    gap = max(float((fin.train - inf.train).abs().max()), float((fin.test - inf.test).abs().max()))
+    assert report.gaps[0, 0] == gap
+
+
+# ---------------------------------------------------------------------------
+# Acceptance: gap ~ width^(-1/2) for ReLU/tanh MLPs and a CNN, MSE and CE.
+# ---------------------------------------------------------------------------
+
+
+def test_gap_slope_relu_mse_fast(digits):
+    # One seed, three widths (~12 s). Over init seeds 0..7 this configuration's
+    # slope is -0.50 +- 0.09 (mean +- std; seed 0 gives -0.41: gaps 0.50,
+    # 0.30, 0.16), so the band [-0.7, -0.3] is about +-2 sigma.
+    report = _sweep("relu_mlp", "mse", digits, widths=(256, 1024, 4096), seeds=(0,))
+    assert np.all(np.diff(report.gaps[:, 0]) < 0), report.table()
+    assert -0.7 <= report.slope <= -0.3, report.table()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("name", ["relu_mlp", "tanh_mlp", "cnn"])
+def test_gap_slope_acceptance(name, loss, digits):
+    # Geometric mean over 3 seeds; measured slopes (widths 256..4096):
+    # relu mse -0.50, relu CE -0.48, tanh mse -0.41, tanh CE -0.44.
+    report = _sweep(name, loss, digits, widths=(256, 512, 1024, 2048, 4096), seeds=(0, 1, 2))
+    assert report.mean_gaps[-1] < report.mean_gaps[0], report.table()
+    assert -0.7 <= report.slope <= -0.3, report.table()
+
+
+# ---------------------------------------------------------------------------
+# docs Sec. 7: 1-hidden-layer ReLU, SGD batch 1, MSE, lr 0.5, 12 steps.
+# ---------------------------------------------------------------------------
+
+TP_WIDTHS = (256, 1024, 4096, 16384)
+TP_GAPS = (0.16, 0.064, 0.030, 0.018)  # slope -0.525
+
+
+@pytest.mark.filterwarnings("ignore:simulate. lr = 0.5 is above the full-batch:RuntimeWarning")
+def test_tp_one_hidden_layer_batch_one(digits):
+    """The docs give gaps only, not the setup. Assumed here (the data are ours):
+
+    * ``Linear(64, n, bias=False) -> ReLU -> Linear(n, 1, bias=False)``, NTK
+      parametrization, ``W_std = 1``: then ``NTK(x, x) = |x|^2 / d``;
+    * 12 digits scaled onto the sphere ``|x|^2 = d``, so ``NTK(x, x) = 1`` and a
+      step of lr 0.5 on ``(f - y)^2`` fits its one example exactly (a natural
+      reason for lr 0.5); targets +-1 (digit parity); 32 test points;
+    * batch 1 = one shuffled epoch (simulate's scheme), 12 steps;
+    * gap over train and test points; geometric mean over 8 seeds.
+
+    Measured: 0.27, 0.12, 0.061, 0.035 (slope -0.49), 1.7-2.0x the docs'
+    numbers: same order of magnitude, same ``width^(-1/2)`` law. (The warning
+    filtered above is simulate's full-batch stability check, which does not
+    apply to batch-1 SGD: the per-example limit is ``lr < 1 / NTK(x, x) = 1``.)
+    """
+    x_train, y_train, x_test, _ = digits
+    sphere = lambda x: x / x.norm(dim=1, keepdim=True) * math.sqrt(x.shape[1])
+    x_train, x_test = sphere(x_train[:12]), sphere(x_test)
+    y = (y_train[:12] % 2) * 2 - 1.0
+    factory = lambda n: nn.Sequential(nn.Linear(64, n, bias=False), nn.ReLU(), nn.Linear(n, 1, bias=False))
+    report = compare_widths(factory, TP_WIDTHS, x_train, y, x_test, W_std=1.0, b_std=0.0, loss="mse",
+                            lr=0.5, steps=12, batch_size=1, seeds=range(8))
+    ratio = report.mean_gaps / np.asarray(TP_GAPS)
+    assert np.all((ratio > 1 / 3) & (ratio < 3)), (ratio, report.table())
+    assert -0.7 <= report.slope <= -0.3, report.table()
+    assert -0.7 <= fit_loglog_slope(TP_WIDTHS, TP_GAPS) <= -0.3  # the docs' own numbers obey the law
+
+
+# ---------------------------------------------------------------------------
+# The demo (quick mode) writes its report.
+# ---------------------------------------------------------------------------
+
+
+def test_demo_quick_writes_report(tmp_path, capsys):
+    assert demo.main(["--quick", "--out", tmp_path]) == 0
+    for name in ("summary.txt", "accuracy.png", "gap_vs_width_mlp.png", "trajectories_mlp.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "slope:" in summary and "NTK regression" in summary
+    slope = float(summary.split("slope:")[1].split()[0])
+    assert -1.0 < slope < -0.2, summary
+    out = capsys.readouterr().out
+    assert "MLP: width" in out  # progress lines
+    assert "CNN:" in out
