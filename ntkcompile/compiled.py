@@ -8,6 +8,8 @@ compiled kernel only runs generated code.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -114,28 +116,56 @@ class CompiledKernel:
         return f"<ntkcompile kernel of {self.model_name}, input shape {shape}>"
 
     # ---------------------------------------------------------------- call
-    def __call__(self, x1, x2=None, get=_GETS) -> Kernels:
+    def __call__(self, x1, x2=None, get=_GETS, *, batch_size: Optional[int] = None,
+                 progress: Optional[bool] = None) -> Kernels:
+        """Kernels of ``x1`` against ``x2`` (``x2=None``: against itself).
+
+        ``batch_size`` computes the ``N1 x N2`` result in tiles of at most
+        ``batch_size`` inputs per side (memory: the output plus one tile's work);
+        against itself only the tiles on and above the diagonal are computed.
+        ``progress`` shows a progress bar on stderr (default: when there are 8 or
+        more tiles; ``False`` turns it off).
+        """
         get = (get,) if isinstance(get, str) else tuple(get)
         bad = [g for g in get if g not in _GETS]
         if bad or not get:
             raise ValueError(f"get must name kernels among {_GETS}, got {get!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         x1 = self._check(x1, "x1")
         x2 = None if x2 is None else self._check(x2, "x2")
         if self._program is None:
             self.input_shape = tuple(x1.shape[1:])
             self._lower()
             x1 = self._check(x1, "x1")
-        fn, _ = self._function(x2 is None, "ntk" in get)
+        want_ntk = "ntk" in get
+        n1 = x1.shape[0]
+        n2 = n1 if x2 is None else x2.shape[0]
+        bs = batch_size or max(n1, n2)
+        starts1, starts2 = range(0, n1, bs), range(0, n2, bs)
+        tiles = [(i, j) for i in starts1 for j in starts2 if x2 is not None or j >= i]
+        out = {name: torch.empty((n1, n2), dtype=self.dtype, device=x1.device) for name in get}
+        errors = []
+        bar = _Progress(len(tiles), progress)
         with torch.no_grad():
-            nngp, ntk, mc = fn(x1) if x2 is None else fn(x1, x2)
-            if x2 is None:
-                nngp = 0.5 * (nngp + nngp.T)
-                ntk = None if ntk is None else 0.5 * (ntk + ntk.T)
-        # closed forms and quadrature run in float64; float32 results are rounded at the end
-        cast = (lambda t: t.to(self.dtype)) if self.dtype != torch.float64 else (lambda t: t)
-        return Kernels(nngp=cast(nngp) if "nngp" in get else None,
-                       ntk=cast(ntk) if "ntk" in get and ntk is not None else None,
-                       mc_stderr=max(mc) if mc else None)
+            for i, j in tiles:
+                a = x1[i:i + bs]
+                if x2 is None and i == j:
+                    nngp, ntk, mc = self._function(True, want_ntk)[0](a)
+                    nngp, ntk = _mirror(nngp), _mirror(ntk)
+                else:
+                    b = (x1 if x2 is None else x2)[j:j + bs]
+                    nngp, ntk, mc = self._function(False, want_ntk)[0](a, b)
+                errors += mc
+                for name, block in (("nngp", nngp), ("ntk", ntk)):
+                    if name in out:
+                        # closed forms and quadrature run in float64; float32 is rounded here
+                        out[name][i:i + bs, j:j + bs] = block
+                        if x2 is None and i != j:
+                            out[name][j:j + bs, i:i + bs] = block.T
+                bar.step()
+        bar.close()
+        return Kernels(nngp=out.get("nngp"), ntk=out.get("ntk"), mc_stderr=max(errors) if errors else None)
 
     def _check(self, x, name):
         if isinstance(x, np.ndarray):
@@ -155,6 +185,36 @@ class CompiledKernel:
             raise NonFiniteInputError(f"{name} contains NaN or inf (rows {bad[:10]}{'...' if len(bad) > 10 else ''})")
         device = self.device or x.device
         return x.to(device=device, dtype=self.dtype)
+
+
+def _mirror(k):
+    """Exact symmetry: the upper triangle mirrored (quadrature is not symmetric in its
+    arguments to the last digit; mirroring keeps tiled and untiled results identical)."""
+    return None if k is None else k.triu() + k.triu(1).T
+
+
+class _Progress:
+    """A one-line progress bar on stderr for tiled kernel computations."""
+
+    def __init__(self, total, enabled):
+        self.total, self.done = total, 0
+        self.enabled = (total >= 8) if enabled is None else bool(enabled)
+        self.t0 = time.perf_counter()
+
+    def step(self):
+        self.done += 1
+        if self.enabled:
+            el = time.perf_counter() - self.t0
+            eta = el / self.done * (self.total - self.done)
+            width = 30
+            fill = int(width * self.done / self.total)
+            sys.stderr.write(f"\r[ntkcompile] [{'#' * fill}{'.' * (width - fill)}] "
+                             f"{self.done}/{self.total} tiles, {el:.1f}s elapsed, ~{eta:.1f}s left")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
 
 
 def _code(x):

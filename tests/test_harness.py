@@ -18,7 +18,6 @@ from torch import nn
 
 import ntkcompile
 from ntkcompile import demo, dynamics
-from ntkcompile.errors import UnsupportedOpError
 from ntkcompile.harness import compare_widths, fit_loglog_slope
 
 W_STD, B_STD = 1.4, 0.1
@@ -59,16 +58,11 @@ MODELS = {
 
 
 def _setup(name, loss, digits):
-    """Inputs, targets and compiled kernel; skips the CNN only while convs are unsupported."""
+    """Inputs, targets and compiled kernel."""
     factory, shape = MODELS[name]
     x_train, y_train, x_test, _ = digits
     x_train, x_test = x_train.reshape(-1, *shape), x_test.reshape(-1, *shape)
-    try:
-        kfn = ntkcompile.compile(factory(16), W_std=W_STD, b_std=B_STD, input_shape=shape)
-    except UnsupportedOpError:
-        if name == "cnn":
-            pytest.skip("convolutions not supported yet")
-        raise
+    kfn = ntkcompile.compile(factory(16), W_std=W_STD, b_std=B_STD, input_shape=shape)
     y = F.one_hot(y_train, 10).double() if loss == "mse" else y_train
     return factory, kfn, x_train, y, x_test
 

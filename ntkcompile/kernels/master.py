@@ -278,12 +278,19 @@ class Planner:
         fa, fb = f"F{left}[{a.fixed}]", f"F{right}[{b.fixed}]"
         if geom is None:
             dot = f"{fa} @ {fb}.T" if pair == "x" else f"({fa} * {fb}).sum(-1)"
+            if pair == "x" and self.self_mode and a is b:
+                # the diagonal of x1 against itself is bit-identical to the same-input
+                # variances, so c = 1 exactly there (arccos amplifies rounding ~1e-8)
+                dot = f"with_diagonal({dot}, ({fa} * {fa}).sum(-1))"
             return _mul(W2 / a.param.fan_in, dot)
         g = self.src.bind(geom, "geom")
         pa = self.src.assign(f"patches({fa}, {g})", "p")
         if pair == "x":
             pb = self.src.assign(f"patches({fb}, {g})", "p")
-            return _mul(W2, f"input_cov_cross({pa}, {pb}, {g}, {a.param.fan_in})")
+            cross = f"input_cov_cross({pa}, {pb}, {g}, {a.param.fan_in})"
+            if self.self_mode and a is b:
+                cross = f"with_diagonal({cross}, input_cov_same({pa}, {g}, {a.param.fan_in}))"
+            return _mul(W2, cross)
         return _mul(W2, f"input_cov_same({pa}, {g}, {a.param.fan_in})")
 
     @staticmethod

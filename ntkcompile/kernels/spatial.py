@@ -170,3 +170,16 @@ def identity_pairs(spatial, like):
     """``delta_{st}`` as ``(*P, *P)`` (the backward covariance of a flatten readout)."""
     n = math.prod(spatial)
     return torch.eye(n, dtype=like.dtype, device=like.device).reshape(*spatial, *spatial)
+
+
+def with_diagonal(cross, same):
+    """``cross`` (x1 against itself) with its same-input, same-position entries set to ``same``."""
+    n = cross.shape[0]
+    if cross.ndim == 2:
+        cross.diagonal().copy_(same)
+        return cross
+    pt = same[0].numel()
+    view = cross.reshape(n, n, pt, pt)
+    i, p = torch.arange(n, device=cross.device), torch.arange(pt, device=cross.device)
+    view[i[:, None], i[:, None], p[None, :], p[None, :]] = same.reshape(n, pt)
+    return view.reshape(cross.shape)
