@@ -138,6 +138,15 @@ class CompiledKernel:
             self.input_shape = tuple(x1.shape[1:])
             self._lower()
             x1 = self._check(x1, "x1")
+        if x2 is None:
+            # duplicate inputs: compute each distinct input once and copy, so the kernel
+            # is exactly singular there (duplicates otherwise see c = 1 - eps, and the
+            # arccos-type closed forms amplify eps into ~1e-8 errors that break PSD-ness)
+            uniq, inverse = torch.unique(x1, dim=0, return_inverse=True)
+            if uniq.shape[0] < x1.shape[0]:
+                k = self(uniq, None, get, batch_size=batch_size, progress=progress)
+                pick = lambda m: None if m is None else m[inverse][:, inverse]  # noqa: E731
+                return Kernels(nngp=pick(k.nngp), ntk=pick(k.ntk), mc_stderr=k.mc_stderr)
         want_ntk = "ntk" in get
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
