@@ -60,7 +60,8 @@ RUNTIME = {
     **{name: getattr(_sp, name) for name in (
         "patches", "input_cov_cross", "input_cov_same", "stencil_same", "stencil_pair",
         "stencil_pair_adjoint", "lift1", "lift2", "spatial_sum", "global_mean", "diagonal_mean",
-        "identity_pairs", "with_diagonal")},
+        "identity_pairs", "with_diagonal", "pair_indices", "pack", "unpack", "liftp",
+        "with_diagonal_packed")},
 }
 
 

@@ -53,3 +53,14 @@ def test_20000_inputs_in_tiles_memory_bounded():
     # spot-check a tile against a direct small computation
     idx = torch.tensor([0, 7777, 19999])
     torch.testing.assert_close(k.ntk[idx][:, idx], kfn(x[idx], get="ntk").ntk, rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_jit_matches_eager():
+    """torch.compile of the generated code (needs a C++ compiler) gives the same kernels."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(12, 5, dtype=torch.float64)
+    a = ntkcompile.compile(model, W_std=1.3, b_std=0.1)(x)
+    b = ntkcompile.compile(model, W_std=1.3, b_std=0.1, jit=True)(x)
+    torch.testing.assert_close(a.ntk, b.ntk, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.nngp, b.nngp, rtol=1e-12, atol=0)

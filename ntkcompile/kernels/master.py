@@ -110,6 +110,9 @@ class Planner:
         """
         if sym is None or isinstance(sym, float) or pair != "x":
             return sym
+        if self.self_mode:       # packed pairs i <= j (kernels.spatial.pack)
+            idx = "I" if side == 1 else "J"
+            return f"liftp({sym}, {idx}, {k}, {side == 2})" if k else f"{sym}[{idx}]"
         if k:
             return f"lift{side}({sym}, {k})"
         return f"{sym}[:, None]" if side == 1 else f"{sym}[None, :]"
@@ -278,18 +281,22 @@ class Planner:
         fa, fb = f"F{left}[{a.fixed}]", f"F{right}[{b.fixed}]"
         if geom is None:
             dot = f"{fa} @ {fb}.T" if pair == "x" else f"({fa} * {fb}).sum(-1)"
-            if pair == "x" and self.self_mode and a is b:
-                # the diagonal of x1 against itself is bit-identical to the same-input
-                # variances, so c = 1 exactly there (arccos amplifies rounding ~1e-8)
-                dot = f"with_diagonal({dot}, ({fa} * {fa}).sum(-1))"
+            if pair == "x" and self.self_mode:
+                dot = f"pack({dot}, I, J)"
+                if a is b:
+                    # the diagonal of x1 against itself is bit-identical to the same-input
+                    # variances, so c = 1 exactly there (arccos amplifies rounding ~1e-8)
+                    dot = f"with_diagonal_packed({dot}, ({fa} * {fa}).sum(-1), DIAG)"
             return _mul(W2 / a.param.fan_in, dot)
         g = self.src.bind(geom, "geom")
         pa = self.src.assign(f"patches({fa}, {g})", "p")
         if pair == "x":
             pb = self.src.assign(f"patches({fb}, {g})", "p")
             cross = f"input_cov_cross({pa}, {pb}, {g}, {a.param.fan_in})"
-            if self.self_mode and a is b:
-                cross = f"with_diagonal({cross}, input_cov_same({pa}, {g}, {a.param.fan_in}))"
+            if self.self_mode:
+                cross = f"pack({cross}, I, J)"
+                if a is b:
+                    cross = f"with_diagonal_packed({cross}, input_cov_same({pa}, {g}, {a.param.fan_in}), DIAG)"
             return _mul(W2, cross)
         return _mul(W2, f"input_cov_same({pa}, {g}, {a.param.fan_in})")
 
@@ -514,7 +521,7 @@ class Planner:
         if r.pool is None or core is None:
             return core
         how = "global_mean" if r.pool == "gap" else "diagonal_mean"
-        return self.src.assign(f"{how}({_sym(core)}, {r.spatial!r})", "k")
+        return self.src.assign(f"{how}({_sym(core)}, {r.spatial!r}, BATCH)", "k")
 
     def nngp(self):
         r = self.p.readout
@@ -526,7 +533,7 @@ class Planner:
         sp = node.param.spatial if isinstance(node, ir.GBias) else self.spatial(node)
         if term is None or not sp:
             return term
-        return f"spatial_sum({_sym(term)}, BATCH + {sp!r} + {sp!r})"
+        return f"spatial_sum({_sym(term)}, BATCH + {sp!r} + {sp!r}, len(BATCH))"
 
     def ntk(self):
         r = self.p.readout

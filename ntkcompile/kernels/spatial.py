@@ -145,25 +145,72 @@ def lift2(t, k):
     return t.reshape(1, t.shape[0], *([1] * k), *sp) if sp else t.reshape(1, t.shape[0], *([1] * 2 * k))
 
 
-def spatial_sum(t, shape):
-    """Sum of ``t`` broadcast to ``(N1, N2, *P, *P)`` over the position axes."""
+def spatial_sum(t, shape, nb=2):
+    """Sum of ``t`` broadcast to ``(*batch, *P, *P)`` over the position axes (``nb`` batch axes)."""
     t = torch.broadcast_to(t, shape)
-    return t.sum(dim=tuple(range(2, len(shape))))
+    return t.sum(dim=tuple(range(nb, len(shape))))
 
 
-def global_mean(a, spatial):
-    """``E[mean_s u_s mean_t v_t']`` from ``(N1, N2, *P, *P)``."""
-    full = torch.broadcast_to(a, a.shape[:2] + tuple(spatial) + tuple(spatial)) if torch.is_tensor(a) else a
-    return full.mean(dim=tuple(range(2, 2 + 2 * len(spatial)))) if torch.is_tensor(full) else full
+def global_mean(a, spatial, batch):
+    """``E[mean_s u_s mean_t v_t']`` from ``(*batch, *P, *P)``."""
+    if not torch.is_tensor(a):
+        return a
+    full = torch.broadcast_to(a, tuple(batch) + tuple(spatial) + tuple(spatial))
+    return full.mean(dim=tuple(range(len(batch), len(batch) + 2 * len(spatial))))
 
 
-def diagonal_mean(a, spatial):
-    """``mean_s E[u_s v_s']`` (a flatten readout) from ``(N1, N2, *P, *P)``."""
+def diagonal_mean(a, spatial, batch):
+    """``mean_s E[u_s v_s']`` (a flatten readout) from ``(*batch, *P, *P)``."""
     if not torch.is_tensor(a):
         return a
     n = math.prod(spatial)
-    a = torch.broadcast_to(a, a.shape[:2] + tuple(spatial) + tuple(spatial)).reshape(*a.shape[:2], n, n)
+    a = torch.broadcast_to(a, tuple(batch) + tuple(spatial) + tuple(spatial)).reshape(*batch, n, n)
     return torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+
+
+# Packed layout of x1 against itself: only pairs i <= j, ``(T, *P, *P)`` with
+# ``T = N(N+1)/2`` (rows I, columns J of torch.triu_indices): half the work.
+
+def pair_indices(n, device):
+    """``(I, J, DIAG)``: row/column of every packed pair and the packed positions of ``i == j``."""
+    ij = torch.triu_indices(n, n, device=device)
+    return ij[0], ij[1], (ij[0] == ij[1]).nonzero().flatten()
+
+
+def pack(full, i, j):
+    """``(N, N, ...) -> (T, ...)``."""
+    return full[i, j]
+
+
+def unpack(packed, i, j, n):
+    """``(T,) -> (N, N)`` symmetric."""
+    out = torch.empty((n, n), dtype=packed.dtype, device=packed.device)
+    out[i, j] = packed
+    out[j, i] = packed
+    return out
+
+
+def liftp(t, idx, k, right):
+    """A same-input array ``(N, *P)`` in the packed layout ``(T, *P, *P)`` (left or right group)."""
+    if not torch.is_tensor(t):
+        return t
+    g = t[idx]
+    sp = g.shape[1:]
+    if not sp:
+        return g.reshape(g.shape[0], *([1] * 2 * k))
+    return g.reshape(g.shape[0], *([1] * k), *sp) if right else g.reshape(g.shape[0], *sp, *([1] * k))
+
+
+def with_diagonal_packed(packed, same, diag):
+    """Packed ``x1``-against-itself array with its ``i == j``, same-position entries set to ``same``."""
+    if packed.ndim == 1:
+        packed[diag] = same
+        return packed
+    pt = same[0].numel()
+    view = packed.reshape(packed.shape[0], pt, pt)
+    p = torch.arange(pt, device=packed.device)
+    view[diag[:, None], p[None, :], p[None, :]] = same.reshape(-1, pt)
+    return view.reshape(packed.shape)
 
 
 def identity_pairs(spatial, like):
