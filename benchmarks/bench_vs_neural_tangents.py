@@ -125,7 +125,7 @@ def _sync(device) -> None:
         torch.mps.synchronize()
 
 
-def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device) -> tuple[dict, dict]:
+def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device, jit: bool = False) -> tuple[dict, dict]:
     import torch
 
     import ntkcompile
@@ -138,7 +138,7 @@ def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device) -> tuple[d
 
     _sync(device)
     t0 = time.perf_counter()
-    kfn = ntkcompile.compile(model, W_std=spec["W_std"], b_std=spec["b_std"])
+    kfn = ntkcompile.compile(model, W_std=spec["W_std"], b_std=spec["b_std"], jit=jit)
     t_compile = time.perf_counter() - t0
     out = kfn(x, None, get=get)
     _sync(device)
@@ -253,6 +253,9 @@ def main(argv=None) -> int:
                         "case take ~100x longer); 0 disables it")
     p.add_argument("--entk-width", type=int, default=1024, help="width of the empirical-NTK MLP (default 1024)")
     p.add_argument("--json", metavar="PATH", help="also write all timings and differences to PATH")
+    p.add_argument("--jit", action="store_true",
+                   help="compile ntkcompile's generated kernel with torch.compile (fused C++ loops; "
+                        "the cold time then includes that compilation)")
     args = p.parse_args(argv)
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -284,7 +287,7 @@ def main(argv=None) -> int:
                 nt, nt_k = run_nt(case, x_path, os.path.join(tmp, f"{case}_nt.npz"), args.repeats)
             nc = nc_k = None
             if not args.nt_only:
-                nc, nc_k = run_ntkcompile(case, x_np, args.repeats, device)
+                nc, nc_k = run_ntkcompile(case, x_np, args.repeats, device, jit=args.jit)
             diffs = {}
             if nt_k is not None and nc_k is not None:
                 diffs = {k: rel_diffs(nc_k[k], nt_k[k]) for k in ("nngp", "ntk")}

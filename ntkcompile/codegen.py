@@ -7,6 +7,8 @@ what ``kfn.code`` shows.  Every helper the lines call lives in ``RUNTIME``.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .kernels import quadrature as quad
@@ -65,6 +67,29 @@ RUNTIME = {
 }
 
 
+_ASSIGN = re.compile(r"^(k\d+|p\d+|t\d+) = ")
+_NAME = re.compile(r"\b(k\d+|p\d+|t\d+)\b")
+
+
+def _free_dead(lines, returns):
+    """Insert ``del`` after the last use of every temporary: peak memory is then the
+    live set of (N1, N2, ...) arrays, not every intermediate of the program."""
+    last = {}
+    for i, line in enumerate(lines):
+        for name in _NAME.findall(line.split("  #")[0]):
+            last[name] = i
+    keep = set(_NAME.findall(returns))
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _ASSIGN.match(line)
+        assigned = m.group(1) if m else None
+        dead = sorted(n for n, j in last.items() if j == i and n not in keep and n != assigned)
+        if dead:
+            out.append("del " + ", ".join(dead))
+    return out
+
+
 class Source:
     """Accumulates generated lines; binds Python objects to names for the namespace."""
 
@@ -99,7 +124,7 @@ class Source:
         return name
 
     def text(self, signature, returns):
-        body = "\n".join("    " + ln for ln in self.lines + [f"return {returns}"])
+        body = "\n".join("    " + ln for ln in _free_dead(self.lines, returns) + [f"return {returns}"])
         return f"def {signature}:\n{body}\n"
 
     def build(self, signature, returns, fname):

@@ -135,7 +135,8 @@ class CompiledKernel:
 
         ``batch_size`` computes the ``N1 x N2`` result in tiles of at most
         ``batch_size`` inputs per side (memory: the output plus one tile's work);
-        against itself only the tiles on and above the diagonal are computed.
+        against itself only the tiles on and above the diagonal are computed. By
+        default tiles are sized so one tile's position-pair arrays stay near 256 MiB.
         ``progress`` shows a progress bar on stderr (default: when there are 8 or
         more tiles; ``False`` turns it off).
         """
@@ -163,7 +164,7 @@ class CompiledKernel:
         want_ntk = "ntk" in get
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        bs = batch_size or max(n1, n2)
+        bs = batch_size or self._auto_batch(max(n1, n2))
         starts1, starts2 = range(0, n1, bs), range(0, n2, bs)
         tiles = [(i, j) for i in starts1 for j in starts2 if x2 is not None or j >= i]
         out = {name: torch.empty((n1, n2), dtype=self.dtype, device=x1.device) for name in get}
@@ -187,6 +188,18 @@ class CompiledKernel:
                 bar.step()
         bar.close()
         return Kernels(nngp=out.get("nngp"), ntk=out.get("ntk"), mc_stderr=max(errors) if errors else None)
+
+    # Entries of one tile's pair arrays (N1 * N2 * positions^2), about 256 MiB in float64.
+    _TILE_ENTRIES = 2 ** 25
+
+    def _auto_batch(self, n):
+        """Inputs per tile side when ``batch_size`` is not given: bounds the memory of
+        position-pair arrays (conv nets), a single tile for plain vectors up to ~5800 inputs."""
+        positions = max((math.prod(p.conv.out_shape) for p in self._program.params
+                         if getattr(p, "conv", None) is not None), default=1)
+        positions = max([positions] + [math.prod(p.conv.in_shape) for p in self._program.params
+                                       if getattr(p, "conv", None) is not None])
+        return max(1, min(n, int(math.sqrt(self._TILE_ENTRIES / positions ** 2))))
 
     def _check(self, x, name):
         if isinstance(x, np.ndarray):

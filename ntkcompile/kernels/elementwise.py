@@ -155,7 +155,8 @@ def _f64(k: Tensor) -> Tensor:
 
 def _shape_of(*ks) -> Tensor:
     """A float64 zero tensor of the broadcast shape of ``ks``."""
-    return torch.zeros(torch.broadcast_shapes(*(_f64(k).shape for k in ks)), dtype=_F64)
+    ts = [_f64(k) for k in ks]
+    return torch.zeros(torch.broadcast_shapes(*(t.shape for t in ts)), dtype=_F64, device=ts[0].device)
 
 
 def _pin_zero_variance(e: Elementwise) -> Elementwise:

@@ -101,7 +101,7 @@ def expect_1d(f: Callable[[Tensor], Tensor], var, degree: int = 64) -> Tensor:
     ``f`` receives ``z`` of shape ``(degree, *var.shape)`` and must return that shape.
     """
     (var,) = _f64(var)
-    nodes, weights = hermite(degree)
+    nodes, weights = (t.to(var.device) for t in hermite(degree))
     z = _lead(nodes, var.ndim) * var.clamp_min(0.0).sqrt()
     return (_lead(weights, var.ndim) * f(z)).sum(0)
 
@@ -135,7 +135,7 @@ def expect_2d(
     _, c = correlation(k11, k12, k22)
     s = (1.0 - c * c).clamp_min(0.0).sqrt()
 
-    nodes, weights = hermite(degree)
+    nodes, weights = (t.to(k11.device) for t in hermite(degree))
     u = _lead(nodes, nb)
     fu = f(u * s1)  # (deg, *batch)
     batch = torch.broadcast_shapes(s1.shape, s2.shape, c.shape)
@@ -265,8 +265,8 @@ def expect_nd(
     chunk = max(1, _MAX_CHUNK_ENTRIES // max(1, math.prod(batch) * dim))
 
     if rank <= max_quadrature_rank:
-        grid, weights = _grid(rank, _degree_for(rank, degree))
-        total = torch.zeros(batch, dtype=_F64)
+        grid, weights = (t.to(cov.device) for t in _grid(rank, _degree_for(rank, degree)))
+        total = torch.zeros(batch, dtype=_F64, device=cov.device)
         for start in range(0, grid.shape[0], chunk):
             vals = _evaluate(f, grid[start : start + chunk], factor, batch)
             total = total + torch.einsum("q,q...->...", weights[start : start + chunk], vals)
@@ -275,10 +275,10 @@ def expect_nd(
     n = _DEFAULT_MC_SAMPLES if mc_samples is None else int(mc_samples)
     if n < 2:
         raise ValueError(f"expect_nd: mc_samples must be >= 2, got {n}")
-    eps = torch.randn(n, rank, generator=torch.Generator().manual_seed(seed), dtype=_F64)
+    eps = torch.randn(n, rank, generator=torch.Generator().manual_seed(seed), dtype=_F64).to(cov.device)
     # Accumulate shifted sums so the variance does not cancel catastrophically.
     shift = None
-    acc, acc2 = torch.zeros(batch, dtype=_F64), torch.zeros(batch, dtype=_F64)
+    acc, acc2 = (torch.zeros(batch, dtype=_F64, device=cov.device) for _ in range(2))
     for start in range(0, n, chunk):
         vals = _evaluate(f, eps[start : start + chunk], factor, batch)
         if shift is None:
