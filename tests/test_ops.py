@@ -90,7 +90,7 @@ class Functional(nn.Module):
     def forward(self, x):
         h = F.linear(x, self.a.weight, self.a.bias)
         h = self.id(self.drop(torch.relu(h)))
-        h = 3.0 * h - h / 2.0          # = 2.5 h
+        h = (3.0 * h).sub(h.div(2.0))  # = 2.5 h (operator and method forms)
         return self.o(-h)
 
 

@@ -467,32 +467,20 @@ def _add(lw, node, a, b, sign=1.0, alpha=1.0):
 
 
 @rule(FUNCTION_RULES, operator.add, torch.add)
+@rule(METHOD_RULES, "add")
 def _add_rule(lw, node, a, b, alpha=1.0):
     return _add(lw, node, a, b, 1.0, alpha)
 
 
-@rule(METHOD_RULES, "add")
-def _add_method(lw, node, a, b, alpha=1.0):
-    return _add(lw, node, a, b, 1.0, alpha)
-
-
 @rule(FUNCTION_RULES, operator.sub, torch.sub)
+@rule(METHOD_RULES, "sub")
 def _sub_rule(lw, node, a, b, alpha=1.0):
     return _add(lw, node, a, b, -1.0, alpha)
 
 
-@rule(METHOD_RULES, "sub")
-def _sub_method(lw, node, a, b, alpha=1.0):
-    return _add(lw, node, a, b, -1.0, alpha)
-
-
 @rule(FUNCTION_RULES, operator.neg, torch.neg)
-def _neg_rule(lw, node, a):
-    return _mul(lw, node, a, -1.0)
-
-
 @rule(METHOD_RULES, "neg")
-def _neg_method(lw, node, a):
+def _neg_rule(lw, node, a):
     return _mul(lw, node, a, -1.0)
 
 
@@ -517,12 +505,8 @@ def _mul(lw, node, a, b):
 
 
 @rule(FUNCTION_RULES, operator.mul, torch.mul)
-def _mul_rule(lw, node, a, b):
-    return _mul(lw, node, a, b)
-
-
 @rule(METHOD_RULES, "mul")
-def _mul_method(lw, node, a, b):
+def _mul_rule(lw, node, a, b):
     return _mul(lw, node, a, b)
 
 
@@ -541,12 +525,8 @@ def _div(lw, node, a, b):
 
 
 @rule(FUNCTION_RULES, operator.truediv, torch.div)
-def _div_rule(lw, node, a, b):
-    return _div(lw, node, a, b)
-
-
 @rule(METHOD_RULES, "div")
-def _div_method(lw, node, a, b):
+def _div_rule(lw, node, a, b):
     return _div(lw, node, a, b)
 
 
@@ -560,12 +540,8 @@ def _pow(lw, node, a, p):
 
 
 @rule(FUNCTION_RULES, operator.pow, torch.pow)
-def _pow_rule(lw, node, a, p):
-    return _pow(lw, node, a, p)
-
-
 @rule(METHOD_RULES, "pow")
-def _pow_method(lw, node, a, p):
+def _pow_rule(lw, node, a, p):
     return _pow(lw, node, a, p)
 
 
