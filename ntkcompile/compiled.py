@@ -194,12 +194,14 @@ class CompiledKernel:
 
     def _auto_batch(self, n):
         """Inputs per tile side when ``batch_size`` is not given: bounds the memory of
-        position-pair arrays (conv nets), a single tile for plain vectors up to ~5800 inputs."""
+        position-pair arrays (conv nets; aligned positions only for flatten readouts),
+        a single tile for plain vectors up to ~5800 inputs."""
         positions = max((math.prod(p.conv.out_shape) for p in self._program.params
                          if getattr(p, "conv", None) is not None), default=1)
         positions = max([positions] + [math.prod(p.conv.in_shape) for p in self._program.params
                                        if getattr(p, "conv", None) is not None])
-        return max(1, min(n, int(math.sqrt(self._TILE_ENTRIES / positions ** 2))))
+        per_pair = positions if self._program.readout.pool == "flatten" else positions ** 2
+        return max(1, min(n, int(math.sqrt(self._TILE_ENTRIES / per_pair))))
 
     def _check(self, x, name):
         if isinstance(x, np.ndarray):

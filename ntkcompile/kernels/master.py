@@ -93,6 +93,10 @@ class Planner:
         self.deg1, self.deg2 = 2 * degree, degree      # Gauss-Hermite degrees in 1-D and 2-D
         self.memo: dict = {}
         self._spatial: dict = {}
+        # Layout analysis: a flatten readout only ever pairs position s with s (convs
+        # keep that diagonal), so cross arrays are (N1, N2, *P); global pooling needs
+        # every pair of positions, (N1, N2, *P, *P).
+        self.diag = program.readout.pool == "flatten"
         self.evaluators: list = []      # (description, evaluator)
 
     # ------------------------------------------------------------ plumbing
@@ -110,6 +114,8 @@ class Planner:
         """
         if sym is None or isinstance(sym, float) or pair != "x":
             return sym
+        if self.diag:
+            k = 0                # positions aligned: (N, *P) -> (N, 1, *P)
         if self.self_mode:       # packed pairs i <= j (kernels.spatial.pack)
             idx = "I" if side == 1 else "J"
             return f"liftp({sym}, {idx}, {k}, {side == 2})" if k else f"{sym}[{idx}]"
@@ -275,7 +281,8 @@ class Planner:
             if not isinstance(inner, str):
                 raise NotImplementedError("a convolution of a vector constant over positions")
             g = self.src.bind(geom, "geom")
-            return _mul(W2, f"stencil_{'pair' if pair == 'x' else 'same'}({inner}, {g})")
+            both = pair == "x" and not self.diag
+            return _mul(W2, f"stencil_{'pair' if both else 'same'}({inner}, {g})")
         # GInput: W_std^2 xi.xi' / fan_in on the fixed inputs (patches under each tap for a conv)
         left, right = _SIDES[pair]
         fa, fb = f"F{left}[{a.fixed}]", f"F{right}[{b.fixed}]"
@@ -292,11 +299,13 @@ class Planner:
         pa = self.src.assign(f"patches({fa}, {g})", "p")
         if pair == "x":
             pb = self.src.assign(f"patches({fb}, {g})", "p")
-            cross = f"input_cov_cross({pa}, {pb}, {g}, {a.param.fan_in})"
+            how = "input_cov_cross_diag" if self.diag else "input_cov_cross"
+            cross = f"{how}({pa}, {pb}, {g}, {a.param.fan_in})"
             if self.self_mode:
                 cross = f"pack({cross}, I, J)"
                 if a is b:
-                    cross = f"with_diagonal_packed({cross}, input_cov_same({pa}, {g}, {a.param.fan_in}), DIAG)"
+                    fix = "with_diagonal_aligned" if self.diag else "with_diagonal_packed"
+                    cross = f"{fix}({cross}, input_cov_same({pa}, {g}, {a.param.fan_in}), DIAG)"
             return _mul(W2, cross)
         return _mul(W2, f"input_cov_same({pa}, {g}, {a.param.fan_in})")
 
@@ -503,7 +512,7 @@ class Planner:
             if r.pool == "gap":          # v / P at every position
                 return r.W_std ** 2 / n ** 2
             if r.pool == "flatten":      # a separate readout vector per position
-                return _mul(r.W_std ** 2 / n, f"identity_pairs({r.spatial!r}, like)")
+                return r.W_std ** 2 / n  # (diagonal layout: only s = t is stored)
             return r.W_std ** 2
         if u == R or w == R or u.param is not w.param:
             return None
@@ -511,7 +520,8 @@ class Planner:
         geom = u.param.conv
         if geom is None or d is None:
             return _mul(u.param.W_std ** 2, d)
-        return _mul(u.param.W_std ** 2, f"stencil_pair_adjoint({_sym(d)}, {self.src.bind(geom, 'geom')}, BATCH)")
+        how = "stencil_same_adjoint" if self.diag else "stencil_pair_adjoint"
+        return _mul(u.param.W_std ** 2, f"{how}({_sym(d)}, {self.src.bind(geom, 'geom')}, BATCH)")
 
     # ------------------------------------------------------------ kernels
     def readout_cov(self):
@@ -520,7 +530,7 @@ class Planner:
         core = self.Evec(r.vec, r.vec, "x")
         if r.pool is None or core is None:
             return core
-        how = "global_mean" if r.pool == "gap" else "diagonal_mean"
+        how = "global_mean" if r.pool == "gap" else "aligned_mean"
         return self.src.assign(f"{how}({_sym(core)}, {r.spatial!r}, BATCH)", "k")
 
     def nngp(self):
@@ -533,7 +543,8 @@ class Planner:
         sp = node.param.spatial if isinstance(node, ir.GBias) else self.spatial(node)
         if term is None or not sp:
             return term
-        return f"spatial_sum({_sym(term)}, BATCH + {sp!r} + {sp!r}, len(BATCH))"
+        shape = f"BATCH + {sp!r}" if self.diag else f"BATCH + {sp!r} + {sp!r}"
+        return f"spatial_sum({_sym(term)}, {shape}, len(BATCH))"
 
     def ntk(self):
         r = self.p.readout

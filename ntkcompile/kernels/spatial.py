@@ -159,13 +159,30 @@ def global_mean(a, spatial, batch):
     return full.mean(dim=tuple(range(len(batch), len(batch) + 2 * len(spatial))))
 
 
-def diagonal_mean(a, spatial, batch):
-    """``mean_s E[u_s v_s']`` (a flatten readout) from ``(*batch, *P, *P)``."""
+def aligned_mean(a, spatial, batch):
+    """``mean_s E[u_s v_s']`` (a flatten readout) from the aligned layout ``(*batch, *P)``."""
     if not torch.is_tensor(a):
         return a
-    n = math.prod(spatial)
-    a = torch.broadcast_to(a, tuple(batch) + tuple(spatial) + tuple(spatial)).reshape(*batch, n, n)
-    return torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+    full = torch.broadcast_to(a, tuple(batch) + tuple(spatial))
+    return full.mean(dim=tuple(range(len(batch), len(batch) + len(spatial))))
+
+
+def input_cov_cross_diag(p1, p2, g: ConvGeometry, fan_in):
+    """``sum_{c,k} x_c(s+k) x'_c(s+k) / fan_in`` as ``(N1, N2, *P)`` (aligned positions)."""
+    out = torch.einsum("acs,bcs->abs", p1, p2) / fan_in
+    return out.reshape(p1.shape[0], p2.shape[0], *g.out_shape)
+
+
+def stencil_same_adjoint(d, g: ConvGeometry, batch_shape):
+    """Adjoint of ``stencil_same``: ``(*batch, *P) -> (*batch, *S)`` (scatter-add)."""
+    padded = tuple(s + 2 * p for s, p in zip(g.in_shape, g.padding))
+    d = torch.as_tensor(d) if not torch.is_tensor(d) else d
+    d = torch.broadcast_to(d, (*batch_shape, *g.out_shape))
+    out = torch.zeros((*batch_shape, *padded), dtype=d.dtype, device=d.device)
+    for o in g.offsets():
+        out[(Ellipsis,) + g.window(o)] += d
+    crop = tuple(slice(p, p + s) for p, s in zip(g.padding, g.in_shape))
+    return out[(Ellipsis,) + crop] / g.size
 
 
 # Packed layout of x1 against itself: only pairs i <= j, ``(T, *P, *P)`` with
@@ -201,6 +218,12 @@ def liftp(t, idx, k, right):
     return g.reshape(g.shape[0], *([1] * k), *sp) if right else g.reshape(g.shape[0], *sp, *([1] * k))
 
 
+def with_diagonal_aligned(packed, same, diag):
+    """Packed aligned-position array ``(T, *P)`` with its ``i == j`` entries set to ``same``."""
+    packed[diag] = same
+    return packed
+
+
 def with_diagonal_packed(packed, same, diag):
     """Packed ``x1``-against-itself array with its ``i == j``, same-position entries set to ``same``."""
     if packed.ndim == 1:
@@ -211,22 +234,3 @@ def with_diagonal_packed(packed, same, diag):
     p = torch.arange(pt, device=packed.device)
     view[diag[:, None], p[None, :], p[None, :]] = same.reshape(-1, pt)
     return view.reshape(packed.shape)
-
-
-def identity_pairs(spatial, like):
-    """``delta_{st}`` as ``(*P, *P)`` (the backward covariance of a flatten readout)."""
-    n = math.prod(spatial)
-    return torch.eye(n, dtype=like.dtype, device=like.device).reshape(*spatial, *spatial)
-
-
-def with_diagonal(cross, same):
-    """``cross`` (x1 against itself) with its same-input, same-position entries set to ``same``."""
-    n = cross.shape[0]
-    if cross.ndim == 2:
-        cross.diagonal().copy_(same)
-        return cross
-    pt = same[0].numel()
-    view = cross.reshape(n, n, pt, pt)
-    i, p = torch.arange(n, device=cross.device), torch.arange(pt, device=cross.device)
-    view[i[:, None], i[:, None], p[None, :], p[None, :]] = same.reshape(n, pt)
-    return view.reshape(cross.shape)
