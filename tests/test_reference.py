@@ -91,3 +91,5 @@ def test_cnn_matches_neural_tangents(case):
     assert _rel(k12.ntk, ref["ntk_12"]) <= 1e-8
     assert _rel(k11.nngp, ref["nngp_11"]) <= 1e-8
     assert _rel(k11.ntk, ref["ntk_11"]) <= 1e-8
+    # layout analysis: all position pairs only where global pooling needs them
+    assert ("stencil_pair(" in kfn.code) == (case == "cnn_gap")
