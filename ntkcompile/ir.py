@@ -391,29 +391,24 @@ class Builder:
     @staticmethod
     def refine(*vecs):
         """Split every Vec at the union of piece boundaries; returns aligned piece lists."""
-        cuts = set()
-        for v in vecs:
-            pos = Fraction(0)
-            for a, _ in v.pieces:
-                pos += a
-                cuts.add(pos)
-        cuts = sorted(cuts)
-        out = []
-        for v in vecs:
-            pieces, pos, j = [], Fraction(0), 0
-            bounds = []
-            start = Fraction(0)
+        def ends(v):
+            out, pos = [], Fraction(0)
             for a, var in v.pieces:
-                bounds.append((start, start + a, var))
-                start += a
-            prev = Fraction(0)
+                pos += a
+                out.append((pos, var))
+            return out
+
+        cuts = sorted({pos for v in vecs for pos, _ in ends(v)})
+        aligned = []
+        for v in vecs:
+            pieces, prev, j, bounds = [], Fraction(0), 0, ends(v)
             for c in cuts:
-                while bounds[j][1] < c:
+                while bounds[j][0] < c:
                     j += 1
-                pieces.append((c - prev, bounds[j][2]))
+                pieces.append((c - prev, bounds[j][1]))
                 prev = c
-            out.append(pieces)
-        return out
+            aligned.append(pieces)
+        return aligned
 
     def lincomb(self, terms):
         """``sum coef_i * vec_i`` for ``(Scalar, Vec)`` pairs, piecewise."""

@@ -649,7 +649,7 @@ def _flatten_module(lw, node, m, x):
 @rule(METHOD_RULES, "size")
 def _size(lw, node, x, *args):
     shp = lw.shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-    return torch.Size(shp).__getattribute__("__getitem__")(args[0]) if args else torch.Size(shp)
+    return torch.Size(shp)[args[0]] if args else torch.Size(shp)
 
 
 @rule(FUNCTION_RULES, getattr)
@@ -728,20 +728,21 @@ def _conv_function(lw, node, x, weight, bias=None, stride=1, padding=0, dilation
                  stride, padding, dilation, groups)
 
 
+def _global_pool(lw, node, x, output_size):
+    size = output_size if isinstance(output_size, (tuple, list)) else (output_size,)
+    if any(s not in (1, None) for s in size) or not isinstance(x, Width) or not x.spatial:
+        raise lw.unsupported(node, f"adaptive average pooling to {output_size} (only to size 1)")
+    return _gap(lw, node, x)
+
+
 @rule(MODULE_RULES, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 def _adaptive_pool(lw, node, m, x):
-    size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
-    if any(s not in (1, None) for s in size) or not isinstance(x, Width) or not x.spatial:
-        raise lw.unsupported(node, f"adaptive average pooling to {m.output_size} (only to size 1)")
-    return _gap(lw, node, x)
+    return _global_pool(lw, node, x, m.output_size)
 
 
 @rule(FUNCTION_RULES, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
 def _adaptive_pool_fn(lw, node, x, output_size):
-    size = output_size if isinstance(output_size, (tuple, list)) else (output_size,)
-    if any(s != 1 for s in size) or not isinstance(x, Width) or not x.spatial:
-        raise lw.unsupported(node, f"adaptive average pooling to {output_size} (only to size 1)")
-    return _gap(lw, node, x)
+    return _global_pool(lw, node, x, output_size)
 
 
 # Normalization ---------------------------------------------------------------
