@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quadrature import correlation
+from .quadrature import compiling, correlation
 
 __all__ = [
     "Elementwise",
@@ -182,9 +182,10 @@ def _pin_zero_variance(e: Elementwise) -> Elementwise:
             k11, k22 = _f64(k11), _f64(k22)
             out = moment(k11, k12, k22)
             # the checks run on the (small) variance arrays; full-size work only if needed
-            if bool((k11 == 0).any()):
+            # (always, branch-free, under torch.compile)
+            if compiling() or bool((k11 == 0).any()):
                 out = torch.where(k11 == 0, at0 * pinned_mean(k22), out)
-            if bool((k22 == 0).any()):
+            if compiling() or bool((k22 == 0).any()):
                 out = torch.where(k22 == 0, at0 * pinned_mean(k11), out)
             return out
 

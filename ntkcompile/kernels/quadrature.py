@@ -80,6 +80,15 @@ def _lead(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape[0], *([1] * ndim))
 
 
+def compiling() -> bool:
+    """True while torch.compile traces (torch >= 2.3: torch.compiler; 2.2: torch._dynamo)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if fn is None:
+        from torch import _dynamo
+        fn = _dynamo.is_compiling
+    return bool(fn())
+
+
 def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     """``(sqrt(k11 k22), c)`` with ``c = k12 / sqrt(k11 k22)`` clamped to ``[-1, 1]``.
 
@@ -88,7 +97,9 @@ def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     """
     k11, k12, k22 = _f64(k11, k12, k22)
     scale = (k11.clamp_min(0.0) * k22.clamp_min(0.0)).sqrt()
-    if bool((k11 > 0).all()) and bool((k22 > 0).all()):   # cheap: on the variance arrays
+    # Fast path, decided on the (small) variance arrays; under torch.compile the
+    # branch-free form is used instead, since a data-dependent branch breaks the graph.
+    if not compiling() and bool((k11 > 0).all()) and bool((k22 > 0).all()):
         return scale, (k12 / scale).clamp(-1.0, 1.0)
     positive = scale > 0
     c = torch.where(positive, k12 / torch.where(positive, scale, 1.0), 0.0)

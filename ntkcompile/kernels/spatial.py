@@ -191,7 +191,8 @@ def stencil_same_adjoint(d, g: ConvGeometry, batch_shape):
 def pair_indices(n, device):
     """``(I, J, DIAG)``: row/column of every packed pair and the packed positions of ``i == j``."""
     ij = torch.triu_indices(n, n, device=device)
-    return ij[0], ij[1], (ij[0] == ij[1]).nonzero().flatten()
+    r = torch.arange(n, device=device)
+    return ij[0], ij[1], r * n - r * (r - 1) // 2    # row i starts after sum_{q<i} (n - q) pairs
 
 
 def pack(full, i, j):
