@@ -62,8 +62,9 @@ RUNTIME = {
     **{name: getattr(_sp, name) for name in (
         "patches", "input_cov_cross", "input_cov_same", "stencil_same", "stencil_pair",
         "stencil_pair_adjoint", "stencil_same_adjoint", "lift1", "lift2", "spatial_sum",
-        "global_mean", "aligned_mean", "input_cov_cross_diag", "pair_indices",
-        "pack", "unpack", "liftp", "with_diagonal_packed", "with_diagonal_aligned")},
+        "global_mean", "aligned_mean", "diagonal_mean", "identity_pairs", "input_cov_cross_diag", "pair_indices",
+        "pack", "unpack", "liftp", "with_diagonal_packed", "with_diagonal_aligned", "pool_pair",
+        "pool_same", "pool_pair_adjoint", "input_cov_self_pairs", "liftf")},
 }
 
 

@@ -206,6 +206,22 @@ class GProbe(Atom):
 
 
 @_node
+class GPool(Atom):
+    """Average pooling of ``arg`` (a Vec with positions) over windows ``geom``.
+
+    A deterministic linear map across positions: Gaussian exactly when ``arg`` is.
+    Its covariance averages *all* pairs of positions of two windows.
+    """
+    geom: Any                 # kernels.spatial.ConvGeometry (kernel, stride, padding)
+    arg: Any
+    uid: int = field(default=-1, compare=False)
+
+    @property
+    def gaussian(self):
+        return all(v.gaussian for _, v in self.arg.pieces)
+
+
+@_node
 class HAtom(Atom):
     """``expr(g_1, ..., g_k)`` with ``gargs = (g_1, ..., g_k)`` purely Gaussian ``Var``s."""
     expr: Any
@@ -454,6 +470,10 @@ class Builder:
             for c, a in var.terms:
                 if a.gaussian:
                     continue
+                if not isinstance(a, HAtom):
+                    raise NotImplementedError(
+                        f"a nonlinearity of {type(a).__name__} of a non-Gaussian vector (e.g. average "
+                        "pooling of a nonlinearity, then another nonlinearity)")
                 remap = {i: slot_of(g) for i, g in enumerate(a.gargs)}
                 terms.append((c, self.substitute(a.expr, remap)))
             return self.elin(terms) if terms else self.econst(0.0)

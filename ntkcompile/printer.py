@@ -64,6 +64,14 @@ def _expr(e, slots, names) -> str:
     return " + ".join(f"{_scalar(c, names)}*({_expr(x, slots, names)})" for c, x in e.terms)
 
 
+def _backward_atom(u, names) -> str:
+    if u == Backward.READOUT:
+        return "v (readout)"
+    if isinstance(u, ir.GPool):
+        return f"avgpool^T d{names(u)}"
+    return f"W[{u.param.name}]^T d{names(u)}"
+
+
 def format_program(program: ir.Program, evaluators=()) -> str:
     names = _Names(program)
     b = program.builder
@@ -90,6 +98,10 @@ def format_program(program: ir.Program, evaluators=()) -> str:
         elif isinstance(node, ir.GMatMul):
             op = "conv* " if node.param.conv is not None else ""
             lines.append(f"  {names(node)} = W[{node.param.name}] {op}({_vec(node.arg, names)})    # G")
+        elif isinstance(node, ir.GPool):
+            kind = "G" if node.gaussian else "linear in H-vars"
+            lines.append(f"  {names(node)} = avgpool{node.geom.kernel}/{node.geom.stride} "
+                         f"({_vec(node.arg, names)})    # {kind}")
         elif isinstance(node, ir.GBias):
             lines.append(f"  {names(node)} = b[{node.param.name}]    # G (bias)")
         elif isinstance(node, ir.GProbe):
@@ -104,8 +116,7 @@ def format_program(program: ir.Program, evaluators=()) -> str:
     bw = Backward(program)
     lines += ["", "backward (gradient independence assumption; Simple GIA Check passed):"]
     for g, users in bw.consumers.items():
-        srcs = ", ".join("v (readout)" if u == Backward.READOUT else f"W[{u.param.name}]^T d{names(u)}"
-                         for u in users)
+        srcs = ", ".join(_backward_atom(u, names) for u in users)
         lines.append(f"  d{names(g)} <- {srcs}")
     if evaluators:
         lines += ["", "expectations (evaluator):"]

@@ -120,3 +120,32 @@ class DilatedConv1d(nn.Module):
 
     def forward(self, x):
         return self.out(torch.tanh(self.b(torch.relu(self.a(x)))).flatten(1))
+
+
+class PooledCNN(nn.Module):
+    """Average pooling inside the network (between two convolutions), flatten readout."""
+
+    def __init__(self, c, n):
+        super().__init__()
+        self.a = nn.Conv2d(c, n, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.b = nn.Conv2d(n, n, 3, padding=1)
+        self.out = nn.Linear(n * 9, 1)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.a(x)))
+        return self.out(torch.tanh(self.b(h)).flatten(1))
+
+
+class PoolThenReLU(nn.Module):
+    """Pooling of a Gaussian (conv output) is Gaussian: a nonlinearity may follow."""
+
+    def __init__(self, c, n):
+        super().__init__()
+        self.a = nn.Conv1d(c, n, 3, padding=1)
+        self.b = nn.Conv1d(n, n, 2)
+        self.out = nn.Linear(n, 1)
+
+    def forward(self, x):
+        h = torch.relu(nn.functional.avg_pool1d(self.a(x), 2, stride=2, padding=1))
+        return self.out(torch.relu(self.b(h)).mean(-1))

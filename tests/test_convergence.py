@@ -12,7 +12,7 @@ from torch import nn
 import ntkcompile
 from helpers.convergence import convergence_sweep
 from models import (AffineLayerNormMLP, ConcatMLP, ConvResNet, CorrelatedResidual, DilatedConv1d, GatedMLP,
-                    SharedLinear, mlp)
+                    PooledCNN, PoolThenReLU, SharedLinear, mlp)
 
 D = 6
 WIDTHS = [128, 512, 2048]
@@ -57,3 +57,13 @@ def test_convergence_conv_resnet():
 @pytest.mark.slow
 def test_convergence_dilated_conv1d():
     _check(lambda n: DilatedConv1d(2, n), shape=(2, 8), widths=[32, 128, 512])
+
+
+def test_convergence_average_pooling_inside():
+    """nn.AvgPool2d between convolutions (all pairs of positions of two windows)."""
+    _check(lambda n: PooledCNN(2, n), shape=(2, 6, 6), widths=[64, 256, 1024])
+
+
+@pytest.mark.slow
+def test_convergence_pooled_gaussian_then_relu():
+    _check(lambda n: PoolThenReLU(2, n), shape=(2, 7), widths=[64, 256, 1024])

@@ -235,3 +235,28 @@ def test_float32_on_request():
     k32 = ntkcompile.compile(model, dtype=torch.float32)(x)
     assert k32.ntk.dtype == torch.float32 and k64.ntk.dtype == torch.float64
     torch.testing.assert_close(k32.ntk.double(), k64.ntk, rtol=1e-5, atol=1e-6)
+
+
+def test_average_pooling_nngp_against_monte_carlo():
+    """NNGP of conv -> ReLU -> AvgPool2d(2) -> flatten -> Linear, against sampling the
+    exact Gaussian conv field (numpy); tolerance: 5 Monte Carlo standard errors."""
+    class Net(nn.Module):
+        def __init__(self, n=4):
+            super().__init__()
+            self.a, self.p, self.o = nn.Conv2d(2, n, 3, padding=1), nn.AvgPool2d(2), nn.Linear(n * 9, 1)
+
+        def forward(self, x):
+            return self.o(self.p(torch.relu(self.a(x))).flatten(1))
+
+    W, b = 1.2, 0.1
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    nngp = ntkcompile.compile(Net(), W_std=W, b_std=b)(x).nngp.numpy()
+    patches = F.unfold(x, 3, padding=1)                                   # (2, 18, 36)
+    cov = (W**2 * torch.einsum("acs,bct->asbt", patches, patches) / 18 + b**2).reshape(72, 72).numpy()
+    chol = np.linalg.cholesky(cov + 1e-12 * np.eye(72))
+    z = (chol @ np.random.default_rng(0).standard_normal((72, 200_000))).reshape(2, 6, 6, -1)
+    pooled = np.maximum(z, 0).reshape(2, 3, 2, 3, 2, -1).mean(axis=(2, 4)).reshape(2, 9, -1)
+    samples = np.einsum("ips,jps->ijs", pooled, pooled) / 9              # per-sample products
+    mc = W**2 * samples.mean(-1) + b**2
+    se = W**2 * samples.std(-1) / np.sqrt(samples.shape[-1])
+    assert np.all(np.abs(nngp - mc) < 5 * se), (nngp, mc, se)

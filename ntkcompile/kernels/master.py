@@ -35,7 +35,11 @@ from .. import ir
 from ..printer import atom_label
 from ..passes.backward import Backward, derivative_elementwise, expr_has_jump
 
-_SIDES = {"d1": (1, 1), "d2": (2, 2), "x": (1, 2)}
+# Sides of the left and right operand of each pair kind.  ``f1``/``f2`` pair two
+# vectors on the *same* input at every pair of positions ``(N, *P, *P)`` (needed
+# under average pooling); the sign marks the right operand's position group.
+_SIDES = {"d1": (1, 1), "d2": (2, 2), "x": (1, 2), "f1": (1, -1), "f2": (2, -2)}
+_SAME_INPUT = ("d1", "d2")
 
 
 # -- symbolic arithmetic on code fragments (None = exact zero, float = constant) --
@@ -96,15 +100,18 @@ class Planner:
         # Layout analysis: a flatten readout only ever pairs position s with s (convs
         # keep that diagonal), so cross arrays are (N1, N2, *P); global pooling needs
         # every pair of positions, (N1, N2, *P, *P).
-        self.diag = program.readout.pool == "flatten"
+        self.diag = program.readout.pool == "flatten" and not any(
+            isinstance(n, ir.GPool) for n in self.b.nodes)   # pooling mixes position pairs
         self.evaluators: list = []      # (description, evaluator)
 
     # ------------------------------------------------------------ plumbing
     def pair(self, pair):
-        return "d1" if self.self_mode and pair == "d2" else pair
+        if self.self_mode and pair in ("d2", "f2"):
+            return pair[0] + "1"
+        return pair
 
     def side_pair(self, side):
-        return self.pair(f"d{side}")
+        return self.pair(f"d{abs(side)}")
 
     def lift(self, sym, side, pair, k=0):
         """A per-input array of ``side`` broadcast into the layout of ``pair``.
@@ -112,8 +119,10 @@ class Planner:
         ``k`` is the number of position axes of the context: same-input arrays are
         ``(N, *P)``, cross arrays ``(N1, N2, *P, *P)`` (kernels.spatial).
         """
-        if sym is None or isinstance(sym, float) or pair != "x":
+        if sym is None or isinstance(sym, float) or pair in _SAME_INPUT:
             return sym
+        if pair in ("f1", "f2"):
+            return f"liftf({sym}, {k}, {side < 0})" if k else sym
         if self.diag:
             k = 0                # positions aligned: (N, *P) -> (N, 1, *P)
         if self.self_mode:       # packed pairs i <= j (kernels.spatial.pack)
@@ -133,6 +142,8 @@ class Planner:
             shapes = [self.spatial(a) for _, a in node.terms]
         elif isinstance(node, (ir.GInput, ir.GMatMul)):
             shapes = [node.param.conv.out_shape if node.param.conv is not None else ()]
+        elif isinstance(node, ir.GPool):
+            shapes = [node.geom.out_shape]
         elif isinstance(node, ir.HAtom):
             shapes = [self.spatial(g) for g in node.gargs]
         else:
@@ -161,6 +172,7 @@ class Planner:
         """A per-input scalar node on ``side``: float or a code symbol of shape (N,)."""
         if isinstance(s, ir.SConst):
             return s.value
+        side = abs(side)
         return self._memo(("s", s, self.side_pair(side)), lambda: self._scalar(s, side))
 
     def _scalar(self, s, side):
@@ -191,10 +203,15 @@ class Planner:
         return _add([_mul(self.scalar(c, side), self.mean_atom(a, side)) for c, a in var.terms])
 
     def mean_atom(self, a, side):
+        side = abs(side)
         if a is self.b.ONE:
             return 1.0
         if a.gaussian:
             return None
+        if isinstance(a, ir.GPool):     # the pooled mean field
+            m = self.mean_vec(a.arg, side)
+            return None if m is None else self.src.assign(
+                f"stencil_same({_sym(m)}, {self.src.bind(a.geom, 'geom')})", "k")
         return self._memo(("m", a, self.side_pair(side)), lambda: self._mean_h(a, side))
 
     def _mean_h(self, a, side):
@@ -225,7 +242,7 @@ class Planner:
 
     def Evar(self, u, v, pair):
         pair = self.pair(pair)
-        if pair != "x" and u.uid > v.uid:
+        if pair in _SAME_INPUT and u.uid > v.uid:
             u, v = v, u
         return self._memo(("E", u, v, pair), lambda: self._Evar(u, v, pair))
 
@@ -244,7 +261,7 @@ class Planner:
 
     def Eatom(self, a, b, pair):
         pair = self.pair(pair)
-        if pair != "x" and a.uid > b.uid:
+        if pair in _SAME_INPUT and a.uid > b.uid:
             a, b = b, a
         return self._memo(("A", a, b, pair), lambda: self._Eatom(a, b, pair))
 
@@ -258,11 +275,28 @@ class Planner:
             return self.lift(self.mean_atom(b, right), right, pair, k)
         if b is one:
             return self.lift(self.mean_atom(a, left), left, pair, k)
+        if isinstance(a, ir.GPool) or isinstance(b, ir.GPool):
+            return self.pool_cov(a, b, pair)
         if a.gaussian and b.gaussian:
             return self.gcov(a, b, pair)
         if a.gaussian or b.gaussian:
             return self.stein(a, b, pair)
         return self.hh(a, b, pair)
+
+    def pool_cov(self, a, b, pair):
+        """``E[pool(u) pool(v)']``: the average over all position pairs of two windows."""
+        if not (isinstance(a, ir.GPool) and isinstance(b, ir.GPool) and a.geom == b.geom):
+            raise NotImplementedError(
+                "average pooling whose output is combined with other vectors (a residual sum or "
+                "product with an unpooled branch, or two different poolings)")
+        inner_pair = pair if pair not in _SAME_INPUT else "f" + pair[1]
+        inner = self.Evec(a.arg, b.arg, inner_pair)
+        if inner is None:
+            return None
+        if not isinstance(inner, str):
+            raise NotImplementedError("average pooling of a vector constant over positions")
+        how = "pool_same" if pair in _SAME_INPUT else "pool_pair"
+        return f"{how}({inner}, {self.src.bind(a.geom, 'geom')})"
 
     def gcov(self, a, b, pair):
         """Covariance of two G-atoms (tensor_programs.md Sec. 3)."""
@@ -281,11 +315,11 @@ class Planner:
             if not isinstance(inner, str):
                 raise NotImplementedError("a convolution of a vector constant over positions")
             g = self.src.bind(geom, "geom")
-            both = pair == "x" and not self.diag
+            both = (pair == "x" and not self.diag) or pair in ("f1", "f2")
             return _mul(W2, f"stencil_{'pair' if both else 'same'}({inner}, {g})")
         # GInput: W_std^2 xi.xi' / fan_in on the fixed inputs (patches under each tap for a conv)
         left, right = _SIDES[pair]
-        fa, fb = f"F{left}[{a.fixed}]", f"F{right}[{b.fixed}]"
+        fa, fb = f"F{abs(left)}[{a.fixed}]", f"F{abs(right)}[{b.fixed}]"
         if geom is None:
             dot = f"{fa} @ {fb}.T" if pair == "x" else f"({fa} * {fb}).sum(-1)"
             if pair == "x" and self.self_mode:
@@ -297,6 +331,8 @@ class Planner:
             return _mul(W2 / a.param.fan_in, dot)
         g = self.src.bind(geom, "geom")
         pa = self.src.assign(f"patches({fa}, {g})", "p")
+        if pair in ("f1", "f2"):
+            return _mul(W2, f"input_cov_self_pairs({pa}, {g}, {a.param.fan_in})")
         if pair == "x":
             pb = self.src.assign(f"patches({fb}, {g})", "p")
             how = "input_cov_cross_diag" if self.diag else "input_cov_cross"
@@ -314,6 +350,8 @@ class Planner:
         """True if two Gaussian Vars are independent by construction (distinct matrices)."""
         for _, a in u.terms:
             for _, b in v.terms:
+                if isinstance(a, ir.GPool) or isinstance(b, ir.GPool):
+                    return False            # pools of anything: not provably independent
                 if type(a) is type(b) and not isinstance(a, ir.GProbe) and a.param is b.param:
                     return False
         return True
@@ -511,9 +549,20 @@ class Planner:
             n = math.prod(r.spatial)
             if r.pool == "gap":          # v / P at every position
                 return r.W_std ** 2 / n ** 2
-            if r.pool == "flatten":      # a separate readout vector per position
-                return r.W_std ** 2 / n  # (diagonal layout: only s = t is stored)
+            if r.pool == "flatten":      # a separate readout vector per position: delta_st
+                if self.diag:            # aligned layout: only s = t is stored
+                    return r.W_std ** 2 / n
+                return _mul(r.W_std ** 2 / n, f"identity_pairs({r.spatial!r}, like)")
             return r.W_std ** 2
+        if isinstance(u, ir.GPool) or isinstance(w, ir.GPool):
+            # B = pool^T dP.  Two pools covary through D; a pool and a matmul's W^T dy are
+            # independent unless W also acts after the pool (not supported: no such sharing).
+            if not (isinstance(u, ir.GPool) and isinstance(w, ir.GPool)):
+                return None
+            if u.geom != w.geom:
+                raise NotImplementedError("two different average poolings of one vector")
+            d = self.D(u, w)
+            return None if d is None else f"pool_pair_adjoint({_sym(d)}, {self.src.bind(u.geom, 'geom')}, BATCH)"
         if u == R or w == R or u.param is not w.param:
             return None
         d = self.D(u, w)
@@ -530,7 +579,7 @@ class Planner:
         core = self.Evec(r.vec, r.vec, "x")
         if r.pool is None or core is None:
             return core
-        how = "global_mean" if r.pool == "gap" else "aligned_mean"
+        how = {"gap": "global_mean", "flatten": "aligned_mean" if self.diag else "diagonal_mean"}[r.pool]
         return self.src.assign(f"{how}({_sym(core)}, {r.spatial!r}, BATCH)", "k")
 
     def nngp(self):

@@ -167,6 +167,21 @@ def aligned_mean(a, spatial, batch):
     return full.mean(dim=tuple(range(len(batch), len(batch) + len(spatial))))
 
 
+def diagonal_mean(a, spatial, batch):
+    """``mean_s E[u_s v_s']`` (a flatten readout) from the all-pairs layout ``(*batch, *P, *P)``."""
+    if not torch.is_tensor(a):
+        return a
+    n = math.prod(spatial)
+    a = torch.broadcast_to(a, tuple(batch) + tuple(spatial) + tuple(spatial)).reshape(*batch, n, n)
+    return torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+
+
+def identity_pairs(spatial, like):
+    """``delta_{st}`` as ``(*P, *P)``: the backward covariance of a flatten readout (all-pairs layout)."""
+    n = math.prod(spatial)
+    return torch.eye(n, dtype=like.dtype, device=like.device).reshape(*spatial, *spatial)
+
+
 def input_cov_cross_diag(p1, p2, g: ConvGeometry, fan_in):
     """``sum_{c,k} x_c(s+k) x'_c(s+k) / fan_in`` as ``(N1, N2, *P)`` (aligned positions)."""
     out = torch.einsum("acs,bcs->abs", p1, p2) / fan_in
@@ -235,3 +250,68 @@ def with_diagonal_packed(packed, same, diag):
     p = torch.arange(pt, device=packed.device)
     view[diag[:, None], p[None, :], p[None, :]] = same.reshape(-1, pt)
     return view.reshape(packed.shape)
+
+
+
+# Average pooling: a fixed average over windows, mixing *all* pairs of positions of
+# two windows: E[y_s y'_t] = (1/|K|^2) sum_{k,l} E[x_{s+k} x'_{t+l}].
+
+def _pool_last(a, g: ConvGeometry):
+    """Average over windows on the last ``nd`` axes (zero padding counted)."""
+    ap = _pad(a, g, 1)
+    return sum(ap[(Ellipsis,) + g.window(o)] for o in g.offsets()) / g.size
+
+
+def _swap_groups(a, nd):
+    nb = a.ndim - 2 * nd
+    perm = list(range(nb)) + list(range(nb + nd, nb + 2 * nd)) + list(range(nb, nb + nd))
+    return a.permute(*perm)
+
+
+def pool_pair(a, g: ConvGeometry):
+    """``(*batch, *S, *S) -> (*batch, *P, *P)``: both position groups averaged over windows."""
+    nd = len(g.kernel)
+    b = _pool_last(a, g)                                   # right group pooled
+    return _swap_groups(_pool_last(_swap_groups(b, nd), g), nd)
+
+
+def pool_same(a, g: ConvGeometry):
+    """Same-input variances of the pooled vector from ``(N, *S, *S)``: ``(N, *P)``."""
+    p = pool_pair(a, g)
+    n, pt = p.shape[0], math.prod(g.out_shape)
+    return torch.diagonal(p.reshape(n, pt, pt), dim1=-2, dim2=-1).reshape(n, *g.out_shape)
+
+
+def _pool_last_adjoint(d, g: ConvGeometry):
+    nd = len(g.kernel)
+    padded = tuple(s + 2 * p for s, p in zip(g.in_shape, g.padding))
+    out = torch.zeros((*d.shape[:-nd], *padded), dtype=d.dtype, device=d.device)
+    for o in g.offsets():
+        out[(Ellipsis,) + g.window(o)] += d
+    crop = tuple(slice(p, p + s) for p, s in zip(g.padding, g.in_shape))
+    return out[(Ellipsis,) + crop] / g.size
+
+
+def pool_pair_adjoint(d, g: ConvGeometry, batch_shape):
+    """Adjoint of ``pool_pair``: ``(*batch, *P, *P) -> (*batch, *S, *S)``."""
+    nd = len(g.kernel)
+    d = torch.as_tensor(d) if not torch.is_tensor(d) else d
+    d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
+    b = _pool_last_adjoint(d, g)
+    return _swap_groups(_pool_last_adjoint(_swap_groups(b, nd), g), nd)
+
+
+def input_cov_self_pairs(p, g: ConvGeometry, fan_in):
+    """Same input, every pair of positions: ``(N, *P, *P)``."""
+    out = torch.einsum("acs,act->ast", p, p) / fan_in
+    return out.reshape(p.shape[0], *g.out_shape, *g.out_shape)
+
+
+def liftf(t, k, right):
+    """A same-input array ``(N, *P)`` in the same-input all-pairs layout ``(N, *P, *P)``."""
+    if not torch.is_tensor(t):
+        return t
+    sp = t.shape[1:]
+    if not sp:
+        return t.reshape(t.shape[0], *([1] * 2 * k))
+    return t.reshape(t.shape[0], *([1] * k), *sp) if right else t.reshape(t.shape[0], *sp, *([1] * k))

@@ -54,7 +54,11 @@ def expr_has_jump(expr) -> bool:
 
 
 class Backward:
-    """Consumers of every G-atom and the multipliers ``dF/dG`` (memoized)."""
+    """Consumers of every G-atom and the multipliers ``dF/dG`` (memoized).
+
+    An average pooling is both: a consumer of its argument (its backward atom is
+    ``pool^T dP``) and an atom read off by its own consumers.
+    """
 
     READOUT = "readout"
 
@@ -63,7 +67,7 @@ class Backward:
         self.b = program.builder
         self.consumers: dict = {}
         self._deriv: dict = {}
-        users = [a for a in self.b.nodes if isinstance(a, ir.GMatMul)] + [self.READOUT]
+        users = [a for a in self.b.nodes if isinstance(a, (ir.GMatMul, ir.GPool))] + [self.READOUT]
         for u in users:
             for _, var in self.arg(u).pieces:
                 for g in self.gatoms(var):
@@ -79,7 +83,7 @@ class Backward:
         """G-atoms a Var depends on directly (not through other matmuls)."""
         out = []
         for _, a in var.terms:
-            if a.gaussian:
+            if a.gaussian or isinstance(a, ir.GPool):   # a pool is read off like a G-atom
                 out.append(a)
             else:
                 for g in a.gargs:
@@ -100,7 +104,7 @@ class Backward:
         for c, a in var.terms:
             if a is g:
                 terms.append((c, b.ONE))
-            elif not a.gaussian:
+            elif isinstance(a, ir.HAtom):
                 for j, garg in enumerate(a.gargs):
                     coef = next((cc for cc, aa in garg.terms if aa is g), None)
                     if coef is None:

@@ -178,6 +178,14 @@ class Lowering:
         )
 
     def lower_node(self, node):
+        try:
+            return self._lower_node(node)
+        except UnsupportedOpError:
+            raise
+        except NotImplementedError as e:
+            raise self.unsupported(node, str(e)) from e
+
+    def _lower_node(self, node):
         if node.op == "placeholder":
             return Fixed(node)
         if node.op == "get_attr":
@@ -726,6 +734,35 @@ def _conv_function(lw, node, x, weight, bias=None, stride=1, padding=0, dilation
         raise lw.unsupported(node, "a convolution whose weight is not a module parameter")
     return _conv(lw, node, x, _module_of(wnode.target), tuple(lw.shape(wnode)), bias is not None,
                  stride, padding, dilation, groups)
+
+
+def _avg_pool(lw, node, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+              count_include_pad=True, divisor_override=None):
+    """``nn.AvgPool{1,2}d``: a fixed average over windows of positions (a GPool atom)."""
+    if not isinstance(x, Width) or not x.spatial:
+        raise lw.unsupported(node, "average pooling of a tensor without positions")
+    if ceil_mode or divisor_override is not None or (not count_include_pad and padding):
+        raise lw.unsupported(node, "average pooling with ceil_mode, divisor_override or "
+                             "count_include_pad=False and padding")
+    try:
+        geom = ConvGeometry.make(kernel_size, stride if stride else kernel_size, padding, 1, x.spatial)
+    except ValueError as e:
+        raise lw.unsupported(node, f"this pooling ({e})") from e
+    atom = lw.b.make(ir.GPool, geom, x.vec)
+    return lw.width(node, lw.b.single(lw.b.atom_var(atom)), x.size, geom.out_shape)
+
+
+@rule(MODULE_RULES, nn.AvgPool1d, nn.AvgPool2d)
+def _avg_pool_module(lw, node, m, x):
+    return _avg_pool(lw, node, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                     getattr(m, "divisor_override", None))
+
+
+@rule(FUNCTION_RULES, F.avg_pool1d, F.avg_pool2d)
+def _avg_pool_function(lw, node, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                       count_include_pad=True, divisor_override=None):
+    return _avg_pool(lw, node, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
 
 
 def _global_pool(lw, node, x, output_size):
