@@ -213,7 +213,7 @@ def _plot_trajectories(res: ModelResult, cfg: Config, path: str) -> None:
         for w in shown:
             ax.plot(steps, rep.finite[w, seed].test[:, p, label], color=colors[w], label=f"width {w}")
             ax.plot(steps, rep.infinite[w, seed].test[:, p, label], color=colors[w], ls="--",
-                    label=f"infinite width, same f0")
+                    label="infinite width, same f0")
         ax.set_title(f"test point {p}: logit of its class {label}")
         ax.set_xlabel("SGD step")
     axes[0].legend(fontsize=7)

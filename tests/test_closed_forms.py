@@ -1,6 +1,4 @@
 """Closed-form values (TP II) and quadrature against closed forms, at the kernel level."""
-import math
-
 import numpy as np
 import pytest
 import torch

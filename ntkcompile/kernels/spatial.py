@@ -99,8 +99,7 @@ def stencil_same(a, g: ConvGeometry):
     nd = len(g.kernel)
     if a.ndim == 1:   # constant over positions: padding still makes the border differ
         a = a.reshape(a.shape[0], *([1] * nd)).expand(a.shape[0], *g.in_shape)
-    ap = _pad(a, g, 1)
-    return sum(ap[(Ellipsis,) + g.window(o)] for o in g.offsets()) / g.size
+    return _pool_last(a, g)
 
 
 def stencil_pair(a, g: ConvGeometry):
@@ -118,7 +117,6 @@ def stencil_pair(a, g: ConvGeometry):
 
 def stencil_pair_adjoint(d, g: ConvGeometry, batch_shape):
     """Adjoint of ``stencil_pair``: ``(N1, N2, *P, *P) -> (N1, N2, *S, *S)`` (scatter-add)."""
-    nd = len(g.kernel)
     padded = tuple(s + 2 * p for s, p in zip(g.in_shape, g.padding))
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
     d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
@@ -190,14 +188,8 @@ def input_cov_cross_diag(p1, p2, g: ConvGeometry, fan_in):
 
 def stencil_same_adjoint(d, g: ConvGeometry, batch_shape):
     """Adjoint of ``stencil_same``: ``(*batch, *P) -> (*batch, *S)`` (scatter-add)."""
-    padded = tuple(s + 2 * p for s, p in zip(g.in_shape, g.padding))
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
-    d = torch.broadcast_to(d, (*batch_shape, *g.out_shape))
-    out = torch.zeros((*batch_shape, *padded), dtype=d.dtype, device=d.device)
-    for o in g.offsets():
-        out[(Ellipsis,) + g.window(o)] += d
-    crop = tuple(slice(p, p + s) for p, s in zip(g.padding, g.in_shape))
-    return out[(Ellipsis,) + crop] / g.size
+    return _pool_last_adjoint(torch.broadcast_to(d, (*batch_shape, *g.out_shape)), g)
 
 
 # Packed layout of x1 against itself: only pairs i <= j, ``(T, *P, *P)`` with

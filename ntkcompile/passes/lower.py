@@ -33,7 +33,7 @@ from ..errors import GIACheckError, UnsupportedOpError, WidthInferenceError
 from ..kernels import elementwise as ew
 from ..kernels.spatial import ConvGeometry
 from ..trace import describe, source_line
-from .width import find_readout, is_linear_node
+from .width import find_readout
 
 
 # --------------------------------------------------------------------------- #
