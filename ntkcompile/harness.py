@@ -49,12 +49,12 @@ _DTYPE = torch.float64
 def fit_loglog_slope(widths: Sequence[float], values: Sequence[float]) -> float:
     """Least-squares slope of ``log(values)`` against ``log(widths)``."""
     x = np.log(np.asarray(widths, dtype=np.float64))
-    y = np.log(np.asarray(values, dtype=np.float64))
-    if x.shape != y.shape or x.size < 2:
-        raise ValueError(f"need >= 2 (width, value) pairs of equal length, got {x.size} and {y.size}")
-    if not np.all(np.isfinite(y)):
+    v = np.asarray(values, dtype=np.float64)
+    if x.shape != v.shape or x.size < 2:
+        raise ValueError(f"need >= 2 (width, value) pairs of equal length, got {x.size} and {v.size}")
+    if not np.all((v > 0) & np.isfinite(v)):
         raise ValueError(f"values must be positive and finite, got {list(values)}")
-    slope, _ = np.polyfit(x, y, 1)
+    slope, _ = np.polyfit(x, np.log(v), 1)
     return float(slope)
 
 

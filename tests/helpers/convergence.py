@@ -19,20 +19,9 @@ from torch import Tensor, nn
 from ntkcompile.empirical import empirical_ntk
 from ntkcompile.parametrize import ntk_parametrize
 
+from ntkcompile.harness import fit_loglog_slope  # noqa: E402  (one definition, re-exported)
+
 __all__ = ["convergence_sweep", "fit_loglog_slope", "relative_frobenius"]
-
-
-def fit_loglog_slope(widths: Sequence[float], errors: Sequence[float]) -> float:
-    """Least-squares slope of ``log(errors)`` against ``log(widths)``."""
-    x = np.log(np.asarray(widths, dtype=np.float64))
-    e = np.asarray(errors, dtype=np.float64)
-    if x.shape != e.shape or x.size < 2:
-        raise ValueError(f"need >= 2 (width, error) pairs of equal length, got {x.size} and {e.size}")
-    if not np.all((e > 0) & np.isfinite(e)):
-        raise ValueError(f"errors must be positive and finite, got {list(errors)}")
-    y = np.log(e)
-    slope, _ = np.polyfit(x, y, 1)
-    return float(slope)
 
 
 def relative_frobenius(a, b) -> float:
