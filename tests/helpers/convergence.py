@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ntkcompile.empirical import empirical_ntk
+from ntkcompile.harness import fit_loglog_slope  # one definition, re-exported for the tests
 from ntkcompile.parametrize import ntk_parametrize
-
-from ntkcompile.harness import fit_loglog_slope  # noqa: E402  (one definition, re-exported)
 
 __all__ = ["convergence_sweep", "fit_loglog_slope", "relative_frobenius"]
 
