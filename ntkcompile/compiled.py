@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import codegen
-from .errors import InputShapeError, NonFiniteInputError
+from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
 from .kernels.master import Planner
 from .passes.lower import is_rule_module, lower
 from .printer import format_program
@@ -69,6 +69,12 @@ class CompiledKernel:
     def _lower(self):
         example = torch.zeros((2,) + self.input_shape, dtype=self._model_dtype)
         self._program = lower(self._gm, example, self.W_std, self.b_std, self.std)
+        try:   # plan now, so unsupported combinations fail at compile time, not at the first call
+            self._function(True, True)
+        except UnsupportedOpError:
+            raise
+        except NotImplementedError as e:
+            raise UnsupportedOpError(f"{self.model_name}: {e}") from e
 
     def _function(self, self_mode: bool, want_ntk: bool):
         key = (self_mode, want_ntk)

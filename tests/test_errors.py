@@ -148,3 +148,22 @@ def test_modified_layernorm_parameters_are_refused():
     model = nn.Sequential(nn.Linear(3, 8), ln, nn.Linear(8, 1))
     with pytest.raises(UnsupportedOpError, match="initialization"):
         ntkcompile.compile(model)
+
+
+class PooledPlusUnpooled(nn.Module):
+    """A pooled branch added to an unpooled one: not supported yet, refused at compile time."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(2, 8, 3, padding=1), nn.Conv1d(8, 8, 2, stride=2)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = self.b(h) + nn.functional.avg_pool1d(h, 2)
+        return self.out(h.mean(-1))
+
+
+def test_unsupported_pooling_combination_fails_at_compile_time():
+    with pytest.raises(UnsupportedOpError, match="average pooling whose output is combined"):
+        ntkcompile.compile(PooledPlusUnpooled(), input_shape=(2, 8))
