@@ -58,7 +58,10 @@ def source_line(node: fx.Node) -> str:
     frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
               for i in range(len(lines)) if lines[i].startswith("File ")]
     user = [f for f in frames if _TORCH_DIR not in f[0] and _OWN_DIR not in f[0]]
-    where, code = (user or frames or [(lines[-1], "")])[-1]
+    if not user:   # called by a torch container such as nn.Sequential
+        where = f"module '{node.target}'" if node.op == "call_module" else f"node '{node.name}'"
+        return f"{where}, called from torch code (e.g. inside an nn.Sequential)"
+    where, code = user[-1]
     return f"{where}: {code}" if code else where
 
 

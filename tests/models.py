@@ -149,3 +149,16 @@ class PoolThenReLU(nn.Module):
     def forward(self, x):
         h = torch.relu(nn.functional.avg_pool1d(self.a(x), 2, stride=2, padding=1))
         return self.out(torch.relu(self.b(h)).mean(-1))
+
+
+class BatchNormCNN(nn.Module):
+    """Conv -> BatchNorm2d (eval mode, initial statistics, affine) -> tanh -> GAP readout."""
+
+    def __init__(self, c, n):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(c, n, 3, padding=1), nn.BatchNorm2d(n)
+        self.out = nn.Linear(n, 1)
+        self.eval()
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.bn(self.a(x))).mean(dim=(2, 3)))

@@ -11,7 +11,7 @@ from torch import nn
 
 import ntkcompile
 from helpers.convergence import convergence_sweep
-from models import (AffineLayerNormMLP, ConcatMLP, ConvResNet, CorrelatedResidual, DilatedConv1d, GatedMLP,
+from models import (AffineLayerNormMLP, BatchNormCNN, ConcatMLP, ConvResNet, CorrelatedResidual, DilatedConv1d, GatedMLP,
                     PooledCNN, PoolThenReLU, SharedLinear, mlp)
 
 D = 6
@@ -67,3 +67,8 @@ def test_convergence_average_pooling_inside():
 @pytest.mark.slow
 def test_convergence_pooled_gaussian_then_relu():
     _check(lambda n: PoolThenReLU(2, n), shape=(2, 7), widths=[64, 256, 1024])
+
+
+def test_convergence_eval_batchnorm_cnn():
+    """Eval-mode BatchNorm at initialization: a scale plus trainable per-channel gain and shift."""
+    _check(lambda n: BatchNormCNN(2, n), shape=(2, 5, 5), widths=[128, 512, 2048])

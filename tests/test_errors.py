@@ -167,3 +167,20 @@ class PooledPlusUnpooled(nn.Module):
 def test_unsupported_pooling_combination_fails_at_compile_time():
     with pytest.raises(UnsupportedOpError, match="average pooling whose output is combined"):
         ntkcompile.compile(PooledPlusUnpooled(), input_shape=(2, 8))
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    with pytest.raises(UnsupportedOpError, match="couples the examples of a batch"):
+        ntkcompile.compile(model)
+    ntkcompile.compile(model.eval())
+
+
+def test_compile_does_not_modify_the_model():
+    """Shape propagation runs on a copy: training-mode BatchNorm statistics stay untouched."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedOpError):
+        ntkcompile.compile(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -589,7 +589,12 @@ class Planner:
 
     def _spatial_sum(self, term, node):
         """NTK terms of a weight shared over positions sum over all pairs of positions."""
-        sp = node.param.spatial if isinstance(node, ir.GBias) else self.spatial(node)
+        if isinstance(node, ir.GBias):
+            sp = node.param.spatial
+        elif isinstance(node, ir.GProbe):
+            sp = self.spatial(node.param.xhat)
+        else:
+            sp = self.spatial(node)
         if term is None or not sp:
             return term
         shape = f"BATCH + {sp!r}" if self.diag else f"BATCH + {sp!r} + {sp!r}"
@@ -606,11 +611,11 @@ class Planner:
         for param in self.b.params:
             atoms = uses.get(param, [])
             if isinstance(param, ir.Affine):
-                for pr in atoms:
+                for pr in atoms:   # a per-channel gain/shift is shared over positions
                     if param.gain:
-                        terms.append(self.D(pr, pr, weight=param.xhat))
+                        terms.append(self._spatial_sum(self.D(pr, pr, weight=param.xhat), pr))
                     if param.shift:
-                        terms.append(self.D(pr, pr))
+                        terms.append(self._spatial_sum(self.D(pr, pr), pr))
                 continue
             for u in atoms:
                 for w in atoms:

@@ -17,6 +17,7 @@ nonlinearities come from ``kernels.elementwise`` (``register_elementwise``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ class Lowering:
         return self.W_std, self.b_std
 
     def shape(self, node):
-        return self._shapes[node]
+        return self._shapes[node.name]
 
     def error(self, node, msg, cls=UnsupportedOpError):
         return cls(f"{msg}\n  at {describe(node)}\n  source: {source_line(node)}")
@@ -354,11 +355,12 @@ def _propagate_shapes(gm, example):
         def run_node(self, n):
             out = super().run_node(n)
             if isinstance(out, torch.Tensor):
-                shapes[n] = tuple(out.shape)
+                shapes[n.name] = tuple(out.shape)
             return out
 
+    # on a copy: a training-mode BatchNorm would update the user's running statistics
     with torch.no_grad():
-        _Rec(gm).run(example)
+        _Rec(copy.deepcopy(gm)).run(example)
     return shapes
 
 
@@ -801,6 +803,12 @@ def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normaliz
         vec = bb.lincomb([(r, x.vec), (bb.sneg(bb.smul(r, mu)), _one_vec(lw))])
     else:
         vec = bb.lincomb([(bb.srsqrt(sq, eps), x.vec)])
+    return _affine(lw, node, x, vec, name, gain_param, shift_param)
+
+
+def _affine(lw, node, x, vec, name, gain_param, shift_param):
+    """Trainable elementwise gain and shift at PyTorch's initialization (1 and 0)."""
+    bb = lw.b
     for p, init in ((gain_param, 1.0), (shift_param, 0.0)):
         if p is not None and not torch.all(p.detach() == init):
             raise lw.error(node, f"the normalization parameters of '{name}' are not at PyTorch's "
@@ -812,7 +820,30 @@ def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normaliz
                                  shift=shift_param is not None, xhat=vec.pieces[0][1]))
         probe = bb.single(bb.atom_var(bb.make(ir.GProbe, aff)))
         vec = bb.lincomb([(bb.sconst(1.0), vec), (bb.sconst(1.0), probe)])
-    return lw.width(node, vec, x.size)
+    return lw.width(node, vec, x.size, x.spatial)
+
+
+@rule(MODULE_RULES, nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm_module(lw, node, m, x):
+    """BatchNorm in eval mode with its initial running statistics: ``x / sqrt(1 + eps)``.
+
+    In training mode BatchNorm couples the examples of a batch and the kernel depends
+    on the batch composition (TP II App. D); that is not compiled.
+    """
+    if m.training and m.track_running_stats is not False:
+        raise lw.unsupported(
+            node, "BatchNorm in training mode (it couples the examples of a batch: TP II App. D). "
+            "Call model.eval() for the eval-mode kernel with the initial running statistics")
+    if m.training or not m.track_running_stats:
+        raise lw.unsupported(node, "BatchNorm without running statistics")
+    if not isinstance(x, Width):
+        raise lw.unsupported(node, "BatchNorm of a fixed (non-width) tensor")
+    if not (torch.all(m.running_mean == 0) and torch.all(m.running_var == 1)):
+        raise lw.error(node, f"the running statistics of '{node.target}' are not at initialization "
+                       "(mean 0, variance 1); the kernel at initialization assumes them")
+    vec = lw.b.lincomb([(lw.b.sconst((1.0 + m.eps) ** -0.5), x.vec)])
+    return _affine(lw, node, x, vec, node.target, m.weight if m.affine else None,
+                   m.bias if m.affine else None)
 
 
 @rule(MODULE_RULES, nn.LayerNorm)
