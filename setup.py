@@ -10,8 +10,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.2", "numpy", "opt_einsum>=3.3"],
     extras_require={
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "scipy", "scikit-learn", "matplotlib"],   # the demo's data and plots are tested
         "demo": ["scikit-learn", "matplotlib"],
     },
-    entry_points={"console_scripts": ["ntkcompile=ntkcompile.cli:main"]},
 )
