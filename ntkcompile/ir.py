@@ -8,7 +8,10 @@ form*: a linear combination of **atoms** with per-input scalar coefficients.
   width-by-width matrix times a vector), ``GBias`` (a bias vector) and
   ``GProbe`` (a zero vector that only marks where the backward pass is read
   off, e.g. for LayerNorm gain and shift).  G-atoms of the same matrix are
-  grouped by their ``param``: every pair of uses covaries.
+  grouped by their ``param``: every pair of uses covaries.  A convolution is a
+  matrix with a ``conv`` geometry; its atoms carry fixed positions.
+* ``GPool`` is an average over windows of positions: a fixed linear map, Gaussian
+  exactly when its argument is.
 * H-atoms are ``phi(g_1, ..., g_k)``: an expression ``Expr`` of slots, each slot
   a purely Gaussian ``Var``.  A nonlinearity of H-vars is composed into one
   H-atom of the underlying G-vars, never nested.

@@ -4,11 +4,15 @@ For two batches of inputs (side 1: ``x1``, side 2: ``x2``) every quantity is an
 array over *pairs*:
 
 * ``"x"``  -- one vector on an input of side 1, the other on an input of side 2:
-  shape ``(N1, N2)`` (in self mode, ``x2 = x1``);
-* ``"d1"``, ``"d2"`` -- both vectors on the *same* input of one side: ``(N,)``.
-  These are the variances the V-transforms need.
+  shape ``(N1, N2)``; with positions ``(N1, N2, *P, *P)`` (all position pairs) or
+  ``(N1, N2, *P)`` (aligned positions, when a flatten readout is all that needs
+  them).  Against itself (self mode) only pairs ``i <= j`` are stored: ``(T, ...)``;
+* ``"d1"``, ``"d2"`` -- both vectors on the *same* input and position: ``(N, *P)``.
+  These are the variances the V-transforms need;
+* ``"f1"``, ``"f2"`` -- the same input at every pair of positions ``(N, *P, *P)``,
+  needed only for the variances of average-pooled vectors.
 
-``Planner.E(u, v, pair)`` plans ``E[Z^u Z^v']`` by the rules of
+``Planner.Evar(u, v, pair)`` plans ``E[Z^u Z^v']`` by the rules of
 tensor_programs.md Sec. 3, term by term over canonical forms:
 
 * G x G: covariance of Gaussians, nonzero only for the same matrix/bias:
@@ -19,7 +23,8 @@ tensor_programs.md Sec. 3, term by term over canonical forms:
 * H x H: a closed-form V-transform when both sides are the same named
   nonlinearity of one Gaussian, else Gauss-Hermite in 2-D, else the N-D
   evaluator (quadrature up to rank 3, Monte Carlo beyond, with a standard error);
-  independent arguments factorize into a product of means.
+  independent arguments factorize into a product of means;
+* pooled x pooled: the average over all position pairs of two windows.
 
 ``Planner.D(g, g')`` plans the backward covariances (Sec. 4) and ``ntk()`` sums
 ``D * Cov`` over every pair of uses of every parameter (Sec. 5).  Each planned
