@@ -5,15 +5,6 @@ from . import ir
 from .passes.backward import Backward
 
 
-class _Names:
-    def __init__(self, program):
-        self.p = program
-        self.names: dict = {}
-
-    def __call__(self, node):
-        return atom_label(node)
-
-
 def atom_label(node) -> str:
     """Stable name of an atom in printouts: ``g<uid>`` (Gaussian) or ``h<uid>``."""
     return f"{'g' if getattr(node, 'gaussian', False) else 'h'}{node.uid}"
@@ -73,7 +64,10 @@ def _backward_atom(u, names) -> str:
 
 
 def format_program(program: ir.Program, evaluators=()) -> str:
-    names = _Names(program)
+    names = atom_label
+    # the user's fx node that produced each atom (when a node's value is that atom alone)
+    origin = {var.terms[0][1]: name for var, name in program.names.items()
+              if isinstance(var, ir.Var) and len(var.terms) == 1}
     b = program.builder
     lines = ["Tensor Program (NTK parametrization, width n -> infinity)", "", "parameters:"]
     for p in b.params:
@@ -109,6 +103,10 @@ def format_program(program: ir.Program, evaluators=()) -> str:
         elif isinstance(node, ir.HAtom) and node.gargs:
             slots = [f"[{_var(g, names)}]" for g in node.gargs]
             lines.append(f"  {names(node)} = {_expr(node.expr, slots, names)}    # H of {len(slots)} G-var(s)")
+        else:
+            continue
+        if node in origin:
+            lines[-1] += f"  <- {origin[node]}"
     scale = "" if r.scale == 1.0 else f"{r.scale:g} * "
     pooled = {"gap": "mean over positions of ", "flatten": "flatten over positions of "}.get(r.pool, "")
     lines.append(f"  f = {scale}(W_std/sqrt(n)) v[{r.name}] . {pooled}({_vec(r.vec, names)})"
