@@ -115,17 +115,41 @@ def stencil_pair(a, g: ConvGeometry):
     return total / g.size
 
 
+def _adjoint_windows(d, g: ConvGeometry, groups: int):
+    """Adjoint of a window sum over ``groups`` position groups, written as a gather.
+
+    For ``y[i] = sum_k x[i*stride + k*dil - pad]`` the adjoint is
+    ``xbar[j] = sum_k' z[j + pad + k'*dil]`` where ``z`` is ``ybar`` with ``stride - 1``
+    zeros inserted between entries and ``dil*(K-1)`` zeros in front (the usual
+    transposed convolution).  A gather fuses well under torch.compile; a strided
+    scatter-add does not.
+    """
+    nd = len(g.kernel)
+    nb = d.ndim - groups * nd
+    if any(st > 1 for st in g.stride):
+        dilated = tuple((p - 1) * st + 1 for p, st in zip(g.out_shape, g.stride))
+        z = d.new_zeros((*d.shape[:nb], *(dilated * groups)))
+        z[(Ellipsis,) + tuple(slice(None, None, st) for st in g.stride) * groups] = d
+        d = z
+    pads = []
+    for _ in range(groups):
+        for s_in, p_out, st, k, dl, pd in reversed(list(zip(g.in_shape, g.out_shape, g.stride, g.kernel,
+                                                             g.dilation, g.padding))):
+            right = max(0, s_in + pd - (p_out - 1) * st - 1)
+            pads += [dl * (k - 1), right]
+    zp = F.pad(d, pads)
+    total = 0
+    for o in g.offsets():
+        w = tuple(slice(pd + oo, pd + oo + s_in) for pd, oo, s_in in zip(g.padding, o, g.in_shape))
+        total = total + zp[(Ellipsis,) + w * groups]
+    return total / g.size
+
+
 def stencil_pair_adjoint(d, g: ConvGeometry, batch_shape):
-    """Adjoint of ``stencil_pair``: ``(N1, N2, *P, *P) -> (N1, N2, *S, *S)`` (scatter-add)."""
-    padded = tuple(s + 2 * p for s, p in zip(g.in_shape, g.padding))
+    """Adjoint of ``stencil_pair``: ``(*batch, *P, *P) -> (*batch, *S, *S)``."""
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
     d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
-    out = torch.zeros((*batch_shape, *padded, *padded), dtype=d.dtype, device=d.device)
-    for o in g.offsets():
-        w = g.window(o)
-        out[(Ellipsis,) + w + w] += d
-    crop = tuple(slice(p, p + s) for p, s in zip(g.padding, g.in_shape))
-    return out[(Ellipsis,) + crop + crop] / g.size
+    return _adjoint_windows(d, g, 2)
 
 
 def lift1(t, k):
@@ -275,13 +299,7 @@ def pool_same(a, g: ConvGeometry):
 
 
 def _pool_last_adjoint(d, g: ConvGeometry):
-    nd = len(g.kernel)
-    padded = tuple(s + 2 * p for s, p in zip(g.in_shape, g.padding))
-    out = torch.zeros((*d.shape[:-nd], *padded), dtype=d.dtype, device=d.device)
-    for o in g.offsets():
-        out[(Ellipsis,) + g.window(o)] += d
-    crop = tuple(slice(p, p + s) for p, s in zip(g.padding, g.in_shape))
-    return out[(Ellipsis,) + crop] / g.size
+    return _adjoint_windows(d, g, 1)
 
 
 def pool_pair_adjoint(d, g: ConvGeometry, batch_shape):
