@@ -56,10 +56,13 @@ def test_20000_inputs_in_tiles_memory_bounded():
 
 
 @pytest.mark.slow
-def test_jit_matches_eager():
+@pytest.mark.parametrize("model, shape", [
+    (nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)), (5,)),
+    (ConvResNet(2, 4), (2, 6, 6)),
+], ids=["mlp", "conv_resnet"])
+def test_jit_matches_eager(model, shape):
     """torch.compile of the generated code (needs a C++ compiler) gives the same kernels."""
-    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
-    x = torch.randn(12, 5, dtype=torch.float64)
+    x = torch.randn(12, *shape, dtype=torch.float64)
     a = ntkcompile.compile(model, W_std=1.3, b_std=0.1)(x)
     b = ntkcompile.compile(model, W_std=1.3, b_std=0.1, jit=True)(x)
     torch.testing.assert_close(a.ntk, b.ntk, rtol=1e-12, atol=0)

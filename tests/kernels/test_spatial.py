@@ -42,3 +42,13 @@ def test_stencil_pair_matches_direct_sum():
                 if 0 <= i < 5 and 0 <= j < 5:
                     want = want + a[:, i, j]
             assert torch.allclose(out[:, s, t], want / 3, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, shape", GEOMETRIES)
+def test_gather_and_scatter_adjoints_agree(kernel, stride, padding, dilation, shape):
+    """The compiled path uses a gather, eager a scatter-add: the same map."""
+    g = sp.ConvGeometry.make(kernel, stride, padding, dilation, shape)
+    d = torch.randn(2, *g.out_shape, *g.out_shape, dtype=torch.float64)
+    torch.testing.assert_close(sp._adjoint_gather(d, g, 2), sp._adjoint_windows(d, g, 2), rtol=1e-13, atol=1e-14)
+    d1 = torch.randn(2, *g.out_shape, dtype=torch.float64)
+    torch.testing.assert_close(sp._adjoint_gather(d1, g, 1), sp._adjoint_windows(d1, g, 1), rtol=1e-13, atol=1e-14)
