@@ -49,7 +49,10 @@ def _qn(f, entries, like, errors, samples, seed):
 
 
 def _full(x, like, shape):
-    return torch.broadcast_to(_t(x, like), shape).clone() if not torch.is_tensor(x) or tuple(x.shape) != tuple(shape) else x
+    """``x`` as an array of exactly ``shape`` (constants and broadcast terms expanded)."""
+    if torch.is_tensor(x) and tuple(x.shape) == tuple(shape):
+        return x
+    return torch.broadcast_to(_t(x, like), shape).clone()
 
 
 RUNTIME = {

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import codegen
 from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
-from .kernels.master import Planner
+from .kernels.master import Planner, aligned_positions
 from .passes.lower import is_rule_module, lower
 from .printer import format_program
 from .trace import trace
@@ -202,11 +202,10 @@ class CompiledKernel:
         """Inputs per tile side when ``batch_size`` is not given: bounds the memory of
         position-pair arrays (conv nets; aligned positions only for flatten readouts),
         a single tile for plain vectors up to ~5800 inputs."""
-        positions = max((math.prod(p.conv.out_shape) for p in self._program.params
-                         if getattr(p, "conv", None) is not None), default=1)
-        positions = max([positions] + [math.prod(p.conv.in_shape) for p in self._program.params
-                                       if getattr(p, "conv", None) is not None])
-        per_pair = positions if self._program.readout.pool == "flatten" else positions ** 2
+        positions = max([1] + [math.prod(shape) for p in self._program.params
+                               if getattr(p, "conv", None) is not None
+                               for shape in (p.conv.in_shape, p.conv.out_shape)])
+        per_pair = positions if aligned_positions(self._program) else positions ** 2
         return max(1, min(n, int(math.sqrt(self._TILE_ENTRIES / per_pair))))
 
     def _check(self, x, name):

@@ -105,8 +105,7 @@ class Planner:
         # Layout analysis: a flatten readout only ever pairs position s with s (convs
         # keep that diagonal), so cross arrays are (N1, N2, *P); global pooling needs
         # every pair of positions, (N1, N2, *P, *P).
-        self.diag = program.readout.pool == "flatten" and not any(
-            isinstance(n, ir.GPool) for n in self.b.nodes)   # pooling mixes position pairs
+        self.diag = aligned_positions(program)
         self.evaluators: list = []      # (description, evaluator)
 
     # ------------------------------------------------------------ plumbing
@@ -240,7 +239,7 @@ class Planner:
     def Evec(self, u, v, pair):
         """``E[Z^u Z^v']`` for width vectors (piecewise, weighted by fractions)."""
         pair = self.pair(pair)
-        if u.pieces and len(u.pieces) == 1 and len(v.pieces) == 1:
+        if len(u.pieces) == 1 and len(v.pieces) == 1:
             return self.Evar(u.pieces[0][1], v.pieces[0][1], pair)
         pu, pv = ir.Builder.refine(u, v)
         return _add([_mul(float(a), self.Evar(x, y, pair)) for (a, x), (_, y) in zip(pu, pv)])
@@ -626,6 +625,16 @@ class Planner:
                 for w in atoms:
                     terms.append(self._spatial_sum(_mul(self.D(u, w), self.Eatom(u, w, "x")), u))
         return _mul(r.scale ** 2, _add(terms))
+
+
+def aligned_positions(program: ir.Program) -> bool:
+    """Layout analysis: True if cross arrays need only aligned positions ``(N1, N2, *P)``.
+
+    A flatten readout pairs position s only with s, and convolutions keep that
+    diagonal; global or inner average pooling mixes position pairs.
+    """
+    return program.readout.pool == "flatten" and not any(
+        isinstance(n, ir.GPool) for n in program.builder.nodes)
 
 
 def _single_call(expr):
