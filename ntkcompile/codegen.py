@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import opt_einsum
 import torch
 
 from .kernels import quadrature as quad
@@ -63,11 +64,11 @@ RUNTIME = {
     "qn": _qn,
     "full": _full,
     **{name: getattr(_sp, name) for name in (
-        "patches", "input_cov_cross", "input_cov_same", "stencil_same", "stencil_pair",
+        "patches", "positions", "expand", "stencil_same", "stencil_pair",
         "stencil_pair_adjoint", "stencil_same_adjoint", "lift1", "lift2", "spatial_sum",
-        "global_mean", "aligned_mean", "diagonal_mean", "identity_pairs", "input_cov_cross_diag", "pair_indices",
+        "global_mean", "aligned_mean", "diagonal_mean", "identity_pairs", "pair_indices",
         "pack", "unpack", "liftp", "with_diagonal_packed", "with_diagonal_aligned", "pool_pair",
-        "pool_same", "pool_pair_adjoint", "input_cov_self_pairs", "liftf")},
+        "pool_same", "pool_pair_adjoint", "liftf")},
 }
 
 
@@ -126,6 +127,28 @@ class Source:
         self.emit(f"{name} = {expr}", comment)
         self._assigned[expr] = name
         return name
+
+    def contract(self, equation, operands, shapes, prefix="k"):
+        """Emit the contraction ``equation`` of ``operands`` along a path fixed now.
+
+        The path is opt_einsum's (``optimal`` up to 4 operands, else ``greedy``),
+        planned on ``shapes`` (nominal batch sizes; a path does not depend on them in
+        any way that matters here).  Each pairwise step becomes one ``torch.einsum``
+        line, with opt_einsum's cost estimate as a comment, so the generated code is
+        plain torch that ``torch.compile`` traces.  Returns the name of the result.
+        """
+        if len(operands) != len(shapes):
+            raise ValueError(f"{equation}: {len(operands)} operands but {len(shapes)} shapes")
+        strategy = "optimal" if len(operands) <= 4 else "greedy"
+        _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=strategy)
+        names = list(operands)
+        for step, (inds, _, eq, _, _) in enumerate(info.contraction_list):
+            args = [names.pop(i) for i in inds]     # opt_einsum's order: indices descending
+            last = step == len(info.contraction_list) - 1
+            note = f"opt_einsum {equation!r} step {step + 1}/{len(info.contraction_list)}, " \
+                   f"{float(info.opt_cost):.2g} flops at nominal sizes" if last else None
+            names.append(self.assign(f"torch.einsum({eq!r}, {', '.join(args)})", prefix, note))
+        return names[0]
 
     def text(self, signature, returns):
         body = "\n".join("    " + ln for ln in _free_dead(self.lines, returns) + [f"return {returns}"])

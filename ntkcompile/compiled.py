@@ -142,9 +142,10 @@ class CompiledKernel:
         ``batch_size`` computes the ``N1 x N2`` result in tiles of at most
         ``batch_size`` inputs per side (memory: the output plus one tile's work);
         against itself only the tiles on and above the diagonal are computed. By
-        default tiles are sized so one tile's position-pair arrays stay near 256 MiB.
-        ``progress`` shows a progress bar on stderr (default: when there are 8 or
-        more tiles; ``False`` turns it off).
+        default tiles are sized so one tile's position-pair arrays fit in cache on a
+        CPU (2 MiB) and take up to 512 MiB on a GPU.
+        ``progress`` shows a progress bar on stderr (default: when there are 8 or more
+        tiles and the computation has run for a second; ``True`` always, ``False`` never).
         """
         get = (get,) if isinstance(get, str) else tuple(get)
         bad = [g for g in get if g not in _GETS]
@@ -170,7 +171,7 @@ class CompiledKernel:
         want_ntk = "ntk" in get
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        bs = batch_size or self._auto_batch(max(n1, n2))
+        bs = batch_size or self._auto_batch(max(n1, n2), x1.device)
         starts1, starts2 = range(0, n1, bs), range(0, n2, bs)
         tiles = [(i, j) for i in starts1 for j in starts2 if x2 is not None or j >= i]
         out = {name: torch.empty((n1, n2), dtype=self.dtype, device=x1.device) for name in get}
@@ -195,18 +196,29 @@ class CompiledKernel:
         bar.close()
         return Kernels(nngp=out.get("nngp"), ntk=out.get("ntk"), mc_stderr=max(errors) if errors else None)
 
-    # Entries of one tile's pair arrays (N1 * N2 * positions^2), about 256 MiB in float64.
-    _TILE_ENTRIES = 2 ** 25
+    # Entries of one tile's pair arrays (N1 * N2 * positions^2): 2 MiB in float64, so a
+    # tile's working set stays in cache.  The generated code is a chain of elementwise
+    # passes; on 68 MB arrays each pass is memory-bound (measured 6x slower per entry
+    # than on 2 MB arrays, 2-core CPU, benchmarks/README.md), and per-input work is
+    # recomputed per tile at a cost of ~2 / (tile side * positions) of the total.
+    _TILE_ENTRIES = 2 ** 18
+    _TILE_ENTRIES_GPU = 2 ** 26
 
-    def _auto_batch(self, n):
-        """Inputs per tile side when ``batch_size`` is not given: bounds the memory of
-        position-pair arrays (conv nets; aligned positions only for flatten readouts),
-        a single tile for plain vectors up to ~5800 inputs."""
+    def _auto_batch(self, n, device):
+        """Inputs per tile side when ``batch_size`` is not given.
+
+        Sized by the entries of one tile's pair arrays (all position pairs, or aligned
+        positions for flatten readouts): cache-sized on CPU, large on GPUs, where small
+        tiles would only add kernel launches.  Tiles are balanced (2000 inputs -> 4 x 500
+        rather than 3 x 512 + 464), so ``jit=True`` compiles fewer shapes.
+        """
         positions = max([1] + [math.prod(shape) for p in self._program.params
                                if getattr(p, "conv", None) is not None
                                for shape in (p.conv.in_shape, p.conv.out_shape)])
         per_pair = positions if aligned_positions(self._program) else positions ** 2
-        return max(1, min(n, int(math.sqrt(self._TILE_ENTRIES / per_pair))))
+        entries = self._TILE_ENTRIES if device.type == "cpu" else self._TILE_ENTRIES_GPU
+        side = max(1, min(n, int(math.sqrt(entries / per_pair))))
+        return -(-n // -(-n // side))
 
     def _check(self, x, name):
         if isinstance(x, np.ndarray):
@@ -231,15 +243,21 @@ class CompiledKernel:
 class _Progress:
     """A one-line progress bar on stderr for tiled kernel computations."""
 
+    _DELAY = 1.0    # seconds before an automatic bar appears: short runs stay quiet
+
     def __init__(self, total, enabled):
         self.total, self.done = total, 0
+        self.auto = enabled is None
         self.enabled = (total >= 8) if enabled is None else bool(enabled)
-        self.t0 = time.perf_counter()
+        self.shown = False
+        self.t0 = self.last = time.perf_counter()
 
     def step(self):
         self.done += 1
-        if self.enabled:
-            el = time.perf_counter() - self.t0
+        el = time.perf_counter() - self.t0
+        due = self.done == self.total or el - (self.last - self.t0) >= 0.1   # <= 10 redraws/s
+        if self.enabled and due and (not self.auto or el >= self._DELAY):
+            self.shown, self.last = True, self.t0 + el
             eta = el / self.done * (self.total - self.done)
             width = 30
             fill = int(width * self.done / self.total)
@@ -248,7 +266,7 @@ class _Progress:
             sys.stderr.flush()
 
     def close(self):
-        if self.enabled:
+        if self.shown:
             sys.stderr.write("\n")
 
 

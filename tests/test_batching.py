@@ -32,6 +32,19 @@ def test_batched_conv_and_progress_bar(capsys):
     assert "15/15 tiles" in err                  # 5 blocks per side: 15 on or above the diagonal
 
 
+def test_default_tiles_are_balanced_and_exact():
+    """Without batch_size a conv net is cut into cache-sized, equal tiles; same kernel."""
+    kfn = ntkcompile.compile(ConvResNet(2, 4), W_std=1.2, b_std=0.1)
+    x = torch.randn(30, 2, 6, 6, dtype=torch.float64)
+    auto = kfn(x, progress=False)
+    side = kfn._auto_batch(30, x.device)
+    tiles = -(-30 // side)
+    assert tiles > 1 and tiles * side - 30 < tiles    # balanced: the last tile is not a sliver
+    one = kfn(x, batch_size=30, progress=False)
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(getattr(auto, name), getattr(one, name), rtol=1e-12, atol=0)
+
+
 def test_bad_batch_size():
     kfn = ntkcompile.compile(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)))
     with pytest.raises(ValueError, match="batch_size"):

@@ -85,15 +85,18 @@ def patches(x, g: ConvGeometry):
     return out.reshape(x.shape[0], -1, math.prod(g.out_shape)) if nd else out
 
 
-def input_cov_cross(p1, p2, g: ConvGeometry, fan_in):
-    """``sum_{c,k} x_c(s+k) x'_c(t+k) / fan_in`` as ``(N1, N2, *P, *P)``."""
-    out = torch.einsum("acs,bct->abst", p1, p2) / fan_in
-    return out.reshape(p1.shape[0], p2.shape[0], *g.out_shape, *g.out_shape)
+def positions(t, shape, groups):
+    """Unflatten the last ``groups`` axes (each ``prod(shape)`` long) into ``shape`` each.
+
+    Input covariances are contracted over the patch axis as ``(..., prod(P))``
+    (``codegen.Source.contract``); the kernel arrays carry positions as ``*P``.
+    """
+    return t.reshape(*t.shape[:t.ndim - groups], *(tuple(shape) * groups))
 
 
-def input_cov_same(p, g: ConvGeometry, fan_in):
-    """``sum_{c,k} x_c(s+k)^2 / fan_in`` as ``(N, *P)``."""
-    return (p * p).sum(1).reshape(p.shape[0], *g.out_shape) / fan_in
+def expand(t, shape):
+    """``t`` (a tensor or a constant) as a broadcast view of ``shape``: an einsum operand."""
+    return torch.broadcast_to(torch.as_tensor(t) if not torch.is_tensor(t) else t, shape)
 
 
 def stencil_same(a, g: ConvGeometry):
@@ -224,12 +227,6 @@ def identity_pairs(spatial, like):
     return torch.eye(n, dtype=like.dtype, device=like.device).reshape(*spatial, *spatial)
 
 
-def input_cov_cross_diag(p1, p2, g: ConvGeometry, fan_in):
-    """``sum_{c,k} x_c(s+k) x'_c(s+k) / fan_in`` as ``(N1, N2, *P)`` (aligned positions)."""
-    out = torch.einsum("acs,bcs->abs", p1, p2) / fan_in
-    return out.reshape(p1.shape[0], p2.shape[0], *g.out_shape)
-
-
 def stencil_same_adjoint(d, g: ConvGeometry, batch_shape):
     """Adjoint of ``stencil_same``: ``(*batch, *P) -> (*batch, *S)`` (scatter-add)."""
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
@@ -329,12 +326,6 @@ def pool_pair_adjoint(d, g: ConvGeometry, batch_shape):
     d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
     b = _pool_last_adjoint(d, g)
     return _swap_groups(_pool_last_adjoint(_swap_groups(b, nd), g), nd)
-
-
-def input_cov_self_pairs(p, g: ConvGeometry, fan_in):
-    """Same input, every pair of positions: ``(N, *P, *P)``."""
-    out = torch.einsum("acs,act->ast", p, p) / fan_in
-    return out.reshape(p.shape[0], *g.out_shape, *g.out_shape)
 
 
 def liftf(t, k, right):
