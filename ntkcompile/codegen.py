@@ -59,12 +59,13 @@ def _full(x, like, shape):
 RUNTIME = {
     "torch": torch,
     "cf": _cf,
+    "const": _t,
     "q1": _q1,
     "q2": _q2,
     "qn": _qn,
     "full": _full,
     **{name: getattr(_sp, name) for name in (
-        "patches", "positions", "expand", "stencil_same", "stencil_pair",
+        "patches", "positions", "stencil_same", "stencil_pair",
         "stencil_pair_adjoint", "stencil_same_adjoint", "lift1", "lift2", "spatial_sum",
         "global_mean", "aligned_mean", "diagonal_mean", "identity_pairs", "pair_indices",
         "pack", "unpack", "liftp", "with_diagonal_packed", "with_diagonal_aligned", "pool_pair",

@@ -101,3 +101,51 @@ def test_deep_relu_mlp_against_arccos_recursion(depth):
     nngp, ntk = _arccos_relu_mlp(x1, x2, depth, 1.4, 0.3)
     np.testing.assert_allclose(k.nngp.numpy(), nngp, rtol=1e-12)
     np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-12)
+
+
+def _shift_matrices(in_hw, k, stride, pad):
+    """``S_k[s, u] = 1`` where output position ``s`` reads input position ``u`` at tap ``k``."""
+    H, W = in_hw
+    oh, ow = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+    mats = []
+    for dh in range(k):
+        for dw in range(k):
+            S = np.zeros((oh * ow, H * W))
+            for i in range(oh):
+                for j in range(ow):
+                    u, v = i * stride + dh - pad, j * stride + dw - pad
+                    if 0 <= u < H and 0 <= v < W:
+                        S[i * ow + j, u * W + v] = 1.0
+            mats.append(S)
+    return mats, (oh, ow)
+
+
+def test_linear_conv_into_global_pool_against_dense_recursion():
+    """conv(pad 1) -> conv(stride 2) -> global mean -> Linear, with biases everywhere.
+
+    Oracle: the forward NNGP/NTK recursion of neural-tangents' form written with
+    dense shift matrices in numpy, ``K' = W^2/|K| sum_k S_k K S_k^T + b^2`` and
+    ``Theta' = W^2/|K| sum_k S_k Theta S_k^T + K'``.  (The last conv feeds the
+    pooling directly, so its backward covariance is a constant; that case once
+    crashed on the bias term.)
+    """
+    Ws, bs, C, n = 1.3, 0.2, 2, 8
+    model = nn.Sequential(nn.Conv2d(C, n, 3, padding=1), nn.Conv2d(n, n, 3, stride=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n, 1))
+    x = np.random.default_rng(0).standard_normal((3, C, 5, 5))
+    got = ntkcompile.compile(model, W_std=Ws, b_std=bs)(torch.from_numpy(x))
+    S1, hw1 = _shift_matrices((5, 5), 3, 1, 1)
+    S2, _ = _shift_matrices(hw1, 3, 2, 0)
+    flat = x.reshape(3, C, -1)
+    nngp, ntk = np.zeros((3, 3)), np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            K0 = flat[a].T @ flat[b] / C
+            K1 = Ws ** 2 / 9 * sum(S @ K0 @ S.T for S in S1) + bs ** 2
+            T1 = K1
+            K2 = Ws ** 2 / 9 * sum(S @ K1 @ S.T for S in S2) + bs ** 2
+            T2 = Ws ** 2 / 9 * sum(S @ T1 @ S.T for S in S2) + K2
+            nngp[a, b] = Ws ** 2 * K2.mean() + bs ** 2
+            ntk[a, b] = Ws ** 2 * T2.mean() + Ws ** 2 * K2.mean() + bs ** 2
+    np.testing.assert_allclose(got.nngp.numpy(), nngp, rtol=1e-12)
+    np.testing.assert_allclose(got.ntk.numpy(), ntk, rtol=1e-12)

@@ -579,7 +579,7 @@ class Planner:
             if u.geom != w.geom:
                 raise NotImplementedError("two different average poolings of one vector")
             d = self.D(u, w)
-            return None if d is None else f"pool_pair_adjoint({_sym(d)}, {self.src.bind(u.geom, 'geom')}, BATCH)"
+            return None if d is None else f"pool_pair_adjoint({_tensor(d)}, {self.src.bind(u.geom, 'geom')}, BATCH)"
         if u == R or w == R or u.param is not w.param:
             return None
         d = self.D(u, w)
@@ -587,7 +587,7 @@ class Planner:
         if geom is None or d is None:
             return _mul(u.param.W_std ** 2, d)
         how = "stencil_same_adjoint" if self.diag else "stencil_pair_adjoint"
-        return _mul(u.param.W_std ** 2, f"{how}({_sym(d)}, {self.src.bind(geom, 'geom')}, BATCH)")
+        return _mul(u.param.W_std ** 2, f"{how}({_tensor(d)}, {self.src.bind(geom, 'geom')}, BATCH)")
 
     # ------------------------------------------------------------ kernels
     def readout_cov(self):
@@ -622,6 +622,8 @@ class Planner:
         sp = self._positions_of(node)
         if term is None or not sp:
             return term
+        if isinstance(term, float):      # a constant summed over the stored position pairs
+            return term * math.prod(sp) ** (1 if self.diag else 2)
         shape = f"BATCH + {sp!r}" if self.diag else f"BATCH + {sp!r} + {sp!r}"
         return f"spatial_sum({_sym(term)}, {shape}, len(BATCH))"
 
@@ -662,6 +664,12 @@ def _single_call(expr):
     if isinstance(expr, ir.ECall) and isinstance(expr.arg, ir.ESlot):
         return expr.fn
     return None
+
+
+def _tensor(x):
+    """A code symbol, or a constant as a 0-d tensor on the inputs' device (for helpers
+    that build arrays from their argument, which must not land on the CPU)."""
+    return x if isinstance(x, str) else f"const({_sym(x)}, like)"
 
 
 def _sym(x):

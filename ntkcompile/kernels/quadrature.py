@@ -270,7 +270,7 @@ def expect_nd(
     evals, evecs = _eigh(cov)
     rank = _rank_from_eigenvalues(evals)
     if rank == 0:
-        return _evaluate(f, torch.zeros(1, 0, dtype=_F64), evecs[..., :0], batch)[0], None
+        return _evaluate(f, torch.zeros(1, 0, dtype=_F64, device=cov.device), evecs[..., :0], batch)[0], None
     # (*batch, D, r): columns are the top eigenvectors scaled by sqrt(eigenvalue).
     factor = evecs[..., -rank:] * evals[..., -rank:].sqrt().unsqueeze(-2)
     chunk = max(1, _MAX_CHUNK_ENTRIES // max(1, math.prod(batch) * dim))

@@ -94,11 +94,6 @@ def positions(t, shape, groups):
     return t.reshape(*t.shape[:t.ndim - groups], *(tuple(shape) * groups))
 
 
-def expand(t, shape):
-    """``t`` (a tensor or a constant) as a broadcast view of ``shape``: an einsum operand."""
-    return torch.broadcast_to(torch.as_tensor(t) if not torch.is_tensor(t) else t, shape)
-
-
 def stencil_same(a, g: ConvGeometry):
     """``(N, *S) -> (N, *P)``: ``(1/|K|) sum_k a(s*stride + k)``; constants stay constants."""
     nd = len(g.kernel)
