@@ -208,12 +208,16 @@ def _pin_zero_variance(e: Elementwise) -> Elementwise:
 
 def _relu_kernel(scale: Tensor, c: Tensor) -> Tensor:
     """``E relu(z1) relu(z2) = sqrt(k11 k22) (sqrt(1-c^2) + (pi - arccos c) c) / (2 pi)``."""
-    return scale * ((1.0 - c * c).clamp_min(0.0).sqrt() + (_PI - torch.arccos(c)) * c) / (2.0 * _PI)
+    # in place on fresh temporaries (each op rounds exactly as the out-of-place form):
+    # scale * ((1 - c^2)_+^(1/2) + (pi - arccos c) c) / (2 pi)
+    out = (c * c).neg_().add_(1.0).clamp_min_(0.0).sqrt_()
+    out.add_(torch.arccos(c).neg_().add_(_PI).mul_(c))
+    return out.mul_(scale).div_(2.0 * _PI)
 
 
 def _step_kernel(c: Tensor) -> Tensor:
     """``E step(z1) step(z2) = (pi - arccos c) / (2 pi)`` (orthant probability)."""
-    return (_PI - torch.arccos(c)) / (2.0 * _PI)
+    return torch.arccos(c).neg_().add_(_PI).div_(2.0 * _PI)
 
 
 def _combine(kernel, a: float, b: float):

@@ -96,11 +96,11 @@ def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     uncorrelated with everything. All arguments broadcast; the result is float64.
     """
     k11, k12, k22 = _f64(k11, k12, k22)
-    scale = (k11.clamp_min(0.0) * k22.clamp_min(0.0)).sqrt()
+    scale = (k11.clamp_min(0.0) * k22.clamp_min(0.0)).sqrt_()
     # Fast path, decided on the (small) variance arrays; under torch.compile the
     # branch-free form is used instead, since a data-dependent branch breaks the graph.
     if not compiling() and bool((k11 > 0).all()) and bool((k22 > 0).all()):
-        return scale, (k12 / scale).clamp(-1.0, 1.0)
+        return scale, (k12 / scale).clamp_(-1.0, 1.0)
     positive = scale > 0
     c = torch.where(positive, k12 / torch.where(positive, scale, 1.0), 0.0)
     return scale, c.clamp(-1.0, 1.0)

@@ -108,11 +108,16 @@ def stencil_pair(a, g: ConvGeometry):
     if a.ndim == 2:   # constant over positions
         a = a.reshape(*a.shape, *([1] * 2 * nd)).expand(*a.shape, *g.in_shape, *g.in_shape)
     ap = _pad(a, g, 2)
-    total = 0
-    for o in g.offsets():
-        w = g.window(o)
-        total = total + ap[(Ellipsis,) + w + w]
-    return total / g.size
+    return _window_mean([ap[(Ellipsis,) + g.window(o) * 2] for o in g.offsets()], g.size)
+
+
+def _window_mean(views, size):
+    """``sum(views) / size``, accumulated in place in one buffer (the same sums, in the
+    same order, as ``(v0 + v1 + ...) / size``, without a temporary per tap)."""
+    total = views[0].clone(memory_format=torch.contiguous_format)
+    for v in views[1:]:
+        total.add_(v)
+    return total.div_(size)
 
 
 def _adjoint_windows(d, g: ConvGeometry, groups: int):
@@ -156,11 +161,9 @@ def _adjoint_gather(d, g: ConvGeometry, groups: int):
             right = max(0, s_in + pd - (p_out - 1) * st - 1)
             pads += [dl * (k - 1), right]
     zp = F.pad(d, pads)
-    total = 0
-    for o in g.offsets():
-        w = tuple(slice(pd + oo, pd + oo + s_in) for pd, oo, s_in in zip(g.padding, o, g.in_shape))
-        total = total + zp[(Ellipsis,) + w * groups]
-    return total / g.size
+    views = [zp[(Ellipsis,) + tuple(slice(pd + oo, pd + oo + s_in) for pd, oo, s_in
+                                     in zip(g.padding, o, g.in_shape)) * groups] for o in g.offsets()]
+    return _window_mean(views, g.size)
 
 
 def stencil_pair_adjoint(d, g: ConvGeometry, batch_shape):
@@ -287,7 +290,7 @@ def with_diagonal_packed(packed, same, diag):
 def _pool_last(a, g: ConvGeometry):
     """Average over windows on the last ``nd`` axes (zero padding counted)."""
     ap = _pad(a, g, 1)
-    return sum(ap[(Ellipsis,) + g.window(o)] for o in g.offsets()) / g.size
+    return _window_mean([ap[(Ellipsis,) + g.window(o)] for o in g.offsets()], g.size)
 
 
 def _swap_groups(a, nd):
