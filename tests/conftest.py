@@ -6,7 +6,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "neural_tangents")
+REFERENCE_DIR = os.environ.get("NTKCOMPILE_REFERENCE_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "reference", "neural_tangents")
+# Where the reference tests compute (benchmarks/gpu_check.sh sets "cuda").
+DEVICE = os.environ.get("NTKCOMPILE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ntkcompile
-from conftest import REFERENCE_DIR
+from conftest import DEVICE, REFERENCE_DIR
 from models import Erf, ResidualMLP, mlp
 
 
@@ -34,7 +34,8 @@ def _load(case):
 
 
 def _rel(a, b):
-    return np.linalg.norm(a.numpy() - b) / np.linalg.norm(b)
+    assert a.device.type == torch.device(DEVICE).type
+    return np.linalg.norm(a.cpu().numpy() - b) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -42,7 +43,7 @@ def test_matches_neural_tangents(case):
     ref = _load(case)
     build, W_std, b_std = CASES[case]
     x1, x2 = torch.from_numpy(ref["x1"]), torch.from_numpy(ref["x2"])
-    kfn = ntkcompile.compile(build(x1.shape[1]), W_std=W_std, b_std=b_std)
+    kfn = ntkcompile.compile(build(x1.shape[1]), W_std=W_std, b_std=b_std, device=DEVICE)
     k12, k11 = kfn(x1, x2), kfn(x1)
     assert k12.nngp.dtype == torch.float64 and k12.nngp.shape == (x1.shape[0], x2.shape[0])
     assert _rel(k12.nngp, ref["nngp_12"]) <= 1e-8
@@ -59,7 +60,7 @@ def test_width_equal_to_input_dimension(case):
     x1 = torch.from_numpy(ref["x1"])
     d = x1.shape[1]
     model = mlp(d, d, nn.ReLU) if case == "mlp_relu" else ResidualMLP(d, d)
-    k = ntkcompile.compile(model, W_std=W_std, b_std=b_std)(x1)
+    k = ntkcompile.compile(model, W_std=W_std, b_std=b_std, device=DEVICE)(x1)
     assert _rel(k.ntk, ref["ntk_11"]) <= 1e-8
 
 
@@ -85,7 +86,7 @@ def test_cnn_matches_neural_tangents(case):
     x1, x2 = torch.from_numpy(ref["x1"]), torch.from_numpy(ref["x2"])
     c, h, w = x1.shape[1:]
     model, W_std, b_std = (_cnn_gap(c), 1.4, 0.1) if case == "cnn_gap" else (_CnnFlatten(c, h, w), 1.1, 0.3)
-    kfn = ntkcompile.compile(model, W_std=W_std, b_std=b_std)
+    kfn = ntkcompile.compile(model, W_std=W_std, b_std=b_std, device=DEVICE)
     k12, k11 = kfn(x1, x2), kfn(x1)
     assert _rel(k12.nngp, ref["nngp_12"]) <= 1e-8
     assert _rel(k12.ntk, ref["ntk_12"]) <= 1e-8
