@@ -49,9 +49,9 @@ import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from .errors import KernelNotPSDError, NonFiniteInputError
+from .errors import KernelNotPSDError
+from .training import as_input, as_targets, batch_schedule, check_finite, check_shape, loss_value, resolve_loss
 
 __all__ = [
     "Ensemble",
@@ -105,20 +105,20 @@ class KernelBlocks:
             if value is None:
                 continue
             value = torch.as_tensor(value).to(_DTYPE)
-            _check_finite(value, field.name)
+            check_finite(value, field.name)
             object.__setattr__(self, field.name, value)
         n = self.n_train
-        _check_shape(self.ntk_train, (n, n), "ntk_train")
+        check_shape(self.ntk_train, (n, n), "ntk_train")
         m = None if self.ntk_test_train is None else self.ntk_test_train.shape[0]
         if self.ntk_test_train is not None:
-            _check_shape(self.ntk_test_train, (m, n), "ntk_test_train")
+            check_shape(self.ntk_test_train, (m, n), "ntk_test_train")
         if self.nngp_train is not None:
-            _check_shape(self.nngp_train, (n, n), "nngp_train")
+            check_shape(self.nngp_train, (n, n), "nngp_train")
         if m is not None and self.nngp_train is not None:
             for name, shape in (("nngp_test_train", (m, n)), ("nngp_test", (m, m))):
                 if getattr(self, name) is None:
                     raise ValueError(f"KernelBlocks: nngp_train is given with test points, so {name} is needed too")
-                _check_shape(getattr(self, name), shape, name)
+                check_shape(getattr(self, name), shape, name)
 
     @property
     def n_train(self) -> int:
@@ -146,8 +146,8 @@ def kernel_blocks(kfn, x_train, x_test=None, *, get: Sequence[str] = ("ntk",)) -
     if "ntk" not in get or unknown:
         raise ValueError(f"kernel_blocks: get must be ('ntk',) or ('nngp', 'ntk'), got {get}")
     want_nngp = "nngp" in get
-    x_train = _as_input(x_train, "x_train")
-    x_test = None if x_test is None else _as_input(x_test, "x_test")
+    x_train = as_input(x_train, "x_train")
+    x_test = None if x_test is None else as_input(x_test, "x_test")
     train = kfn(x_train, None, get=get)
     fields = {"ntk_train": train.ntk}
     if want_nngp:
@@ -191,56 +191,6 @@ class Ensemble:
     cov_train: torch.Tensor
     mean_test: Optional[torch.Tensor]
     cov_test: Optional[torch.Tensor]
-
-
-# ---------------------------------------------------------------------------
-# Losses for simulate: one entry per name, value and gradient side by side.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Loss:
-    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    # dL/df for the loss on a batch, (B, out) -> (B, out); None: use autograd.
-    grad: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
-
-
-def _mse_grad(f, y):
-    # F.mse_loss averages over every entry: d/df mean((f - y)^2) = 2 (f - y) / (B * out).
-    return 2.0 * (f - y) / f.numel()
-
-
-def _cross_entropy_grad(f, y):
-    # Mean over the batch of -log softmax(f)[y]: (softmax(f) - onehot(y)) / B.
-    p = torch.softmax(f, dim=1)
-    p[torch.arange(f.shape[0]), y] -= 1.0
-    return p / f.shape[0]
-
-
-_LOSSES = {
-    "mse": _Loss(F.mse_loss, _mse_grad),
-    "cross_entropy": _Loss(F.cross_entropy, _cross_entropy_grad),
-}
-
-
-def _autograd_loss(fn) -> _Loss:
-    def grad(f, y):
-        f = f.detach().clone().requires_grad_(True)
-        value = fn(f, y)
-        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-            raise ValueError(f"simulate: the loss callable must return a scalar tensor, got {value!r}")
-        (g,) = torch.autograd.grad(value.reshape(()), f, allow_unused=True)
-        return torch.zeros_like(f) if g is None else g.detach()
-
-    return _Loss(fn, grad)
-
-
-def _resolve_loss(loss) -> tuple[str, _Loss]:
-    if callable(loss):
-        return "callable", _autograd_loss(loss)
-    if isinstance(loss, str) and loss in _LOSSES:
-        return loss, _LOSSES[loss]
-    raise ValueError(f"simulate: unknown loss {loss!r}; valid names are {sorted(_LOSSES)}, or pass a callable loss(f_batch, y_batch)")
 
 
 # ---------------------------------------------------------------------------
@@ -294,12 +244,12 @@ def simulate(
 
     Returns a :class:`Trajectory` with ``steps + 1`` entries, index 0 being ``f_0``.
     """
-    name, loss_rule = _resolve_loss(loss)
-    x_train = _as_input(x_train, "x_train")
+    name, loss_rule = resolve_loss(loss)
+    x_train = as_input(x_train, "x_train")
     n = x_train.shape[0]
-    y = _as_targets(y_train, n, name)
+    y = as_targets(y_train, n, name)
     if x_test is not None:
-        x_test = _as_input(x_test, "x_test")
+        x_test = as_input(x_test, "x_test")
     lr = _check_lr(lr)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"simulate: steps must be a non-negative int, got {steps!r}")
@@ -315,7 +265,7 @@ def simulate(
     if name == "mse" and out != y.shape[1]:
         raise ValueError(f"simulate: f0 has {out} outputs but y_train has {y.shape[1]} columns")
     f = _initial_outputs(f0, kernels, n, m, out, seed)
-    schedule = _batch_schedule(n, steps, batch_size, batches, seed)
+    schedule = batch_schedule(n, steps, batch_size, batches, seed)
 
     lam_max = float(kernels.ntk_train_eigh[0].max()) if n else 0.0
     if name == "mse":
@@ -329,7 +279,7 @@ def simulate(
         f = f - lr * (ntk_rows[:, idx] @ g)
         fs.append(f)
     traj = torch.stack(fs)
-    losses = torch.stack([_loss_value(loss_rule.value, ft[:n], y) for ft in traj])
+    losses = torch.stack([loss_value(loss_rule.value, ft[:n], y) for ft in traj])
     return Trajectory(
         train=traj[:, :n],
         test=None if x_test is None else traj[:, n:],
@@ -337,9 +287,6 @@ def simulate(
     )
 
 
-def _loss_value(fn, f, y) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.as_tensor(fn(f, y), dtype=_DTYPE).reshape(())
 
 
 def _infer_out(y, f0, loss_name) -> int:
@@ -369,38 +316,11 @@ def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: 
         z = torch.randn(n + m, out, generator=gen, dtype=_DTYPE)
         return (vecs * lam.sqrt()) @ z
     f0 = torch.as_tensor(f0).to(_DTYPE)
-    _check_shape(f0, (n + m, out), "f0 (train rows first, then test rows)")
-    _check_finite(f0, "f0")
+    check_shape(f0, (n + m, out), "f0 (train rows first, then test rows)")
+    check_finite(f0, "f0")
     return f0.clone()
 
 
-def _batch_schedule(n, steps, batch_size, batches, seed) -> list[torch.Tensor]:
-    if batches is not None and batch_size is not None:
-        raise ValueError("simulate: pass batches or batch_size, not both")
-    if batches is not None:
-        batches = list(batches)
-        if len(batches) != steps:
-            raise ValueError(f"simulate: len(batches) = {len(batches)} but steps = {steps}; give one index tensor per step")
-        schedule = []
-        for t, idx in enumerate(batches):
-            idx = torch.as_tensor(idx)
-            if idx.ndim != 1 or idx.is_floating_point() or idx.dtype == torch.bool or idx.numel() == 0:
-                raise ValueError(f"simulate: batches[{t}] must be a non-empty 1-D integer index tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
-            if int(idx.min()) < 0 or int(idx.max()) >= n:
-                raise ValueError(f"simulate: batches[{t}] has indices outside [0, {n}) (min {int(idx.min())}, max {int(idx.max())})")
-            schedule.append(idx.long())
-        return schedule
-    full = torch.arange(n)
-    if batch_size is None:
-        return [full] * steps
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"simulate: batch_size must be a positive int, got {batch_size!r}")
-    gen = torch.Generator().manual_seed(seed)
-    schedule = []
-    while len(schedule) < steps:
-        perm = torch.randperm(n, generator=gen)
-        schedule.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
-    return schedule[:steps]
 
 
 # ---------------------------------------------------------------------------
@@ -488,7 +408,7 @@ def _mse_predict(kernels, y_train, t, *, flow, lr, f0, ridge, what) -> Trajector
     if not isinstance(kernels, KernelBlocks):
         raise TypeError(f"{what}: expected KernelBlocks (build it with kernel_blocks(kfn, x_train, x_test)), got {type(kernels).__name__}")
     n, m = kernels.n_train, kernels.n_test or 0
-    y = _as_targets(y_train, n, "mse")
+    y = as_targets(y_train, n, "mse")
     out = y.shape[1]
     lr = _check_lr(lr)
     ridge = _check_ridge(ridge, what)
@@ -499,8 +419,8 @@ def _mse_predict(kernels, y_train, t, *, flow, lr, f0, ridge, what) -> Trajector
         f0 = torch.zeros(n + m, out, dtype=_DTYPE)
     else:
         f0 = torch.as_tensor(f0).to(_DTYPE)
-        _check_shape(f0, (n + m, out), "f0 (train rows first, then test rows)")
-        _check_finite(f0, "f0")
+        check_shape(f0, (n + m, out), "f0 (train rows first, then test rows)")
+        check_finite(f0, "f0")
     r0 = f0[:n] - y
     p_train, p_test = _mse_propagators(kernels, times, flow, lr, ridge, out, what)
     train = f0[:n] - p_train @ r0
@@ -561,7 +481,7 @@ def mse_ensemble(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, flow: st
     if kernels.nngp_train is None:
         raise ValueError(f"{what}: kernels have no NNGP blocks; build them with kernel_blocks(kfn, x_train, x_test, get=('nngp', 'ntk'))")
     n = kernels.n_train
-    y = _as_targets(y_train, n, "mse")
+    y = as_targets(y_train, n, "mse")
     lr = _check_lr(lr)
     ridge = _check_ridge(ridge, what)
     if flow not in _FLOWS:
@@ -629,42 +549,12 @@ def _warn_if_unstable(lr: float, lam_max: float, n: int, out: int, what: str, st
         )
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    if x.is_floating_point() or x.is_complex():
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteInputError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def _check_shape(x: torch.Tensor, shape: tuple, name: str) -> None:
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def _as_input(x, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x)
-    if x.ndim == 0:
-        raise ValueError(f"{name} must have a leading batch axis, got a scalar")
-    _check_finite(x, name)
-    return x
 
 
-def _as_targets(y, n: int, loss_name: str) -> torch.Tensor:
-    y = torch.as_tensor(y)
-    if y.ndim == 0 or y.shape[0] != n:
-        raise ValueError(f"y_train has {y.shape[0] if y.ndim else 0} rows but x_train has {n}")
-    _check_finite(y, "y_train")
-    if loss_name == "cross_entropy":
-        if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
-            raise ValueError(f"y_train for 'cross_entropy' must be int64 class indices of shape (N,), got shape {tuple(y.shape)} dtype {y.dtype}")
-        if len(y) and int(y.min()) < 0:
-            raise ValueError("y_train for 'cross_entropy' has negative class indices")
-        return y.long()
-    if y.is_floating_point():
-        y = y.to(_DTYPE)
-        return y.unsqueeze(1) if y.ndim == 1 else y
-    if loss_name == "mse":
-        raise ValueError(f"y_train for 'mse' must be floating point, got {y.dtype}")
-    return y
 
 
 def _check_lr(lr) -> float:

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .compiled import compile as compile_kernel
-from .dynamics import Trajectory, _as_input, _as_targets, _batch_schedule, _loss_value, _resolve_loss, simulate
+from .dynamics import Trajectory, simulate
+from .training import as_input, as_targets, batch_schedule, loss_value, resolve_loss
 from .parametrize import ntk_parametrize
 
 __all__ = ["WidthReport", "compare_widths", "fit_loglog_slope", "train_finite"]
@@ -98,14 +99,14 @@ def train_finite(
     the test points, recorded before every step and after the last, and the
     full-train loss at each of them. Index 0 is the network's own ``f_0``.
     """
-    name, loss_rule = _resolve_loss(loss)
-    x_train = _as_input(x_train, "x_train").to(_DTYPE)
+    name, loss_rule = resolve_loss(loss)
+    x_train = as_input(x_train, "x_train").to(_DTYPE)
     n = x_train.shape[0]
-    y = _as_targets(y_train, n, name)
-    x_all = x_train if x_test is None else torch.cat([x_train, _as_input(x_test, "x_test").to(_DTYPE)])
+    y = as_targets(y_train, n, name)
+    x_all = x_train if x_test is None else torch.cat([x_train, as_input(x_test, "x_test").to(_DTYPE)])
     if batches is None:
         batches = [torch.arange(n)] * steps
-    schedule = _batch_schedule(n, steps, None, batches, seed)
+    schedule = batch_schedule(n, steps, None, batches, seed)
 
     net = ntk_parametrize(
         factory(width).to(_DTYPE), W_std, b_std, std=std, generator=torch.Generator().manual_seed(seed)
@@ -124,7 +125,7 @@ def train_finite(
     return Trajectory(
         train=traj[:, :n],
         test=None if x_test is None else traj[:, n:],
-        loss=torch.stack([_loss_value(loss_rule.value, f[:n], y) for f in traj]),
+        loss=torch.stack([loss_value(loss_rule.value, f[:n], y) for f in traj]),
     )
 
 
@@ -238,15 +239,15 @@ def compare_widths(
     widths, seeds = tuple(int(w) for w in widths), tuple(int(s) for s in seeds)
     if not widths or not seeds:
         raise ValueError("compare_widths: need at least one width and one seed")
-    x_train = _as_input(x_train, "x_train").to(_DTYPE)
-    x_test = None if x_test is None else _as_input(x_test, "x_test").to(_DTYPE)
+    x_train = as_input(x_train, "x_train").to(_DTYPE)
+    x_test = None if x_test is None else as_input(x_test, "x_test").to(_DTYPE)
     n = x_train.shape[0]
     if kfn is None:
         kfn = compile_kernel(
             factory(widths[0]), W_std=W_std, b_std=b_std, std=std, input_shape=tuple(x_train.shape[1:])
         )
     kfn = _MemoKernel(kfn)
-    schedules = {s: _batch_schedule(n, steps, batch_size, batches, s) for s in seeds}
+    schedules = {s: batch_schedule(n, steps, batch_size, batches, s) for s in seeds}
 
     gaps = np.zeros((len(widths), len(seeds)))
     seconds = np.zeros_like(gaps)
