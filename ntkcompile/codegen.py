@@ -33,6 +33,11 @@ def _cov_matrix(entries, like):
     return torch.stack(flat, dim=-1).reshape(*flat[0].shape, d, d)
 
 
+def _angle(like, k11, k12, k22):
+    """``arccos`` of the clamped correlation: shared by the arc-cosine closed forms."""
+    return quad.angle(_t(k11, like), _t(k12, like), _t(k22, like))
+
+
 def _q1(f, var, like, degree=64):
     return quad.expect_1d(f, _t(var, like), degree)
 
@@ -60,6 +65,7 @@ RUNTIME = {
     "torch": torch,
     "cf": _cf,
     "const": _t,
+    "angle": _angle,
     "q1": _q1,
     "q2": _q2,
     "qn": _qn,

@@ -260,3 +260,22 @@ def test_average_pooling_nngp_against_monte_carlo():
     mc = W**2 * samples.mean(-1) + b**2
     se = W**2 * samples.std(-1) / np.sqrt(samples.shape[-1])
     assert np.all(np.abs(nngp - mc) < 5 * se), (nngp, mc, se)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU])
+def test_zero_input_without_biases_has_zero_kernels(act):
+    """With no biases the input 0 maps to 0 with zero gradient at every width (PyTorch's
+    relu'(0) = 0), so its NNGP and NTK rows are exactly 0 (an exact finite-width oracle).
+    This runs the zero-variance branches of the arc-cosine forms (correlation c = 0 there,
+    and the angle shared between phi and phi') and checks they leave no NaN or residue."""
+    model = nn.Sequential(nn.Linear(3, 8, bias=False), act(), nn.Linear(8, 8, bias=False), act(),
+                          nn.Linear(8, 1, bias=False))
+    kfn = ntkcompile.compile(model, W_std=1.4)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[2] = 0.0
+    k = kfn(x)
+    rest = kfn(x[[0, 1, 3]])
+    for full, sub in ((k.nngp, rest.nngp), (k.ntk, rest.ntk)):
+        assert torch.equal(full[2], torch.zeros(4, dtype=torch.float64))
+        assert torch.equal(full[:, 2], torch.zeros(4, dtype=torch.float64))
+        torch.testing.assert_close(full[[0, 1, 3]][:, [0, 1, 3]], sub, rtol=1e-14, atol=0)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quadrature import compiling, correlation
+from .quadrature import angle, compiling, correlation
 
 __all__ = [
     "Elementwise",
@@ -69,6 +69,11 @@ class Elementwise:
         dmean: ``k -> E[phi'(z)]``, or None.
         deriv: ``phi'`` as a torch function; None means autograd of ``fn``.
         smooth: False for kinks and jumps, where quadrature converges slowly.
+        vt_angle: ``(k11, k12, k22, theta) -> E[phi(z1) phi(z2)]`` given
+            ``theta = arccos(c)`` (``kernels.quadrature.angle``), for the arc-cosine
+            family; the planner computes ``theta`` once per pair of inputs and shares
+            it between ``phi`` and ``phi'`` (relu and step), or None.
+        dvt_angle: ``dvt`` in the same form, or None.
     """
 
     name: str
@@ -79,6 +84,8 @@ class Elementwise:
     dmean: Optional[Moment1] = None
     deriv: Optional[Callable[[Tensor], Tensor]] = None
     smooth: bool = True
+    vt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
+    dvt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
 
     def derivative(self, x: Tensor) -> Tensor:
         """``phi'(x)`` for a tensor of any shape; the result carries no graph."""
@@ -178,9 +185,9 @@ def _pin_zero_variance(e: Elementwise) -> Elementwise:
         if moment is None or pinned_mean is None:
             return moment
 
-        def pinned(k11, k12, k22):
+        def pinned(k11, k12, k22, *rest):
             k11, k22 = _f64(k11), _f64(k22)
-            out = moment(k11, k12, k22)
+            out = moment(k11, k12, k22, *rest)
             # the checks run on the (small) variance arrays; full-size work only if needed
             # (always, branch-free, under torch.compile)
             if compiling() or bool((k11 == 0).any()):
@@ -193,7 +200,8 @@ def _pin_zero_variance(e: Elementwise) -> Elementwise:
 
     mean, dmean = pin1(e.mean, phi0), pin1(e.dmean, dphi0)
     return dataclasses.replace(
-        e, vt=pin2(e.vt, mean, phi0), dvt=pin2(e.dvt, dmean, dphi0), mean=mean, dmean=dmean
+        e, vt=pin2(e.vt, mean, phi0), dvt=pin2(e.dvt, dmean, dphi0), mean=mean, dmean=dmean,
+        vt_angle=pin2(e.vt_angle, mean, phi0), dvt_angle=pin2(e.dvt_angle, dmean, dphi0),
     )
 
 
@@ -206,58 +214,71 @@ def _pin_zero_variance(e: Elementwise) -> Elementwise:
 # and the same algebra gives the a*step(x) + b*step(-x) family (step, sign).
 
 
-def _relu_kernel(scale: Tensor, c: Tensor) -> Tensor:
-    """``E relu(z1) relu(z2) = sqrt(k11 k22) (sqrt(1-c^2) + (pi - arccos c) c) / (2 pi)``."""
-    # in place on fresh temporaries (each op rounds exactly as the out-of-place form):
-    # scale * ((1 - c^2)_+^(1/2) + (pi - arccos c) c) / (2 pi)
+def _relu_kernel(scale: Tensor, c: Tensor, theta: Tensor) -> Tensor:
+    """``E relu(z1) relu(z2) = sqrt(k11 k22) (sqrt(1-c^2) + (pi - theta) c) / (2 pi)``,
+    ``theta = arccos c`` (not modified: it is shared with the derivative's kernel)."""
+    # in place on fresh temporaries (each op rounds exactly as the out-of-place form)
     out = (c * c).neg_().add_(1.0).clamp_min_(0.0).sqrt_()
-    out.add_(torch.arccos(c).neg_().add_(_PI).mul_(c))
+    out.add_(torch.sub(_PI, theta).mul_(c))
     return out.mul_(scale).div_(2.0 * _PI)
 
 
-def _step_kernel(c: Tensor) -> Tensor:
-    """``E step(z1) step(z2) = (pi - arccos c) / (2 pi)`` (orthant probability)."""
-    return torch.arccos(c).neg_().add_(_PI).div_(2.0 * _PI)
+def _step_kernel(theta: Tensor) -> Tensor:
+    """``E step(z1) step(z2) = (pi - theta) / (2 pi)`` (orthant probability)."""
+    return torch.sub(_PI, theta).div_(2.0 * _PI)
 
 
 def _combine(kernel, a: float, b: float):
-    """``(a^2 + b^2) kernel(c) + 2ab kernel(-c)``, skipping the second term when ``ab = 0``."""
+    """``(a^2 + b^2) kernel(c) + 2ab kernel(-c)``, skipping the second term when ``ab = 0``.
+
+    ``kernel(*rest, c, theta)`` takes the angle too; at ``-c`` it is ``pi - theta``.
+    """
     def combined(*args):
-        *rest, c = args
-        out = kernel(*rest, c)
+        *rest, c, theta = args
+        out = kernel(*rest, c, theta)
         if a * a + b * b != 1.0:
             out = (a * a + b * b) * out
-        return out if a * b == 0 else out + 2.0 * a * b * kernel(*rest, -c)
+        if a * b == 0:
+            return out
+        return out + 2.0 * a * b * kernel(*rest, None if c is None else -c, _PI - theta)
 
     return combined
 
 
-def _step_family_vt(a: float, b: float) -> Moment2:
-    comb = _combine(_step_kernel, a, b)
+def _step_family_vt(a: float, b: float):
+    comb = _combine(lambda c, theta: _step_kernel(theta), a, b)
+
+    def vt_angle(k11, k12, k22, theta):
+        return comb(None, theta)      # c itself is not needed: only the angle
 
     def vt(k11, k12, k22):
-        _, c = correlation(k11, k12, k22)
-        return comb(c)
+        return vt_angle(k11, k12, k22, angle(k11, k12, k22))
 
-    return vt
+    return vt, vt_angle
 
 
 def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
     comb = _combine(_relu_kernel, a, b)
+    dvt, dvt_angle = _step_family_vt(a, -b)
+
+    def vt_angle(k11, k12, k22, theta):
+        scale, c = correlation(k11, k12, k22)
+        return comb(scale, c, theta)
 
     def vt(k11, k12, k22):
-        scale, c = correlation(k11, k12, k22)
-        return comb(scale, c)
+        return vt_angle(k11, k12, k22, angle(k11, k12, k22))
 
     return _pin_zero_variance(
         Elementwise(
             name=name,
             fn=fn,
             vt=vt,
-            dvt=_step_family_vt(a, -b),
+            dvt=dvt,
             mean=lambda k: (a + b) * (_f64(k).clamp_min(0.0) / (2.0 * _PI)).sqrt(),
             dmean=lambda k: torch.full_like(_f64(k), (a - b) / 2.0),
             smooth=False,
+            vt_angle=vt_angle,
+            dvt_angle=dvt_angle,
         )
     )
 
@@ -265,16 +286,18 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
 def _step_family(name: str, fn, a: float, b: float) -> Elementwise:
     zero2 = lambda k11, k12, k22: _shape_of(k11, k12, k22)  # noqa: E731
     zero1 = lambda k: torch.zeros_like(_f64(k))  # noqa: E731
+    vt, vt_angle = _step_family_vt(a, b)
     return _pin_zero_variance(
         Elementwise(
             name=name,
             fn=fn,
-            vt=_step_family_vt(a, b),
+            vt=vt,
             dvt=zero2,
             mean=lambda k: torch.full_like(_f64(k), (a + b) / 2.0),
             dmean=zero1,
             deriv=torch.zeros_like,
             smooth=False,
+            vt_angle=vt_angle,
         )
     )
 

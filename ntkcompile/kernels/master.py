@@ -410,7 +410,12 @@ class Planner:
             fa, fb = _single_call(a.expr), _single_call(b.expr)
             if fa is not None and fa is fb and fa.vt is not None:
                 self.evaluators.append((desc, f"closed form ({fa.name} V-transform)"))
-                return f"cf({self.src.bind(fa.vt, 'vt')}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)})"
+                args = f"{_sym(k11)}, {_sym(k12)}, {_sym(k22)}"
+                if fa.vt_angle is not None and isinstance(k12, str):
+                    # arccos(c) once per pair: relu's forward and step's backward share it
+                    theta = self.src.assign(f"angle(like, {args})", "k")
+                    return f"cf({self.src.bind(fa.vt_angle, 'vta')}, like, {args}, {theta})"
+                return f"cf({self.src.bind(fa.vt, 'vt')}, like, {args})"
             self.evaluators.append((desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))
             sa = self.expr_fn(a.expr, ["z"], left, pair, k)
             sb = self.expr_fn(b.expr, ["z"], right, pair, k)

@@ -106,6 +106,11 @@ def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     return scale, c.clamp(-1.0, 1.0)
 
 
+def angle(k11, k12, k22) -> Tensor:
+    """``theta = arccos(c)`` with ``c`` from :func:`correlation` (the arc-cosine kernels' angle)."""
+    return torch.arccos(correlation(k11, k12, k22)[1])
+
+
 def expect_1d(f: Callable[[Tensor], Tensor], var, degree: int = 64) -> Tensor:
     """``E f(z)``, ``z ~ N(0, var)``, for a tensor ``var`` of any shape (0 allowed).
 

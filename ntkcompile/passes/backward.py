@@ -28,7 +28,7 @@ def derivative_elementwise(fn: Elementwise) -> Elementwise:
     d = _DERIVATIVES.get(fn)       # keyed by the entry itself: names may be reused by user entries
     if d is None:
         d = Elementwise(name=fn.name + "'", fn=fn.derivative, vt=fn.dvt, mean=fn.dmean,
-                        smooth=fn.smooth)
+                        smooth=fn.smooth, vt_angle=fn.dvt_angle)
         _DERIVATIVES[fn] = d
         _JUMPS[d.name] = not fn.smooth
     return d
