@@ -348,18 +348,17 @@ class Planner:
         def positions(equation, x, y, groups):
             return f"positions({self.src.contract(equation, [x, y], pshape)}, {P!r}, {groups})"
 
-        same = positions("acs,acs->as", pa, pa, 1)
         if pair in ("f1", "f2"):
             return _mul(W2n, positions("acs,act->ast", pa, pa, 2))
         if pair != "x":
-            return _mul(W2n, same)
+            return _mul(W2n, positions("acs,acs->as", pa, pa, 1))
         pb = self.src.assign(f"patches({fb}, {g})", "p")
         cross = positions("acs,bcs->abs", pa, pb, 1) if self.diag else positions("acs,bct->abst", pa, pb, 2)
         if self.self_mode:
             cross = f"pack({cross}, I, J)"
             if a is b:
                 fix = "with_diagonal_aligned" if self.diag else "with_diagonal_packed"
-                cross = f"{fix}({cross}, {same}, DIAG)"
+                cross = f"{fix}({cross}, {positions('acs,acs->as', pa, pa, 1)}, DIAG)"
         return _mul(W2n, cross)
 
     @staticmethod
@@ -609,14 +608,6 @@ class Planner:
         core = self.readout_cov()
         return _mul(r.scale ** 2, _add([_mul(r.W_std ** 2, core), r.b_std ** 2 if r.has_bias else None]))
 
-    def _positions_of(self, node):
-        """Positions a parameter's NTK term is summed over (its weight is shared across them)."""
-        if isinstance(node, ir.GBias):
-            return node.param.spatial
-        if isinstance(node, ir.GProbe):
-            return self.spatial(node.param.xhat)
-        return self.spatial(node)
-
     def _spatial_sum(self, term, node):
         """NTK terms of a weight shared over positions sum over all pairs of positions.
 
@@ -624,7 +615,12 @@ class Planner:
         batched dot product through einsum (bmm) measured 3x slower than mul + sum,
         and under ``jit=True`` the product fuses into the reduction anyway.
         """
-        sp = self._positions_of(node)
+        if isinstance(node, ir.GBias):
+            sp = node.param.spatial
+        elif isinstance(node, ir.GProbe):
+            sp = self.spatial(node.param.xhat)
+        else:
+            sp = self.spatial(node)
         if term is None or not sp:
             return term
         if isinstance(term, float):      # a constant summed over the stored position pairs
