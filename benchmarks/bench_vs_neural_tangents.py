@@ -87,6 +87,34 @@ def rel_diffs(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(np.abs(d).max() / np.abs(ref).max()), float(np.linalg.norm(d) / np.linalg.norm(ref))
 
 
+def offdiag_rel(a: np.ndarray, ref: np.ndarray) -> float:
+    """max over i != j of |a - ref| / max |ref|: the NTK agreement away from the diagonal."""
+    d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+    np.fill_diagonal(d, 0.0)
+    return float(d.max() / np.abs(ref).max())
+
+
+def exact_diagonal(case: str, x_np: np.ndarray) -> dict | None:
+    """NNGP and NTK of each input with itself for ``mlp8_relu``, by the c = 1 recursion.
+
+    An independent check of the diagonal, where the arc-cosine forms are evaluated at
+    c = 1 and rounding of c (to 1 - eps) costs ~1e-8: with E[relu(z)^2] = q/2 and
+    E[relu'(z)^2] = 1/2, ``q_1 = W^2 |x|^2/d + b^2``, ``T_1 = q_1``, then per layer
+    ``q <- W^2 q/2 + b^2``, ``T <- W^2 T/2 + q``; the readout adds one more step.
+    """
+    if case != "mlp8_relu":
+        return None
+    spec = CASES[case]
+    w2, b2 = spec["W_std"] ** 2, spec["b_std"] ** 2
+    q = w2 * (x_np ** 2).sum(1) / x_np.shape[1] + b2
+    t = q.copy()
+    for _ in range(spec["depth"] - 1):
+        q = w2 * q / 2 + b2
+        t = w2 * t / 2 + q
+    nngp = w2 * q / 2 + b2
+    return {"nngp": nngp, "ntk": w2 * t / 2 + nngp}
+
+
 # --------------------------------------------------------------------------- neural-tangents
 
 
@@ -224,6 +252,11 @@ def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: d
         if k in diffs:
             mx, fro = diffs[k]
             print(f"   {k.upper():4s} ntkcompile vs NT: max|a-b|/max|b| = {mx:.2e}   rel. Frobenius = {fro:.2e}")
+    if "ntk_offdiag" in diffs:
+        print(f"   NTK  ntkcompile vs NT off the diagonal: max|a-b|/max|b| = {diffs['ntk_offdiag']:.2e}")
+    for who, errs in diffs.get("diag_vs_exact", {}).items():
+        print(f"   diagonal vs the exact c = 1 recursion, {who:15s}: NNGP {errs['nngp']:.1e}, "
+              f"NTK {errs['ntk']:.1e} (max relative)")
     if entk is not None:
         sub = "" if entk["n"] == x_np.shape[0] else f" (first {entk['n']} of {x_np.shape[0]} inputs, for time)"
         print(f"   empirical NTK, width {entk['width']} ({entk['n_params']:,} params), torch.func{sub}: "
@@ -291,6 +324,12 @@ def main(argv=None) -> int:
             diffs = {}
             if nt_k is not None and nc_k is not None:
                 diffs = {k: rel_diffs(nc_k[k], nt_k[k]) for k in ("nngp", "ntk")}
+                diffs["ntk_offdiag"] = offdiag_rel(nc_k["ntk"], nt_k["ntk"])
+            exact = exact_diagonal(case, x_np)
+            if exact is not None:
+                diffs["diag_vs_exact"] = {
+                    who: {k: float(np.max(np.abs(np.diag(ks[k]) - exact[k]) / np.abs(exact[k]))) for k in exact}
+                    for who, ks in (("neural-tangents", nt_k), ("ntkcompile", nc_k)) if ks is not None}
 
             entk = None
             n_e = min(args.entk_n, x_np.shape[0])
@@ -306,7 +345,10 @@ def main(argv=None) -> int:
             report[case] = {
                 "n": int(x_np.shape[0]), "input_shape": list(x_np.shape[1:]),
                 "neural_tangents": nt, "ntkcompile": nc,
-                "diff_ntkcompile_vs_nt": {k: {"max_rel": v[0], "fro_rel": v[1]} for k, v in diffs.items()},
+                "diff_ntkcompile_vs_nt": {k: {"max_rel": v[0], "fro_rel": v[1]}
+                                          for k, v in diffs.items() if k in ("nngp", "ntk")},
+                "ntk_offdiag_max_rel": diffs.get("ntk_offdiag"),
+                "diagonal_vs_exact": diffs.get("diag_vs_exact"),
                 "empirical_ntk": None if entk is None else {
                     k: v for k, v in entk.items() if k != "ntk"},
             }

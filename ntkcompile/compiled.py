@@ -143,7 +143,7 @@ class CompiledKernel:
         ``batch_size`` inputs per side (memory: the output plus one tile's work);
         against itself only the tiles on and above the diagonal are computed. By
         default tiles are sized so one tile's position-pair arrays fit in cache on a
-        CPU (2 MiB) and take up to 512 MiB on a GPU.
+        CPU (2 MiB) and take up to 256 MiB on a GPU.
         ``progress`` shows a progress bar on stderr (default: when there are 8 or more
         tiles and the computation has run for a second; ``True`` always, ``False`` never).
         """
@@ -202,7 +202,7 @@ class CompiledKernel:
     # than on 2 MB arrays, 2-core CPU, benchmarks/README.md), and per-input work is
     # recomputed per tile at a cost of ~2 / (tile side * positions) of the total.
     _TILE_ENTRIES = 2 ** 18
-    _TILE_ENTRIES_GPU = 2 ** 26
+    _TILE_ENTRIES_GPU = 2 ** 25     # 256 MiB per array: a few GB for the live set
 
     def _auto_batch(self, n, device):
         """Inputs per tile side when ``batch_size`` is not given.
