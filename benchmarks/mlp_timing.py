@@ -1,8 +1,8 @@
 """Time the compiled NNGP+NTK of a 10-layer MLP on 500 inputs (issue 2's figure).
 
 Reports the first call (tracing, planning, codegen included) and the best of 3
-warm calls, for ReLU (closed forms) and tanh (2-D Gauss-Hermite, deg 64: 4096
-nodes per input pair, so it runs on --n-tanh inputs) activations,
+warm calls, for ReLU (closed forms) and tanh (2-D trapezoidal rule, 96 x 96
+nodes per input pair plus the error estimate, so it runs on --n-tanh inputs) activations,
 next to a peer in the same process: the empirical NTK of the same MLP at width
 256 via torch.func on the same inputs.
 

@@ -2,7 +2,8 @@
 
 ``kernels.master.Planner`` emits one line per quantity (a covariance, a
 V-transform, a quadrature) into a ``Source``; ``Source.build`` compiles it into
-a function ``kernel(x1, x2) -> (nngp, ntk, mc_stderr)``.  The generated text is
+a function ``kernel(x1, x2) -> (nngp, ntk, errors)`` (``errors``: ``(kind, 0-d tensor)``
+pairs, Monte Carlo standard errors and quadrature error estimates).  The generated text is
 what ``kfn.code`` shows.  Every helper the lines call lives in ``RUNTIME``.
 """
 from __future__ import annotations
@@ -38,19 +39,46 @@ def _angle(like, k11, k12, k22):
     return quad.angle(_t(k11, like), _t(k12, like), _t(k22, like))
 
 
-def _q1(f, var, like, degree=64):
-    return quad.expect_1d(f, _t(var, like), degree)
+def _quad_error(value, coarse, scale, smooth):
+    """Error estimate of a quadrature at ``n`` nodes from the same rule at ``n/2``.
+
+    ``d = max|Q_n - Q_{n/2}| / max E|f g|`` is about the error of ``Q_{n/2}``,
+    relative to the size of the integrand (``scale``, from a coarse rule: the
+    expectation itself may vanish by symmetry).  For a smooth integrand the
+    trapezoidal rule converges exponentially, so the error of ``Q_n`` is about
+    ``d^2 / C`` with ``C >= 1`` (measured C = 30 to 250 for tanh nets): ``d^2`` is
+    returned; with a kink (algebraic convergence) ``d`` itself.  A 0-d tensor, so
+    that ``jit=True`` traces it.
+    """
+    d = (value - coarse).abs().max() / scale.abs().max().clamp_min(1e-300)
+    return d * d if smooth else d
 
 
-def _q2(f, g, like, k11, k12, k22, degree=32):
-    return quad.expect_2d(f, g, _t(k11, like), _t(k12, like), _t(k22, like), degree)
+def _q1(f, var, like, degree, errors, smooth=True):
+    """1-D expectation; its error estimate (``_quad_error``) is appended to ``errors``."""
+    var = _t(var, like)
+    value = quad.expect_1d(f, var, degree)
+    coarse = quad.expect_1d(f, var, degree // 2)
+    scale = quad.expect_1d(lambda z: f(z).abs(), var, max(8, degree // 4))
+    errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
+    return value
+
+
+def _q2(f, g, like, k11, k12, k22, degree, errors, smooth=True):
+    """2-D expectation and its error estimate (the extra rules cost about 30% more)."""
+    ks = (_t(k11, like), _t(k12, like), _t(k22, like))
+    value = quad.expect_2d(f, g, *ks, degree)
+    coarse = quad.expect_2d(f, g, *ks, degree // 2)
+    scale = quad.expect_2d(lambda z: f(z).abs(), lambda z: g(z).abs(), *ks, max(8, degree // 4))
+    errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
+    return value
 
 
 def _qn(f, entries, like, errors, samples, seed):
     """N-D expectation; a Monte Carlo standard error is appended to ``errors``."""
     value, stderr = quad.expect_nd(f, _cov_matrix(entries, like), mc_samples=samples, seed=seed)
     if stderr is not None:
-        errors.append(float(stderr.max()))
+        errors.append(("mc", stderr.max()))
     return value
 
 

@@ -1,4 +1,6 @@
 """Op rules against independent oracles: numpy Gauss-Hermite and closed-form recursions."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -279,3 +281,23 @@ def test_zero_input_without_biases_has_zero_kernels(act):
         assert torch.equal(full[2], torch.zeros(4, dtype=torch.float64))
         assert torch.equal(full[:, 2], torch.zeros(4, dtype=torch.float64))
         torch.testing.assert_close(full[[0, 1, 3]][:, [0, 1, 3]], sub, rtol=1e-14, atol=0)
+
+
+def test_quadrature_error_is_estimated_and_bounds_the_true_error():
+    """A tanh net at large pre-activation variance: the estimate (from n vs n/2 nodes)
+    exceeds the true error, measured against 256 nodes (the rule itself is checked
+    against adaptive quadrature in tests/kernels); a warning names the remedy."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = 2.0 * torch.randn(6, 4, dtype=torch.float64)
+    ref = ntkcompile.compile(model, W_std=1.5, b_std=0.1, quadrature_degree=256)(x).ntk
+    with pytest.warns(RuntimeWarning, match="quadrature_degree"):
+        coarse = ntkcompile.compile(model, W_std=1.5, b_std=0.1, quadrature_degree=40)(x)
+    err = float((coarse.ntk - ref).abs().max() / ref.abs().max())
+    assert err > 1e-6 and coarse.quad_error > err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine = ntkcompile.compile(model, W_std=1.5, b_std=0.1, quadrature_degree=192)(x)
+    fine_err = float((fine.ntk - ref).abs().max() / ref.abs().max())
+    assert fine_err < 1e-6 and fine_err < fine.quad_error < 1e-4
+    relu = ntkcompile.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))(x)
+    assert relu.quad_error is None                     # closed forms only

@@ -6,7 +6,7 @@ and, for the backward pass (Sec. 4), ``E phi'(z1) phi'(z2)``; a LayerNorm or a
 residual cross term may also need the first moments ``E phi(z)``, ``E phi'(z)``.
 Each nonlinearity is one ``Elementwise`` record: the torch function plus
 whichever of these four moments has a closed form. A missing moment (``None``)
-means "evaluate by Gauss-Hermite quadrature" (``kernels.quadrature``), which is
+means "evaluate by quadrature" (``kernels.quadrature``), which is
 accurate only for ``smooth`` functions.
 
 Conventions every closed form follows:
@@ -467,14 +467,30 @@ register(
 
 # --------------------------------------------------------------- quadrature only
 
+def _tanh_deriv(x):
+    t = torch.tanh(x)
+    return 1.0 - t * t
+
+
+def _sigmoid_deriv(x):
+    s = torch.sigmoid(x)
+    return s * (1.0 - s)
+
+
+# Derivatives in closed form: phi' is evaluated on every quadrature node of the
+# backward expectations, where autograd costs a graph per call.
+for _name, _fn, _d in [
+    ("tanh", torch.tanh, _tanh_deriv),
+    ("sigmoid", torch.sigmoid, _sigmoid_deriv),
+    ("atan", torch.atan, lambda x: 1.0 / (1.0 + x * x)),
+]:
+    register(dataclasses.replace(from_callable(_fn, _name), deriv=_d))
+
 for _name, _fn in [
-    ("tanh", torch.tanh),
-    ("sigmoid", torch.sigmoid),
     ("silu", F.silu),
     ("mish", F.mish),
     ("selu", torch.selu),
     ("softsign", F.softsign),
-    ("atan", torch.atan),
     ("logsigmoid", F.logsigmoid),
     ("gelu(tanh)", lambda x: F.gelu(x, approximate="tanh")),
 ]:

@@ -21,7 +21,7 @@ tensor_programs.md Sec. 3, term by term over canonical forms:
 * G x H: Stein's lemma ``E[g f(h)] = sum_j Cov(g, h_j) E[d_j f(h)]`` (exact,
   also for kinks; functions with jumps fall back to quadrature);
 * H x H: a closed-form V-transform when both sides are the same named
-  nonlinearity of one Gaussian, else Gauss-Hermite in 2-D, else the N-D
+  nonlinearity of one Gaussian, else the trapezoidal rule in 2-D, else the N-D
   evaluator (quadrature up to rank 3, Monte Carlo beyond, with a standard error);
   independent arguments factorize into a product of means;
 * pooled x pooled: the average over all position pairs of two windows.
@@ -94,14 +94,14 @@ class Planner:
     """Plans NNGP and NTK for one lowered program into a ``codegen.Source``."""
 
     def __init__(self, program: ir.Program, src, *, self_mode: bool, mc_samples=200_000, seed=0,
-                 degree=64):
+                 degree=96):
         self.p = program
         self.b = program.builder
         self.bw = Backward(program)
         self.src = src
         self.self_mode = self_mode
         self.mc_samples, self.seed = mc_samples, seed
-        self.deg1, self.deg2 = 2 * degree, degree      # Gauss-Hermite degrees in 1-D and 2-D
+        self.deg1, self.deg2 = 2 * degree, degree      # quadrature nodes per dimension in 1-D and 2-D
         self.memo: dict = {}
         self._spatial: dict = {}
         # Layout analysis: a flatten readout only ever pairs position s with s (convs
@@ -230,7 +230,7 @@ class Planner:
                 return f"cf({self.src.bind(a.expr.fn.mean, 'mean')}, like, {_sym(var)})"
             self.evaluators.append((desc, self._quad_note(f"quadrature(1-D, deg={self.deg1})", a.expr)))
             f = self.expr_fn(a.expr, ["z"], side, d)  # same-input arrays need no lifting
-            return f"q1(lambda z: {f}, {_sym(var)}, like, {self.deg1})"
+            return f"q1(lambda z: {f}, {_sym(var)}, like, {self.deg1}, _err, {ir.expr_smooth(a.expr)})"
         factored = self._factorize([(a, side)])
         if factored is not None:
             return _mul(*[self.mean_atom(f[0], side) for f in factored])
@@ -418,7 +418,9 @@ class Planner:
             self.evaluators.append((desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))
             sa = self.expr_fn(a.expr, ["z"], left, pair, k)
             sb = self.expr_fn(b.expr, ["z"], right, pair, k)
-            return f"q2(lambda z: {sa}, lambda z: {sb}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)}, {self.deg2})"
+            smooth = ir.expr_smooth(a.expr) and ir.expr_smooth(b.expr)
+            return (f"q2(lambda z: {sa}, lambda z: {sb}, like, {_sym(k11)}, {_sym(k12)}, {_sym(k22)}, "
+                    f"{self.deg2}, _err, {smooth})")
         factored = self._factorize([(a, left), (b, right)])
         if factored is not None:
             return _mul(*[self.Eatom(fa, fb, pair) for fa, fb in factored])
@@ -509,7 +511,7 @@ class Planner:
         self.evaluators.append((desc, f"N-D evaluator over {offset} slots: quadrature up to rank 3, "
                                 f"else monte-carlo(n={self.mc_samples}, seed={self.seed})"
                                 + ("" if smooth else " [non-smooth integrand: approximate]")))
-        return f"qn(lambda z: {' * '.join(parts)}, {rows}, like, _mc, {self.mc_samples}, {self.seed})"
+        return f"qn(lambda z: {' * '.join(parts)}, {rows}, like, _err, {self.mc_samples}, {self.seed})"
 
     def _quad_note(self, what, *exprs):
         return what if all(ir.expr_smooth(e) for e in exprs) else what + " [non-smooth integrand: approximate]"

@@ -33,6 +33,7 @@ from torch import Tensor
 
 __all__ = [
     "hermite",
+    "trapezoid",
     "expect_1d",
     "expect_2d",
     "expect_nd",
@@ -50,6 +51,10 @@ _DEFAULT_MC_SAMPLES = 200_000
 _RANK_RTOL = 1e-12
 # Largest number of float64 entries one evaluation chunk of ``z`` may hold (128 MiB).
 _MAX_CHUNK_ENTRIES = 2**24
+# The 2-D grid is evaluated in cache-sized chunks (2 MiB): a chain of elementwise passes
+# over 128 MiB chunks is memory-bound; measured 4x faster for tanh, 96 x 96 nodes,
+# 5050 pairs, 2 cores.
+_GRID_CHUNK_ENTRIES = 2**18
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,6 +74,37 @@ def hermite(degree: int) -> Tuple[Tensor, Tensor]:
     if int(degree) != degree or degree < 1:
         raise ValueError(f"Gauss-Hermite degree must be a positive integer, got {degree!r}")
     return _hermite_cached(int(degree))
+
+
+# Half-width of the trapezoidal rule's range in standard deviations: the N(0, 1) mass
+# outside [-9, 9] is 2e-19.
+_TRAPEZOID_RANGE = 9.0
+
+
+@functools.lru_cache(maxsize=None)
+def _trapezoid_cached(n: int) -> Tuple[Tensor, Tensor]:
+    x = np.linspace(-_TRAPEZOID_RANGE, _TRAPEZOID_RANGE, n)
+    w = np.exp(-0.5 * x * x)
+    return torch.tensor(x, dtype=_F64), torch.tensor(w / w.sum(), dtype=_F64)
+
+
+def trapezoid(n: int) -> Tuple[Tensor, Tensor]:
+    """Trapezoidal rule for ``E f(z)``, ``z ~ N(0, 1)``: ``n`` equispaced nodes on ``[-9, 9]``.
+
+    For ``f`` analytic in a strip ``|Im z| < d`` the error falls like
+    ``exp(-2 pi d / h)`` with spacing ``h = 18 / (n - 1)``, independently of how
+    steep ``f`` is on the real line.  Gauss-Hermite puts its nodes out to
+    ``+-sqrt(4n)`` and is exact for polynomials, but resolves steep functions
+    poorly: for ``E sech(s z)^4`` with ``s^2 = 3.5`` (``tanh'`` squared at a
+    moderate pre-activation variance) its relative error at 64 nodes is 2e-3,
+    the trapezoid's 3e-5; at 128 nodes 2e-5 against 2e-12; for ``tanh^2`` at 128
+    nodes 4e-7 against 9e-15 (measured against adaptive quadrature).  At 32
+    nodes and below Gauss-Hermite is as good or better.  Cached and shared: do not
+    modify the tensors in place.
+    """
+    if int(n) != n or n < 2:
+        raise ValueError(f"the trapezoidal rule needs an integer number of nodes >= 2, got {n!r}")
+    return _trapezoid_cached(int(n))
 
 
 def _f64(*ks) -> Tuple[Tensor, ...]:
@@ -115,9 +151,10 @@ def expect_1d(f: Callable[[Tensor], Tensor], var, degree: int = 64) -> Tensor:
     """``E f(z)``, ``z ~ N(0, var)``, for a tensor ``var`` of any shape (0 allowed).
 
     ``f`` receives ``z`` of shape ``(degree, *var.shape)`` and must return that shape.
+    The rule is :func:`trapezoid` with ``degree`` nodes.
     """
     (var,) = _f64(var)
-    nodes, weights = (t.to(var.device) for t in hermite(degree))
+    nodes, weights = (t.to(var.device) for t in trapezoid(degree))
     z = _lead(nodes, var.ndim) * var.clamp_min(0.0).sqrt()
     return (_lead(weights, var.ndim) * f(z)).sum(0)
 
@@ -133,7 +170,8 @@ def expect_2d(
     """``E f(z1) g(z2)``, ``(z1, z2) ~ N(0, [[k11, k12], [k12, k22]])``.
 
     We write ``z1 = sqrt(k11) u`` and ``z2 = sqrt(k22) (c u + sqrt(1 - c^2) v)``
-    with ``u, v`` iid ``N(0, 1)``, ``c = k12 / sqrt(k11 k22)`` clamped to
+    with ``u, v`` iid ``N(0, 1)`` (each integrated by :func:`trapezoid` with
+    ``degree`` nodes), ``c = k12 / sqrt(k11 k22)`` clamped to
     ``[-1, 1]`` and ``c = 0`` where ``k11 k22 = 0``. This (Cholesky-like)
     factorization is chosen over diagonalizing because it stays exact and smooth
     in the singular cases: at ``c = +-1`` the ``v`` direction simply gets weight 0,
@@ -151,17 +189,17 @@ def expect_2d(
     _, c = correlation(k11, k12, k22)
     s = (1.0 - c * c).clamp_min(0.0).sqrt()
 
-    nodes, weights = (t.to(k11.device) for t in hermite(degree))
+    nodes, weights = (t.to(k11.device) for t in trapezoid(degree))
     u = _lead(nodes, nb)
     fu = f(u * s1)  # (deg, *batch)
     batch = torch.broadcast_shapes(s1.shape, s2.shape, c.shape)
-    # Chunk over the u nodes so the (u, v, *batch) grid stays near _MAX_CHUNK_ENTRIES.
-    step = max(1, _MAX_CHUNK_ENTRIES // max(1, degree * math.prod(batch)))
+    # Chunk over the u nodes so the (u, v, *batch) grid stays near _GRID_CHUNK_ENTRIES.
+    step = max(1, _GRID_CHUNK_ENTRIES // max(1, degree * math.prod(batch)))
     wv = _lead(weights, nb).unsqueeze(0)
+    a, b = s2 * c, (s2 * s).unsqueeze(0) * u       # z2 = a u + b v; b v: (deg_v, *batch)
     inner = []
     for i in range(0, degree, step):
-        u2, v2 = u[i:i + step].unsqueeze(1), u.unsqueeze(0)  # grid (chunk_u, deg_v, *batch)
-        z2 = s2 * (c * u2 + s * v2)
+        z2 = (a * u[i:i + step]).unsqueeze(1) + b.unsqueeze(0)   # grid (chunk_u, deg_v, *batch)
         n = z2.shape[0] * degree
         gz = g(z2.reshape(n, *z2.shape[2:])).reshape(z2.shape)
         inner.append((wv * gz).sum(1))  # sum over v

@@ -84,9 +84,9 @@ def _grid_ks(variances=(0.3, 1.0, 2.5)):
 def test_expect_2d_polynomial_moments_exact_including_singular():
     k11, k12, k22 = _grid_ks()
     # Isserlis: E z1^2 z2^2 = k11 k22 + 2 k12^2; E z1^3 z2 = 3 k11 k12.
-    out = expect_2d(lambda z: z**2, lambda z: z**2, k11, k12, k22, degree=8)
+    out = expect_2d(lambda z: z**2, lambda z: z**2, k11, k12, k22, degree=64)
     torch.testing.assert_close(out, k11 * k22 + 2 * k12**2, rtol=1e-12, atol=1e-12)
-    out = expect_2d(lambda z: z**3, lambda z: z, k11, k12, k22, degree=8)
+    out = expect_2d(lambda z: z**3, lambda z: z, k11, k12, k22, degree=64)
     torch.testing.assert_close(out, 3 * k11 * k12, rtol=1e-12, atol=1e-12)
 
 
@@ -97,11 +97,23 @@ def test_expect_2d_shapes_broadcast():
         shapes.append(tuple(z.shape))
         return z
 
-    out = expect_2d(rec, rec, t(1.0), t([[0.1, 0.2, 0.3]]), t([[1.0], [2.0]]), degree=5)
+    out = expect_2d(rec, rec, t(1.0), t([[0.1, 0.2, 0.3]]), t([[1.0], [2.0]]), degree=40)
     assert out.shape == (2, 3)
     assert shapes[0][1:] == (2, 3) and shapes[1][1:] == (2, 3)
-    assert shapes[1][0] == 25
+    assert shapes[0][0] == 40 and shapes[1][0] == 1600
     torch.testing.assert_close(out, t([[0.1, 0.2, 0.3]]).expand(2, 3), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("var, n, tol", [(3.5, 64, 1e-4), (3.5, 128, 1e-10), (11.0, 128, 1e-4)])
+def test_trapezoid_resolves_steep_integrands(var, n, tol):
+    """E sech(z)^4 (tanh' squared), z ~ N(0, var), against scipy's adaptive quadrature:
+    the rule's error at the given node count (Gauss-Hermite: 2e-3, 2e-5, 1e-2)."""
+    from scipy import integrate
+    s = math.sqrt(var)
+    ref = integrate.quad(lambda u: np.cosh(s * u) ** -4 * np.exp(-u * u / 2) / math.sqrt(2 * math.pi),
+                         -40, 40, epsabs=1e-15, epsrel=1e-14, limit=1000)[0]
+    got = float(expect_1d(lambda z: torch.cosh(z) ** -4, t(var), n))
+    assert abs(got - ref) / ref < tol
 
 
 def test_expect_2d_cos_cos_and_relu():
