@@ -219,13 +219,13 @@ def _relu_kernel(scale: Tensor, c: Tensor, theta: Tensor) -> Tensor:
     ``theta = arccos c`` (not modified: it is shared with the derivative's kernel)."""
     # in place on fresh temporaries (each op rounds exactly as the out-of-place form)
     out = (c * c).neg_().add_(1.0).clamp_min_(0.0).sqrt_()
-    out.add_(torch.sub(_PI, theta).mul_(c))
+    out.add_(theta.neg().add_(_PI).mul_(c))
     return out.mul_(scale).div_(2.0 * _PI)
 
 
 def _step_kernel(theta: Tensor) -> Tensor:
     """``E step(z1) step(z2) = (pi - theta) / (2 pi)`` (orthant probability)."""
-    return torch.sub(_PI, theta).div_(2.0 * _PI)
+    return theta.neg().add_(_PI).div_(2.0 * _PI)
 
 
 def _combine(kernel, a: float, b: float):
