@@ -168,12 +168,12 @@ def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device, jit: bool 
     t0 = time.perf_counter()
     kfn = ntkcompile.compile(model, W_std=spec["W_std"], b_std=spec["b_std"], jit=jit)
     t_compile = time.perf_counter() - t0
-    out = kfn(x, None, get=get)
+    out = kfn(x, None, get=get, progress=False)
     _sync(device)
     cold = time.perf_counter() - t0
 
     def call():
-        o = kfn(x, None, get=get)
+        o = kfn(x, None, get=get, progress=False)
         _sync(device)
         return o
 
