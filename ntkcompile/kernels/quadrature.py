@@ -23,7 +23,6 @@ Which evaluator ``expect_nd`` used is not part of its return value (it returns
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional, Tuple
 
@@ -57,12 +56,26 @@ _MAX_CHUNK_ENTRIES = 2**24
 _GRID_CHUNK_ENTRIES = 2**18
 
 
-@functools.lru_cache(maxsize=None)
+# Rules are built once per (kind, size) and shared.  A plain dict rather than
+# functools.lru_cache: torch.compile traces a dict lookup, but warns on (and bypasses)
+# an lru_cache wrapper.
+_RULES: dict = {}
+
+
+def _cached(kind, n, build):
+    rule = _RULES.get((kind, n))
+    if rule is None:
+        rule = _RULES[(kind, n)] = tuple(torch.tensor(a, dtype=_F64) for a in build(n))
+    return rule
+
+
 def _hermite_cached(degree: int) -> Tuple[Tensor, Tensor]:
-    x, w = np.polynomial.hermite_e.hermegauss(degree)
-    # hermegauss integrates against exp(-x^2/2); normalize to the N(0,1) density.
-    w = w / math.sqrt(2.0 * math.pi)
-    return torch.tensor(x, dtype=_F64), torch.tensor(w, dtype=_F64)
+    def build(n):
+        x, w = np.polynomial.hermite_e.hermegauss(n)
+        # hermegauss integrates against exp(-x^2/2); normalize to the N(0,1) density.
+        return x, w / math.sqrt(2.0 * math.pi)
+
+    return _cached("hermite", degree, build)
 
 
 def hermite(degree: int) -> Tuple[Tensor, Tensor]:
@@ -81,11 +94,13 @@ def hermite(degree: int) -> Tuple[Tensor, Tensor]:
 _TRAPEZOID_RANGE = 9.0
 
 
-@functools.lru_cache(maxsize=None)
 def _trapezoid_cached(n: int) -> Tuple[Tensor, Tensor]:
-    x = np.linspace(-_TRAPEZOID_RANGE, _TRAPEZOID_RANGE, n)
-    w = np.exp(-0.5 * x * x)
-    return torch.tensor(x, dtype=_F64), torch.tensor(w / w.sum(), dtype=_F64)
+    def build(n):
+        x = np.linspace(-_TRAPEZOID_RANGE, _TRAPEZOID_RANGE, n)
+        w = np.exp(-0.5 * x * x)
+        return x, w / w.sum()
+
+    return _cached("trapezoid", n, build)
 
 
 def trapezoid(n: int) -> Tuple[Tensor, Tensor]:
