@@ -74,11 +74,22 @@ def _q2(f, g, like, k11, k12, k22, degree, errors, smooth=True):
     return value
 
 
-def _qn(f, entries, like, errors, samples, seed):
-    """N-D expectation; a Monte Carlo standard error is appended to ``errors``."""
-    value, stderr = quad.expect_nd(f, _cov_matrix(entries, like), mc_samples=samples, seed=seed)
+def _qn(f, entries, like, errors, samples, seed, smooth=True):
+    """N-D expectation; a Monte Carlo standard error, or for the tensor-product
+    quadrature (rank <= 3) the same estimate as ``_q2`` (half the nodes per
+    dimension), is appended to ``errors``."""
+    cov = _cov_matrix(entries, like)
+    value, stderr = quad.expect_nd(f, cov, mc_samples=samples, seed=seed)
     if stderr is not None:
         errors.append(("mc", stderr.max()))
+        return value
+    rank = quad.numerical_rank(cov)
+    if rank > 0:
+        half = max(2, quad.default_degree(rank) // 2)
+        coarse, _ = quad.expect_nd(f, cov, degree=half, mc_samples=samples, seed=seed)
+        scale, _ = quad.expect_nd(lambda z: f(z).abs(), cov, degree=max(2, half // 2),
+                                  mc_samples=samples, seed=seed)
+        errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
     return value
 
 

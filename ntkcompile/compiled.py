@@ -36,11 +36,12 @@ class Kernels:
     For several outputs these are the per-output factors (the full kernel is the
     factor times the identity on outputs).  ``mc_stderr`` is the largest standard
     error of any Monte Carlo expectation used (None when none was needed).
-    ``quad_error`` estimates the largest relative error of any 1-D/2-D quadrature,
-    from the change ``d`` between ``n`` and ``n/2`` nodes: ``d^2`` for smooth
-    integrands (the trapezoidal rule converges exponentially; the estimate was 30-250x
-    above the true error on tanh nets), ``d`` for kinked ones (None when no
-    quadrature was needed).  A call warns when it exceeds ``QUAD_WARN``.
+    ``quad_error`` estimates the largest relative error of any quadrature (1-D, 2-D,
+    and the N-D tensor-product rule), from the change ``d`` between ``n`` and ``n/2``
+    nodes per dimension, relative to the integrand's size: ``d^2`` for smooth
+    integrands (exponential convergence), ``d`` for kinked ones; None when no
+    quadrature was needed.  It is conservative: the kernels' true errors measured
+    30-300x below it (tanh nets; a BatchNorm CNN).  A call warns above ``QUAD_WARN``.
     """
     nngp: Optional[torch.Tensor]
     ntk: Optional[torch.Tensor]

@@ -511,7 +511,7 @@ class Planner:
         self.evaluators.append((desc, f"N-D evaluator over {offset} slots: quadrature up to rank 3, "
                                 f"else monte-carlo(n={self.mc_samples}, seed={self.seed})"
                                 + ("" if smooth else " [non-smooth integrand: approximate]")))
-        return f"qn(lambda z: {' * '.join(parts)}, {rows}, like, _err, {self.mc_samples}, {self.seed})"
+        return f"qn(lambda z: {' * '.join(parts)}, {rows}, like, _err, {self.mc_samples}, {self.seed}, {smooth})"
 
     def _quad_note(self, what, *exprs):
         return what if all(ir.expr_smooth(e) for e in exprs) else what + " [non-smooth integrand: approximate]"

@@ -248,11 +248,14 @@ def numerical_rank(cov) -> int:
     return _rank_from_eigenvalues(_eigh(cov)[0])
 
 
-def _degree_for(rank: int, degree: Optional[int]) -> int:
-    if degree is not None:
-        return int(degree)
+def default_degree(rank: int) -> int:
+    """Gauss-Hermite nodes per dimension that ``expect_nd`` uses at ``rank``."""
     # Keep the tensor-product grid at about 4096 nodes beyond the tabulated ranks.
     return _DEFAULT_DEGREE.get(rank, max(2, int(4096 ** (1.0 / rank))))
+
+
+def _degree_for(rank: int, degree: Optional[int]) -> int:
+    return int(degree) if degree is not None else default_degree(rank)
 
 
 def nd_method(
