@@ -54,23 +54,39 @@ def _quad_error(value, coarse, scale, smooth):
     return d * d if smooth else d
 
 
+def _record_estimate(errors, value, rule, degree, smooth, floor):
+    """Append the error estimate of ``value = rule(degree, False)`` to ``errors``:
+    ``rule(n, absolute)`` evaluates the same expectation with ``n`` nodes per
+    dimension (of ``|integrand|`` when ``absolute``), here at ``n/2`` for the
+    change and at ``n/4`` (at least ``floor``) for the integrand's size."""
+    coarse = rule(degree // 2, False)
+    scale = rule(max(floor, degree // 4), True)
+    errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
+
+
 def _q1(f, var, like, degree, errors, smooth=True):
     """1-D expectation; its error estimate (``_quad_error``) is appended to ``errors``."""
     var = _t(var, like)
-    value = quad.expect_1d(f, var, degree)
-    coarse = quad.expect_1d(f, var, degree // 2)
-    scale = quad.expect_1d(lambda z: f(z).abs(), var, max(8, degree // 4))
-    errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
+
+    def rule(n, absolute):
+        return quad.expect_1d((lambda z: f(z).abs()) if absolute else f, var, n)
+
+    value = rule(degree, False)
+    _record_estimate(errors, value, rule, degree, smooth, floor=8)
     return value
 
 
 def _q2(f, g, like, k11, k12, k22, degree, errors, smooth=True):
     """2-D expectation and its error estimate (the extra rules cost about 30% more)."""
     ks = (_t(k11, like), _t(k12, like), _t(k22, like))
-    value = quad.expect_2d(f, g, *ks, degree)
-    coarse = quad.expect_2d(f, g, *ks, degree // 2)
-    scale = quad.expect_2d(lambda z: f(z).abs(), lambda z: g(z).abs(), *ks, max(8, degree // 4))
-    errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
+
+    def rule(n, absolute):
+        if absolute:
+            return quad.expect_2d(lambda z: f(z).abs(), lambda z: g(z).abs(), *ks, n)
+        return quad.expect_2d(f, g, *ks, n)
+
+    value = rule(degree, False)
+    _record_estimate(errors, value, rule, degree, smooth, floor=8)
     return value
 
 
@@ -85,11 +101,11 @@ def _qn(f, entries, like, errors, samples, seed, smooth=True):
         return value
     rank = quad.numerical_rank(cov)
     if rank > 0:
-        half = max(2, quad.default_degree(rank) // 2)
-        coarse, _ = quad.expect_nd(f, cov, degree=half, mc_samples=samples, seed=seed)
-        scale, _ = quad.expect_nd(lambda z: f(z).abs(), cov, degree=max(2, half // 2),
-                                  mc_samples=samples, seed=seed)
-        errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
+        def rule(n, absolute):
+            fn = (lambda z: f(z).abs()) if absolute else f
+            return quad.expect_nd(fn, cov, degree=max(2, n), mc_samples=samples, seed=seed)[0]
+
+        _record_estimate(errors, value, rule, quad.default_degree(rank), smooth, floor=2)
     return value
 
 
