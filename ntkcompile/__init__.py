@@ -10,7 +10,7 @@ from . import errors
 from .compiled import CompiledKernel, Kernels, compile
 from .errors import (GIACheckError, InputShapeError, KernelNotPSDError, NonFiniteInputError,
                      NTKCompileError, TraceError, UnsupportedOpError, WidthInferenceError)
-from .kernels.elementwise import register_elementwise
+from .ops.elementwise import register_elementwise
 from .parametrize import ntk_parametrize
 
 __all__ = [

@@ -1,223 +1,373 @@
-"""Codegen: the kernel plan as Python source, compiled once, called many times.
+"""Codegen: a kernel plan (``ntkcompile.plan``) rendered as Python source, compiled once.
 
-``kernels.master.Planner`` emits one line per quantity (a covariance, a
-V-transform, a quadrature) into a ``Source``; ``Source.build`` compiles it into
-a function ``kernel(x1, x2) -> (nngp, ntk, errors)`` (``errors``: ``(kind, 0-d tensor)``
-pairs, Monte Carlo standard errors and quadrature error estimates).  The generated text is
-what ``kfn.code`` shows.  Every helper the lines call lives in ``RUNTIME``.
+``render(plan, self_mode=..., outputs=...)`` returns a function
+``kernel_self(x1)`` or ``kernel_cross(x1, x2) -> (nngp, ntk, errors)`` and its
+source text (what ``kfn.code`` shows).  ``errors`` is a list of
+``(kind, 0-d tensor)`` pairs: Monte Carlo standard errors and quadrature error
+estimates.
+
+One plan serves every call mode.  Against itself (``self_mode``) side 2 *is*
+side 1, so every same-input array of side 2 is one of side 1 (the plan is
+re-interned with that substitution, which merges them), cross arrays are
+stored for the pairs ``i <= j`` only (``kernels.spatial.pack``), and
+``SetDiagonal`` pins their diagonal to the same-input variances.  Only what
+the requested outputs need is rendered.
+
+The generated code is plain torch: one line per array (arithmetic used once is
+written inline), an ``einsum`` per step of each contraction along the path
+opt_einsum fixes now, and ``del`` after the last use of every temporary.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import opt_einsum
-import torch
 
-from .kernels import quadrature as quad
-from .kernels import spatial as _sp
+from . import plan as P
+from .ir.walk import postorder
+from .kernels import expect, spatial
 
-
-def _t(x, like):
-    return x if torch.is_tensor(x) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
-
-
-def _cf(fn, like, *ks):
-    """Call a closed form with tensor arguments (constants become 0-d tensors)."""
-    return fn(*[_t(k, like) for k in ks])
+_PRELUDE = {"pair_indices": spatial.pair_indices, "unpack": spatial.unpack, "full": expect.full,
+            "pack": spatial.pack, "with_diagonal_packed": spatial.with_diagonal_packed,
+            "with_diagonal_aligned": spatial.with_diagonal_aligned, "lift1": spatial.lift1,
+            "lift2": spatial.lift2, "liftp": spatial.liftp, "liftf": spatial.liftf}
+_ENV = {"like": "like", "batch": "BATCH", "errors": "_err"}
+_ARITH = (P.Mul, P.Add, P.Pow, P.Rsqrt)
 
 
-def _cov_matrix(entries, like):
-    """Stack a DxD nested list of broadcastable entries into ``(*batch, D, D)``."""
-    flat = [_t(e, like) for row in entries for e in row]
-    flat = torch.broadcast_tensors(*flat)
-    d = len(entries)
-    return torch.stack(flat, dim=-1).reshape(*flat[0].shape, d, d)
+def specialize(plan: P.Plan, self_mode: bool, names) -> dict:
+    """The requested outputs, re-interned; against itself, side 2 becomes side 1."""
+    if not self_mode:
+        return {n: plan.outputs.get(n) for n in names}
+    spec = P.Plan()
+    memo: dict = {}
+
+    def remap(v):
+        if isinstance(v, P.PNode):
+            return memo[v.uid]
+        if isinstance(v, tuple):
+            return tuple(remap(x) for x in v)
+        return v
+
+    roots = [plan.outputs.get(n) for n in names]
+    for node in P.reachable(roots):
+        fields = [remap(getattr(node, f)) for f in node._fields if f != "uid"]
+        if isinstance(node, P.Input):
+            fields[0] = 1
+        memo[node.uid] = spec.make(type(node), *fields)
+    return {n: remap(plan.outputs.get(n)) for n in names}
 
 
-def _angle(like, k11, k12, k22):
-    """``arccos`` of the clamped correlation: shared by the arc-cosine closed forms."""
-    return quad.angle(_t(k11, like), _t(k12, like), _t(k22, like))
+class _Renderer:
+    def __init__(self, self_mode: bool):
+        self.self_mode = self_mode
+        self.namespace = dict(_PRELUDE)
+        self.namespace["torch"] = __import__("torch")
+        self._bound: dict = {}
+        self.names: dict = {}            # node uid -> variable name
+        self.statements: list = []       # (lines, assigned name or None)
+        self._count = 0
+        self.uses: dict = {}
+        self._text: dict = {}            # node uid -> rendered inline text
+        self.free: dict = {}
+
+    # ------------------------------------------------------------ names
+    def bind(self, obj, prefix):
+        """A name for ``obj`` in the generated namespace (``<prefix><n>``), by reference."""
+        key = id(obj)
+        if key not in self._bound:
+            name = f"{prefix}{len(self._bound)}"
+            self._bound[key] = name
+            self.namespace[name] = obj
+        return self._bound[key]
+
+    def bind_fn(self, fn):
+        """A runtime helper under its own name (``stencil_pair``, ``q2``, ...)."""
+        name = getattr(fn, "__name__", "")
+        if self.namespace.get(name) is fn:
+            return name
+        if name.isidentifier() and name not in self.namespace:
+            self.namespace[name] = fn
+            return name
+        return self.bind(fn, "helper")
+
+    def fresh(self):
+        self._count += 1
+        return f"k{self._count}"
+
+    # ------------------------------------------------------------ scheduling
+    def children(self, n):
+        """What must be computed before ``n`` in the enclosing scope."""
+        if isinstance(n, P.Fn):
+            return _boundary([n.body], lambda m: "slot" in self.free[m.uid])
+        if isinstance(n, P.Loop):
+            return tuple(v for v in n.init if isinstance(v, P.PNode)) + \
+                _boundary(list(n.body), lambda m: ("loop", n.id) in self.free[m.uid])
+        if isinstance(n, (P.Slot, P.LoopVar)):
+            return ()
+        return n.children()
+
+    def bind_scopes(self, roots):
+        """``free[uid]``: the binders (a lambda's slots, a loop's variables) a node uses."""
+        for n in postorder([r for r in roots if isinstance(r, P.PNode)]):
+            if isinstance(n, P.Slot):
+                f = frozenset({"slot"})
+            elif isinstance(n, P.LoopVar):
+                f = frozenset({("loop", n.loop)})
+            else:
+                f = frozenset().union(*(self.free[c.uid] for c in n.children()))
+                if isinstance(n, P.Fn):
+                    f = f - {"slot"}
+                elif isinstance(n, P.Loop):
+                    f = f - {("loop", n.id)}
+            self.free[n.uid] = f
+
+    def schedule(self, roots):
+        self.bind_scopes(roots)
+        order = postorder([r for r in roots if isinstance(r, P.PNode)], self.children)
+        for n in order:
+            self.count_uses(n)
+        return order
+
+    def count_uses(self, n):
+        # What a lambda or a loop body uses counts twice: it is computed once, outside.  So
+        # does what a lift or a layout change uses: those are written inline wherever they
+        # are used, and their argument must be a name.
+        weight = 2 if isinstance(n, (P.Fn, P.Loop, P.Lift, P.LiftAll, P.ToPairs, P.SetDiagonal)) else 1
+        for c in self.children(n):
+            self.uses[c.uid] = self.uses.get(c.uid, 0) + weight
+
+    # ------------------------------------------------------------ expressions
+    def value(self, v) -> str:
+        if v is None:
+            return "0.0"
+        if isinstance(v, bool) or isinstance(v, int):
+            return repr(v)
+        if isinstance(v, float):
+            return repr(v) if math.isfinite(v) else f"float({repr(v)!r})"
+        if isinstance(v, tuple):
+            inner = ", ".join(self.value(x) for x in v)
+            return f"({inner},)" if len(v) == 1 else f"({inner})"
+        if isinstance(v, str):
+            return repr(v)
+        if v.uid in self.names:
+            return self.names[v.uid]
+        if v.uid not in self._text:
+            # children first, so that rendering a deep expression never recurses deeply
+            inline = lambda m: () if m.uid in self.names or m.uid in self._text else m.children()  # noqa: E731
+            for m in postorder([v], inline):
+                if m.uid not in self.names and m.uid not in self._text:
+                    self._text[m.uid] = self.expr(m)
+        return self._text[v.uid]
+
+    def expr(self, n) -> str:
+        if isinstance(n, P.Input):
+            return f"F{n.side}[{n.index}]"
+        if isinstance(n, P.Env):
+            return _ENV[n.name]
+        if isinstance(n, P.Static):
+            return self.bind(n.obj, n.prefix)
+        if isinstance(n, P.Slot):
+            return "z" if n.index is None else f"z[..., {n.index}]"
+        if isinstance(n, P.LoopVar):
+            return f"c{n.loop}_{n.i}" if n.i is not None else f"t{n.loop}"
+        if isinstance(n, P.Lift):
+            return self.lift(n)
+        if isinstance(n, P.LiftAll):
+            return f"liftf({self.value(n.x)}, {n.k}, {n.right})"
+        if isinstance(n, P.ToPairs):
+            return f"pack({self.value(n.x)}, I, J)" if self.self_mode else self.value(n.x)
+        if isinstance(n, P.Mul):
+            return " * ".join(self._operand(f, group=True) for f in n.factors)
+        if isinstance(n, P.Add):
+            return " + ".join(self._operand(t, group=isinstance(t, P.Add)) for t in n.terms)
+        if isinstance(n, P.Pow):
+            return f"({self.value(n.x)}) ** {n.p!r}"
+        if isinstance(n, P.Rsqrt):
+            return f"torch.rsqrt({self._operand(n.x, group=isinstance(n.x, P.Add))} + {n.eps!r})"
+        if isinstance(n, P.Apply):
+            return f"{self.value(n.fn)}({self.value(n.x)})"
+        if isinstance(n, P.Fn):
+            return f"lambda z: {self.value(n.body)}"
+        if isinstance(n, P.Call):
+            return f"{self.bind_fn(n.fn)}({', '.join(self.value(a) for a in n.args)})"
+        if isinstance(n, P.SetDiagonal):
+            if not self.self_mode:
+                return self.value(n.x)
+            how = "with_diagonal_aligned" if n.aligned else "with_diagonal_packed"
+            return f"{how}({self.value(n.x)}, {self.value(n.same)}, DIAG)"
+        raise TypeError(f"cannot render {type(n).__name__} inline")
+
+    def _operand(self, v, group):
+        """An operand, parenthesized where Python's precedence would regroup it."""
+        s = self.value(v)
+        if group and isinstance(v, (P.Mul, P.Add)) and v.uid not in self.names:
+            return f"({s})"
+        return s
+
+    def lift(self, n):
+        x = self.value(n.x)
+        if self.self_mode:       # packed pairs i <= j (kernels.spatial.pack)
+            idx = "I" if n.side == 1 else "J"
+            return f"liftp({x}, {idx}, {n.k}, {n.side == 2})" if n.k else f"{x}[{idx}]"
+        if n.k:
+            return f"lift{n.side}({x}, {n.k})"
+        return f"{x}[:, None]" if n.side == 1 else f"{x}[None, :]"
+
+    # ------------------------------------------------------------ statements
+    def emit_all(self, order, indent=""):
+        for n in order:
+            self.emit(n, indent)
+
+    def emit(self, n, indent=""):
+        if isinstance(n, (P.Input, P.Env, P.Static, P.Lift, P.LiftAll, P.Slot, P.LoopVar, P.Fn, P.Apply,
+                          P.ToPairs)):
+            return                                  # written inline where used
+        if isinstance(n, P.SetDiagonal) and not self.self_mode:
+            self.names[n.uid] = self.value(n.x)
+            return
+        if isinstance(n, _ARITH) and self.uses.get(n.uid, 0) == 1:
+            return                                  # used once: inline
+        if isinstance(n, P.Contract):
+            self.names[n.uid] = self.contract(n, indent)
+            return
+        if isinstance(n, P.Loop):
+            self.loop(n, indent)
+            return
+        if isinstance(n, P.LoopOut):
+            self.names[n.uid] = f"c{n.loop.id}_{n.i}"
+            return
+        name = self.fresh()
+        text = f"{indent}{name} = {self.expr(n)}"
+        if isinstance(n, P.Call) and n.note:
+            text += f"  # {n.note[0]}: {n.note[1]}"
+        self.statements.append(([text], name))
+        self.names[n.uid] = name
+
+    def contract(self, n, indent):
+        """The contraction along a path fixed now: one ``torch.einsum`` line per pairwise step.
+
+        The path is opt_einsum's (``optimal`` up to 4 operands, else ``greedy``),
+        planned on nominal shapes (a path does not depend on batch sizes in any way
+        that matters here).  Plain torch is emitted so that ``torch.compile`` traces it.
+        """
+        strategy = "optimal" if len(n.operands) <= 4 else "greedy"
+        _, info = opt_einsum.contract_path(n.equation, *n.shapes, shapes=True, optimize=strategy)
+        names = [self.value(o) for o in n.operands]
+        for step, (inds, _, eq, _, _) in enumerate(info.contraction_list):
+            args = [names.pop(i) for i in inds]     # opt_einsum's order: indices descending
+            name = self.fresh()
+            line = f"{indent}{name} = torch.einsum({eq!r}, {', '.join(args)})"
+            if step == len(info.contraction_list) - 1:
+                line += (f"  # opt_einsum {n.equation!r} step {step + 1}/{len(info.contraction_list)}, "
+                         f"{float(info.opt_cost):.2g} flops at nominal sizes")
+            self.statements.append(([line], name))
+            names.append(name)
+        return names[0]
+
+    def loop(self, n, indent):
+        """``for t in range(count)``: carried values ``c<id>_<i>``, body lines inside."""
+        carried = [f"c{n.id}_{i}" for i in range(len(n.init))]
+        for name, v in zip(carried, n.init):
+            self.statements.append(([f"{indent}{name} = {self.value(v)}"], name))
+        outer, outer_uses = self.statements, self.uses
+        self.statements, self.uses = [], dict(outer_uses)
+        own = lambda m: ("loop", n.id) in self.free[m.uid]  # noqa: E731
+        body = [v for v in postorder([v for v in n.body if isinstance(v, P.PNode)], self.children) if own(v)]
+        for m in body:
+            self.count_uses(m)
+        self.emit_all(body, indent + "    ")
+        new = [self.value(v) for v in n.body]
+        lines = [f"{indent}for t{n.id} in range({n.count}):"]
+        lines += [ln for stmt, _ in self.statements for ln in stmt]
+        lines.append(f"{indent}    {', '.join(carried)} = {', '.join(new)}")
+        for m in body:
+            self.names.pop(m.uid, None)
+            self._text.pop(m.uid, None)
+        self.statements, self.uses = outer, outer_uses
+        self.statements.append((lines, None))
 
 
-def _quad_error(value, coarse, scale, smooth):
-    """Error estimate of a quadrature at ``n`` nodes from the same rule at ``n/2``.
-
-    ``d = max|Q_n - Q_{n/2}| / max E|f g|`` is about the error of ``Q_{n/2}``,
-    relative to the size of the integrand (``scale``, from a coarse rule: the
-    expectation itself may vanish by symmetry).  For a smooth integrand the
-    trapezoidal rule converges exponentially, so the error of ``Q_n`` is about
-    ``d^2 / C`` with ``C >= 1`` (measured C = 30 to 250 for tanh nets): ``d^2`` is
-    returned; with a kink (algebraic convergence) ``d`` itself.  A 0-d tensor, so
-    that ``jit=True`` traces it.
-    """
-    d = (value - coarse).abs().max() / scale.abs().max().clamp_min(1e-300)
-    return d * d if smooth else d
-
-
-def _record_estimate(errors, value, rule, degree, smooth, floor):
-    """Append the error estimate of ``value = rule(degree, False)`` to ``errors``:
-    ``rule(n, absolute)`` evaluates the same expectation with ``n`` nodes per
-    dimension (of ``|integrand|`` when ``absolute``), here at ``n/2`` for the
-    change and at ``n/4`` (at least ``floor``) for the integrand's size."""
-    coarse = rule(degree // 2, False)
-    scale = rule(max(floor, degree // 4), True)
-    errors.append(("quad", _quad_error(value, coarse, scale, smooth)))
+def _boundary(roots, local) -> tuple:
+    """Nodes outside a scope that the scope's values ``roots`` use."""
+    out, seen, stack = [], set(), [r for r in roots if isinstance(r, P.PNode)]
+    while stack:
+        n = stack.pop()
+        if n.uid in seen:
+            continue
+        seen.add(n.uid)
+        if local(n):
+            stack.extend(n.children())
+        else:
+            out.append(n)
+    return tuple(out)
 
 
-def _q1(f, var, like, degree, errors, smooth=True):
-    """1-D expectation; its error estimate (``_quad_error``) is appended to ``errors``."""
-    var = _t(var, like)
-
-    def rule(n, absolute):
-        return quad.expect_1d((lambda z: f(z).abs()) if absolute else f, var, n)
-
-    value = rule(degree, False)
-    _record_estimate(errors, value, rule, degree, smooth, floor=8)
-    return value
+_ASSIGN = re.compile(r"^\s*(k\d+|c\d+_\d+) = ")
+_NAME = re.compile(r"\b(k\d+|c\d+_\d+)\b")
 
 
-def _q2(f, g, like, k11, k12, k22, degree, errors, smooth=True):
-    """2-D expectation and its error estimate (the extra rules cost about 30% more)."""
-    ks = (_t(k11, like), _t(k12, like), _t(k22, like))
-
-    def rule(n, absolute):
-        if absolute:
-            return quad.expect_2d(lambda z: f(z).abs(), lambda z: g(z).abs(), *ks, n)
-        return quad.expect_2d(f, g, *ks, n)
-
-    value = rule(degree, False)
-    _record_estimate(errors, value, rule, degree, smooth, floor=8)
-    return value
-
-
-def _qn(f, entries, like, errors, samples, seed, smooth=True):
-    """N-D expectation; a Monte Carlo standard error, or for the tensor-product
-    quadrature (rank <= 3) the same estimate as ``_q2`` (half the nodes per
-    dimension), is appended to ``errors``."""
-    cov = _cov_matrix(entries, like)
-    value, stderr = quad.expect_nd(f, cov, mc_samples=samples, seed=seed)
-    if stderr is not None:
-        errors.append(("mc", stderr.max()))
-        return value
-    rank = quad.numerical_rank(cov)
-    if rank > 0:
-        def rule(n, absolute):
-            fn = (lambda z: f(z).abs()) if absolute else f
-            return quad.expect_nd(fn, cov, degree=max(2, n), mc_samples=samples, seed=seed)[0]
-
-        _record_estimate(errors, value, rule, quad.default_degree(rank), smooth, floor=2)
-    return value
-
-
-def _full(x, like, shape):
-    """``x`` as an array of exactly ``shape`` (constants and broadcast terms expanded)."""
-    if torch.is_tensor(x) and tuple(x.shape) == tuple(shape):
-        return x
-    return torch.broadcast_to(_t(x, like), shape).clone()
-
-
-RUNTIME = {
-    "torch": torch,
-    "cf": _cf,
-    "const": _t,
-    "angle": _angle,
-    "q1": _q1,
-    "q2": _q2,
-    "qn": _qn,
-    "full": _full,
-    **{name: getattr(_sp, name) for name in (
-        "patches", "positions", "stencil_same", "stencil_pair",
-        "stencil_pair_adjoint", "stencil_same_adjoint", "lift1", "lift2", "spatial_sum",
-        "global_mean", "aligned_mean", "diagonal_mean", "identity_pairs", "pair_indices",
-        "pack", "unpack", "liftp", "with_diagonal_packed", "with_diagonal_aligned", "pool_pair",
-        "pool_same", "pool_pair_adjoint", "liftf")},
-}
-
-
-_ASSIGN = re.compile(r"^(k\d+|p\d+|t\d+) = ")
-_NAME = re.compile(r"\b(k\d+|p\d+|t\d+)\b")
-
-
-def _free_dead(lines, returns):
-    """Insert ``del`` after the last use of every temporary: peak memory is then the
-    live set of (N1, N2, ...) arrays, not every intermediate of the program."""
+def _free_dead(statements, returns):
+    """``del`` after the last use of every temporary: peak memory is then the live set of
+    ``(N1, N2, ...)`` arrays, not every intermediate of the program."""
     last = {}
-    for i, line in enumerate(lines):
-        for name in _NAME.findall(line.split("  #")[0]):
-            last[name] = i
+    for i, (lines, _) in enumerate(statements):
+        for line in lines:
+            for name in _NAME.findall(line.split("  #")[0]):
+                last[name] = i
     keep = set(_NAME.findall(returns))
     out = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        m = _ASSIGN.match(line)
-        assigned = m.group(1) if m else None
-        dead = sorted(n for n, j in last.items() if j == i and n not in keep and n != assigned)
+    for i, (lines, assigned) in enumerate(statements):
+        out.extend(lines)
+        dead = sorted(n for n, j in last.items() if j == i and n not in keep and n != assigned
+                      and not n.startswith("c"))
         if dead:
             out.append("del " + ", ".join(dead))
     return out
 
 
-class Source:
-    """Accumulates generated lines; binds Python objects to names for the namespace."""
+def _build(signature, head, body_statements, returns, namespace):
+    body = head + _free_dead(body_statements, returns) + [f"return {returns}"]
+    src = f"def {signature}:\n" + "".join(f"    {line}\n" for line in body)
+    ns = dict(namespace)
+    fname = signature.split("(")[0]
+    exec(compile(src, f"<ntkcompile:{fname}>", "exec"), ns)
+    return ns[fname], src
 
-    def __init__(self):
-        self.lines: list = []
-        self.namespace = dict(RUNTIME)
-        self._bound: dict = {}
-        self._count = 0
-        self._assigned: dict = {}     # expression -> name (common subexpressions)
 
-    def bind(self, obj, prefix):
-        key = id(obj)
-        if key not in self._bound:
-            name = f"{prefix}{len(self._bound)}"
-            self._bound[key] = (name, obj)
-            self.namespace[name] = obj
-        return self._bound[key][0]
+def function(values, *, name="f", self_mode=False):
+    """``(function, source)`` computing plan ``values`` from the fixed inputs ``F1``
+    (a tuple), without the kernel's set-up: the core of ``render``, and a way to run a
+    piece of a plan on its own."""
+    r = _Renderer(self_mode)
+    r.emit_all(r.schedule(list(values)))
+    returns = ", ".join(r.value(v) for v in values) + ("," if len(values) == 1 else "")
+    names = set(_NAME.findall(returns))
+    statements = r.statements + [([f"_out = ({returns})"], None)] if names else r.statements
+    return _build(f"{name}(F1)", ["F2 = F1", "like = F1[0]", "_err = []"], statements,
+                  "_out" if names else f"({returns})", r.namespace)
 
-    def fresh(self, prefix="t"):
-        self._count += 1
-        return f"{prefix}{self._count}"
 
-    def emit(self, line, comment=None):
-        self.lines.append(f"{line}  # {comment}" if comment else line)
-
-    def assign(self, expr, prefix="t", comment=None):
-        if expr in self._assigned:
-            return self._assigned[expr]
-        name = self.fresh(prefix)
-        self.emit(f"{name} = {expr}", comment)
-        self._assigned[expr] = name
-        return name
-
-    def contract(self, equation, operands, shapes, prefix="k"):
-        """Emit the contraction ``equation`` of ``operands`` along a path fixed now.
-
-        The path is opt_einsum's (``optimal`` up to 4 operands, else ``greedy``),
-        planned on ``shapes`` (nominal batch sizes; a path does not depend on them in
-        any way that matters here).  Each pairwise step becomes one ``torch.einsum``
-        line, with opt_einsum's cost estimate as a comment, so the generated code is
-        plain torch that ``torch.compile`` traces.  Returns the name of the result.
-        """
-        if len(operands) != len(shapes):
-            raise ValueError(f"{equation}: {len(operands)} operands but {len(shapes)} shapes")
-        strategy = "optimal" if len(operands) <= 4 else "greedy"
-        _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=strategy)
-        names = list(operands)
-        for step, (inds, _, eq, _, _) in enumerate(info.contraction_list):
-            args = [names.pop(i) for i in inds]     # opt_einsum's order: indices descending
-            last = step == len(info.contraction_list) - 1
-            note = f"opt_einsum {equation!r} step {step + 1}/{len(info.contraction_list)}, " \
-                   f"{float(info.opt_cost):.2g} flops at nominal sizes" if last else None
-            names.append(self.assign(f"torch.einsum({eq!r}, {', '.join(args)})", prefix, note))
-        return names[0]
-
-    def text(self, signature, returns):
-        body = "\n".join("    " + ln for ln in _free_dead(self.lines, returns) + [f"return {returns}"])
-        return f"def {signature}:\n{body}\n"
-
-    def build(self, signature, returns, fname):
-        src = self.text(signature, returns)
-        ns = dict(self.namespace)
-        exec(compile(src, f"<ntkcompile:{fname}>", "exec"), ns)
-        return ns[fname], src
+def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None):
+    """``(function, source)`` of the kernel for one call mode; outputs not requested are None."""
+    wanted = [n for n in ("nngp", "ntk") if n in outputs]
+    values = specialize(plan, self_mode, wanted)
+    r = _Renderer(self_mode)
+    r.namespace["prep"] = prep
+    head = ["F1 = prep(x1)", "F2 = F1" if self_mode else "F2 = prep(x2)", "like = F1[0]"]
+    if self_mode:
+        head += ["I, J, DIAG = pair_indices(x1.shape[0], like.device)", "BATCH = (I.shape[0],)"]
+    else:
+        head += ["BATCH = (F1[0].shape[0], F2[0].shape[0])"]
+    head.append("_err = []")
+    r.emit_all(r.schedule(list(values.values())))
+    for name in ("nngp", "ntk"):
+        if name not in values:
+            r.statements.append(([f"{name} = None"], None))
+            continue
+        v = r.value(values[name])
+        r.statements.append(([f"{name} = unpack(full({v}, like, BATCH), I, J, x1.shape[0])" if self_mode
+                              else f"{name} = full({v}, like, BATCH)"], None))
+    sig = "kernel_self(x1)" if self_mode else "kernel_cross(x1, x2)"
+    return _build(sig, head, r.statements, "nngp, ntk, _err", r.namespace)

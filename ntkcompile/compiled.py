@@ -1,9 +1,10 @@
 """``compile()`` and the compiled kernel it returns.
 
-Pipeline: trace (``trace``) -> lower to Tensor Program IR (``passes.lower``,
-with width inference and the Simple GIA Check) -> plan the Master Theorem
-(``kernels.master``) -> generate Python source (``codegen``).  Calling the
-compiled kernel only runs generated code.
+Pipeline: trace (``trace``) -> lower to the Tensor Program IR (``passes.lower``,
+with width inference and the Simple GIA Check) -> the backward program
+(``passes.backward``) -> verify (``ir.verify``) -> plan the Master Theorem once
+(``kernels.planner``) -> render the plan as Python source per call mode
+(``codegen``).  Calling the compiled kernel only runs generated code.
 """
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import codegen
+from . import codegen, ops  # noqa: F401  (ops: registers every rule)
 from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
-from .kernels.master import Planner, aligned_positions
+from .ir.printer import format_program
+from .ir.verify import verify
+from .kernels.planner import aligned_positions, plan_kernels
+from .passes.backward import backward
 from .passes.lower import is_rule_module, lower
-from .printer import format_program
+from .plan import expectations
 from .trace import trace
 
 _GETS = ("nngp", "ntk")
@@ -67,8 +71,8 @@ class CompiledKernel:
         self.quadrature_degree = quadrature_degree
         self.jit = jit
         self._program = None
+        self._plan = None
         self._fns: dict = {}
-        self._evaluators: list = []
         self.input_shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(gm)
         if self.input_shape is not None:
             self._lower()
@@ -76,48 +80,30 @@ class CompiledKernel:
     # ---------------------------------------------------------------- compile
     def _lower(self):
         example = torch.zeros((2,) + self.input_shape, dtype=self._model_dtype)
-        self._program = lower(self._gm, example, self.W_std, self.b_std, self.std)
+        program = backward(lower(self._gm, example, self.W_std, self.b_std, self.std))
+        verify(program)
         try:   # plan now, so unsupported combinations fail at compile time, not at the first call
-            self._function(True, True)
+            self._plan = plan_kernels(program, mc_samples=self.mc_samples, seed=self.seed,
+                                      degree=self.quadrature_degree)
         except UnsupportedOpError:
             raise
         except NotImplementedError as e:
             raise UnsupportedOpError(f"{self.model_name}: {e}") from e
+        program.backward.builder.freeze()
+        verify(program)
+        self._program = program
 
     def _function(self, self_mode: bool, want_ntk: bool):
+        """The kernel function of one call mode, rendered from the plan on first use."""
         key = (self_mode, want_ntk)
         if key not in self._fns:
-            src = codegen.Source()
-            src.namespace["prep"] = self._program.prep
-            src.emit("F1 = prep(x1)")
-            src.emit("F2 = F1" if self_mode else "F2 = prep(x2)")
-            src.emit("like = F1[0]")
-            if self_mode:
-                src.emit("I, J, DIAG = pair_indices(x1.shape[0], like.device)")
-                src.emit("BATCH = (I.shape[0],)")
-            else:
-                src.emit("BATCH = (F1[0].shape[0], F2[0].shape[0])")
-            src.emit("_err = []")
-            planner = Planner(self._program, src, self_mode=self_mode,
-                              mc_samples=self.mc_samples, seed=self.seed, degree=self.quadrature_degree)
-            nngp = planner.nngp()
-            ntk = planner.ntk() if want_ntk else None
-            if self_mode:
-                n = "x1.shape[0]"
-                src.emit(f"nngp = unpack(full({_code(nngp)}, like, BATCH), I, J, {n})")
-                src.emit(f"ntk = unpack(full({_code(ntk)}, like, BATCH), I, J, {n})" if want_ntk else "ntk = None")
-            else:
-                src.emit(f"nngp = full({_code(nngp)}, like, BATCH)")
-                src.emit(f"ntk = full({_code(ntk)}, like, BATCH)" if want_ntk else "ntk = None")
-            sig = "kernel_self(x1)" if self_mode else "kernel_cross(x1, x2)"
-            fn, text = src.build(sig, "nngp, ntk, _err", sig.split("(")[0])
+            outputs = ("nngp", "ntk") if want_ntk else ("nngp",)
+            fn, text = codegen.render(self._plan, self_mode=self_mode, outputs=outputs, prep=self._program.prep)
             if self.jit:
                 # fuses the elementwise chains into C++/OpenMP loops (TorchInductor); the first
                 # call per input shape pays the compilation
                 fn = torch.compile(fn, dynamic=False, options=_inductor_options())
             self._fns[key] = (fn, text)
-            if want_ntk and self_mode:
-                self._evaluators = planner.evaluators
         return self._fns[key]
 
     # ---------------------------------------------------------------- inspect
@@ -127,8 +113,7 @@ class CompiledKernel:
         if self._program is None:
             return (f"<{self.model_name}: not yet specialized; the input shape is fixed by the first "
                     "call or by compile(..., input_shape=...)>")
-        self._function(True, True)
-        return format_program(self._program, self._evaluators)
+        return format_program(self._program, expectations(self._plan))
 
     @property
     def code(self) -> str:
@@ -138,29 +123,44 @@ class CompiledKernel:
         self._function(True, True)
         return "\n".join(text for _, text in self._fns.values())
 
+    @property
+    def out_features(self) -> Optional[int]:
+        """The model's number of outputs (the readout's ``out_features``; None before the
+        input shape is known)."""
+        return None if self._program is None else self._program.readout.out_features
+
     def __repr__(self):
         shape = self.input_shape if self.input_shape is not None else "?"
         return f"<ntkcompile kernel of {self.model_name}, input shape {shape}>"
 
     # ---------------------------------------------------------------- call
-    def __call__(self, x1, x2=None, get=_GETS, *, batch_size: Optional[int] = None,
-                 progress: Optional[bool] = None) -> Kernels:
+    def __call__(self, x1, x2=None, get=_GETS, *, tile_size: Optional[int] = None,
+                 progress: Optional[bool] = None, batch_size: Optional[int] = None) -> Kernels:
         """Kernels of ``x1`` against ``x2`` (``x2=None``: against itself).
 
-        ``batch_size`` computes the ``N1 x N2`` result in tiles of at most
-        ``batch_size`` inputs per side (memory: the output plus one tile's work);
+        ``tile_size`` computes the ``N1 x N2`` result in tiles of at most
+        ``tile_size`` inputs per side (memory: the output plus one tile's work);
         against itself only the tiles on and above the diagonal are computed. By
         default tiles are sized so one tile's position-pair arrays fit in cache on a
         CPU (2 MiB) and take up to 256 MiB on a GPU.
         ``progress`` shows a progress bar on stderr (default: when there are 8 or more
         tiles and the computation has run for a second; ``True`` always, ``False`` never).
+        ``batch_size`` is the old name of ``tile_size`` (deprecated: in ``simulate`` a
+        batch is an SGD minibatch).
         """
+        if batch_size is not None:
+            if tile_size is not None:
+                raise TypeError("pass tile_size only (batch_size is its deprecated alias)")
+            warnings.warn("kfn(..., batch_size=B) is deprecated: the tile size is tile_size=B",
+                          DeprecationWarning, stacklevel=2)
+            tile_size = batch_size
         get = (get,) if isinstance(get, str) else tuple(get)
         bad = [g for g in get if g not in _GETS]
         if bad or not get:
             raise ValueError(f"get must name kernels among {_GETS}, got {get!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool)
+                                      or tile_size < 1):
+            raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
         x1 = self._check(x1, "x1")
         x2 = None if x2 is None else self._check(x2, "x2")
         if self._program is None:
@@ -173,13 +173,13 @@ class CompiledKernel:
             # arccos-type closed forms amplify eps into ~1e-8 errors that break PSD-ness)
             uniq, inverse = torch.unique(x1, dim=0, return_inverse=True)
             if uniq.shape[0] < x1.shape[0]:
-                k = self(uniq, None, get, batch_size=batch_size, progress=progress)
+                k = self(uniq, None, get, tile_size=tile_size, progress=progress)
                 pick = lambda m: None if m is None else m[inverse][:, inverse]  # noqa: E731
                 return Kernels(nngp=pick(k.nngp), ntk=pick(k.ntk), mc_stderr=k.mc_stderr, quad_error=k.quad_error)
         want_ntk = "ntk" in get
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        bs = batch_size or self._auto_batch(max(n1, n2), x1.device)
+        bs = tile_size or self._auto_tile(max(n1, n2), x1.device)
         starts1, starts2 = range(0, n1, bs), range(0, n2, bs)
         tiles = [(i, j) for i in starts1 for j in starts2 if x2 is not None or j >= i]
         out = {name: torch.empty((n1, n2), dtype=self.dtype, device=x1.device) for name in get}
@@ -225,8 +225,8 @@ class CompiledKernel:
     _TILE_ENTRIES = 2 ** 18
     _TILE_ENTRIES_GPU = 2 ** 25     # 256 MiB per array: a few GB for the live set
 
-    def _auto_batch(self, n, device):
-        """Inputs per tile side when ``batch_size`` is not given.
+    def _auto_tile(self, n, device):
+        """Inputs per tile side when ``tile_size`` is not given.
 
         Sized by the entries of one tile's pair arrays (all position pairs, or aligned
         positions for flatten readouts): cache-sized on CPU, large on GPUs, where small
@@ -234,8 +234,8 @@ class CompiledKernel:
         rather than 3 x 512 + 464), so ``jit=True`` compiles fewer shapes.
         """
         positions = max([1] + [math.prod(shape) for p in self._program.params
-                               if getattr(p, "conv", None) is not None
-                               for shape in (p.conv.in_shape, p.conv.out_shape)])
+                               if getattr(p, "geometry", None) is not None
+                               for shape in (p.geometry.in_shape, p.geometry.out_shape)])
         per_pair = positions if aligned_positions(self._program) else positions ** 2
         entries = self._TILE_ENTRIES if device.type == "cpu" else self._TILE_ENTRIES_GPU
         side = max(1, min(n, int(math.sqrt(entries / per_pair))))
@@ -304,12 +304,6 @@ _INDUCTOR = {"realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 30}
 def _inductor_options():
     from torch._inductor import config
     return {k: v for k, v in _INDUCTOR.items() if hasattr(config, k)}   # keys vary across torch versions
-
-
-def _code(x):
-    if x is None:
-        return "0.0"
-    return repr(x) if isinstance(x, float) else x
 
 
 def _infer_input_shape(gm: fx.GraphModule):

@@ -34,6 +34,14 @@ class GIACheckError(NTKCompileError):
     """
 
 
+class IRError(NTKCompileError):
+    """Internal: the Tensor Program IR broke one of its invariants (``ir.verify``).
+
+    This is a bug in ntkcompile or in a user-registered rule, never bad user
+    input; the message lists every violation found.
+    """
+
+
 class InputShapeError(NTKCompileError, ValueError):
     """An input does not have the shape the compiled kernel was traced with."""
 

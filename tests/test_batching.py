@@ -13,7 +13,7 @@ def test_batched_equals_unbatched(bs, capsys):
     x1, x2 = torch.randn(10, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     for args in ((x1,), (x1, x2)):
         full = kfn(*args)
-        tiled = kfn(*args, batch_size=bs, progress=False)
+        tiled = kfn(*args, tile_size=bs, progress=False)
         for name in ("nngp", "ntk"):
             a, b = getattr(full, name), getattr(tiled, name)
             assert torch.allclose(a, b, rtol=1e-12, atol=0)
@@ -25,7 +25,7 @@ def test_batched_conv_and_progress_bar(capsys):
     kfn = ntkcompile.compile(ConvResNet(2, 4), W_std=1.2, b_std=0.1)
     x = torch.randn(9, 2, 5, 5, dtype=torch.float64)
     full = kfn(x, get="ntk")
-    tiled = kfn(x, get="ntk", batch_size=2, progress=True)
+    tiled = kfn(x, get="ntk", tile_size=2, progress=True)
     assert full.nngp is None and tiled.nngp is None
     assert torch.allclose(full.ntk, tiled.ntk, rtol=1e-12, atol=0)
     err = capsys.readouterr().err
@@ -33,22 +33,29 @@ def test_batched_conv_and_progress_bar(capsys):
 
 
 def test_default_tiles_are_balanced_and_exact():
-    """Without batch_size a conv net is cut into cache-sized, equal tiles; same kernel."""
+    """Without tile_size a conv net is cut into cache-sized, equal tiles; same kernel."""
     kfn = ntkcompile.compile(ConvResNet(2, 4), W_std=1.2, b_std=0.1)
     x = torch.randn(30, 2, 6, 6, dtype=torch.float64)
     auto = kfn(x, progress=False)
-    side = kfn._auto_batch(30, x.device)
+    side = kfn._auto_tile(30, x.device)
     tiles = -(-30 // side)
     assert tiles > 1 and tiles * side - 30 < tiles    # balanced: the last tile is not a sliver
-    one = kfn(x, batch_size=30, progress=False)
+    one = kfn(x, tile_size=30, progress=False)
     for name in ("nngp", "ntk"):
         torch.testing.assert_close(getattr(auto, name), getattr(one, name), rtol=1e-12, atol=0)
 
 
-def test_bad_batch_size():
+def test_bad_tile_size_and_the_deprecated_alias():
     kfn = ntkcompile.compile(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)))
-    with pytest.raises(ValueError, match="batch_size"):
-        kfn(torch.randn(3, 3), batch_size=0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="tile_size"):
+            kfn(x, tile_size=bad)
+    with pytest.warns(DeprecationWarning, match="tile_size"):
+        old = kfn(x, batch_size=2)
+    torch.testing.assert_close(old.ntk, kfn(x, tile_size=2).ntk, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="tile_size only"):
+        kfn(x, tile_size=2, batch_size=2)
 
 
 @pytest.mark.slow
@@ -59,7 +66,7 @@ def test_20000_inputs_in_tiles_memory_bounded():
                                            nn.Linear(16, 1)), W_std=1.4, b_std=0.1)
     x = torch.randn(20000, 8, dtype=torch.float64)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    k = kfn(x, get="ntk", batch_size=1000, progress=False)
+    k = kfn(x, get="ntk", tile_size=1000, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     out_bytes = k.ntk.numel() * 8
     assert peak < out_bytes + 600e6, (peak / 1e9, out_bytes / 1e9)

@@ -1,4 +1,4 @@
-"""Codegen: contractions along opt_einsum paths fixed at compile time."""
+"""Codegen: plans rendered as Python source; contractions along opt_einsum paths fixed at compile time."""
 import numpy as np
 import pytest
 import torch
@@ -6,14 +6,14 @@ from torch import nn
 
 import ntkcompile
 from ntkcompile import codegen
+from ntkcompile import plan as P
 
 
-def _build(equation, shapes):
-    src = codegen.Source()
-    names = [f"x{i}" for i in range(len(shapes))]
-    out = src.contract(equation, names, shapes)
-    fn, text = src.build(f"f({', '.join(names)})", out, "f")
-    return fn, text
+def _contraction(equation, shapes):
+    plan = P.Plan()
+    operands = tuple(plan.make(P.Input, 1, i) for i in range(len(shapes)))
+    fn, text = codegen.function([plan.make(P.Contract, equation, operands, tuple(shapes))])
+    return (lambda *xs: fn(tuple(xs))[0]), text
 
 
 @pytest.mark.parametrize("equation, shapes", [
@@ -22,7 +22,7 @@ def _build(equation, shapes):
     ("acs,bct->abst", [(3, 5, 4), (2, 5, 4)]),
 ])
 def test_contract_matches_numpy_einsum(equation, shapes):
-    fn, text = _build(equation, shapes)
+    fn, text = _contraction(equation, shapes)
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(s) for s in shapes]
     got = fn(*[torch.from_numpy(x) for x in xs])
@@ -34,14 +34,9 @@ def test_contract_matches_numpy_einsum(equation, shapes):
 
 def test_chain_follows_the_cheaper_path():
     # (5x40)(40x3) first costs 600 + 450 multiplies; (40x3)(3x30) first costs 3600 + 6000
-    _, text = _build("ab,bc,cd->ad", [(5, 40), (40, 3), (3, 30)])
+    _, text = _contraction("ab,bc,cd->ad", [(5, 40), (40, 3), (3, 30)])
     first = next(line for line in text.splitlines() if "torch.einsum(" in line)
-    assert "x0" in first and "x1" in first and "x2" not in first
-
-
-def test_contract_shape_count_checked():
-    with pytest.raises(ValueError, match="2 operands but 1 shapes"):
-        codegen.Source().contract("ab,bc->ac", ["x", "y"], [(2, 2)])
+    assert "F1[0]" in first and "F1[1]" in first and "F1[2]" not in first
 
 
 def test_generated_code_contracts_the_inputs():
@@ -51,3 +46,41 @@ def test_generated_code_contracts_the_inputs():
     conv = ntkcompile.compile(nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 1)),
                               input_shape=(2, 4, 4))
     assert "opt_einsum 'acs,bcs->abs'" in conv.code    # aligned positions: flatten readout
+
+
+def test_arithmetic_keeps_its_grouping_and_constants():
+    """``Mul``/``Add`` render left to right with their grouping; non-finite constants stay valid
+    Python; a value used once is written inline, one used twice gets a name."""
+    plan = P.Plan()
+    a, b, c = (plan.make(P.Input, 1, i) for i in range(3))
+    inner = plan.add([plan.mul(2.0, a), b])               # 2a + b, used twice
+    prod = plan.make(P.Mul, (c, plan.make(P.Mul, (a, b))))  # c * (a * b): not ((c * a) * b)
+    fn, text = codegen.function([plan.mul(inner, inner), plan.add([prod, float("inf")])])
+    xs = tuple(torch.tensor([v], dtype=torch.float64) for v in (1e308, 3.0, 1e-308))
+    first, second = fn(xs)
+    assert torch.isinf(first).all()                        # (2a + b)^2 overflows, as written
+    assert float(second) == float("inf")
+    assert "c" not in text.split("=")[0] and "float('inf')" in text
+    assert text.count(" = 2.0 * F1[0] + F1[1]") == 1       # the shared sum has a name
+    assert "F1[2] * (F1[0] * F1[1])" in text
+
+
+def test_a_loop_carries_values_and_hoists_what_does_not_change():
+    """``Loop``: the arc-cosine recursion of a deep ReLU net (NNGP on the diagonal, unit
+    variance in, W_std^2 = 2): q_{l+1} = 2 * E relu(z)^2 = q_l, with one value carried."""
+    plan = P.Plan()
+    lid = plan.new_loop_id()
+    q = plan.make(P.LoopVar, lid, 0)
+    scale = plan.mul(2.0, plan.make(P.Input, 1, 1))        # loop-invariant: computed once, before
+    step = plan.mul(scale, 0.5, q)                          # E relu(z)^2 = q / 2
+    loop = plan.make(P.Loop, lid, 50, (plan.make(P.Input, 1, 0),), (step,))
+    fn, text = codegen.function([plan.make(P.LoopOut, loop, 0)])
+    q0, s = torch.tensor([1.3], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    (out,) = fn((q0, s))
+    torch.testing.assert_close(out, q0, rtol=1e-15, atol=0)
+    (out,) = fn((q0, 1.01 * s))
+    torch.testing.assert_close(out, q0 * 1.01 ** 50, rtol=1e-13, atol=0)
+    lines = text.splitlines()
+    loop_at = next(i for i, ln in enumerate(lines) if ln.strip().startswith("for "))
+    assert any("2.0 * F1[1]" in ln for ln in lines[:loop_at])    # hoisted
+    assert len(lines) < 15

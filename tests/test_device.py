@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import ntkcompile
-from ntkcompile.kernels import elementwise, quadrature, spatial
+from ntkcompile.kernels import quadrature, spatial
+from ntkcompile.ops import elementwise
 from models import ConvResNet
 
 

@@ -1,11 +1,12 @@
-"""Gaussian expectations: Gauss-Hermite quadrature and Monte Carlo.
+"""Gaussian expectations: trapezoidal and Gauss-Hermite quadrature, Monte Carlo.
 
 The Master Theorem (TP II, Sec. 3) turns every kernel entry into an expectation
 ``E psi(z)`` under a centred Gaussian ``z ~ N(0, K)``. When ``psi`` has no closed
 form (tanh, sigmoid, LSTM gates, ...) we evaluate the expectation numerically:
 
-* ``expect_1d``: ``E f(z)``, ``z ~ N(0, var)``, 1-D Gauss-Hermite.
-* ``expect_2d``: ``E f(z1) g(z2)``, the 2x2 "V-transform" of TP II Sec. 3.
+* ``expect_1d``: ``E f(z)``, ``z ~ N(0, var)``, 1-D trapezoidal rule.
+* ``expect_2d``: ``E f(z1) g(z2)``, the 2x2 "V-transform" of TP II Sec. 3
+  (trapezoidal rule on a Cholesky factorization).
 * ``expect_nd``: ``E f(z)`` for a ``D x D`` covariance: tensor-product
   Gauss-Hermite on the covariance's top eigen-directions when its numerical rank
   is small, Monte Carlo with a reported standard error otherwise.
@@ -14,11 +15,9 @@ Everything is float64 and batched: the batch lives in trailing axes and the
 quadrature nodes / samples in the *leading* axis, so ``f`` sees a tensor of shape
 ``(Q, *batch)`` and one call of ``f`` covers a whole batch of kernels.
 
-Which evaluator ``expect_nd`` used is not part of its return value (it returns
-``(value, stderr)``); the program printer asks ``nd_method(numerical_rank(cov),
-...)`` with the same keyword arguments, which applies the same rule and returns
-``"exact(z=0)"``, ``"quadrature(deg=16, dims=3)"`` or
-``"monte-carlo(n=200000, seed=0)"``.
+``expect_nd`` returns ``(value, stderr)``; ``nd_method(rank, ...)`` names the rule
+it applies at a numerical rank (``"exact(z=0)"``, ``"quadrature(deg=16, dims=3)"``
+or ``"monte-carlo(n=200000, seed=0)"``).
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from .compat import compiling
 
 __all__ = [
     "hermite",
@@ -129,15 +130,6 @@ def _f64(*ks) -> Tuple[Tensor, ...]:
 def _lead(t: Tensor, ndim: int) -> Tensor:
     """View a 1-D node tensor as ``(Q, 1, ..., 1)`` against ``ndim`` batch axes."""
     return t.reshape(t.shape[0], *([1] * ndim))
-
-
-def compiling() -> bool:
-    """True while torch.compile traces (torch >= 2.3: torch.compiler; 2.2: torch._dynamo)."""
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if fn is None:
-        from torch import _dynamo
-        fn = _dynamo.is_compiling
-    return bool(fn())
 
 
 def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:

@@ -15,56 +15,13 @@ adjoint stencil.  These are the runtime helpers the generated code calls.
 """
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .quadrature import compiling
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Geometry of one convolution over ``len(kernel)`` spatial axes (symmetric zero padding)."""
-    kernel: tuple
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-    in_shape: tuple
-    out_shape: tuple
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.kernel)
-
-    def offsets(self):
-        """Offsets (in padded input coordinates) of every kernel tap."""
-        return list(itertools.product(*[[k * d for k in range(n)] for n, d in zip(self.kernel, self.dilation)]))
-
-    def window(self, offset):
-        """Slices picking, for every output position, the padded input position at ``offset``."""
-        return tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offset, self.stride, self.out_shape))
-
-    @staticmethod
-    def make(kernel, stride, padding, dilation, in_shape):
-        nd = len(in_shape)
-        tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * nd  # noqa: E731
-        kernel, stride, dilation = tup(kernel), tup(stride), tup(dilation)
-        if padding == "same":
-            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
-            if any(t % 2 for t in total):
-                raise ValueError("padding='same' with an even effective kernel pads asymmetrically")
-            padding = tuple(t // 2 for t in total)
-        elif padding == "valid":
-            padding = (0,) * nd
-        padding = tup(padding)
-        out = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
-                    for s, p, d, k, st in zip(in_shape, padding, dilation, kernel, stride))
-        if any(o <= 0 for o in out):
-            raise ValueError(f"convolution output would be empty for input {in_shape}")
-        return ConvGeometry(kernel, stride, padding, dilation, tuple(in_shape), out)
+from ..ir.geometry import ConvGeometry
+from .compat import compiling
 
 
 def _pad(a, g: ConvGeometry, groups: int):
@@ -188,10 +145,11 @@ def lift2(t, k):
     return t.reshape(1, t.shape[0], *([1] * k), *sp) if sp else t.reshape(1, t.shape[0], *([1] * 2 * k))
 
 
-def spatial_sum(t, shape, nb=2):
-    """Sum of ``t`` broadcast to ``(*batch, *P, *P)`` over the position axes (``nb`` batch axes)."""
+def spatial_sum(t, batch, spatial):
+    """Sum of ``t`` broadcast to ``(*batch, *spatial)`` over the position axes ``spatial``."""
+    shape = tuple(batch) + tuple(spatial)
     t = torch.broadcast_to(t, shape)
-    return t.sum(dim=tuple(range(nb, len(shape))))
+    return t.sum(dim=tuple(range(len(batch), len(shape))))
 
 
 def global_mean(a, spatial, batch):

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ntkcompile.kernels import elementwise as ew
-from ntkcompile.kernels.elementwise import (
+from ntkcompile.ir import Elementwise
+from ntkcompile.ops import elementwise as ew
+from ntkcompile.ops.elementwise import (
     ELEMENTWISE,
-    Elementwise,
     from_callable,
     from_function,
     from_method,
@@ -18,6 +18,7 @@ from ntkcompile.kernels.elementwise import (
     register,
     register_elementwise,
 )
+from ntkcompile.passes import lower
 from ntkcompile.kernels.quadrature import expect_1d, expect_2d
 
 F64 = torch.float64
@@ -321,10 +322,10 @@ def test_method_with_unsupported_arguments_raises():
 
 @pytest.fixture
 def restore_registry():
-    entries, functions = dict(ELEMENTWISE), dict(ew._FUNCTION_RULES)
+    saved = [(t, dict(t)) for t in (ELEMENTWISE, ew._FUNCTIONS, lower.FUNCTION_RULES)]
     yield
-    ELEMENTWISE.clear(), ELEMENTWISE.update(entries)
-    ew._FUNCTION_RULES.clear(), ew._FUNCTION_RULES.update(functions)
+    for table, content in saved:
+        table.clear(), table.update(content)
 
 
 def test_double_registration_raises(restore_registry):

@@ -1,0 +1,89 @@
+"""The record of one elementwise nonlinearity: the function and its Gaussian moments.
+
+A one-argument H-var ``phi(g)`` (TP II Sec. 3) needs, for the forward pass, the
+V-transform ``E phi(z1) phi(z2)`` of the 2x2 covariance ``[[k11, k12], [k12, k22]]``
+and, for the backward pass (Sec. 4), ``E phi'(z1) phi'(z2)``; a LayerNorm or a
+residual cross term may also need the first moments ``E phi(z)``, ``E phi'(z)``.
+A missing moment (``None``) means "evaluate by quadrature", which is accurate
+only for ``smooth`` functions.  The entries themselves, with the torch names
+each one is found under, are in ``ntkcompile/ops/activations.py``.
+
+Conventions every closed form follows: inputs are broadcastable float64
+tensors; ``c = k12 / sqrt(k11 k22)`` is clamped into ``[-1, 1]`` and taken as 0
+where ``k11 k22 = 0``; a variance of exactly 0 means ``z = 0`` exactly (for a
+kinked function the value there is torch's own ``phi(0)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+Moment2 = Callable[[Tensor, Tensor, Tensor], Tensor]
+Moment1 = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """One elementwise nonlinearity ``phi`` and its Gaussian moments.
+
+    Attributes:
+        name: unique, human readable, includes parameters (``"leaky_relu(0.1)"``).
+        fn: ``phi`` as an elementwise, broadcasting torch function.
+        vt: ``(k11, k12, k22) -> E[phi(z1) phi(z2)]`` (the V-transform), or None.
+        dvt: ``(k11, k12, k22) -> E[phi'(z1) phi'(z2)]``, or None.
+        mean: ``k -> E[phi(z)]``, ``z ~ N(0, k)``, or None.
+        dmean: ``k -> E[phi'(z)]``, or None.
+        deriv: ``phi'`` as a torch function; None means autograd of ``fn``.
+        smooth: False for kinks and jumps, where quadrature converges slowly.
+        jumps: True if ``phi`` itself jumps (step, sign): Stein's lemma with the
+            almost-everywhere derivative is then wrong, and expectations that
+            would use it go to the joint evaluator instead.
+        vt_angle: ``(k11, k12, k22, theta) -> E[phi(z1) phi(z2)]`` given
+            ``theta = arccos(c)``, for the arc-cosine family; the planner computes
+            ``theta`` once per pair of inputs and shares it between ``phi`` and
+            ``phi'`` (relu and step), or None.
+        dvt_angle: ``dvt`` in the same form, or None.
+    """
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    vt: Optional[Moment2] = None
+    dvt: Optional[Moment2] = None
+    mean: Optional[Moment1] = None
+    dmean: Optional[Moment1] = None
+    deriv: Optional[Callable[[Tensor], Tensor]] = None
+    smooth: bool = True
+    jumps: bool = False
+    vt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
+    dvt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """``phi'(x)`` for a tensor of any shape; the result carries no graph."""
+        import torch
+
+        if self.deriv is not None:
+            return self.deriv(x.detach())
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            y = self.fn(xg)
+            if not y.requires_grad:  # piecewise constant (comparisons): phi' = 0 a.e.
+                return torch.zeros_like(x)
+            (grad,) = torch.autograd.grad(y, xg, torch.ones_like(y), allow_unused=True)
+        return torch.zeros_like(x) if grad is None else grad.detach()
+
+    def prime(self) -> "Elementwise":
+        """``phi'`` as an entry of its own, whose closed forms are ``phi``'s ``dvt``/``dmean``.
+
+        The a.e. derivative of a kinked function jumps where ``phi`` has a kink.
+        """
+        d = _PRIMES.get(self)       # keyed by the entry itself: names may be reused by user entries
+        if d is None:
+            d = Elementwise(name=self.name + "'", fn=self.derivative, vt=self.dvt, mean=self.dmean,
+                            smooth=self.smooth, jumps=not self.smooth, vt_angle=self.dvt_angle)
+            _PRIMES[self] = d
+        return d
+
+
+_PRIMES: dict = {}

@@ -1,0 +1,137 @@
+"""Readable text of a compiled Tensor Program (forward, backward, evaluators)."""
+from __future__ import annotations
+
+from . import walk
+from .nodes import Atom, ECall, EConst, ELin, EMul, ESlot, HAtom, SConst, SMoment, SOp, Var, Vec
+from .program import READOUT
+
+
+def atom_label(node) -> str:
+    """Stable name of an atom in printouts: ``g<uid>`` (Gaussian) or ``h<uid>``."""
+    return f"{'g' if getattr(node, 'gaussian', False) else 'h'}{node.uid}"
+
+
+def _scalar_rule():
+    def sop(s, xs):
+        if s.op == "rsqrt":
+            return f"rsqrt({xs[0]} + {s.param:g})"
+        if s.op == "pow":
+            return f"({xs[0]})^{s.param:g}"
+        return "(" + (" * " if s.op == "mul" else " + ").join(xs) + ")"
+
+    return {
+        SConst: lambda s, _: f"{s.value:g}",
+        SMoment: lambda s, xs: f"{'mean' if s.which == 'mean' else 'meansq'}({xs[0]})",
+        SOp: sop,
+    }
+
+
+class Printer:
+    """Text of scalars, Vars, Vecs and expressions (memoized, without recursion)."""
+
+    def __init__(self, label=atom_label):
+        self.label = label
+        self.memo: dict = {}
+        rules = dict(_scalar_rule())
+        rules[Var] = self._var
+        rules[Vec] = self._vec
+        self.rule = walk.by_type(rules, default=lambda n, _: self.label(n))
+
+    def __call__(self, node) -> str:
+        return walk.fold(node, self.rule, self.memo, children=self._children)
+
+    @staticmethod
+    def _children(n):
+        if isinstance(n, (Var, Vec, SConst, SMoment, SOp)):
+            return n.children()
+        return ()          # atoms print by label; their own line shows their insides
+
+    def _var(self, v, xs):
+        if not v.terms:
+            return "0"
+        out = []
+        for (c, a), (cs, as_) in zip(v.terms, zip(xs[0::2], xs[1::2])):
+            atom = "1" if isinstance(a, HAtom) and not a.gargs else as_
+            out.append(atom if isinstance(c, SConst) and c.value == 1.0 else f"{cs}*{atom}")
+        return " + ".join(out)
+
+    def _vec(self, v, xs):
+        if len(v.pieces) == 1:
+            return xs[0]
+        return "cat(" + ", ".join(f"{a}: {x}" for (a, _), x in zip(v.pieces, xs)) + ")"
+
+    def expr(self, e, slots) -> str:
+        def lin(e, xs):
+            return " + ".join(f"{self(c)}*({x})" for (c, _), x in zip(e.terms, xs))
+
+        rule = walk.by_type({
+            ESlot: lambda e, _: slots[e.index],
+            EConst: lambda e, _: f"{e.value:g}",
+            ECall: lambda e, xs: f"{e.fn.name}({xs[0]})",
+            EMul: lambda e, xs: " * ".join(f"({x})" for x in xs),
+            ELin: lin,
+        })
+        return walk.fold(e, rule, children=lambda e: tuple(x for _, x in e.terms) if isinstance(e, ELin)
+                         else e.children())
+
+
+def _h_line(node, show) -> str:
+    slots = [f"[{show(g)}]" for g in node.gargs]
+    return f"{show.expr(node.expr, slots)}    # H of {len(slots)} G-var(s)"
+
+
+def _backward_atom(u, show) -> str:
+    if u == READOUT:
+        return "v (readout)"
+    return u.backward_label(show)
+
+
+def format_program(program, evaluators=()) -> str:
+    show = Printer()
+    # the user's fx node that produced each atom (when a node's value is that atom alone)
+    origin = {var.terms[0][1]: name for var, name in program.names.items()
+              if isinstance(var, Var) and len(var.terms) == 1}
+    lines = ["Tensor Program (NTK parametrization, width n -> infinity)", "", "parameters:"]
+    for p in program.params:
+        lines.append(f"  {p.name:<28} {p.describe()}")
+    r = program.readout
+    lines.append(f"  {r.name:<28} readout         W_std={r.W_std:g}"
+                 + (f", b_std={r.b_std:g}" if r.has_bias else "") + f", {r.out_features} output(s)")
+    lines += ["", "forward:"]
+    for i, (nm, d) in enumerate(zip(program.fixed_names, program.fixed_dims)):
+        lines.append(f"  x{i} = {nm}  (fixed input of shape {tuple(d)})")
+    for node in program.nodes:
+        if not isinstance(node, Atom) or node is program.ONE:
+            continue
+        rhs = _h_line(node, show) if isinstance(node, HAtom) else node.describe(show)
+        lines.append(f"  {atom_label(node)} = {rhs}" + (f"  <- {origin[node]}" if node in origin else ""))
+    scale = "" if r.scale == 1.0 else f"{r.scale:g} * "
+    pooled = {"gap": "mean over positions of ", "flatten": "flatten over positions of "}.get(r.pool, "")
+    lines.append(f"  f = {scale}(W_std/sqrt(n)) v[{r.name}] . {pooled}({show(r.vec)})"
+                 + (" + b_std beta" if r.has_bias else "") + "    # readout")
+    bw = program.backward
+    if bw is not None:
+        lines += ["", "backward (gradient independence assumption; Simple GIA Check passed):"]
+        for g, users in bw.consumers.items():
+            parts = []
+            for u in users:
+                ms = [bw.multipliers[(piece, g)] for _, piece in bw.arg(program, u).pieces]
+                ms = [m for m in ms if m is not None]
+                mult = " + ".join(show(m) for m in ms) if ms else "0"
+                src = _backward_atom(u, show)
+                parts.append(src if mult == "1" else f"({mult}) * {src}")
+            lines.append(f"  d{atom_label(g)} = " + " + ".join(parts))
+        derived = [n for n in bw.builder.nodes if isinstance(n, HAtom) and n.gargs]
+        if derived:
+            lines += ["", "derived (derivatives and factors used by the backward pass and planning):"]
+            for node in derived:
+                lines.append(f"  {atom_label(node)} = {_h_line(node, show)}")
+    if evaluators:
+        lines += ["", "expectations (evaluator):"]
+        seen = set()
+        for desc, how in evaluators:
+            if (desc, how) in seen:
+                continue
+            seen.add((desc, how))
+            lines.append(f"  {desc:<40} {how}")
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+"""The op library: every op the compiler knows, one file per family.
+
+Each file holds everything about its ops, registered right beside their
+definitions into the tables of the stages that need them:
+
+* lowering rules (``passes.lower.rule``): torch module types, functions and
+  method names -> Tensor Program IR;
+* a new kind of atom, where the op needs one (an ``ir.Atom`` subclass that knows
+  its positions and how it prints), with its planning rules
+  (``kernels.planner``: ``COVARIANCE``, ``MEAN``, ``ADJOINT``, ``NTK_TERMS``,
+  ``READOUT_POOLS``);
+* the runtime helpers its plan calls (functions in ``kernels/``).
+
+Importing this package registers everything; docs/architecture.md walks through
+adding an op.
+"""
+from . import activations, arith, concat, conv, linear, norm, pool, reduce, shape  # noqa: F401
+from .elementwise import register_elementwise  # noqa: F401

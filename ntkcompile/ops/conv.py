@@ -1,0 +1,145 @@
+"""Convolutions: ``nn.Conv1d/2d``, ``F.conv1d/2d`` with fixed positions (tensor_programs.md Sec. 5).
+
+A convolution is one matrix per kernel tap over fixed positions; in the limit
+``C^{h_s, h'_t} = (W_std^2 / |K|) sum_k C^{x_{s+k}, x'_{t+k}}`` (zero padding
+drops out-of-range terms), with fan-in ``in_channels * prod(kernel_size)``, and
+the backward uses the adjoint stencil.  The atoms (``GConvInput``, ``GConv``)
+carry the output positions; the stencils themselves are runtime helpers in
+``kernels/spatial.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WidthInferenceError
+from ..ir import ConvGeometry, GInput, GMatMul, node
+from ..kernels import spatial
+from ..kernels.planner import ADJOINT, COVARIANCE, NOMINAL, SAME_INPUT, register
+from ..passes.lower import Fixed, Width, module_of, rule
+from ..plan import Contract, SetDiagonal, ToPairs
+from .linear import input_sides
+
+
+@node
+class GConvInput(GInput):
+    """``U * xi``: an input-layer convolution of fixed input ``fixed``."""
+
+    def positions(self, positions_of):
+        return self.param.geometry.out_shape
+
+    def describe(self, show):
+        return f"U[{self.param.name}] conv* x{self.fixed}    # G (input layer)"
+
+
+@node
+class GConv(GMatMul):
+    """``W * x``: a hidden convolution of the feature map ``arg``."""
+
+    def positions(self, positions_of):
+        return self.param.geometry.out_shape
+
+    def describe(self, show):
+        return f"W[{self.param.name}] conv* ({show(self.arg)})    # G"
+
+
+def _conv(lw, node, x, name, weight_shape, has_bias, stride, padding, dilation, groups, padding_mode="zeros"):
+    if groups != 1:
+        raise lw.unsupported(node, f"a grouped convolution (groups={groups})")
+    if padding_mode != "zeros":
+        raise lw.unsupported(node, f"a convolution with padding_mode={padding_mode!r} (only zeros)")
+    out_c, in_c, *kernel = weight_shape
+    if isinstance(x, Fixed):
+        in_shape = tuple(lw.shape(x.node)[2:])
+    elif isinstance(x, Width) and x.positions:
+        in_shape = x.positions
+    else:
+        raise lw.error(node, "a convolution applied to a tensor without positions", WidthInferenceError)
+    try:
+        geom = ConvGeometry.make(kernel, stride, padding, dilation, in_shape)
+    except ValueError as e:
+        raise lw.unsupported(node, f"this convolution ({e})") from e
+    if geom.out_shape != tuple(lw.shape(node)[2:]):
+        raise lw.unsupported(node, f"a convolution whose output shape {lw.shape(node)} differs from the "
+                             f"computed {geom.out_shape}")
+    one = lw.b.sconst(1.0)
+    fan_in = in_c * geom.size
+    if isinstance(x, Fixed):
+        mat = lw.matrix(node, name, "input", fan_in, geom)
+        atom = lw.b.make(GConvInput, mat, lw.fixed_index(x.node, 2 + len(in_shape)))
+    else:
+        mat = lw.matrix(node, name, "hidden", fan_in, geom)
+        atom = lw.b.make(GConv, mat, x.vec)
+    terms = [(one, atom)]
+    if has_bias:
+        b = lw.bias_atom(name + ".bias", name, geom.out_shape)
+        if b is not None:
+            terms.append((one, b))
+    return lw.width(node, lw.b.single(lw.b.var(terms)), out_c, geom.out_shape)
+
+
+@rule(nn.Conv1d, nn.Conv2d, input_layer=True)
+def _conv_module(lw, node, m, x):
+    return _conv(lw, node, x, node.target, tuple(m.weight.shape), m.bias is not None, m.stride,
+                 m.padding, m.dilation, m.groups, m.padding_mode)
+
+
+@rule(F.conv1d, F.conv2d, input_layer=True)
+def _conv_function(lw, node, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    if wnode.op != "get_attr":
+        raise lw.unsupported(node, "a convolution whose weight is not a module parameter")
+    return _conv(lw, node, x, module_of(wnode.target), tuple(lw.shape(wnode)), bias is not None,
+                 stride, padding, dilation, groups)
+
+
+@register(COVARIANCE, GConvInput)
+def _conv_input_cov(pl, a, b, pair):
+    """``W_std^2 / fan_in`` times the patch covariances under every tap: (N, C*|K|, prod(P))."""
+    fa, fb = input_sides(pl, a, b, pair)
+    geom = a.param.geometry
+    g = pl.static(geom, "geom")
+    P = geom.out_shape
+    W2n = a.param.W_std ** 2 / a.param.fan_in
+    shapes = ((NOMINAL, a.param.fan_in, math.prod(P)),) * 2
+    pa = pl.call(spatial.patches, fa, g)
+
+    def positions(equation, x, y, groups):
+        return pl.call(spatial.positions, pl.plan.make(Contract, equation, (x, y), shapes), P, groups)
+
+    if pair in ("f1", "f2"):
+        return pl.plan.mul(W2n, positions("acs,act->ast", pa, pa, 2))
+    if pair in SAME_INPUT:
+        return pl.plan.mul(W2n, positions("acs,acs->as", pa, pa, 1))
+    pb = pl.call(spatial.patches, fb, g)
+    cross = positions("acs,bcs->abs", pa, pb, 1) if pl.diag else positions("acs,bct->abst", pa, pb, 2)
+    cross = pl.plan.make(ToPairs, cross)
+    if a is b:
+        cross = pl.plan.make(SetDiagonal, cross, positions("acs,acs->as", pa, pa, 1), pl.diag)
+    return pl.plan.mul(W2n, cross)
+
+
+@register(COVARIANCE, GConv)
+def _conv_cov(pl, a, b, pair):
+    """The stencil: ``(W_std^2/|K|) sum_k C(s + k, t + k)`` (same taps on both position groups)."""
+    inner = yield from pl.cov(a.arg, b.arg, pair)
+    if inner is None or isinstance(inner, float):
+        raise NotImplementedError("a convolution of a vector constant over positions")
+    both = (pair == "x" and not pl.diag) or pair in ("f1", "f2")
+    how = spatial.stencil_pair if both else spatial.stencil_same
+    return pl.plan.mul(a.param.W_std ** 2, pl.call(how, inner, pl.static(a.param.geometry, "geom")))
+
+
+@register(ADJOINT, GConv)
+def _conv_adjoint(pl, u, w):
+    """``W_std^2`` times the adjoint stencil of ``D(y, y')``."""
+    if u.param is not w.param:
+        return None
+    d = yield from pl.D(u, w)
+    if d is None:
+        return None
+    how = spatial.stencil_same_adjoint if pl.diag else spatial.stencil_pair_adjoint
+    return pl.plan.mul(u.param.W_std ** 2,
+                       pl.call(how, pl.tensor(d), pl.static(u.param.geometry, "geom"), pl.batch))

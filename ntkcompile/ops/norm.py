@@ -1,0 +1,176 @@
+"""Normalization: LayerNorm and RMSNorm over the width axis, BatchNorm in eval mode.
+
+* LayerNorm (tensor_programs.md Sec. 5) tracks first moments:
+  ``y = (x - mu) / sqrt(Var + eps)`` with ``mu = E[Z^x]`` and ``Var = E[(Z^x)^2] - mu^2``
+  per input, both moments (constants in the limit); RMSNorm divides by
+  ``sqrt(E[(Z^x)^2] + eps)``.  Their backward is ``dy / sqrt(Var + eps)``: the
+  moments' own derivatives contribute ``E[dy] = 0`` (``passes.backward``).
+* BatchNorm in eval mode with the initial running statistics is the affine map
+  ``x / sqrt(1 + eps)``; training mode couples the examples of a batch and is refused.
+* Elementwise affine parameters (gain 1, shift 0 at PyTorch's init) are trained as
+  stored (no NTK rescaling): an ``Affine`` parameter, read off at a ``GProbe`` (a
+  zero vector added to ``y``).  The shift adds ``D(y, y')`` to the NTK, the gain
+  ``E[(dy xhat)(dy' xhat')]``, which factorizes into ``D * C(xhat, xhat')`` only
+  when ``dy`` does not depend on ``xhat`` (it does for ``tanh(LayerNorm(x))``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WidthInferenceError
+from ..ir import Param, node
+from ..ir.nodes import Atom
+from ..kernels.planner import COVARIANCE, NTK_TERMS, register
+from ..passes.lower import Width, module_of, rule
+
+
+@dataclass(frozen=True, eq=False)
+class Affine(Param):
+    """Elementwise gain and/or shift of a normalization layer; ``xhat`` is the normalized
+    input (a Var) the gain multiplies."""
+    gain: bool
+    shift: bool
+    xhat: Any
+
+    def describe(self) -> str:
+        kinds = "+".join(k for k, on in (("gain", self.gain), ("shift", self.shift)) if on)
+        return f"norm affine     {kinds} (PyTorch init, unscaled)"
+
+
+@node
+class GProbe(Atom):
+    """A zero vector added where the backward pass must be read off (an ``Affine``)."""
+    param: Any
+    uid: int = -1
+    gaussian = True
+    read_off = True
+
+    @property
+    def cov_group(self):
+        return self            # a zero vector: independent of everything
+
+    def children(self):
+        return (self.param.xhat,)
+
+    def positions(self, positions_of):
+        return ()
+
+    def describe(self, show):
+        return f"0 (probe for {self.param.name} gain/shift)    # G"
+
+
+@register(COVARIANCE, GProbe)
+def _probe_cov(pl, a, b, pair):
+    return None
+
+
+@register(NTK_TERMS, Affine)
+def _affine_ntk(pl, param, probes):
+    """Gain ``E[(dy xhat)(dy' xhat')]`` and shift ``D(y, y')``, summed over the positions
+    the per-channel parameter is shared by."""
+    terms = []
+    positions = pl.p.positions(param.xhat)
+    for probe in probes:
+        if param.gain:
+            terms.append(pl.spatial_sum((yield from pl.D(probe, probe, weight=param.xhat)), positions))
+        if param.shift:
+            terms.append(pl.spatial_sum((yield from pl.D(probe, probe)), positions))
+    return terms
+
+
+def _affine(lw, node, x, vec, name, gain_param, shift_param):
+    """Trainable elementwise gain and shift at PyTorch's initialization (1 and 0)."""
+    bb = lw.b
+    for p, init in ((gain_param, 1.0), (shift_param, 0.0)):
+        if p is not None and not torch.all(p.detach() == init):
+            raise lw.error(node, f"the normalization parameters of '{name}' are not at PyTorch's "
+                           "initialization (gain 1, shift 0); the kernel at initialization assumes them")
+    if gain_param is not None or shift_param is not None:
+        if len(vec.pieces) != 1:
+            raise lw.unsupported(node, "a normalization with elementwise affine over a concatenation")
+        aff = bb.param(Affine, name=name, gain=gain_param is not None, shift=shift_param is not None,
+                       xhat=vec.pieces[0][1])
+        probe = bb.single(bb.atom_var(bb.make(GProbe, aff)))
+        vec = bb.lincomb([(bb.sconst(1.0), vec), (bb.sconst(1.0), probe)])
+    return lw.width(node, vec, x.size, x.positions)
+
+
+def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normalized_shape):
+    bb = lw.b
+    if not isinstance(x, Width) or x.positions:
+        raise lw.unsupported(node, "normalization of a non-width tensor or of a feature map with positions")
+    ns = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
+    if len(ns) != 1 or ns[0] != x.size:
+        raise lw.error(node, f"normalization over shape {ns}: only the width axis (size {x.size}) is "
+                       "supported", WidthInferenceError)
+    sq = bb.smoment("sq", x.vec)
+    if center:
+        mu = bb.smoment("mean", x.vec)
+        var = bb.sadd(sq, bb.sneg(bb.smul(mu, mu)))
+        r = bb.srsqrt(var, eps)
+        vec = bb.lincomb([(r, x.vec), (bb.sneg(bb.smul(r, mu)), bb.one_vec())])
+    else:
+        vec = bb.lincomb([(bb.srsqrt(sq, eps), x.vec)])
+    return _affine(lw, node, x, vec, name, gain_param, shift_param)
+
+
+@rule(nn.LayerNorm)
+def _layernorm_module(lw, node, m, x):
+    return _normalize(lw, node, x, node.target, m.eps, True, m.weight,
+                      getattr(m, "bias", None), m.normalized_shape)
+
+
+@rule(F.layer_norm)
+def _layernorm_function(lw, node, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    params = []
+    for i, key in ((2, "weight"), (3, "bias")):
+        n = node.args[i] if len(node.args) > i else node.kwargs.get(key)
+        params.append(lw.gm.get_parameter(n.target) if isinstance(n, fx.Node) and n.op == "get_attr" else None)
+        if isinstance(n, fx.Node) and n.op != "get_attr":
+            raise lw.unsupported(node, "F.layer_norm with computed weight/bias")
+    name = module_of(node.args[2].target) if params[0] is not None else node.name
+    return _normalize(lw, node, x, name, eps, True, params[0], params[1], normalized_shape)
+
+
+if hasattr(nn, "RMSNorm"):
+    @rule(nn.RMSNorm)
+    def _rmsnorm_module(lw, node, m, x):
+        eps = m.eps if m.eps is not None else torch.finfo(torch.get_default_dtype()).eps
+        return _normalize(lw, node, x, node.target, eps, False, m.weight, None, m.normalized_shape)
+
+if hasattr(F, "rms_norm"):
+    @rule(F.rms_norm)
+    def _rmsnorm_function(lw, node, x, normalized_shape, weight=None, eps=None):
+        if weight is not None:
+            raise lw.unsupported(node, "F.rms_norm with a weight (use nn.RMSNorm)")
+        eps = eps if eps is not None else torch.finfo(torch.get_default_dtype()).eps
+        return _normalize(lw, node, x, node.name, eps, False, None, None, normalized_shape)
+
+
+@rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm_module(lw, node, m, x):
+    """BatchNorm in eval mode with its initial running statistics: ``x / sqrt(1 + eps)``.
+
+    In training mode BatchNorm couples the examples of a batch and the kernel depends
+    on the batch composition (TP II App. D); that is not compiled.
+    """
+    if m.training and m.track_running_stats is not False:
+        raise lw.unsupported(
+            node, "BatchNorm in training mode (it couples the examples of a batch: TP II App. D). "
+            "Call model.eval() for the eval-mode kernel with the initial running statistics")
+    if m.training or not m.track_running_stats:
+        raise lw.unsupported(node, "BatchNorm without running statistics")
+    if not isinstance(x, Width):
+        raise lw.unsupported(node, "BatchNorm of a fixed (non-width) tensor")
+    if not (torch.all(m.running_mean == 0) and torch.all(m.running_var == 1)):
+        raise lw.error(node, f"the running statistics of '{node.target}' are not at initialization "
+                       "(mean 0, variance 1); the kernel at initialization assumes them")
+    vec = lw.b.lincomb([(lw.b.sconst((1.0 + m.eps) ** -0.5), x.vec)])
+    return _affine(lw, node, x, vec, node.target, m.weight if m.affine else None,
+                   m.bias if m.affine else None)

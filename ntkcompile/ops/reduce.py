@@ -1,0 +1,36 @@
+"""Means: over the width axis (a moment, NETSOR+) or over all positions (global pooling).
+
+``x.mean(-1, keepdim=True)`` of a width vector converges to the per-input
+number ``E[Z^x]`` and may scale or shift width vectors (hand-written
+normalizations); ``x.mean(dim=(2, 3))`` of a feature map is global average
+pooling before the readout (``ops/pool.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..passes.lower import Moment, Width, rule
+from .pool import global_pool
+
+
+def _mean(lw, node, x, dim, keepdim, which):
+    if not isinstance(x, Width):
+        raise lw.unsupported(node)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if x.positions:
+        nd = len(lw.shape(node.args[0]))
+        if sorted(d % nd for d in dims) != list(range(2, nd)):
+            raise lw.unsupported(node, "a mean over some but not all positions of a feature map")
+        return global_pool(lw, node, x)
+    if len(dims) != 1:
+        raise lw.unsupported(node, "a reduction over several axes of a width vector")
+    lw.width_axis(node, dims[0], len(lw.shape(node.args[0])))
+    if not keepdim:
+        raise lw.error(node, "a width average without keepdim=True is a per-input number; it can "
+                       "only scale width vectors (use keepdim=True) and cannot be the output")
+    return Moment(lw.b.smoment(which, x.vec))
+
+
+@rule("mean", torch.mean)
+def _mean_rule(lw, node, x, dim=None, keepdim=False, dtype=None):
+    return _mean(lw, node, x, dim, keepdim, "mean")

@@ -1,0 +1,116 @@
+"""Shape-only ops, identity modules, dropout in eval mode, and the flatten readout.
+
+Every op in ``SHAPE_METHODS``/``SHAPE_FUNCTIONS``/``SHAPE_MODULES`` is registered
+with ``shape_only=True``: this is the one list of shape-only ops, which readout
+discovery also uses (they may follow the readout).  On a width vector they are
+the identity on ``(batch, width)``; on a feature map, flattening the positions
+into the width axis makes a *flatten readout* (a separate readout vector per
+position: the readout sees the mean over aligned positions, ``delta_st``, and
+its backward covariance is ``W_std^2 delta_st / P``); after global pooling,
+dropping the size-1 position axes is the identity.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import spatial
+from ..kernels.planner import READOUT_POOLS, register
+from ..passes.lower import Width, rule
+from ..passes.readout import POST_READOUT_SCALE
+
+SHAPE_METHODS = ("view", "reshape", "flatten", "contiguous", "clone", "squeeze", "unsqueeze",
+                 "float", "double", "to", "type_as")
+SHAPE_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.clone)
+SHAPE_MODULES = (nn.Flatten,)
+
+
+@rule(*SHAPE_METHODS, *SHAPE_FUNCTIONS, shape_only=True)
+def shape_identity(lw, node, x, *args, **kwargs):
+    if not isinstance(x, Width):
+        raise lw.unsupported(node)
+    before, after = tuple(lw.shape(node.args[0])), tuple(lw.shape(node))
+    if before == after:
+        return x
+    if x.positions and after == (before[0], math.prod(before[1:])):
+        return lw.width(node, x.vec, after[1], (), "flatten", x.positions)
+    if x.pool == "gap" and len(after) >= 2 and after[:2] == before[:2] and math.prod(after[2:]) == 1:
+        return x
+    raise lw.unsupported(node, f"reshaping a width vector from {before} to {after}")
+
+
+@rule(*SHAPE_MODULES, shape_only=True)
+def _flatten_module(lw, node, m, x):
+    return shape_identity(lw, node, x)
+
+
+@rule(nn.Identity, shape_only=True)
+def _identity(lw, node, m, x, *a, **k):
+    return x
+
+
+def _dropout(lw, node, p, training, x):
+    if training and p > 0:
+        raise lw.error(node, "Dropout is active (training mode): the kernel of a network with "
+                       "random dropout masks is not computed. Call model.eval() before compiling.")
+    return x
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+
+
+@rule(*_DROPOUTS)
+def _dropout_module(lw, node, m, x):
+    return _dropout(lw, node, m.p, m.training, x)
+
+
+@rule(F.dropout)
+def _dropout_function(lw, node, x, p=0.5, training=True, inplace=False):
+    return _dropout(lw, node, p, training, x)
+
+
+for _cls in _DROPOUTS:   # after the readout: the identity in eval mode
+    POST_READOUT_SCALE[_cls] = lambda node, m: 1.0 if (not m.training or m.p == 0) else None
+
+
+@rule("size")
+def _size(lw, node, x, *args):
+    shp = lw.shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    return torch.Size(shp)[args[0]] if args else torch.Size(shp)
+
+
+@rule(getattr)
+def _getattr(lw, node, x, name):
+    if name == "shape":
+        return torch.Size(lw.shape(node.args[0]))
+    raise lw.unsupported(node)
+
+
+@rule(operator.getitem)
+def _getitem(lw, node, x, idx):
+    if isinstance(x, (tuple, list, torch.Size)):
+        return x[idx]
+    raise lw.unsupported(node, "indexing a width vector")
+
+
+# -- the flatten readout -------------------------------------------------------------
+
+def _flatten_cov(pl, core):
+    how = spatial.aligned_mean if pl.diag else spatial.diagonal_mean
+    return pl.call(how, core, pl.p.readout.positions, pl.batch)
+
+
+def _flatten_adjoint(pl):
+    r = pl.p.readout
+    n = math.prod(r.positions)
+    if pl.diag:                  # aligned layout: only s = t is stored
+        return r.W_std ** 2 / n
+    return pl.plan.mul(r.W_std ** 2 / n, pl.call(spatial.identity_pairs, r.positions, pl.like))
+
+
+register(READOUT_POOLS, "flatten", (_flatten_cov, _flatten_adjoint))
