@@ -134,7 +134,7 @@ TP_WIDTHS = (256, 1024, 4096, 16384)
 TP_GAPS = (0.16, 0.064, 0.030, 0.018)  # slope -0.525
 
 
-@pytest.mark.filterwarnings("ignore:simulate. lr = 0.5 is above the full-batch:RuntimeWarning")
+@pytest.mark.filterwarnings("error:simulate:RuntimeWarning")
 def test_tp_one_hidden_layer_batch_one(digits):
     """The docs give gaps only, not the setup. Assumed here (the data are ours):
 
@@ -147,9 +147,10 @@ def test_tp_one_hidden_layer_batch_one(digits):
     * gap over train and test points; geometric mean over 8 seeds.
 
     Measured: 0.27, 0.12, 0.061, 0.035 (slope -0.49), 1.7-2.0x the docs'
-    numbers: same order of magnitude, same ``width^(-1/2)`` law. (The warning
-    filtered above is simulate's full-batch stability check, which does not
-    apply to batch-1 SGD: the per-example limit is ``lr < 1 / NTK(x, x) = 1``.)
+    numbers: same order of magnitude, same ``width^(-1/2)`` law. simulate must
+    not warn (warnings are errors here): for batch-1 SGD its stability bound is
+    the per-example ``lr <= |B| out / NTK(x, x) = 1``, not the full-batch limit
+    ``N out / lambda_max(NTK)`` that lr 0.5 exceeds.
     """
     x_train, y_train, x_test, _ = digits
     sphere = lambda x: x / x.norm(dim=1, keepdim=True) * math.sqrt(x.shape[1])
