@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -230,8 +231,14 @@ def simulate(
       ``y_train`` of shape ``(N,)`` (mean over the batch).
     * a callable ``loss(f_batch, y_batch) -> scalar``, differentiated by autograd.
 
-    ``out`` is ``f0.shape[1]`` for a tensor ``f0``; otherwise ``max(y) + 1`` for
-    integer targets, else ``y.shape[1]``.
+    ``out`` is ``f0.shape[1]`` for a tensor ``f0``; otherwise, for integer
+    targets, the model's number of outputs ``kfn.out_features`` when the kernel
+    has that attribute, else ``max(y) + 1``; else ``y.shape[1]``. Class indices
+    must be below ``kfn.out_features`` (when known) and below ``out``; without
+    ``out_features`` or ``f0``, more than ``10_000`` classes and more than
+    ``10 N`` of them is refused as a likely mislabel (pass ``f0`` to mean it).
+    A trajectory larger than the machine's memory is refused before anything
+    is allocated.
 
     Batches (index ``i`` into a duplicate-containing batch counts each time):
 
@@ -281,12 +288,14 @@ def simulate(
     is_prior = isinstance(f0, str)
     if is_prior and f0 != "prior":
         raise ValueError(f"simulate: f0 must be None, 'prior' or a tensor, got {f0!r}")
-    kernels = kernel_blocks(kfn, x_train, x_test, get=("nngp", "ntk") if is_prior else ("ntk",))
-    out = _infer_out(y, f0, name)
-    if name == "cross_entropy" and len(y) and int(y.max()) >= out:
-        raise ValueError(f"simulate: y_train has class index {int(y.max())} but the outputs have only {out} classes")
+    # Everything about sizes is settled before the kernel is evaluated or
+    # anything of size out is allocated.
+    out = _infer_out(y, f0, name, getattr(kfn, "out_features", None))
     if name == "mse" and out != y.shape[1]:
         raise ValueError(f"simulate: f0 has {out} outputs but y_train has {y.shape[1]} columns")
+    _check_trajectory_size(steps, n + m, out)
+
+    kernels = kernel_blocks(kfn, x_train, x_test, get=("nngp", "ntk") if is_prior else ("ntk",))
     f0 = _initial_outputs(f0, kernels, n, m, out, seed)
     schedule = batch_schedule(n, steps, batch_size, batches, seed)
 
@@ -315,16 +324,60 @@ def simulate(
     )
 
 
-def _infer_out(y, f0, loss_name) -> int:
+# A class count is "implausible" above both of these (a label like 1e9 would
+# otherwise allocate (N + M) * 1e9 floats).
+_MAX_CLASSES = 10_000
+_MAX_CLASSES_PER_POINT = 10
+
+
+def _infer_out(y, f0, loss_name, out_features) -> int:
     if isinstance(f0, torch.Tensor):
         if f0.ndim != 2:
             raise ValueError(f"simulate: f0 must have shape (N_train + N_test, out), got {tuple(f0.shape)}")
-        return f0.shape[1]
-    if not y.is_floating_point():
-        if loss_name == "mse":
-            raise ValueError("simulate: loss 'mse' needs floating targets y_train")
-        return int(y.max()) + 1 if len(y) else 1
-    return y.shape[1]
+        out, source = f0.shape[1], "f0 has"
+    elif y.is_floating_point():
+        return y.shape[1]
+    elif loss_name == "mse":
+        raise ValueError("simulate: loss 'mse' needs floating targets y_train")
+    elif out_features is not None:
+        out, source = int(out_features), "the model has (kfn.out_features)"
+    else:
+        out, source = (int(y.max()) + 1 if len(y) else 1), None
+        if out > _MAX_CLASSES and out > _MAX_CLASSES_PER_POINT * len(y):
+            raise ValueError(
+                f"simulate: the largest class index in y_train is {out - 1}, so the outputs would need "
+                f"{out} classes for {len(y)} training points; class indices must be 0 .. C-1. Check the "
+                f"labels, or pass f0 of shape (N_train + N_test, C) to fix the number of classes C"
+            )
+    if loss_name == "cross_entropy" and len(y):
+        top = int(y.max())
+        if out_features is not None and top >= out_features:
+            raise ValueError(
+                f"simulate: y_train has class index {top} but the model has only {int(out_features)} outputs "
+                f"(kfn.out_features); cross-entropy needs class indices 0 .. {int(out_features) - 1}"
+            )
+        if top >= out:
+            raise ValueError(f"simulate: y_train has class index {top} but {source} only {out} classes")
+    return out
+
+
+def _physical_memory() -> Optional[int]:
+    """Bytes of RAM on this machine, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_trajectory_size(steps: int, rows: int, out: int) -> None:
+    need = (steps + 1) * rows * out * torch.finfo(_DTYPE).bits // 8
+    have = _physical_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"simulate: the trajectory would take {need / 2**30:.4g} GiB ((steps + 1) x (N_train + N_test) x out = "
+            f"{steps + 1} x {rows} x {out} float64) but this machine has {have / 2**30:.4g} GiB of memory; "
+            f"use fewer steps, test points or outputs (check the class indices of y_train)"
+        )
 
 
 def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: int) -> torch.Tensor:

@@ -582,6 +582,33 @@ def test_callable_loss_returning_nan_names_the_step():
     assert err.value.step == 1
 
 
+def test_cross_entropy_class_count_checked_before_anything_is_allocated():
+    x, _, _ = data()
+    k = FakeKernel()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 10**9])
+    with pytest.raises(ValueError, match=r"largest class index in y_train is 1000000000.*7 training points.*pass f0"):
+        dynamics.simulate(k, x, labels, loss="cross_entropy", steps=1)
+    assert k.calls == []  # refused before the kernel ran
+    with pytest.raises(ValueError, match=r"class index 3 but the model has only 3 outputs \(kfn.out_features\)"):
+        dynamics.simulate(IndexKernel(torch.eye(7), out_features=3), points(7), torch.tensor([0, 1, 2, 3, 0, 1, 2]), loss="cross_entropy")
+    # With out_features the outputs are the model's, not max(y) + 1: log(5) at f = 0.
+    traj = dynamics.simulate(IndexKernel(torch.eye(7), out_features=5), points(7), torch.tensor([0, 1, 2, 2, 0, 1, 2]),
+                             loss="cross_entropy", steps=1)
+    assert traj.train.shape == (2, 7, 5) and traj.loss[0] == pytest.approx(math.log(5))
+
+
+def test_trajectory_larger_than_memory_is_refused(monkeypatch):
+    x, y, xt = data()
+    k = FakeKernel()
+    monkeypatch.setattr(dynamics, "_physical_memory", lambda: 2**20)
+    # (1000 + 1) x (7 + 3) x 2 float64 = 160 kB fits in 1 MiB; 10_000 steps do not.
+    dynamics.simulate(k, x, y, xt, lr=0.1, steps=1000)
+    k.calls.clear()
+    with pytest.raises(ValueError, match=r"0.00149 GiB \(\(steps \+ 1\) x \(N_train \+ N_test\) x out = 10001 x 10 x 2"):
+        dynamics.simulate(k, x, y, xt, lr=0.1, steps=10_000)
+    assert k.calls == []
+
+
 def test_discrete_closed_forms_raise_instead_of_overflowing():
     from ntkcompile.errors import DivergenceError
 
