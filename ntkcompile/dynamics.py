@@ -37,7 +37,13 @@ kernel ridge regression ``f_0(x) + K(x, X) (K + ridge I)^-1 (y - f_0(X))``.
 
 Stability. Full-batch discrete MSE is stable iff ``|1 - a lam| <= 1`` for every
 eigenvalue, i.e. ``lr <= N * out / lam_max(K)`` (``= 2 / (2 lam_max / (N out))``).
-Above it a ``RuntimeWarning`` states the limit.
+A minibatch step on ``B`` is non-expansive in the kernel norm of the residual
+iff ``lr <= |B| * out / lam_max(K_BB)`` (``ntkcompile.training.MSEStability``);
+that per-batch bound, the smallest over the schedule, is what :func:`simulate`
+checks for minibatches. Above the bound a ``RuntimeWarning`` states it. Runs
+that still overflow raise :class:`~ntkcompile.errors.DivergenceError` (the step,
+``lr``, the batch size and the bound) instead of returning inf or NaN;
+``simulate`` also warns once when the loss grows a million-fold.
 """
 
 from __future__ import annotations
@@ -45,13 +51,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .errors import KernelNotPSDError
-from .training import as_input, as_targets, batch_schedule, check_finite, check_shape, loss_value, resolve_loss
+from .errors import DivergenceError, KernelNotPSDError, NonFiniteLossError
+from .training import (MSEStability, as_input, as_targets, batch_schedule, check_finite, check_shape, loss_value,
+                       mse_stability, resolve_loss)
 
 __all__ = [
     "Ensemble",
@@ -223,8 +231,14 @@ def simulate(
       ``y_train`` of shape ``(N,)`` (mean over the batch).
     * a callable ``loss(f_batch, y_batch) -> scalar``, differentiated by autograd.
 
-    ``out`` is ``f0.shape[1]`` for a tensor ``f0``; otherwise ``max(y) + 1`` for
-    integer targets, else ``y.shape[1]``.
+    ``out`` is ``f0.shape[1]`` for a tensor ``f0``; otherwise, for integer
+    targets, the model's number of outputs ``kfn.out_features`` when the kernel
+    has that attribute, else ``max(y) + 1``; else ``y.shape[1]``. Class indices
+    must be below ``kfn.out_features`` (when known) and below ``out``; without
+    ``out_features`` or ``f0``, more than ``10_000`` classes and more than
+    ``10 N`` of them is refused as a likely mislabel (pass ``f0`` to mean it).
+    A trajectory larger than the machine's memory is refused before anything
+    is allocated.
 
     Batches (index ``i`` into a duplicate-containing batch counts each time):
 
@@ -242,6 +256,23 @@ def simulate(
     (a generator separate from the batch one); a tensor of shape ``(N + M, out)``
     (train rows first) is used as given.
 
+    Divergence. For ``"mse"`` the learning rate is compared, before the first
+    step, with the stability bound of the schedule
+    (:class:`ntkcompile.training.MSEStability`): full batch
+    ``lr <= N out / lambda_max(K)``; minibatches ``lr <= |B| out /
+    lambda_max(K_BB)`` for every batch ``B`` (then every step is non-expansive
+    in the kernel norm of the residual; a sufficient condition). The bound is
+    computed for the distinct batches in order of first use, up to 4096 of them
+    and an eigenvalue work of ``max(N^3 / 4, 2^27)``; the messages say when
+    that cut-off left batches unchecked. Above the bound a ``RuntimeWarning``
+    gives it. After every step the outputs and the full-train loss are checked:
+    NaN or inf raises :class:`~ntkcompile.errors.DivergenceError` naming the
+    step, ``lr``, the batch size and the bound (there is none in closed form
+    for cross-entropy or a callable loss), or
+    :class:`~ntkcompile.errors.NonFiniteLossError` when a callable loss returns
+    NaN or inf (value or gradient) at finite outputs; a loss that grows above
+    ``1e6`` times its value at ``f_0`` (or above ``1e300``) warns once.
+
     Returns a :class:`Trajectory` with ``steps + 1`` entries, index 0 being ``f_0``.
     """
     name, loss_rule = resolve_loss(loss)
@@ -250,55 +281,103 @@ def simulate(
     y = as_targets(y_train, n, name)
     if x_test is not None:
         x_test = as_input(x_test, "x_test")
+    m = 0 if x_test is None else x_test.shape[0]
     lr = _check_lr(lr)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"simulate: steps must be a non-negative int, got {steps!r}")
     is_prior = isinstance(f0, str)
     if is_prior and f0 != "prior":
         raise ValueError(f"simulate: f0 must be None, 'prior' or a tensor, got {f0!r}")
-
-    kernels = kernel_blocks(kfn, x_train, x_test, get=("nngp", "ntk") if is_prior else ("ntk",))
-    m = kernels.n_test or 0
-    out = _infer_out(y, f0, name)
-    if name == "cross_entropy" and len(y) and int(y.max()) >= out:
-        raise ValueError(f"simulate: y_train has class index {int(y.max())} but the outputs have only {out} classes")
+    # Everything about sizes is settled before the kernel is evaluated or
+    # anything of size out is allocated.
+    out = _infer_out(y, f0, name, getattr(kfn, "out_features", None))
     if name == "mse" and out != y.shape[1]:
         raise ValueError(f"simulate: f0 has {out} outputs but y_train has {y.shape[1]} columns")
-    f = _initial_outputs(f0, kernels, n, m, out, seed)
+    _check_trajectory_size(steps, n + m, out)
+
+    kernels = kernel_blocks(kfn, x_train, x_test, get=("nngp", "ntk") if is_prior else ("ntk",))
+    f0 = _initial_outputs(f0, kernels, n, m, out, seed)
     schedule = batch_schedule(n, steps, batch_size, batches, seed)
 
     lam_max = float(kernels.ntk_train_eigh[0].max()) if n else 0.0
-    if name == "mse":
-        _warn_if_unstable(lr, lam_max, n, out, "simulate")
+    stability = None
+    if name == "mse" and n:
+        stability = mse_stability(kernels.ntk_train, lam_max, schedule, out)
+        _warn_if_unstable(lr, stability, "simulate")
+    watch = _Watch(loss_name=name, lr=lr, n=n, steps=steps, stability=stability)
 
     # Rows: train points then test points; columns: train points.
     ntk_rows = kernels.ntk_train if m == 0 else torch.cat([kernels.ntk_train, kernels.ntk_test_train])
-    fs = [f]
-    for idx in schedule:
-        g = loss_rule.grad(f[idx], y[idx])
-        f = f - lr * (ntk_rows[:, idx] @ g)
-        fs.append(f)
-    traj = torch.stack(fs)
-    losses = torch.stack([loss_value(loss_rule.value, ft[:n], y) for ft in traj])
+    traj = torch.empty(steps + 1, n + m, out, dtype=_DTYPE)
+    traj[0] = f0
+    losses = [float(loss_value(loss_rule.value, f0[:n], y))]
+    watch.check(0, traj, losses, None, None)
+    for t, idx in enumerate(schedule, 1):
+        g = loss_rule.grad(traj[t - 1, idx], y[idx])
+        f = torch.addmm(traj[t - 1], ntk_rows[:, idx], g, alpha=-lr, out=traj[t])
+        losses.append(float(loss_value(loss_rule.value, f[:n], y)))
+        watch.check(t, traj, losses, idx, g)
     return Trajectory(
         train=traj[:, :n],
         test=None if x_test is None else traj[:, n:],
-        loss=losses,
+        loss=torch.tensor(losses, dtype=_DTYPE),
     )
 
 
+# A class count is "implausible" above both of these (a label like 1e9 would
+# otherwise allocate (N + M) * 1e9 floats).
+_MAX_CLASSES = 10_000
+_MAX_CLASSES_PER_POINT = 10
 
 
-def _infer_out(y, f0, loss_name) -> int:
+def _infer_out(y, f0, loss_name, out_features) -> int:
     if isinstance(f0, torch.Tensor):
         if f0.ndim != 2:
             raise ValueError(f"simulate: f0 must have shape (N_train + N_test, out), got {tuple(f0.shape)}")
-        return f0.shape[1]
-    if not y.is_floating_point():
-        if loss_name == "mse":
-            raise ValueError("simulate: loss 'mse' needs floating targets y_train")
-        return int(y.max()) + 1 if len(y) else 1
-    return y.shape[1]
+        out, source = f0.shape[1], "f0 has"
+    elif y.is_floating_point():
+        return y.shape[1]
+    elif loss_name == "mse":
+        raise ValueError("simulate: loss 'mse' needs floating targets y_train")
+    elif out_features is not None:
+        out, source = int(out_features), "the model has (kfn.out_features)"
+    else:
+        out, source = (int(y.max()) + 1 if len(y) else 1), None
+        if out > _MAX_CLASSES and out > _MAX_CLASSES_PER_POINT * len(y):
+            raise ValueError(
+                f"simulate: the largest class index in y_train is {out - 1}, so the outputs would need "
+                f"{out} classes for {len(y)} training points; class indices must be 0 .. C-1. Check the "
+                f"labels, or pass f0 of shape (N_train + N_test, C) to fix the number of classes C"
+            )
+    if loss_name == "cross_entropy" and len(y):
+        top = int(y.max())
+        if out_features is not None and top >= out_features:
+            raise ValueError(
+                f"simulate: y_train has class index {top} but the model has only {int(out_features)} outputs "
+                f"(kfn.out_features); cross-entropy needs class indices 0 .. {int(out_features) - 1}"
+            )
+        if top >= out:
+            raise ValueError(f"simulate: y_train has class index {top} but {source} only {out} classes")
+    return out
+
+
+def _physical_memory() -> Optional[int]:
+    """Bytes of RAM on this machine, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_trajectory_size(steps: int, rows: int, out: int) -> None:
+    need = (steps + 1) * rows * out * torch.finfo(_DTYPE).bits // 8
+    have = _physical_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"simulate: the trajectory would take {need / 2**30:.4g} GiB ((steps + 1) x (N_train + N_test) x out = "
+            f"{steps + 1} x {rows} x {out} float64) but this machine has {have / 2**30:.4g} GiB of memory; "
+            f"use fewer steps, test points or outputs (check the class indices of y_train)"
+        )
 
 
 def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: int) -> torch.Tensor:
@@ -321,6 +400,145 @@ def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: 
     return f0.clone()
 
 
+# ---------------------------------------------------------------------------
+# Dynamics that diverge say so.
+# ---------------------------------------------------------------------------
+
+# The loss "explodes" above this many times its value at f_0, or above _LOSS_HUGE.
+_LOSS_GROWTH = 1e6
+_LOSS_HUGE = 1e300
+
+
+def _warn_if_unstable(lr: float, stability: MSEStability, what: str, stacklevel: int = 3) -> None:
+    if lr <= stability.limit:
+        return
+    if stability.full_batch:
+        msg = f"{what}: lr = {lr:g} is above the {stability.full_text()}; the residual grows geometrically"
+    else:
+        msg = (f"{what}: lr = {lr:g} is above the {stability.batch_text()}: a step on that batch amplifies "
+               f"part of the residual, so training may diverge (at or below the bound every step is "
+               f"non-expansive in the kernel norm of the residual). (The {stability.full_text()} is for "
+               f"full-batch steps.)")
+    warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+
+
+def _full_batch_stability(kernels: KernelBlocks, out: int) -> MSEStability:
+    return mse_stability(kernels.ntk_train, float(kernels.ntk_train_eigh[0].max()), [], out)
+
+
+def _raise_if_overflow(what: str, times, parts, lr: float, stability: MSEStability) -> None:
+    """The discrete closed forms overflow above the stability limit: say so
+    instead of returning inf/NaN (``parts``: tensors with time as axis 0)."""
+    parts = [p for p in parts if p is not None]
+    if all(bool(torch.isfinite(p).all()) for p in parts):
+        return
+    first = next(i for i in range(len(times)) if not all(bool(torch.isfinite(p[i]).all()) for p in parts))
+    s = stability
+    rate = abs(1 - lr * 2 * s.lam_max / (s.n * s.out))
+    raise DivergenceError(
+        f"{what}: the outputs overflow (inf or NaN) at t = {times[first]:g} with lr = {lr:g}: the residual "
+        f"grows like |1 - lr * 2 * lambda_max / (N * out)|^t = {rate:.6g}^t. The {s.full_text()}; lower lr "
+        f"to at most {s.full:.4g}",
+        step=int(times[first]), lr=lr,
+    )
+
+
+def _nonfinite(x) -> str:
+    x = torch.as_tensor(x)
+    return "nan" if bool(torch.isnan(x).any()) else "inf"
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+@dataclasses.dataclass
+class _Watch:
+    """Checks each step of :func:`simulate` and words what went wrong.
+
+    ``check`` costs one sum over the outputs and one scalar test;
+    everything else runs only when something is wrong.
+    """
+
+    loss_name: str
+    lr: float
+    n: int
+    steps: int
+    stability: Optional[MSEStability]
+    warned: bool = False
+
+    def check(self, t: int, traj: torch.Tensor, losses: list[float], idx, g) -> None:
+        loss, f = losses[t], traj[t]
+        # A finite sum means every entry is finite; only a sum that overflows
+        # needs the entrywise test.
+        if math.isfinite(loss) and (math.isfinite(float(f.sum())) or bool(torch.isfinite(f).all())):
+            self._watch_growth(t, loss, losses[0], idx)
+            return
+        raise self._error(t, traj, loss, idx, g)
+
+    def _watch_growth(self, t: int, loss: float, loss0: float, idx) -> None:
+        if self.warned or t == 0:
+            return
+        if abs(loss) > _LOSS_HUGE or (loss0 != 0 and abs(loss) > _LOSS_GROWTH * abs(loss0)):
+            self.warned = True
+            warnings.warn(
+                f"simulate: the training loss grew from {loss0:.4g} at f_0 to {loss:.4g} at step {t} of "
+                f"{self.steps} (more than {_LOSS_GROWTH:.0e} times): the run is diverging. {self._context(idx)}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _where(self, t: int) -> str:
+        return "at f_0 (before the first step)" if t == 0 else f"at step {t} of {self.steps}"
+
+    def _batch(self, idx) -> str:
+        if idx is None:
+            return f"N = {self.n} training points"
+        return f"batch size {len(idx)}" + (" (full batch)" if len(idx) == self.n else f" of N = {self.n}")
+
+    def _context(self, idx) -> str:
+        """lr, batch size, the stability bound and what to do."""
+        head = f"(lr = {self.lr:g}, {self._batch(idx)})"
+        s = self.stability
+        if s is None:
+            what = "a callable loss" if self.loss_name == "callable" else f"loss {self.loss_name!r}"
+            return (f"{head} There is no closed-form stability bound for {what}: lower lr (e.g. by 10x) "
+                    f"until the loss stops growing")
+        bound = s.full_text() if s.full_batch else s.batch_text()
+        note = "" if s.full_batch else f" (The {s.full_text()} is for full-batch steps.)"
+        if self.lr > s.limit:
+            return f"{head} lr is above the {bound}: lower lr to at most {s.limit:.4g}.{note}"
+        return (f"{head} lr is within the {bound}, so the outputs were already huge: check the scale of "
+                f"y_train and f0 (or lower lr if the kernel is badly conditioned).{note}")
+
+    def _error(self, t: int, traj: torch.Tensor, loss: float, idx, g) -> DivergenceError:
+        f = traj[t]
+        g_bad = g is not None and not bool(torch.isfinite(g).all())
+        rows = traj[t - 1] if g_bad else f  # the outputs the failing value was computed from
+        scale0 = _max_abs(traj[0])
+        if self.loss_name == "callable" and bool(torch.isfinite(rows).all()):
+            # A callable loss that fails at finite outputs is the loss's fault, not lr's,
+            # unless the run was visibly diverging already.
+            exploded = self.warned or _max_abs(rows) > _LOSS_GROWTH * max(scale0, 1.0)
+            if not exploded:
+                what = (f"its gradient on the batch of step {t} has {_nonfinite(g)}" if g_bad
+                        else f"its value on the training set {self._where(t)} is {loss}")
+                at_f0 = "" if t == 0 else f"; at f_0 {scale0:.4g}"
+                return NonFiniteLossError(
+                    f"simulate: the loss callable returned a non-finite result: {what}, although the outputs "
+                    f"are finite (max |f| = {_max_abs(rows):.4g}{at_f0}). Check the loss for log(0), 0/0, "
+                    f"sqrt at 0 and the like (lr = {self.lr:g}, {self._batch(idx)})",
+                    step=t, lr=self.lr,
+                )
+        if g_bad:
+            what = f"dL/df on the batch overflowed to {_nonfinite(g)} (max |f| = {_max_abs(rows):.4g} before the step)"
+        elif not bool(torch.isfinite(f).all()):
+            what = f"the outputs became non-finite ({_nonfinite(f)})"
+        else:
+            what = f"the training loss overflowed to {loss} (the outputs are finite but reach max |f| = {_max_abs(f):.4g})"
+        verdict = "the initial outputs are too large" if t == 0 else "the run diverged"
+        return DivergenceError(f"simulate: {what} {self._where(t)}: {verdict}. {self._context(idx)}",
+                               step=t, lr=self.lr)
 
 
 # ---------------------------------------------------------------------------
@@ -413,8 +631,9 @@ def _mse_predict(kernels, y_train, t, *, flow, lr, f0, ridge, what) -> Trajector
     lr = _check_lr(lr)
     ridge = _check_ridge(ridge, what)
     times, scalar = _times(t, flow, what)
+    stability = _full_batch_stability(kernels, out)
     if flow == "discrete" and any(not math.isinf(v) for v in times):
-        _warn_if_unstable(lr, float(kernels.ntk_train_eigh[0].max()), n, out, what, stacklevel=4)
+        _warn_if_unstable(lr, stability, what, stacklevel=4)
     if f0 is None:
         f0 = torch.zeros(n + m, out, dtype=_DTYPE)
     else:
@@ -425,6 +644,7 @@ def _mse_predict(kernels, y_train, t, *, flow, lr, f0, ridge, what) -> Trajector
     p_train, p_test = _mse_propagators(kernels, times, flow, lr, ridge, out, what)
     train = f0[:n] - p_train @ r0
     test = None if p_test is None else f0[n:] - p_test @ r0
+    _raise_if_overflow(what, times, (train, test), lr, stability)
     loss = ((train - y) ** 2).mean(dim=(1, 2))
     if scalar:
         train, loss = train[0], loss[0]
@@ -487,8 +707,9 @@ def mse_ensemble(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, flow: st
     if flow not in _FLOWS:
         raise ValueError(f"{what}: unknown flow {flow!r}; valid flows are {sorted(_FLOWS)}")
     times, scalar = _times(t, flow, what)
+    stability = _full_batch_stability(kernels, y.shape[1])
     if flow == "discrete" and any(not math.isinf(v) for v in times):
-        _warn_if_unstable(lr, float(kernels.ntk_train_eigh[0].max()), n, y.shape[1], what, stacklevel=3)
+        _warn_if_unstable(lr, stability, what, stacklevel=3)
     p_train, p_test = _mse_propagators(kernels, times, flow, lr, ridge, y.shape[1], what)
 
     def moments(p, s_self, s_cross):
@@ -501,6 +722,7 @@ def mse_ensemble(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, flow: st
     mean_test = cov_test = None
     if p_test is not None:
         mean_test, cov_test = moments(p_test, kernels.nngp_test, kernels.nngp_test_train)
+    _raise_if_overflow(what, times, (mean_train, cov_train, mean_test, cov_test), lr, stability)
     if scalar:
         mean_train, cov_train = mean_train[0], cov_train[0]
         if p_test is not None:
@@ -530,31 +752,6 @@ def _psd_eigh(k: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
                 f"rules (a quadrature or Monte Carlo rule may be too coarse)"
             )
     return lam.clamp_min(0.0), vecs
-
-
-def _mse_lr_limit(lam_max: float, n: int, out: int) -> float:
-    # Step map r -> (I - lr (2 / (N out)) K) r is stable iff lr (2 / (N out)) lam_max <= 2.
-    return math.inf if lam_max <= 0 else n * out / lam_max
-
-
-def _warn_if_unstable(lr: float, lam_max: float, n: int, out: int, what: str, stacklevel: int = 3) -> None:
-    limit = _mse_lr_limit(lam_max, n, out)
-    if lr > limit:
-        warnings.warn(
-            f"{what}: lr = {lr:g} is above the full-batch mean-MSE stability limit "
-            f"lr_max = N * out / lambda_max(NTK_train) = {n} * {out} / {lam_max:.6g} = {limit:.6g}; "
-            f"the residual grows geometrically",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
-
-
-
-
-
-
-
-
 
 
 def _check_lr(lr) -> float:

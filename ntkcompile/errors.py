@@ -52,3 +52,29 @@ class NonFiniteInputError(NTKCompileError, ValueError):
 
 class KernelNotPSDError(NTKCompileError, ValueError):
     """A kernel matrix handed to a solve is not positive (semi)definite."""
+
+
+class DivergenceError(NTKCompileError, FloatingPointError):
+    """Training dynamics produced NaN or inf: the outputs, the loss or its gradient.
+
+    Raised by ``dynamics.simulate`` and ``harness.train_finite`` at the first
+    step where a value is non-finite. The message names the step, the learning
+    rate, the batch size and, for the mean MSE, the stability bound (per batch
+    ``lr <= |B| out / lambda_max(NTK_BB)``), and says what to do. ``step``
+    (0: the initial outputs; ``t``: after ``t`` SGD steps) and ``lr`` hold
+    those numbers.
+    """
+
+    def __init__(self, message: str, *, step=None, lr=None):
+        super().__init__(message)
+        self.step = step
+        self.lr = lr
+
+
+class NonFiniteLossError(DivergenceError):
+    """A callable loss returned NaN or inf (value or gradient) at finite outputs.
+
+    The loss function, not the learning rate, is then the likely cause (e.g.
+    ``log(0)``, ``0/0``, ``sqrt`` at 0); the message names the step and the
+    largest output so that overflowing outputs can be told apart.
+    """

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from .compiled import compile as compile_kernel
-from .dynamics import Trajectory, simulate
-from .training import as_input, as_targets, batch_schedule, loss_value, resolve_loss
+from .dynamics import Trajectory, kernel_blocks, simulate
+from .errors import DivergenceError, NonFiniteLossError
+from .training import as_input, as_targets, batch_schedule, loss_value, mse_stability, resolve_loss
 from .parametrize import ntk_parametrize
 
 __all__ = ["WidthReport", "compare_widths", "fit_loglog_slope", "train_finite"]
@@ -98,6 +99,13 @@ def train_finite(
     ``(steps + 1, N, out)`` on the train points and ``(steps + 1, M, out)`` on
     the test points, recorded before every step and after the last, and the
     full-train loss at each of them. Index 0 is the network's own ``f_0``.
+
+    Every step checks the recorded outputs and the batch loss (and, for a
+    callable loss, the parameter gradients): a NaN or inf raises
+    :class:`~ntkcompile.errors.DivergenceError` naming the width, seed, step
+    (outputs "at step t" are those after ``t`` steps), lr and batch size, or
+    :class:`~ntkcompile.errors.NonFiniteLossError` when a callable loss fails
+    at finite outputs.
     """
     name, loss_rule = resolve_loss(loss)
     x_train = as_input(x_train, "x_train").to(_DTYPE)
@@ -112,21 +120,113 @@ def train_finite(
         factory(width).to(_DTYPE), W_std, b_std, std=std, generator=torch.Generator().manual_seed(seed)
     )
     opt = torch.optim.SGD(net.parameters(), lr=lr)
+    watch = _FiniteWatch(width=width, seed=seed, lr=lr, n=n, steps=steps, loss_name=name)
     fs = []
-    for idx in schedule:
+    for t, idx in enumerate(schedule):
         with torch.no_grad():
             fs.append(_outputs(net, x_all))
+        watch.outputs(t, fs[-1], schedule[t - 1] if t else None)
         opt.zero_grad(set_to_none=True)
-        loss_rule.value(_outputs(net, x_train[idx]), y[idx]).backward()
+        f_batch = _outputs(net, x_train[idx])
+        batch_loss = loss_rule.value(f_batch, y[idx])
+        watch.batch_loss(t + 1, batch_loss, f_batch.detach(), idx)
+        batch_loss.backward()
+        if name == "callable":
+            watch.gradients(t + 1, net, f_batch.detach(), idx)
         opt.step()
     with torch.no_grad():
         fs.append(_outputs(net, x_all))
+    watch.outputs(len(schedule), fs[-1], schedule[-1] if schedule else None)
     traj = torch.stack(fs)
+    losses = torch.stack([loss_value(loss_rule.value, f[:n], y) for f in traj])
+    watch.losses(losses, traj)
     return Trajectory(
         train=traj[:, :n],
         test=None if x_test is None else traj[:, n:],
-        loss=torch.stack([loss_value(loss_rule.value, f[:n], y) for f in traj]),
+        loss=losses,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _FiniteWatch:
+    """Checks one finite training run; raises :class:`DivergenceError` (or
+    :class:`NonFiniteLossError` for a callable loss at finite outputs) naming
+    the width, seed, step and lr. Steps count from 1; outputs "at step t" are
+    those after ``t`` SGD steps."""
+
+    width: int
+    seed: int
+    lr: float
+    n: int
+    steps: int
+    loss_name: str
+
+    def _head(self) -> str:
+        return f"train_finite: width {self.width}, seed {self.seed}:"
+
+    def _tail(self, idx=None) -> str:
+        batch = "" if idx is None else f", batch size {len(idx)} of N = {self.n}"
+        loss = "a callable loss" if self.loss_name == "callable" else f"loss {self.loss_name!r}"
+        return f"(lr = {self.lr:g}{batch}, {loss})"
+
+    def _diverged(self, t: int, what: str, idx=None) -> DivergenceError:
+        if t == 0:
+            return DivergenceError(
+                f"{self._head()} {what} at initialization, before any step {self._tail()}: check the model "
+                f"(factory({self.width})) and its parametrization (W_std, b_std, std)",
+                step=0, lr=self.lr,
+            )
+        bound = ""
+        if self.loss_name == "mse":
+            bound = (" For the mean MSE the infinite-width dynamics are stable when lr <= |B| * out / "
+                     "lambda_max(NTK_BB) for every batch B (dynamics.simulate warns above it); a finite "
+                     "network needs some margin below that.")
+        return DivergenceError(
+            f"{self._head()} {what} at step {t} of {self.steps}: SGD on the finite network diverged "
+            f"{self._tail(idx)}. Lower lr.{bound}",
+            step=t, lr=self.lr,
+        )
+
+    def _bad_loss(self, t: int, what: str, f: torch.Tensor, idx) -> NonFiniteLossError:
+        where = f"on the batch of step {t} of {self.steps}" if idx is not None else (
+            "on the training set " + ("at initialization" if t == 0 else f"at step {t} of {self.steps}"))
+        return NonFiniteLossError(
+            f"{self._head()} the loss callable {what} {where}, although the network's outputs are finite "
+            f"(max |f| = {float(f.abs().max()):.4g}) {self._tail(idx)}. Check the loss for log(0), 0/0, "
+            f"sqrt at 0 and the like",
+            step=t, lr=self.lr,
+        )
+
+    def outputs(self, t: int, f: torch.Tensor, idx) -> None:
+        """``f``: the outputs after ``t`` steps; ``idx``: the batch of step ``t``."""
+        if not bool(torch.isfinite(f).all()):
+            kind = "nan" if bool(torch.isnan(f).any()) else "inf"
+            raise self._diverged(t, f"the network's outputs are non-finite ({kind})", idx)
+
+    def batch_loss(self, t: int, value: torch.Tensor, f_batch: torch.Tensor, idx) -> None:
+        value = value.detach()
+        if math.isfinite(float(value)):
+            return
+        if not bool(torch.isfinite(f_batch).all()):  # outputs on the batch only (the recorded ones were finite)
+            raise self._diverged(t, "the network's outputs on the batch are non-finite", idx)
+        if self.loss_name == "callable":
+            raise self._bad_loss(t, f"returned {float(value)}", f_batch, idx)
+        raise self._diverged(t, f"the batch loss overflowed to {float(value)} (max |f| = "
+                                f"{float(f_batch.abs().max()):.4g})", idx)
+
+    def gradients(self, t: int, net: nn.Module, f_batch: torch.Tensor, idx) -> None:
+        # A finite callable loss can still have a non-finite gradient (sqrt at 0).
+        for p in net.parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise self._bad_loss(t, "has a non-finite gradient", f_batch, idx)
+
+    def losses(self, losses: torch.Tensor, traj: torch.Tensor) -> None:
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            t = int(bad[0])
+            if self.loss_name == "callable":
+                raise self._bad_loss(t, f"returned {float(losses[t])}", traj[t, : self.n], None)
+            raise self._diverged(t, f"the training loss overflowed to {float(losses[t])}")
 
 
 # ---------------------------------------------------------------------------
@@ -192,6 +292,18 @@ class _MemoKernel:
         return hit[2]
 
 
+def _mse_bound_hint(kfn, x_train, y_train, schedule) -> str:
+    """The infinite-width mean-MSE bound of ``schedule``, for a finite run's
+    divergence message (the kernel is memoized: simulate needs it anyway)."""
+    try:
+        kernels = kernel_blocks(kfn, x_train)
+        out = as_targets(y_train, x_train.shape[0], "mse").shape[1]
+        stability = mse_stability(kernels.ntk_train, float(kernels.ntk_train_eigh[0].max()), schedule, out)
+    except Exception as err:  # only a hint: never hide the divergence behind another error
+        return f" (The infinite-width stability bound could not be computed: {type(err).__name__}: {err})"
+    return f" Infinite-width bound for this schedule: the {stability.text()}."
+
+
 def _gap(finite: Trajectory, infinite: Trajectory) -> float:
     gap = (finite.train - infinite.train).abs().max()
     if finite.test is not None:
@@ -235,6 +347,11 @@ def compare_widths(
         kfn: the compiled kernel; default ``compile(factory(widths[0]), ...)``
             (the limit does not depend on the width it is traced at).
         progress: called with one line of text after each run.
+
+    A finite network that diverges raises its :class:`~ntkcompile.errors.DivergenceError`
+    (width and seed named) with, for ``"mse"``, the infinite-width stability
+    bound of that seed's schedule appended; a diverging infinite-width run
+    raises with the seed and the width whose ``f_0`` it started from.
     """
     widths, seeds = tuple(int(w) for w in widths), tuple(int(s) for s in seeds)
     if not widths or not seeds:
@@ -255,16 +372,26 @@ def compare_widths(
     for i, width in enumerate(widths):
         for j, seed in enumerate(seeds):
             start = time.perf_counter()
-            fin = train_finite(
-                factory, width, x_train, y_train, x_test, W_std=W_std, b_std=b_std,
-                loss=loss, lr=lr, steps=steps, batches=schedules[seed], seed=seed, std=std,
-            )
+            try:
+                fin = train_finite(
+                    factory, width, x_train, y_train, x_test, W_std=W_std, b_std=b_std,
+                    loss=loss, lr=lr, steps=steps, batches=schedules[seed], seed=seed, std=std,
+                )
+            except DivergenceError as err:
+                hint = _mse_bound_hint(kfn, x_train, y_train, schedules[seed]) if loss == "mse" else ""
+                raise type(err)(f"compare_widths: {err}{hint}", step=err.step, lr=err.lr) from err
             seconds[i, j] = time.perf_counter() - start
             f0 = fin.train[0] if fin.test is None else torch.cat([fin.train[0], fin.test[0]])
-            inf = simulate(
-                kfn, x_train, y_train, x_test, loss=loss, lr=lr, steps=steps,
-                batches=schedules[seed], f0=f0, seed=seed,
-            )
+            try:
+                inf = simulate(
+                    kfn, x_train, y_train, x_test, loss=loss, lr=lr, steps=steps,
+                    batches=schedules[seed], f0=f0, seed=seed,
+                )
+            except DivergenceError as err:
+                raise type(err)(
+                    f"compare_widths: the infinite-width run for seed {seed}, started from the f_0 of the "
+                    f"width-{width} network: {err}", step=err.step, lr=err.lr,
+                ) from err
             gaps[i, j] = _gap(fin, inf)
             finite[width, seed], infinite[width, seed] = fin, inf
             if progress is not None:

@@ -435,3 +435,191 @@ def test_unknown_flow_and_bad_times():
         dynamics.mse_continuous(kernels, y, -1.0)
     with pytest.raises(ValueError, match="NNGP"):
         dynamics.mse_ensemble(dynamics.kernel_blocks(FakeKernel(), x, xt), y, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# Dynamics that diverge say so (issue 9).
+# ---------------------------------------------------------------------------
+
+
+class IndexKernel:
+    """A kernel given as a matrix: the input ``[i]`` is point ``i``, so every
+    block, eigenvalue and stability bound is known exactly."""
+
+    def __init__(self, k, out_features=None):
+        self.k = torch.as_tensor(k, dtype=torch.float64)
+        self.calls = []
+        if out_features is not None:
+            self.out_features = out_features
+
+    def __call__(self, x1, x2=None, get=("nngp", "ntk")):
+        self.calls.append((x1.shape[0], None if x2 is None else x2.shape[0], tuple(get)))
+        i1 = x1[:, 0].long()
+        i2 = i1 if x2 is None else x2[:, 0].long()
+        block = self.k[i1[:, None], i2[None, :]]
+        return types.SimpleNamespace(nngp=block if "nngp" in get else None, ntk=block if "ntk" in get else None)
+
+
+def points(n):
+    return torch.arange(n, dtype=torch.float64)[:, None]
+
+
+# K = 2 I on 7 points, batches [0,1,2], [3,4,5], [6] in turn, one output. Each
+# point's residual moves alone: r_i <- (1 - lr * 2 * 2 / |B|) r_i when i is in
+# the batch. The singleton batch bounds lr at |B| out / lambda_max(K_BB) =
+# 1 * 1 / 2 = 0.5; the triples at 3 * 1 / 2 = 1.5; full batch at 7 * 1 / 2 = 3.5.
+CYCLE = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6])]
+
+
+def cycle(steps):
+    return [CYCLE[t % 3] for t in range(steps)]
+
+
+def test_minibatch_bound_is_exact_for_decoupled_batches():
+    kfn, y = IndexKernel(2 * torch.eye(7)), torch.ones(7, 1, dtype=torch.float64)
+    uses = 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traj = dynamics.simulate(kfn, points(7), y, lr=0.499, steps=3 * uses, batches=cycle(3 * uses))
+    assert torch.isfinite(traj.train).all()
+    # Point 6 after k uses of its batch: (1 - 4 lr)^k r_0 (r_0 = -1), bounded below the bound ...
+    torch.testing.assert_close(traj.train[-1, 6, 0] - 1, torch.tensor(-(1 - 4 * 0.499) ** uses, dtype=torch.float64))
+    # ... and growing just above it; the full-batch limit 3.5 would have said nothing.
+    with pytest.warns(RuntimeWarning, match=r"minibatch mean-MSE stability bound .* = 1 \* 1 / 2 = 0\.5 ") as rec:
+        traj = dynamics.simulate(kfn, points(7), y, lr=0.501, steps=3 * uses, batches=cycle(3 * uses))
+    assert "first used at step 3" in str(rec[0].message) and "= 3.5 is for full-batch steps" in str(rec[0].message)
+    torch.testing.assert_close(traj.train[-1, 6, 0] - 1, torch.tensor(-(1 - 4 * 0.501) ** uses, dtype=torch.float64))
+    assert abs(float(traj.train[-1, 6, 0]) - 1) > 50
+
+
+def test_divergence_raises_at_the_step_the_loss_overflows():
+    """lr = 0.75: the triples' residuals vanish after one use (factor 0) and
+    point 6's doubles in size each use (factor 1 - 3 = -2), so with r_0 = -0.7
+    the loss 0.7^2 4^k / 7 overflows when the square of 0.7 * 2^k does."""
+    from ntkcompile.errors import DivergenceError
+
+    kfn, y = IndexKernel(2 * torch.eye(7)), torch.full((7, 1), 0.7, dtype=torch.float64)
+    k = next(k for k in range(1, 2000) if math.isinf((0.7 * 2.0**k) * (0.7 * 2.0**k)))
+    steps = 3 * k + 30
+    with pytest.warns(RuntimeWarning) as rec, pytest.raises(DivergenceError) as err:
+        dynamics.simulate(kfn, points(7), y, lr=0.75, steps=steps, batches=cycle(steps))
+    assert err.value.step == 3 * k and err.value.lr == 0.75
+    assert isinstance(err.value, FloatingPointError)
+    msg = str(err.value)
+    assert f"at step {3 * k} of {steps}" in msg and "lr = 0.75, batch size 1 of N = 7" in msg
+    assert "= 1 * 1 / 2 = 0.5 " in msg and "lower lr to at most 0.5" in msg
+    messages = [str(w.message) for w in rec]
+    assert any("lr = 0.75 is above the minibatch" in m for m in messages)
+    # The million-fold loss warning comes once, before the overflow.
+    grew = [m for m in messages if "the training loss grew" in m]
+    assert len(grew) == 1 and "the run is diverging" in grew[0]
+
+
+def test_growth_warning_names_the_first_step_above_a_million_fold():
+    kfn, y = IndexKernel(2 * torch.eye(7)), torch.full((7, 1), 0.7, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning) as rec:
+        traj = dynamics.simulate(kfn, points(7), y, lr=0.75, steps=90, batches=cycle(90))
+    assert "lr = 0.75 is above the minibatch" in str(rec[0].message)
+    step = next(t for t in range(91) if traj.loss[t] > 1e6 * traj.loss[0])
+    # r_6 = -0.7 (-2)^k after k uses, the rest ~0: loss 0.49 4^k / 7 > 1e6 * 0.49
+    # first at k = 12 (step 36).
+    assert step == 36
+    grew = [str(w.message) for w in rec if "grew" in str(w.message)]
+    assert len(grew) == 1 and f"at step {step} of 90" in grew[0]
+
+
+def test_per_batch_bound_against_eigvalsh_with_repeats():
+    """On a dense kernel and batches with repeated indices, the bound is
+    min_B |B| out / lambda_max(K[B][:, B]) (numpy's eigvalsh as oracle); below
+    it the residual's kernel norm r^T K^-1 r never grows."""
+    x, y, _ = data(n=7, out=2)
+    k = ntk_blocks(x, x)[0].numpy()
+    batches = [torch.tensor(b) for b in ([0, 0, 4], [2], [1, 3, 3, 3], [5, 6], [0, 1, 2, 3, 4, 5, 6])] * 4
+    bound = min(len(b) * 2 / np.linalg.eigvalsh(k[np.ix_(b.numpy(), b.numpy())]).max() for b in batches)
+    f0 = torch.randn(7, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=f"= {bound:.6g} \\(the smallest over the 5 distinct batches"):
+        dynamics.simulate(FakeKernel(), x, y, lr=1.01 * bound, steps=20, batches=batches, f0=f0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traj = dynamics.simulate(FakeKernel(), x, y, lr=0.99 * bound, steps=20, batches=batches, f0=f0)
+    r = (traj.train - y).numpy()
+    norms = [np.trace(rt.T @ np.linalg.solve(k, rt)) for rt in r]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(norms, norms[1:]))
+
+
+def test_bound_work_cap_is_reported(monkeypatch):
+    from ntkcompile import training
+
+    monkeypatch.setattr(training, "_BOUND_MAX_BATCHES", 2)
+    kfn, y = IndexKernel(2 * torch.eye(7)), torch.ones(7, 1, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="over the first 2 of 3 distinct batches; the rest were not checked"):
+        # The two checked (triples) give 1.5; the unchecked singleton would give 0.5.
+        dynamics.simulate(kfn, points(7), y, lr=2.0, steps=3, batches=cycle(3))
+
+
+def test_callable_loss_returning_nan_names_the_step():
+    from ntkcompile.errors import DivergenceError, NonFiniteLossError
+
+    x, y, xt = data()
+    calls = []
+
+    def flaky(f, t):  # NaN from its third full-training-set evaluation on
+        if f.shape[0] == 7 and not f.requires_grad:
+            calls.append(1)
+            if len(calls) >= 3:
+                return F.mse_loss(f, t) * math.nan
+        return F.mse_loss(f, t)
+
+    with pytest.raises(NonFiniteLossError, match=r"the loss callable returned a non-finite result: its value on the training set at step 2 of 5 is nan") as err:
+        dynamics.simulate(FakeKernel(), x, y, loss=flaky, lr=0.1, steps=5)
+    assert err.value.step == 2 and isinstance(err.value, DivergenceError)
+
+    # |f - y| is finite at f = y but its gradient there is 0/0.
+    f0 = torch.cat([y, torch.zeros(3, 2, dtype=torch.float64)])
+    f0[1:] += 0.5
+    with pytest.raises(NonFiniteLossError, match="its gradient on the batch of step 1 has nan") as err:
+        dynamics.simulate(FakeKernel(), x, y, xt, loss=lambda f, t: torch.sqrt((f - t) ** 2).mean(), lr=0.1, steps=3, f0=f0)
+    assert err.value.step == 1
+
+
+def test_cross_entropy_class_count_checked_before_anything_is_allocated():
+    x, _, _ = data()
+    k = FakeKernel()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 10**9])
+    with pytest.raises(ValueError, match=r"largest class index in y_train is 1000000000.*7 training points.*pass f0"):
+        dynamics.simulate(k, x, labels, loss="cross_entropy", steps=1)
+    assert k.calls == []  # refused before the kernel ran
+    with pytest.raises(ValueError, match=r"class index 3 but the model has only 3 outputs \(kfn.out_features\)"):
+        dynamics.simulate(IndexKernel(torch.eye(7), out_features=3), points(7), torch.tensor([0, 1, 2, 3, 0, 1, 2]), loss="cross_entropy")
+    # With out_features the outputs are the model's, not max(y) + 1: log(5) at f = 0.
+    traj = dynamics.simulate(IndexKernel(torch.eye(7), out_features=5), points(7), torch.tensor([0, 1, 2, 2, 0, 1, 2]),
+                             loss="cross_entropy", steps=1)
+    assert traj.train.shape == (2, 7, 5) and traj.loss[0] == pytest.approx(math.log(5))
+
+
+def test_trajectory_larger_than_memory_is_refused(monkeypatch):
+    x, y, xt = data()
+    k = FakeKernel()
+    monkeypatch.setattr(dynamics, "_physical_memory", lambda: 2**20)
+    # (1000 + 1) x (7 + 3) x 2 float64 = 160 kB fits in 1 MiB; 10_000 steps do not.
+    dynamics.simulate(k, x, y, xt, lr=0.1, steps=1000)
+    k.calls.clear()
+    with pytest.raises(ValueError, match=r"0.00149 GiB \(\(steps \+ 1\) x \(N_train \+ N_test\) x out = 10001 x 10 x 2"):
+        dynamics.simulate(k, x, y, xt, lr=0.1, steps=10_000)
+    assert k.calls == []
+
+
+def test_discrete_closed_forms_raise_instead_of_overflowing():
+    from ntkcompile.errors import DivergenceError
+
+    x, y, xt = data()
+    kernels = dynamics.kernel_blocks(FakeKernel(), x, xt, get=("nngp", "ntk"))
+    lam_max = np.linalg.eigvalsh(kernels.ntk_train.numpy()).max()
+    limit = 7 * 2 / lam_max
+    lr = 2 * limit  # |1 - lr 2 lam_max / (N out)| = 3: 3^5 is fine, 3^5000 is not
+    for fn in (dynamics.mse_discrete, lambda *a, **k: dynamics.mse_ensemble(*a, flow="discrete", **k)):
+        with pytest.warns(RuntimeWarning, match="stability limit"), pytest.raises(DivergenceError, match=f"at t = 5000 .* 3\\^t.* = {limit:.6g}") as err:
+            fn(kernels, y, [0, 5, 5000], lr=lr)
+        assert err.value.step == 5000
+    with pytest.warns(RuntimeWarning, match="stability limit"):
+        assert torch.isfinite(dynamics.mse_discrete(kernels, y, [0, 5], lr=lr).test).all()

@@ -18,7 +18,8 @@ from torch import nn
 
 import ntkcompile
 from ntkcompile import demo, dynamics
-from ntkcompile.harness import compare_widths, fit_loglog_slope
+from ntkcompile.errors import DivergenceError, NonFiniteLossError
+from ntkcompile.harness import compare_widths, fit_loglog_slope, train_finite
 
 W_STD, B_STD = 1.4, 0.1
 LR = {"mse": 1.0, "cross_entropy": 2.0}
@@ -134,7 +135,7 @@ TP_WIDTHS = (256, 1024, 4096, 16384)
 TP_GAPS = (0.16, 0.064, 0.030, 0.018)  # slope -0.525
 
 
-@pytest.mark.filterwarnings("ignore:simulate. lr = 0.5 is above the full-batch:RuntimeWarning")
+@pytest.mark.filterwarnings("error:simulate:RuntimeWarning")
 def test_tp_one_hidden_layer_batch_one(digits):
     """The docs give gaps only, not the setup. Assumed here (the data are ours):
 
@@ -147,9 +148,10 @@ def test_tp_one_hidden_layer_batch_one(digits):
     * gap over train and test points; geometric mean over 8 seeds.
 
     Measured: 0.27, 0.12, 0.061, 0.035 (slope -0.49), 1.7-2.0x the docs'
-    numbers: same order of magnitude, same ``width^(-1/2)`` law. (The warning
-    filtered above is simulate's full-batch stability check, which does not
-    apply to batch-1 SGD: the per-example limit is ``lr < 1 / NTK(x, x) = 1``.)
+    numbers: same order of magnitude, same ``width^(-1/2)`` law. simulate must
+    not warn (warnings are errors here): for batch-1 SGD its stability bound is
+    the per-example ``lr <= |B| out / NTK(x, x) = 1``, not the full-batch limit
+    ``N out / lambda_max(NTK)`` that lr 0.5 exceeds.
     """
     x_train, y_train, x_test, _ = digits
     sphere = lambda x: x / x.norm(dim=1, keepdim=True) * math.sqrt(x.shape[1])
@@ -162,6 +164,70 @@ def test_tp_one_hidden_layer_batch_one(digits):
     assert np.all((ratio > 1 / 3) & (ratio < 3)), (ratio, report.table())
     assert -0.7 <= report.slope <= -0.3, report.table()
     assert -0.7 <= fit_loglog_slope(TP_WIDTHS, TP_GAPS) <= -0.3  # the docs' own numbers obey the law
+
+
+# ---------------------------------------------------------------------------
+# Finite runs that diverge say so (issue 9).
+# ---------------------------------------------------------------------------
+
+
+def _tiny_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    return x, torch.randn(16, 2, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64)
+
+
+def _tiny(n):
+    return nn.Sequential(nn.Linear(4, n), nn.ReLU(), nn.Linear(n, 2))
+
+
+TINY = dict(W_std=W_STD, b_std=B_STD)
+
+
+def test_train_finite_divergence_names_width_seed_step_and_lr():
+    x, y, xt = _tiny_data()
+    with pytest.raises(DivergenceError) as err:
+        train_finite(_tiny, 32, x, y, xt, **TINY, lr=100.0, steps=200, seed=3)
+    step, msg = err.value.step, str(err.value)
+    assert err.value.lr == 100.0 and 0 < step < 200
+    assert msg.startswith("train_finite: width 32, seed 3:") and f"step {step} of 200" in msg
+    assert "lr = 100, batch size 16 of N = 16, loss 'mse'" in msg and "Lower lr" in msg
+    # Oracle: the same run one step shorter is finite throughout, so `step` is the first bad one.
+    ok = train_finite(_tiny, 32, x, y, xt, **TINY, lr=100.0, steps=step - 1, seed=3)
+    assert all(torch.isfinite(v).all() for v in (ok.train, ok.test, ok.loss))
+
+
+def test_compare_widths_names_the_width_and_the_infinite_width_bound():
+    x, y, xt = _tiny_data()
+    kfn = ntkcompile.compile(_tiny(16), **TINY, input_shape=(4,))
+    with pytest.raises(DivergenceError) as err:
+        compare_widths(_tiny, [16, 32], x, y, xt, **TINY, lr=100.0, steps=40, batch_size=4, seeds=(2,), kfn=kfn)
+    msg = str(err.value)
+    assert msg.startswith("compare_widths: train_finite: width 16, seed 2:")
+    assert isinstance(err.value.__cause__, DivergenceError) and err.value.step == err.value.__cause__.step
+    # The bound for seed 2's batches: shuffled epochs cut in fours, numpy's eigvalsh per batch.
+    g, batches = torch.Generator().manual_seed(2), []
+    while len(batches) < 40:
+        perm = torch.randperm(16, generator=g).numpy()
+        batches += [perm[i : i + 4] for i in range(0, 16, 4)]
+    k = kfn(x).ntk.numpy()
+    bound = min(4 * 2 / np.linalg.eigvalsh(k[np.ix_(b, b)]).max() for b in batches[:40])
+    distinct = len({tuple(sorted(b)) for b in batches[:40]})
+    assert "Infinite-width bound for this schedule: the minibatch mean-MSE stability bound" in msg
+    assert f"= {bound:.6g} (the smallest over the {distinct} distinct batches" in msg
+
+
+def test_train_finite_callable_loss_failures_blame_the_loss():
+    x, y, xt = _tiny_data()
+    nan_on_small_batches = lambda f, t: F.mse_loss(f, t) * (math.nan if f.shape[0] < 16 else 1.0)
+    batches = [torch.arange(16)] * 2 + [torch.arange(4)] * 2
+    with pytest.raises(NonFiniteLossError, match="returned nan on the batch of step 3 of 4, although") as err:
+        train_finite(_tiny, 32, x, y, xt, **TINY, loss=nan_on_small_batches, lr=0.1, steps=4, batches=batches)
+    assert err.value.step == 3 and isinstance(err.value, DivergenceError)
+    # Value 0, gradient 0/0.
+    sqrt_of_square = lambda f, t: torch.sqrt((f - f.detach()) ** 2).mean()
+    with pytest.raises(NonFiniteLossError, match="has a non-finite gradient on the batch of step 1 of 3"):
+        train_finite(_tiny, 32, x, y, xt, **TINY, loss=sqrt_of_square, lr=0.1, steps=3)
 
 
 # ---------------------------------------------------------------------------
