@@ -38,7 +38,7 @@ kernel ridge regression ``f_0(x) + K(x, X) (K + ridge I)^-1 (y - f_0(X))``.
 Stability. Full-batch discrete MSE is stable iff ``|1 - a lam| <= 1`` for every
 eigenvalue, i.e. ``lr <= N * out / lam_max(K)`` (``= 2 / (2 lam_max / (N out))``).
 A minibatch step on ``B`` is non-expansive in the kernel norm of the residual
-iff ``lr <= |B| * out / lam_max(K_BB)`` (``ntkcompile.training.MSEStability``);
+iff ``lr <= |B| * out / lam_max(K_BB)`` (``ntkcompile.stability.MSEStability``);
 that per-batch bound, the smallest over the schedule, is what :func:`simulate`
 checks for minibatches. Above the bound a ``RuntimeWarning`` states it. Runs
 that still overflow raise :class:`~ntkcompile.errors.DivergenceError` (the step,
@@ -51,15 +51,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .errors import DivergenceError, KernelNotPSDError, NonFiniteLossError
-from .training import (MSEStability, as_input, as_targets, batch_schedule, check_finite, check_shape, loss_value,
-                       mse_stability, resolve_loss)
+from .errors import KernelNotPSDError
+from .stability import StepWatch, mse_stability, raise_if_overflow, warn_if_unstable
+from .training import (as_input, as_targets, batch_schedule, check_finite, check_lr, check_ridge, check_shape,
+                       check_trajectory_size, loss_value, psd_eigh, resolve_loss)
 
 __all__ = [
     "Ensemble",
@@ -75,9 +74,6 @@ __all__ = [
 
 _DTYPE = torch.float64
 
-# Eigenvalues below -_PSD_RTOL * lam_max mean the kernel is not PSD; smaller
-# negative ones are rounding and are clamped to zero.
-_PSD_RTOL = 1e-8
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +135,7 @@ class KernelBlocks:
     @functools.cached_property
     def ntk_train_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lam, V)`` with ``ntk_train = V diag(lam) V^T``, ``lam >= 0`` (clamped)."""
-        return _psd_eigh(self.ntk_train, "NTK(train, train)")
+        return psd_eigh(self.ntk_train, "NTK(train, train)")
 
 
 def kernel_blocks(kfn, x_train, x_test=None, *, get: Sequence[str] = ("ntk",)) -> KernelBlocks:
@@ -258,7 +254,7 @@ def simulate(
 
     Divergence. For ``"mse"`` the learning rate is compared, before the first
     step, with the stability bound of the schedule
-    (:class:`ntkcompile.training.MSEStability`): full batch
+    (:class:`ntkcompile.stability.MSEStability`): full batch
     ``lr <= N out / lambda_max(K)``; minibatches ``lr <= |B| out /
     lambda_max(K_BB)`` for every batch ``B`` (then every step is non-expansive
     in the kernel norm of the residual; a sufficient condition). The bound is
@@ -282,7 +278,7 @@ def simulate(
     if x_test is not None:
         x_test = as_input(x_test, "x_test")
     m = 0 if x_test is None else x_test.shape[0]
-    lr = _check_lr(lr)
+    lr = check_lr(lr)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"simulate: steps must be a non-negative int, got {steps!r}")
     is_prior = isinstance(f0, str)
@@ -293,7 +289,7 @@ def simulate(
     out = _infer_out(y, f0, name, getattr(kfn, "out_features", None))
     if name == "mse" and out != y.shape[1]:
         raise ValueError(f"simulate: f0 has {out} outputs but y_train has {y.shape[1]} columns")
-    _check_trajectory_size(steps, n + m, out)
+    check_trajectory_size(steps, n + m, out)
 
     kernels = kernel_blocks(kfn, x_train, x_test, get=("nngp", "ntk") if is_prior else ("ntk",))
     f0 = _initial_outputs(f0, kernels, n, m, out, seed)
@@ -303,8 +299,8 @@ def simulate(
     stability = None
     if name == "mse" and n:
         stability = mse_stability(kernels.ntk_train, lam_max, schedule, out)
-        _warn_if_unstable(lr, stability, "simulate")
-    watch = _Watch(loss_name=name, lr=lr, n=n, steps=steps, stability=stability)
+        warn_if_unstable(lr, stability, "simulate")
+    watch = StepWatch(loss_name=name, lr=lr, n=n, steps=steps, stability=stability)
 
     # Rows: train points then test points; columns: train points.
     ntk_rows = kernels.ntk_train if m == 0 else torch.cat([kernels.ntk_train, kernels.ntk_test_train])
@@ -361,25 +357,6 @@ def _infer_out(y, f0, loss_name, out_features) -> int:
     return out
 
 
-def _physical_memory() -> Optional[int]:
-    """Bytes of RAM on this machine, or ``None`` where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def _check_trajectory_size(steps: int, rows: int, out: int) -> None:
-    need = (steps + 1) * rows * out * torch.finfo(_DTYPE).bits // 8
-    have = _physical_memory()
-    if have is not None and need > have:
-        raise ValueError(
-            f"simulate: the trajectory would take {need / 2**30:.4g} GiB ((steps + 1) x (N_train + N_test) x out = "
-            f"{steps + 1} x {rows} x {out} float64) but this machine has {have / 2**30:.4g} GiB of memory; "
-            f"use fewer steps, test points or outputs (check the class indices of y_train)"
-        )
-
-
 def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: int) -> torch.Tensor:
     if f0 is None:
         return torch.zeros(n + m, out, dtype=_DTYPE)
@@ -390,7 +367,7 @@ def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: 
                 [torch.cat([kernels.nngp_train, kernels.nngp_test_train.T], 1),
                  torch.cat([kernels.nngp_test_train, kernels.nngp_test], 1)]
             )
-        lam, vecs = _psd_eigh(joint, "NNGP(train + test, train + test)")
+        lam, vecs = psd_eigh(joint, "NNGP(train + test, train + test)")
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(n + m, out, generator=gen, dtype=_DTYPE)
         return (vecs * lam.sqrt()) @ z
@@ -398,147 +375,6 @@ def _initial_outputs(f0, kernels: KernelBlocks, n: int, m: int, out: int, seed: 
     check_shape(f0, (n + m, out), "f0 (train rows first, then test rows)")
     check_finite(f0, "f0")
     return f0.clone()
-
-
-# ---------------------------------------------------------------------------
-# Dynamics that diverge say so.
-# ---------------------------------------------------------------------------
-
-# The loss "explodes" above this many times its value at f_0, or above _LOSS_HUGE.
-_LOSS_GROWTH = 1e6
-_LOSS_HUGE = 1e300
-
-
-def _warn_if_unstable(lr: float, stability: MSEStability, what: str, stacklevel: int = 3) -> None:
-    if lr <= stability.limit:
-        return
-    if stability.full_batch:
-        msg = f"{what}: lr = {lr:g} is above the {stability.full_text()}; the residual grows geometrically"
-    else:
-        msg = (f"{what}: lr = {lr:g} is above the {stability.batch_text()}: a step on that batch amplifies "
-               f"part of the residual, so training may diverge (at or below the bound every step is "
-               f"non-expansive in the kernel norm of the residual). (The {stability.full_text()} is for "
-               f"full-batch steps.)")
-    warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
-
-
-def _full_batch_stability(kernels: KernelBlocks, out: int) -> MSEStability:
-    return mse_stability(kernels.ntk_train, float(kernels.ntk_train_eigh[0].max()), [], out)
-
-
-def _raise_if_overflow(what: str, times, parts, lr: float, stability: MSEStability) -> None:
-    """The discrete closed forms overflow above the stability limit: say so
-    instead of returning inf/NaN (``parts``: tensors with time as axis 0)."""
-    parts = [p for p in parts if p is not None]
-    if all(bool(torch.isfinite(p).all()) for p in parts):
-        return
-    first = next(i for i in range(len(times)) if not all(bool(torch.isfinite(p[i]).all()) for p in parts))
-    s = stability
-    rate = abs(1 - lr * 2 * s.lam_max / (s.n * s.out))
-    raise DivergenceError(
-        f"{what}: the outputs overflow (inf or NaN) at t = {times[first]:g} with lr = {lr:g}: the residual "
-        f"grows like |1 - lr * 2 * lambda_max / (N * out)|^t = {rate:.6g}^t. The {s.full_text()}; lower lr "
-        f"to at most {s.full:.4g}",
-        step=int(times[first]), lr=lr,
-    )
-
-
-def _nonfinite(x) -> str:
-    x = torch.as_tensor(x)
-    return "nan" if bool(torch.isnan(x).any()) else "inf"
-
-
-def _max_abs(x: torch.Tensor) -> float:
-    return float(x.abs().max()) if x.numel() else 0.0
-
-
-@dataclasses.dataclass
-class _Watch:
-    """Checks each step of :func:`simulate` and words what went wrong.
-
-    ``check`` costs one sum over the outputs and one scalar test;
-    everything else runs only when something is wrong.
-    """
-
-    loss_name: str
-    lr: float
-    n: int
-    steps: int
-    stability: Optional[MSEStability]
-    warned: bool = False
-
-    def check(self, t: int, traj: torch.Tensor, losses: list[float], idx, g) -> None:
-        loss, f = losses[t], traj[t]
-        # A finite sum means every entry is finite; only a sum that overflows
-        # needs the entrywise test.
-        if math.isfinite(loss) and (math.isfinite(float(f.sum())) or bool(torch.isfinite(f).all())):
-            self._watch_growth(t, loss, losses[0], idx)
-            return
-        raise self._error(t, traj, loss, idx, g)
-
-    def _watch_growth(self, t: int, loss: float, loss0: float, idx) -> None:
-        if self.warned or t == 0:
-            return
-        if abs(loss) > _LOSS_HUGE or (loss0 != 0 and abs(loss) > _LOSS_GROWTH * abs(loss0)):
-            self.warned = True
-            warnings.warn(
-                f"simulate: the training loss grew from {loss0:.4g} at f_0 to {loss:.4g} at step {t} of "
-                f"{self.steps} (more than {_LOSS_GROWTH:.0e} times): the run is diverging. {self._context(idx)}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def _where(self, t: int) -> str:
-        return "at f_0 (before the first step)" if t == 0 else f"at step {t} of {self.steps}"
-
-    def _batch(self, idx) -> str:
-        if idx is None:
-            return f"N = {self.n} training points"
-        return f"batch size {len(idx)}" + (" (full batch)" if len(idx) == self.n else f" of N = {self.n}")
-
-    def _context(self, idx) -> str:
-        """lr, batch size, the stability bound and what to do."""
-        head = f"(lr = {self.lr:g}, {self._batch(idx)})"
-        s = self.stability
-        if s is None:
-            what = "a callable loss" if self.loss_name == "callable" else f"loss {self.loss_name!r}"
-            return (f"{head} There is no closed-form stability bound for {what}: lower lr (e.g. by 10x) "
-                    f"until the loss stops growing")
-        bound = s.full_text() if s.full_batch else s.batch_text()
-        note = "" if s.full_batch else f" (The {s.full_text()} is for full-batch steps.)"
-        if self.lr > s.limit:
-            return f"{head} lr is above the {bound}: lower lr to at most {s.limit:.4g}.{note}"
-        return (f"{head} lr is within the {bound}, so the outputs were already huge: check the scale of "
-                f"y_train and f0 (or lower lr if the kernel is badly conditioned).{note}")
-
-    def _error(self, t: int, traj: torch.Tensor, loss: float, idx, g) -> DivergenceError:
-        f = traj[t]
-        g_bad = g is not None and not bool(torch.isfinite(g).all())
-        rows = traj[t - 1] if g_bad else f  # the outputs the failing value was computed from
-        scale0 = _max_abs(traj[0])
-        if self.loss_name == "callable" and bool(torch.isfinite(rows).all()):
-            # A callable loss that fails at finite outputs is the loss's fault, not lr's,
-            # unless the run was visibly diverging already.
-            exploded = self.warned or _max_abs(rows) > _LOSS_GROWTH * max(scale0, 1.0)
-            if not exploded:
-                what = (f"its gradient on the batch of step {t} has {_nonfinite(g)}" if g_bad
-                        else f"its value on the training set {self._where(t)} is {loss}")
-                at_f0 = "" if t == 0 else f"; at f_0 {scale0:.4g}"
-                return NonFiniteLossError(
-                    f"simulate: the loss callable returned a non-finite result: {what}, although the outputs "
-                    f"are finite (max |f| = {_max_abs(rows):.4g}{at_f0}). Check the loss for log(0), 0/0, "
-                    f"sqrt at 0 and the like (lr = {self.lr:g}, {self._batch(idx)})",
-                    step=t, lr=self.lr,
-                )
-        if g_bad:
-            what = f"dL/df on the batch overflowed to {_nonfinite(g)} (max |f| = {_max_abs(rows):.4g} before the step)"
-        elif not bool(torch.isfinite(f).all()):
-            what = f"the outputs became non-finite ({_nonfinite(f)})"
-        else:
-            what = f"the training loss overflowed to {loss} (the outputs are finite but reach max |f| = {_max_abs(f):.4g})"
-        verdict = "the initial outputs are too large" if t == 0 else "the run diverged"
-        return DivergenceError(f"simulate: {what} {self._where(t)}: {verdict}. {self._context(idx)}",
-                               step=t, lr=self.lr)
 
 
 # ---------------------------------------------------------------------------
@@ -628,12 +464,12 @@ def _mse_predict(kernels, y_train, t, *, flow, lr, f0, ridge, what) -> Trajector
     n, m = kernels.n_train, kernels.n_test or 0
     y = as_targets(y_train, n, "mse")
     out = y.shape[1]
-    lr = _check_lr(lr)
-    ridge = _check_ridge(ridge, what)
+    lr = check_lr(lr)
+    ridge = check_ridge(ridge, what)
     times, scalar = _times(t, flow, what)
-    stability = _full_batch_stability(kernels, out)
+    stability = mse_stability(kernels.ntk_train, float(kernels.ntk_train_eigh[0].max()), [], out)
     if flow == "discrete" and any(not math.isinf(v) for v in times):
-        _warn_if_unstable(lr, stability, what, stacklevel=4)
+        warn_if_unstable(lr, stability, what, stacklevel=4)
     if f0 is None:
         f0 = torch.zeros(n + m, out, dtype=_DTYPE)
     else:
@@ -644,7 +480,7 @@ def _mse_predict(kernels, y_train, t, *, flow, lr, f0, ridge, what) -> Trajector
     p_train, p_test = _mse_propagators(kernels, times, flow, lr, ridge, out, what)
     train = f0[:n] - p_train @ r0
     test = None if p_test is None else f0[n:] - p_test @ r0
-    _raise_if_overflow(what, times, (train, test), lr, stability)
+    raise_if_overflow(what, times, (train, test), lr, stability)
     loss = ((train - y) ** 2).mean(dim=(1, 2))
     if scalar:
         train, loss = train[0], loss[0]
@@ -702,14 +538,14 @@ def mse_ensemble(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, flow: st
         raise ValueError(f"{what}: kernels have no NNGP blocks; build them with kernel_blocks(kfn, x_train, x_test, get=('nngp', 'ntk'))")
     n = kernels.n_train
     y = as_targets(y_train, n, "mse")
-    lr = _check_lr(lr)
-    ridge = _check_ridge(ridge, what)
+    lr = check_lr(lr)
+    ridge = check_ridge(ridge, what)
     if flow not in _FLOWS:
         raise ValueError(f"{what}: unknown flow {flow!r}; valid flows are {sorted(_FLOWS)}")
     times, scalar = _times(t, flow, what)
-    stability = _full_batch_stability(kernels, y.shape[1])
+    stability = mse_stability(kernels.ntk_train, float(kernels.ntk_train_eigh[0].max()), [], y.shape[1])
     if flow == "discrete" and any(not math.isinf(v) for v in times):
-        _warn_if_unstable(lr, stability, what, stacklevel=3)
+        warn_if_unstable(lr, stability, what, stacklevel=3)
     p_train, p_test = _mse_propagators(kernels, times, flow, lr, ridge, y.shape[1], what)
 
     def moments(p, s_self, s_cross):
@@ -722,47 +558,9 @@ def mse_ensemble(kernels: KernelBlocks, y_train, t, *, lr: float = 1.0, flow: st
     mean_test = cov_test = None
     if p_test is not None:
         mean_test, cov_test = moments(p_test, kernels.nngp_test, kernels.nngp_test_train)
-    _raise_if_overflow(what, times, (mean_train, cov_train, mean_test, cov_test), lr, stability)
+    raise_if_overflow(what, times, (mean_train, cov_train, mean_test, cov_test), lr, stability)
     if scalar:
         mean_train, cov_train = mean_train[0], cov_train[0]
         if p_test is not None:
             mean_test, cov_test = mean_test[0], cov_test[0]
     return Ensemble(mean_train, cov_train, mean_test, cov_test)
-
-
-# ---------------------------------------------------------------------------
-# Checks shared by the entry points.
-# ---------------------------------------------------------------------------
-
-
-def _psd_eigh(k: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecomposition of a symmetric PSD matrix; tiny negative eigenvalues clamped."""
-    scale = float(k.abs().max()) if k.numel() else 0.0
-    asym = float((k - k.T).abs().max()) if k.numel() else 0.0
-    if asym > _PSD_RTOL * max(scale, 1e-300):
-        raise KernelNotPSDError(f"{what} is not symmetric (max |K - K^T| = {asym:.3g}, max |K| = {scale:.3g}); the kernel function is inconsistent")
-    lam, vecs = torch.linalg.eigh(0.5 * (k + k.T))
-    if lam.numel():
-        lam_max = max(float(lam.max()), 0.0)
-        lam_min = float(lam.min())
-        if lam_min < -_PSD_RTOL * max(lam_max, 1e-300):
-            raise KernelNotPSDError(
-                f"{what} is not positive semidefinite: smallest eigenvalue {lam_min:.3g} "
-                f"(largest {lam_max:.3g}, tolerance {_PSD_RTOL:g} * largest); check the kernel "
-                f"rules (a quadrature or Monte Carlo rule may be too coarse)"
-            )
-    return lam.clamp_min(0.0), vecs
-
-
-def _check_lr(lr) -> float:
-    lr = float(lr)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite positive number, got {lr}")
-    return lr
-
-
-def _check_ridge(ridge, what: str) -> float:
-    ridge = float(ridge)
-    if not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"{what}: ridge must be finite and >= 0, got {ridge}")
-    return ridge

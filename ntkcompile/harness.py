@@ -40,7 +40,8 @@ from torch import nn
 from .compiled import compile as compile_kernel
 from .dynamics import Trajectory, kernel_blocks, simulate
 from .errors import DivergenceError, NonFiniteLossError
-from .training import as_input, as_targets, batch_schedule, loss_value, mse_stability, resolve_loss
+from .stability import mse_stability
+from .training import as_input, as_targets, batch_schedule, loss_value, resolve_loss
 from .parametrize import ntk_parametrize
 
 __all__ = ["WidthReport", "compare_widths", "fit_loglog_slope", "train_finite"]

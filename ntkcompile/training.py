@@ -1,23 +1,28 @@
 """What the infinite-width simulation and the finite-width harness share.
 
 Losses (value and gradient as PyTorch computes them on a batch), the minibatch
-schedule, the checks on inputs and targets, and the mean-MSE stability bound of
-a schedule: ``dynamics.simulate`` and ``harness.train_finite`` must see the same
-batches and the same loss for the gap between them to measure width alone, and
-both say the same thing when a learning rate is too large.
+schedule, and the checks on inputs, targets, learning rates, kernels and memory:
+``dynamics.simulate`` and ``harness.train_finite`` must see the same batches and
+the same loss for the gap between them to measure width alone.  (The stability
+bounds they share are in ``stability``.)
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+import os
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .errors import NonFiniteInputError
+from .errors import KernelNotPSDError, NonFiniteInputError
 
 _DTYPE = torch.float64
+
+# Eigenvalues below -_PSD_RTOL * lam_max mean the kernel is not PSD; smaller
+# negative ones are rounding and are clamped to zero.
+_PSD_RTOL = 1e-8
 
 
 # ---------------------------------------------------------------------------
@@ -142,135 +147,58 @@ def as_targets(y, n: int, loss_name: str) -> torch.Tensor:
     return y
 
 
+def physical_memory() -> Optional[int]:
+    """Bytes of RAM on this machine, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_trajectory_size(steps: int, rows: int, out: int) -> None:
+    need = (steps + 1) * rows * out * torch.finfo(_DTYPE).bits // 8
+    have = physical_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"simulate: the trajectory would take {need / 2**30:.4g} GiB ((steps + 1) x (N_train + N_test) x out = "
+            f"{steps + 1} x {rows} x {out} float64) but this machine has {have / 2**30:.4g} GiB of memory; "
+            f"use fewer steps, test points or outputs (check the class indices of y_train)"
+        )
+
+
 # ---------------------------------------------------------------------------
-# Mean-MSE stability of a batch schedule
+# Checks shared by the entry points of the dynamics.
 # ---------------------------------------------------------------------------
 
-# Per-batch eigenvalue work, in units of |B|^3: a quarter of the full N x N
-# eigendecomposition simulate already does, or 2^27 (tens of milliseconds),
-# whichever is larger; and at most _BOUND_MAX_BATCHES distinct batches. Batches
-# are taken in order of first use, so a cut-off checks a prefix of the schedule.
-_BOUND_WORK_FLOOR = 2**27
-_BOUND_MAX_BATCHES = 4096
-# Batches of one size are stacked for eigvalsh in chunks of this many entries.
-_BOUND_CHUNK = 2**22
+
+def psd_eigh(k: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix; tiny negative eigenvalues clamped."""
+    scale = float(k.abs().max()) if k.numel() else 0.0
+    asym = float((k - k.T).abs().max()) if k.numel() else 0.0
+    if asym > _PSD_RTOL * max(scale, 1e-300):
+        raise KernelNotPSDError(f"{what} is not symmetric (max |K - K^T| = {asym:.3g}, max |K| = {scale:.3g}); the kernel function is inconsistent")
+    lam, vecs = torch.linalg.eigh(0.5 * (k + k.T))
+    if lam.numel():
+        lam_max = max(float(lam.max()), 0.0)
+        lam_min = float(lam.min())
+        if lam_min < -_PSD_RTOL * max(lam_max, 1e-300):
+            raise KernelNotPSDError(
+                f"{what} is not positive semidefinite: smallest eigenvalue {lam_min:.3g} "
+                f"(largest {lam_max:.3g}, tolerance {_PSD_RTOL:g} * largest); check the kernel "
+                f"rules (a quadrature or Monte Carlo rule may be too coarse)"
+            )
+    return lam.clamp_min(0.0), vecs
 
 
-@dataclasses.dataclass(frozen=True)
-class MSEStability:
-    """Learning-rate bounds for SGD on the mean MSE with a frozen kernel (docs Sec. 6).
-
-    A step on batch ``B`` (``|B|`` counts repeats) maps the train residual
-    ``r = f - y`` to ``r - a K E E^T r`` with ``a = lr * 2 / (|B| out)`` and
-    ``E`` the ``|B|`` columns of the identity that ``B`` picks. In
-    ``u = K^{-1/2} r`` (the kernel norm of the residual, on the range of ``K``)
-    this is the symmetric map ``I - a K^{1/2} E E^T K^{1/2}``, whose eigenvalues
-    other than 1 are ``1 - a * eig(K_BB)``, ``K_BB = E^T K E``. So every step is
-    non-expansive in that norm iff ``lr <= |B| out / lambda_max(K_BB)`` for each
-    batch: sufficient for a bounded trajectory in any order of batches, and
-    necessary for a batch repeated on its own (full batch:
-    ``lr <= N out / lambda_max(K)``, the classic limit).
-
-    Fields: ``full`` the full-batch limit; ``batch`` the smallest per-batch
-    bound over the checked batches, attained by a batch of ``batch_size``
-    entries with ``lambda_max(K_BB) = batch_lam``, first used at step
-    ``batch_step`` (1-based); ``checked`` of ``distinct`` distinct batches were
-    checked (see ``_BOUND_WORK_FLOOR``); ``full_batch``: every step uses the
-    whole training set once, so ``batch == full``.
-    """
-
-    n: int
-    out: int
-    lam_max: float
-    full: float
-    batch: float
-    batch_size: int
-    batch_lam: float
-    batch_step: int
-    checked: int
-    distinct: int
-    full_batch: bool
-
-    @property
-    def limit(self) -> float:
-        """The bound that applies to this schedule."""
-        return self.full if self.full_batch else self.batch
-
-    def full_text(self) -> str:
-        return (f"full-batch mean-MSE stability limit lr_max = N * out / lambda_max(NTK_train) = "
-                f"{self.n} * {self.out} / {self.lam_max:.6g} = {self.full:.6g}")
-
-    def batch_text(self) -> str:
-        """The per-batch bound, with where it comes from."""
-        if self.checked == self.distinct:
-            over = f"the smallest over the {self.distinct} distinct batches of the schedule"
-        else:
-            over = (f"the smallest over the first {self.checked} of {self.distinct} distinct batches; "
-                    f"the rest were not checked, to bound the cost")
-        return (f"minibatch mean-MSE stability bound lr <= |B| * out / lambda_max(NTK_BB) = "
-                f"{self.batch_size} * {self.out} / {self.batch_lam:.6g} = {self.batch:.6g} "
-                f"({over}; that batch is first used at step {self.batch_step})")
-
-    def text(self) -> str:
-        """Both bounds as a user reads them (the full-batch one alone for full batch)."""
-        if self.full_batch:
-            return self.full_text()
-        return f"{self.batch_text()}; the {self.full_text()} is for full-batch steps"
+def check_lr(lr) -> float:
+    lr = float(lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite positive number, got {lr}")
+    return lr
 
 
-def mse_stability(ntk_train: torch.Tensor, lam_max: float, schedule: Sequence[torch.Tensor], out: int) -> MSEStability:
-    """:class:`MSEStability` of ``schedule`` (index tensors into the train points).
-
-    ``lam_max`` is ``lambda_max(ntk_train)``, already known to the caller. One
-    ``eigvalsh`` per distinct batch (as a multiset of indices), within the
-    work cap above; a batch that is the whole training set reuses ``lam_max``.
-    """
-    n = ntk_train.shape[0]
-    whole = tuple(range(n))
-    first_use: dict[tuple, tuple[int, torch.Tensor]] = {}
-    keys_by_id: dict[int, tuple] = {}  # the schedule repeats tensor objects (full batch)
-    for step, idx in enumerate(schedule, 1):
-        key = keys_by_id.get(id(idx))
-        if key is None:
-            key = keys_by_id[id(idx)] = tuple(sorted(idx.tolist()))
-        first_use.setdefault(key, (step, idx))
-    full = math.inf if lam_max <= 0 else n * out / lam_max
-    if not first_use:  # no steps
-        return MSEStability(n=n, out=out, lam_max=lam_max, full=full, batch=full, batch_size=n, batch_lam=lam_max,
-                            batch_step=0, checked=0, distinct=0, full_batch=True)
-
-    budget = max(n**3 // 4, _BOUND_WORK_FLOOR)
-    chosen: list[tuple[int, torch.Tensor, bool]] = []
-    for key, (step, idx) in first_use.items():
-        cost = 0 if key == whole else len(key) ** 3
-        if chosen and (len(chosen) >= _BOUND_MAX_BATCHES or cost > budget):
-            break
-        budget -= cost
-        chosen.append((step, idx, key == whole))
-
-    lams: dict[int, float] = {}
-    by_size: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    for step, idx, is_whole in chosen:
-        if is_whole:
-            lams[step] = lam_max
-        else:
-            by_size.setdefault(len(idx), []).append((step, idx))
-    for size, group in by_size.items():
-        per_chunk = max(1, _BOUND_CHUNK // size**2)
-        for start in range(0, len(group), per_chunk):
-            part = group[start : start + per_chunk]
-            idx = torch.stack([i for _, i in part])  # (k, |B|)
-            kbb = ntk_train[idx[:, :, None], idx[:, None, :]]
-            top = torch.linalg.eigvalsh(0.5 * (kbb + kbb.transpose(1, 2)))[:, -1]
-            lams.update((step, float(lam)) for (step, _), lam in zip(part, top))
-
-    def bound(size, lam):
-        return math.inf if lam <= 0 else size * out / lam
-
-    sizes = {step: len(idx) for step, idx, _ in chosen}
-    step = min(lams, key=lambda s: (bound(sizes[s], lams[s]), s))
-    return MSEStability(
-        n=n, out=out, lam_max=lam_max, full=full, batch=bound(sizes[step], lams[step]),
-        batch_size=sizes[step], batch_lam=lams[step], batch_step=step, checked=len(chosen),
-        distinct=len(first_use), full_batch=list(first_use) == [whole],
-    )
+def check_ridge(ridge, what: str) -> float:
+    ridge = float(ridge)
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"{what}: ridge must be finite and >= 0, got {ridge}")
+    return ridge

@@ -548,9 +548,9 @@ def test_per_batch_bound_against_eigvalsh_with_repeats():
 
 
 def test_bound_work_cap_is_reported(monkeypatch):
-    from ntkcompile import training
+    from ntkcompile import stability
 
-    monkeypatch.setattr(training, "_BOUND_MAX_BATCHES", 2)
+    monkeypatch.setattr(stability, "_BOUND_MAX_BATCHES", 2)
     kfn, y = IndexKernel(2 * torch.eye(7)), torch.ones(7, 1, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="over the first 2 of 3 distinct batches; the rest were not checked"):
         # The two checked (triples) give 1.5; the unchecked singleton would give 0.5.
@@ -600,7 +600,8 @@ def test_cross_entropy_class_count_checked_before_anything_is_allocated():
 def test_trajectory_larger_than_memory_is_refused(monkeypatch):
     x, y, xt = data()
     k = FakeKernel()
-    monkeypatch.setattr(dynamics, "_physical_memory", lambda: 2**20)
+    from ntkcompile import training
+    monkeypatch.setattr(training, "physical_memory", lambda: 2**20)
     # (1000 + 1) x (7 + 3) x 2 float64 = 160 kB fits in 1 MiB; 10_000 steps do not.
     dynamics.simulate(k, x, y, xt, lr=0.1, steps=1000)
     k.calls.clear()

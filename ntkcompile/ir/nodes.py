@@ -231,6 +231,10 @@ class Atom(Node):
         """The right-hand side of the atom's line in the program printout."""
         return type(self).__name__
 
+    def check(self, program) -> list:
+        """Problems with this atom's own invariants, for ``ir.verify`` (none by default)."""
+        return []
+
 
 ANY = object()      # cov_group of atoms that may covary with anything
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..ir import Elementwise
 from ..kernels.quadrature import angle, correlation
-from .elementwise import (ELEMENTWISE, PI, SQRT_2PI, activation, f64, from_callable, intern, number,
+from .elementwise import (PI, SQRT_2PI, activation, f64, from_callable, intern, number,
                           pin_zero_variance, register, zeros_like_pairs)
 
 

@@ -33,6 +33,14 @@ class GConvInput(GInput):
     def describe(self, show):
         return f"U[{self.param.name}] conv* x{self.fixed}    # G (input layer)"
 
+    def check(self, program):
+        g = self.param.geometry
+        dims = program.fixed_dims[self.fixed] if 0 <= self.fixed < len(program.fixed_dims) else None
+        if g is None or dims is None or tuple(dims[1:]) != tuple(g.in_shape):
+            return [f"reads a fixed input of shape {dims} with a geometry for positions "
+                    f"{None if g is None else g.in_shape}"]
+        return []
+
 
 @node
 class GConv(GMatMul):
@@ -43,6 +51,14 @@ class GConv(GMatMul):
 
     def describe(self, show):
         return f"W[{self.param.name}] conv* ({show(self.arg)})    # G"
+
+    def check(self, program):
+        g = self.param.geometry
+        pos = program.positions(self.arg)
+        if g is None or tuple(pos) != tuple(g.in_shape):
+            return [f"convolves a vector with positions {pos} with a geometry for "
+                    f"{None if g is None else g.in_shape}"]
+        return []
 
 
 def _conv(lw, node, x, name, weight_shape, has_bias, stride, padding, dilation, groups, padding_mode="zeros"):

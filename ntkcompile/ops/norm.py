@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WidthInferenceError
-from ..ir import Param, node
+from ..ir import Param, Var, node
 from ..ir.nodes import Atom
 from ..kernels.planner import COVARIANCE, NTK_TERMS, register
 from ..passes.lower import Width, module_of, rule
@@ -63,6 +63,11 @@ class GProbe(Atom):
 
     def describe(self, show):
         return f"0 (probe for {self.param.name} gain/shift)    # G"
+
+    def check(self, program):
+        if not isinstance(self.param, Affine) or not isinstance(self.param.xhat, Var):
+            return ["a probe reads off an Affine parameter with a normalized Var"]
+        return []
 
 
 @register(COVARIANCE, GProbe)

@@ -54,6 +54,12 @@ class GPool(Atom):
     def backward_label(self, show):
         return f"avgpool^T d{show(self)}"
 
+    def check(self, program):
+        pos = program.positions(self.arg)
+        if tuple(pos) != tuple(self.geom.in_shape):
+            return [f"pools a vector with positions {pos} with windows for {self.geom.in_shape}"]
+        return []
+
 
 def _avg_pool(lw, node, x, kernel_size, stride=None, padding=0, ceil_mode=False,
               count_include_pad=True, divisor_override=None):
