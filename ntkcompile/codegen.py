@@ -317,11 +317,13 @@ def _free_dead(statements, returns):
             for name in _NAME.findall(line.split("  #")[0]):
                 last[name] = i
     keep = set(_NAME.findall(returns))
+    dies: dict = {}
+    for name, i in last.items():
+        dies.setdefault(i, []).append(name)
     out = []
     for i, (lines, assigned) in enumerate(statements):
         out.extend(lines)
-        dead = sorted(n for n, j in last.items() if j == i and n not in keep and n != assigned
-                      and not n.startswith("c"))
+        dead = sorted(n for n in dies.get(i, ()) if n not in keep and n != assigned and not n.startswith("c"))
         if dead:
             out.append("del " + ", ".join(dead))
     return out

@@ -26,7 +26,7 @@ class Positions:
         memo = self._memo
         if node in memo:
             return memo[node]
-        for n in walk.postorder([node], _shape_children):
+        for n in walk.postorder([node], lambda m: () if m in memo else _shape_children(m)):
             if n not in memo:
                 memo[n] = _positions_of(n, memo.__getitem__)
         return memo[node]
