@@ -46,9 +46,9 @@ ACTIVATIONS = {
     # (softsign is left out: its derivative (1+|x|)^-2 has a kink, where Gauss-Hermite
     # is only ~1e-2 accurate; see the issue note)
     "mish": nn.Mish(), "gelu_tanh": nn.GELU(approximate="tanh"),
-    "erf": None, "gelu": nn.GELU(), "sin": None, "cos": None,
+    "erf": None, "gelu": nn.GELU(), "sin": None, "cos": None, "ndtr": None,
 }
-TORCH_FN = {"erf": torch.special.erf, "sin": torch.sin, "cos": torch.cos}
+TORCH_FN = {"erf": torch.special.erf, "sin": torch.sin, "cos": torch.cos, "ndtr": torch.special.ndtr}
 
 
 class OneHidden(nn.Module):
@@ -79,6 +79,50 @@ def test_one_hidden_layer_against_numpy_quadrature(name):
     rtol = 1e-8
     np.testing.assert_allclose(k.nngp.numpy(), nngp, rtol=rtol)
     np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=rtol)
+
+
+class NormalCdf(nn.Module):
+    """``Linear -> Phi -> Linear``, with Phi as ``torch.special.ndtr`` or through ``erf``."""
+
+    def __init__(self, via_erf=False, n=8):
+        super().__init__()
+        self.a, self.o = nn.Linear(D, n), nn.Linear(n, 1)
+        self.via_erf = via_erf
+
+    def forward(self, x):
+        h = self.a(x)
+        h = 0.5 * (1 + torch.erf(h / 2**0.5)) if self.via_erf else torch.special.ndtr(h)
+        return self.o(h)
+
+
+def test_normal_cdf_against_numpy_closed_forms_and_erf():
+    """NNGP/NTK of ``Linear -> ndtr -> Linear`` against numpy's orthant probability and
+    Gaussian-density integral, and against the same net with Phi written through erf."""
+    W, b = 1.2, 0.3
+    x1, x2 = torch.randn(4, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64)
+    x1[1] = 0.0                       # with b = 0 below: a zero pre-activation variance
+    a, c = x1.numpy(), x2.numpy()
+    for bias in (b, 0.0):
+        q1 = W**2 * (a * a).sum(1) / D + bias**2
+        q2 = W**2 * (c * c).sum(1) / D + bias**2
+        kk = W**2 * a @ c.T / D + bias**2
+        A = np.outer(1 + q1, 1 + q2)
+        vt = 0.25 + np.arcsin(kk / np.sqrt(A)) / (2 * np.pi)        # E Phi(z1) Phi(z2)
+        dvt = 1 / (2 * np.pi * np.sqrt(A - kk * kk))                 # E p(z1) p(z2)
+        nngp = W**2 * vt + bias**2
+        ntk = nngp + W**2 * dvt * kk
+        kfn = ntkcompile.compile(NormalCdf(), W_std=W, b_std=bias)
+        k = kfn(x1, x2)
+        np.testing.assert_allclose(k.nngp.numpy(), nngp, rtol=1e-12)
+        np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-12)
+        assert k.quad_error is None and k.mc_stderr is None            # closed forms only
+        via_erf = ntkcompile.compile(NormalCdf(via_erf=True), W_std=W, b_std=bias)(x1, x2)
+        torch.testing.assert_close(via_erf.nngp, k.nngp, rtol=1e-12, atol=0)
+        torch.testing.assert_close(via_erf.ntk, k.ntk, rtol=1e-12, atol=0)
+        assert via_erf.quad_error is None and via_erf.mc_stderr is None
+        # against itself: the diagonal is E Phi(z)^2 = 1/4 + arcsin(q / (1 + q)) / (2 pi)
+        diag = W**2 * (0.25 + np.arcsin(q1 / (1 + q1)) / (2 * np.pi)) + bias**2
+        np.testing.assert_allclose(np.diag(kfn(x1).nngp.numpy()), diag, rtol=1e-12)
 
 
 class Functional(nn.Module):

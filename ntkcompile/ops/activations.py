@@ -251,6 +251,33 @@ activation(build=_gelu, params=(("approximate", "none"),), modules={nn.GELU: lam
            functions=(F.gelu,))
 
 
+# The normal cdf Phi itself (torch.special.ndtr): its moments are P and Dp above,
+# E Phi(z) = 1/2 and E p(z) = 1 / sqrt(2 pi (1 + k)). All are smooth at a zero
+# variance (z = 0: Phi(0) = 1/2, p(0) = 1 / sqrt(2 pi)).
+
+
+def _ndtr_vt(k11, k12, k22):
+    return _gelu_terms(k11, k12, k22)[4]
+
+
+def _ndtr_dvt(k11, k12, k22):
+    return _gelu_terms(k11, k12, k22)[5]
+
+
+activation(
+    Elementwise(
+        name="ndtr",
+        fn=torch.special.ndtr,
+        vt=_ndtr_vt,
+        dvt=_ndtr_dvt,
+        mean=lambda k: torch.full_like(f64(k), 0.5),
+        dmean=lambda k: (2.0 * PI * (1.0 + f64(k))).rsqrt(),
+        deriv=lambda x: torch.exp(-0.5 * x * x) / SQRT_2PI,
+    ),
+    functions=(torch.special.ndtr,),
+)
+
+
 # sin, cos from cos(z1 -+ z2): E cos(z1 - z2) = exp(-(k11 + k22 - 2 k12) / 2), so
 # E sin sin = exp(-(k11 + k22)/2) sinh k12 and E cos cos = exp(-(k11 + k22)/2) cosh k12.
 

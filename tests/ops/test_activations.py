@@ -159,6 +159,23 @@ def test_zero_variance_follows_torch_convention_at_the_kink():
     assert float(half.vt(t(1.0), t(0.3), t(1.0))) == float(step.vt(t(1.0), t(0.3), t(1.0)))
 
 
+def test_ndtr_known_values_and_zero_variance():
+    """Phi(0) = 1/2 and p(0) = 1/sqrt(2 pi) exactly at zero variance; c = +-1 at unit variances."""
+    ndtr = ELEMENTWISE["ndtr"]
+    zero, k = t(0.0), t(VARIANCES)
+    p0 = 1 / math.sqrt(2 * math.pi)
+    torch.testing.assert_close(ndtr.vt(zero, zero, zero), t(0.25), rtol=0, atol=1e-15)
+    torch.testing.assert_close(ndtr.vt(zero, zero, k), torch.full_like(k, 0.25), rtol=0, atol=1e-15)
+    torch.testing.assert_close(ndtr.dvt(zero, zero, zero), t(p0 * p0), rtol=1e-15, atol=0)
+    torch.testing.assert_close(ndtr.dvt(k, zero, zero), p0 * ndtr.dmean(k), rtol=1e-15, atol=0)
+    torch.testing.assert_close(ndtr.dmean(zero), t(p0), rtol=1e-15, atol=0)
+    assert float(ndtr.mean(zero)) == 0.5
+    # E Phi(z)^2 = 1/4 + arcsin(k / (1 + k)) / (2 pi); E Phi(z) Phi(-z) = 1/2 - E Phi(z)^2.
+    same = 0.25 + torch.arcsin(k / (1 + k)) / (2 * math.pi)
+    torch.testing.assert_close(ndtr.vt(k, k, k), same, rtol=1e-15, atol=0)
+    torch.testing.assert_close(ndtr.vt(k, -k, k), 0.5 - same, rtol=1e-14, atol=0)
+
+
 def test_gelu_closed_form_on_the_diagonal_matches_1d_quadrature():
     gelu = ELEMENTWISE["gelu"]
     k = t(VARIANCES)
@@ -240,6 +257,7 @@ FUNCTIONS = [
     (F.gelu, (), {"approximate": "tanh"}, "gelu(tanh)"),
     (torch.erf, (), {}, "erf"),
     (torch.special.erf, (), {}, "erf"),
+    (torch.special.ndtr, (), {}, "ndtr"),
     (torch.sin, (), {}, "sin"),
     (torch.cos, (), {}, "cos"),
     (torch.exp, (), {}, "exp"),
