@@ -49,12 +49,12 @@ with the boundary terms ``H_b = phi(h) E[v^b 1{v > k} | u = h]`` (``v | u=h ~
 N(r h, r'^2)``, ``r' = sqrt(1 - r^2)``) and ``K_a`` the same with the roles
 swapped:
 
-    H_0 = phi(h) Phi(-(k - r h) / r'),   H_1 = r h H_0 + E,
-    H_b = r h H_{b-1} + (b - 1) r'^2 H_{b-2} + k^(b-1) E,
-    E   = r' phi(h) phi((k - r h) / r')   (= r'^2 phi2(h, k; r), symmetric).
+    H_0 = phi(h) Phi(-(k - r h) / r'),   H_1 = r h H_0 + J,
+    H_b = r h H_{b-1} + (b - 1) r'^2 H_{b-2} + k^(b-1) J,
+    J   = r' phi(h) phi((k - r h) / r')   (= r'^2 phi2(h, k; r), symmetric).
 
 ``phi``, ``Phi`` are the standard normal pdf and cdf. At ``r = +-1`` every
-formula has a limit (``E = 0``, ``H_0 = phi(h) 1{k < r h}``), used as is.
+formula has a limit (``J = 0``, ``H_0 = phi(h) 1{k < r h}``), used as is.
 The recursion holds for any degree; the ready-made functions need ``a, b <= 2``.
 The 1-D moments are ``E[u^a 1{u > h}] = (a - 1) N_{a-2} + h^(a-1) phi(h)``,
 ``N_0 = Phi(-h)``, ``N_1 = phi(h)``.
@@ -75,7 +75,21 @@ clamped to [-1, 1] and 0 where ``k11 k22 = 0``; a variance of exactly 0 means
 ``z = 0`` exactly, and the value there is ``phi(0)`` as the ``Piecewise`` (and the
 torch function it models) defines it at a breakpoint. The evaluation is pure
 torch, with no branch on tensor values, so it runs on any device and under
-torch.compile.
+torch.compile (``fullgraph=True``; but the graph unrolls ~4000 elementwise ops
+for hardswish, and compiling it takes minutes on a CPU).
+
+Accuracy and cost
+-----------------
+Against nested Gauss-Legendre split at every kink (tests/kernels/test_piecewise.py),
+over variances 1e-8 .. 1e4, ``c`` in {+-1, +-(1 - 1e-12), ...}: the error is at most
+~4e-12 of ``sqrt(E phi(z1)^2 E psi(z2)^2)`` for the ready-made functions and their
+derivatives (1e-14 at moderate variances). What is left is rounding in the
+anchored sum, whose terms grow like ``(s * coefficient)^2`` while the result of a
+bounded function does not: the relative error grows like ``1e-16 k`` at large
+variance. The cost is one ``Phi2`` (~500 elementwise ops, both of Genz's forms)
+per pair of non-anchor terms: 4 for relu6, hardtanh, hardsigmoid, hardswish; 1
+for relu and step. About 4 s per 10^6 kernel entries on one CPU core, 30x less
+than ``quadrature.expect_2d`` at 96 x 96 nodes, which is 1e-3 .. 6e-2 off.
 """
 
 from __future__ import annotations
@@ -394,13 +408,23 @@ def _conditional_z(x: Tensor, y: Tensor, r: Tensor, rc: Tensor) -> Tensor:
     return torch.where(positive, d / torch.where(positive, rc, 1.0), torch.sign(d) * _FAR)
 
 
-def _boundary(h, k, r, rc2, alpha, e, n: int) -> List[Tensor]:
-    """``H_b = phi(h) E[v^b 1{v > k} | u = h]`` for ``b < n`` (module docstring)."""
+def _powers(x: Tensor, n: int) -> list:
+    """``[1, x, x^2, ..., x^(n-1)]``, the 1 a Python number (no tensor op)."""
+    out = [1.0, x][:n]
+    while len(out) < n:
+        out.append(out[-1] * x)
+    return out
+
+
+def _boundary(h, kp, r, rc2, alpha, joint, n: int) -> List[Tensor]:
+    """``H_b = phi(h) E[v^b 1{v > k} | u = h]`` for ``b < n`` (module docstring);
+    ``kp`` are the powers of ``k``."""
     out = [_pdf(h) * _sf(alpha)]
     if n > 1:
-        out.append(r * h * out[0] + e)
+        rh = r * h
+        out.append(rh * out[0] + joint)
     for b in range(2, n):
-        out.append(r * h * out[b - 1] + (b - 1) * rc2 * out[b - 2] + k ** (b - 1) * e)
+        out.append(rh * out[b - 1] + (b - 1) * rc2 * out[b - 2] + kp[b - 1] * joint)
     return out
 
 
@@ -410,17 +434,18 @@ def _orthant_moments(h: Tensor, k: Tensor, r: Tensor, m00: Tensor, deg1: int, de
     rc2 = ((1.0 - r) * (1.0 + r)).clamp_min(0.0)
     rc = rc2.sqrt()
     alpha, beta = _conditional_z(h, k, r, rc), _conditional_z(k, h, r, rc)
-    e = rc * _pdf(h) * _pdf(alpha)
-    hb = _boundary(h, k, r, rc2, alpha, e, deg2 + 1)        # H_b, b <= deg2
-    ka = _boundary(k, h, r, rc2, beta, e, max(deg1, 1))     # K_a, a < max(deg1, 1)
+    joint = rc * _pdf(h) * _pdf(alpha)
+    hp, kp = _powers(h, deg1 + 1), _powers(k, deg2 + 1)
+    hb = _boundary(h, kp, r, rc2, alpha, joint, deg2 + 1)        # H_b, b <= deg2
+    ka = _boundary(k, hp, r, rc2, beta, joint, max(deg1, 1))     # K_a, a < max(deg1, 1)
     m = [[None] * (deg2 + 1) for _ in range(deg1 + 1)]
     m[0][0] = m00
     for b in range(deg2):
-        val = k ** b * ka[0] + r * hb[b]
+        val = kp[b] * ka[0] + r * hb[b]
         m[0][b + 1] = val + b * m[0][b - 1] if b else val
     for a in range(deg1):
         for b in range(deg2 + 1):
-            val = h ** a * hb[b] + r * k ** b * ka[a]
+            val = hp[a] * hb[b] + r * kp[b] * ka[a]
             if a:
                 val = val + a * m[a - 1][b]
             if b:
@@ -447,6 +472,7 @@ def expect1(phi: Piecewise, k) -> Tensor:
     (k,) = _f64(k)
     var = k.clamp_min(0.0)
     s, s_safe = _standardize(var)
+    sp = _powers(s, phi.degree + 1)
     out = torch.zeros_like(var)
     for term in _terms(phi):
         h = _threshold(term, s_safe)
@@ -456,7 +482,7 @@ def expect1(phi: Piecewise, k) -> Tensor:
             n.append((a - 1) * n[a - 2] + h ** (a - 1) * pdf)
         for a, qa in enumerate(term.q):
             if qa:
-                out = out + (qa * term.sign ** a) * s ** a * n[a]
+                out = out + (qa * term.sign ** a) * sp[a] * n[a]
     return torch.where(var == 0, phi.value(0.0), out)
 
 
@@ -473,10 +499,12 @@ def expect2(phi: Piecewise, psi: Piecewise, k11, k12, k22) -> Tensor:
     scale = (v1 * v2).sqrt()
     r = torch.where(scale > 0, k12 / torch.where(scale > 0, scale, 1.0), 0.0).clamp(-1.0, 1.0)
 
+    s1p, s2p = _powers(s1, phi.degree + 1), _powers(s2, psi.degree + 1)
     out = torch.zeros_like(r)
+    terms2 = _terms(psi)
     for t1 in _terms(phi):
         h = _threshold(t1, s1_safe)
-        for t2 in _terms(psi):
+        for t2 in terms2:
             k = _threshold(t2, s2_safe)
             rr = (t1.sign * t2.sign) * r
             # with an anchor the orthant is a half-plane: P = Phi(-max(h, k)) exactly
@@ -486,7 +514,7 @@ def expect2(phi: Piecewise, psi: Piecewise, k11, k12, k22) -> Tensor:
                 for b, qb in enumerate(t2.q):
                     if qa and qb:
                         w = qa * qb * t1.sign ** a * t2.sign ** b
-                        out = out + w * (s1 ** a * s2 ** b) * m[a][b]
+                        out = out + w * (s1p[a] * s2p[b]) * m[a][b]
     out = torch.where(v1 == 0, phi.value(0.0) * expect1(psi, v2), out)
     return torch.where(v2 == 0, psi.value(0.0) * expect1(phi, v1), out)
 
