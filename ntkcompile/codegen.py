@@ -80,7 +80,10 @@ class _Renderer:
         """A name for ``obj`` in the generated namespace (``<prefix><n>``), by reference."""
         key = id(obj)
         if key not in self._bound:
-            name = f"{prefix}{len(self._bound)}"
+            n = len(self._bound)
+            while f"{prefix}{n}" in self.namespace:
+                n += 1
+            name = f"{prefix}{n}"
             self._bound[key] = name
             self.namespace[name] = obj
         return self._bound[key]

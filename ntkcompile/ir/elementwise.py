@@ -45,6 +45,9 @@ class Elementwise:
             ``theta`` once per pair of inputs and shares it between ``phi`` and
             ``phi'`` (relu and step), or None.
         dvt_angle: ``dvt`` in the same form, or None.
+        piecewise: ``phi`` as a ``kernels.piecewise.Piecewise`` when it is a piecewise
+            polynomial (relu, step, hardtanh, clamp, ...): expressions of one Gaussian
+            built from such functions then have exact moments (``kernels.piecewise_expr``).
     """
 
     name: str
@@ -58,6 +61,7 @@ class Elementwise:
     jumps: bool = False
     vt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
     dvt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
+    piecewise: Optional[object] = None
 
     def derivative(self, x: Tensor) -> Tensor:
         """``phi'(x)`` for a tensor of any shape; the result carries no graph."""
@@ -81,7 +85,8 @@ class Elementwise:
         d = _PRIMES.get(self)       # keyed by the entry itself: names may be reused by user entries
         if d is None:
             d = Elementwise(name=self.name + "'", fn=self.derivative, vt=self.dvt, mean=self.dmean,
-                            smooth=self.smooth, jumps=not self.smooth, vt_angle=self.dvt_angle)
+                            smooth=self.smooth, jumps=not self.smooth, vt_angle=self.dvt_angle,
+                            piecewise=None if self.piecewise is None else self.piecewise.derivative())
             _PRIMES[self] = d
         return d
 

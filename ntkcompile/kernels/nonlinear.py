@@ -20,6 +20,7 @@ from ..ir import walk
 from ..ir.builder import expr_has_jump, expr_smooth, expr_uses_slot
 from ..plan import Add, Apply, Fn, Mul, Slot
 from . import expect
+from .piecewise_expr import as_piecewise
 
 # Sides of the left and right operand of each pair kind.  ``f1``/``f2`` pair two
 # vectors on the *same* input at every pair of positions ``(N, *P, *P)`` (needed
@@ -39,6 +40,10 @@ class HVarExpectations:
             if fn is not None and fn.mean is not None:
                 return self.call(expect.cf, self.static(fn.mean, "mean"), self.like, var,
                                  note=(desc, f"closed form ({fn.name} mean)"))
+            p = as_piecewise(a.expr)
+            if p is not None:          # exact truncated-normal moments (kernels.piecewise)
+                return self.call(expect.pw1, self.static(p, "piecewise"), self.like, var,
+                                 note=(desc, "closed form (piecewise polynomial)"))
             body = yield from self.integrand(a.expr, [self.plan.make(Slot, None)], side, d)
             return self.call(expect.q1, self.plan.make(Fn, body), var, self.like, self.deg1, self.errors,
                              expr_smooth(a.expr),
@@ -104,6 +109,10 @@ class HVarExpectations:
                     return self.call(expect.cf, self.static(fa.vt_angle, "vta"), self.like, k11, k12, k22, theta,
                                      note=note)
                 return self.call(expect.cf, self.static(fa.vt, "vt"), self.like, k11, k12, k22, note=note)
+            pa, pb = as_piecewise(a.expr), as_piecewise(b.expr)
+            if pa is not None and pb is not None:      # exact truncated-normal moments
+                return self.call(expect.pw2, self.static(pa, "piecewise"), self.static(pb, "piecewise"), self.like,
+                                 k11, k12, k22, note=(desc, "closed form (piecewise polynomial)"))
             slot = self.plan.make(Slot, None)
             sa = yield from self.integrand(a.expr, [slot], left, pair, k)
             sb = yield from self.integrand(b.expr, [slot], right, pair, k)
