@@ -32,7 +32,7 @@ _PRELUDE = {"pair_indices": spatial.pair_indices, "unpack": spatial.unpack, "ful
             "pack": spatial.pack, "with_diagonal_packed": spatial.with_diagonal_packed,
             "with_diagonal_aligned": spatial.with_diagonal_aligned, "lift1": spatial.lift1,
             "lift2": spatial.lift2, "liftp": spatial.liftp, "liftf": spatial.liftf}
-_ENV = {"like": "like", "batch": "BATCH", "errors": "_err"}
+_ENV = {"like": "like", "batch": "BATCH", "errors": "_err", "mc": "MC"}
 _ARITH = (P.Mul, P.Add, P.Pow, P.Rsqrt)
 
 
@@ -147,7 +147,7 @@ class _Renderer:
     # ------------------------------------------------------------ expressions
     def value(self, v) -> str:
         if v is None:
-            return "0.0"
+            return "None"
         if isinstance(v, bool) or isinstance(v, int):
             return repr(v)
         if isinstance(v, float):
@@ -364,7 +364,8 @@ def function(values, *, name="f", self_mode=False):
     returns = ", ".join(r.value(v) for v in values) + ("," if len(values) == 1 else "")
     names = set(_NAME.findall(returns))
     statements = r.statements + [([f"_out = ({returns})"], None)] if names else r.statements
-    return _build(f"{name}(F1)", ["F2 = F1", "like = F1[0]", "_err = []"], statements,
+    r.namespace["_MC"] = (200_000, 0)
+    return _build(f"{name}(F1, MC=_MC)", ["F2 = F1", "like = F1[0]", "_err = []"], statements,
                   "_out" if names else f"({returns})", r.namespace)
 
 
@@ -395,11 +396,13 @@ def _checker(origins, kinds):
     return _chk, _chk_inputs
 
 
-def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None, check=False):
+def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None, check=False, mc=(200_000, 0)):
     """``(function, source)`` of the kernel for one call mode; outputs not requested are None.
 
     ``check=True`` checks every array as it is computed and raises ``NonFiniteValue``
     with the plan node of the first one that is not finite (for diagnosis: slower).
+    ``mc``: the default ``(samples, seed)`` of the Monte Carlo evaluator, which a
+    call may change (``MC=``: independent replicates).
     """
     wanted = [n for n in ("nngp", "ntk") if n in outputs]
     values, origins = specialize(plan, self_mode, wanted)
@@ -420,8 +423,9 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
         if name not in values:
             r.statements.append(([f"{name} = None"], None))
             continue
-        v = r.value(values[name])
+        v = "0.0" if values[name] is None else r.value(values[name])      # None: exactly zero
         r.statements.append(([f"{name} = unpack(full({v}, like, BATCH), I, J, x1.shape[0])" if self_mode
                               else f"{name} = full({v}, like, BATCH)"], None))
-    sig = "kernel_self(x1)" if self_mode else "kernel_cross(x1, x2)"
+    sig = "kernel_self(x1, MC=_MC)" if self_mode else "kernel_cross(x1, x2, MC=_MC)"
+    r.namespace["_MC"] = tuple(mc)
     return _build(sig, head, r.statements, "nngp, ntk, _err", r.namespace)

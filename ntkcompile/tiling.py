@@ -89,14 +89,41 @@ def _scale_exponent(kfn, x1, x2) -> int:
     return math.frexp(m)[1]
 
 
+def _replicates(fn, args, kfn):
+    """The tile's kernels; where Monte Carlo was used, the mean of ``kfn.mc_replicates``
+    independent evaluations and the standard error of each entry (their spread)."""
+    reps = max(1, kfn.mc_replicates)
+    samples = kfn.mc_samples // reps
+    seeds = [kfn.seed * 1_000_003 + r for r in range(reps)]
+    nngp, ntk, errors = fn(*args, MC=(samples if reps > 1 else kfn.mc_samples, seeds[0]))
+    if reps == 1 or not any(kind == "mc" for kind, _ in errors):
+        return {"nngp": nngp, "ntk": ntk}, {}, errors
+    runs = [(nngp, ntk)]
+    for seed in seeds[1:]:
+        a, b, errs = fn(*args, MC=(samples, seed))
+        runs.append((a, b))
+        errors = errors + errs
+    values, stderr = {}, {}
+    for i, name in enumerate(("nngp", "ntk")):
+        if runs[0][i] is None:
+            continue
+        stack = torch.stack([r[i] for r in runs])
+        values[name] = stack.mean(0)
+        stderr[name] = stack.std(0, unbiased=True) / math.sqrt(reps)
+    return values, stderr, [(k, e) for k, e in errors if k != "mc"]
+
+
 def evaluate(kfn, x1, x2, get, tile_size, progress, out):
-    """The kernels of ``x1`` against ``x2`` (``x2 is None``: against itself); see the module."""
+    """The kernels of ``x1`` against ``x2`` (``x2 is None``: against itself), their
+    Monte Carlo standard errors (empty when none was used), and the worst error
+    estimate of each kind; see the module."""
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     dtype = kfn.dtype
     outputs = _outputs(out, get, n1, n2, dtype, x1.device)
+    stderr: dict = {}
     if n1 == 0 or n2 == 0:
-        return outputs, {}
+        return outputs, stderr, {}
     e = _scale_exponent(kfn, x1, x2)
     if e:
         x1 = torch.ldexp(x1, torch.tensor(-e))
@@ -114,9 +141,18 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
             self_tile = x2 is None and i == j
             b = None if self_tile else (x1 if x2 is None else x2)[j:j + bs]
             args = (a,) if self_tile else (a, b)
-            nngp, ntk, errs = kfn._function(self_tile, want_ntk)[0](*args)
+            blocks, errs_se, errs = _replicates(kfn._function(self_tile, want_ntk)[0], args, kfn)
             errors += errs     # (kind, 0-d tensor) pairs, converted once at the end
-            for name, block in (("nngp", nngp), ("ntk", ntk)):
+            for name, se in errs_se.items():
+                if name in outputs:
+                    if name not in stderr:
+                        stderr[name] = torch.zeros((n1, n2), dtype=torch.float64, device=x1.device)
+                    se = torch.ldexp(se, torch.tensor(2 * e)) if e else se
+                    stderr[name][i:i + bs, j:j + bs] = se
+                    if x2 is None and i != j:
+                        stderr[name][j:j + bs, i:i + bs] = se.T
+            for name in ("nngp", "ntk"):
+                block = blocks.get(name)
                 if name not in outputs:
                     continue
                 if e:
@@ -135,11 +171,9 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
     bar.close()
     worst = {}
     for kind, err in errors:
-        worst[kind] = max(worst.get(kind, 0.0), float(err))
-        if not math.isfinite(float(err)):
-            worst[kind] = float("nan")
-            break
-    return outputs, worst
+        err = float(err)
+        worst[kind] = err if not math.isfinite(err) else max(worst.get(kind, 0.0), err)
+    return outputs, stderr, worst
 
 
 def _fit_memory(kfn, bs, live, given):
@@ -211,16 +245,20 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def warn_about(worst, degree):
-    """Warn when an error estimate is large (or NaN)."""
-    q = worst.get("quad")
-    if q is not None and not q <= QUAD_WARN:
-        warnings.warn(
-            f"ntkcompile: estimated quadrature error {q:.1e} (relative), from the change "
-            f"between {degree} nodes and half as many; steep activations at large "
-            f"pre-activation variances need more nodes: compile with a larger quadrature_degree, "
-            f"e.g. {2 * degree}. Kernels.quad_error reports the estimate.",
-            RuntimeWarning, stacklevel=3)
+def warn_about(worst, degree, nd_degree):
+    """Warn when an error estimate is large (or NaN), naming the knob that helps."""
+    nd = nd_degree or max(16, degree // 3)
+    for kind, knob, value in (("quad", "quadrature_degree", degree), ("quad_nd", "nd_degree", nd)):
+        q = worst.get(kind)
+        if q is not None and not q <= QUAD_WARN:
+            now = f"{value}" if kind == "quad" or nd_degree else f"{value} (in 3 dimensions)"
+            bigger = f"e.g. {2 * value}"
+            warnings.warn(
+                f"ntkcompile: estimated quadrature error {q:.1e} (relative), from the change between "
+                f"{now} nodes per dimension and half as many, after refinement; steep activations at "
+                f"large pre-activation variances need more nodes: compile with a larger {knob}, {bigger}. "
+                "Kernels.quad_error reports the estimate.",
+                RuntimeWarning, stacklevel=3)
 
 
 # Quadrature error estimate above which a call warns.  The estimate is conservative

@@ -46,7 +46,7 @@ class HVarExpectations:
                                  note=(desc, "closed form (piecewise polynomial)"))
             body = yield from self.integrand(a.expr, [self.plan.make(Slot, None)], side, d)
             return self.call(expect.q1, self.plan.make(Fn, body), var, self.like, self.deg1, self.errors,
-                             expr_smooth(a.expr),
+                             expr_smooth(a.expr), options=(self.tol,),
                              note=(desc, self._quad_note(f"quadrature(1-D, deg={self.deg1})", a.expr)))
         factored = self._factorize([(a, side)])
         if factored is not None:
@@ -118,7 +118,7 @@ class HVarExpectations:
             sb = yield from self.integrand(b.expr, [slot], right, pair, k)
             smooth = expr_smooth(a.expr) and expr_smooth(b.expr)
             return self.call(expect.q2, self.plan.make(Fn, sa), self.plan.make(Fn, sb), self.like, k11, k12, k22,
-                             self.deg2, self.errors, smooth,
+                             self.deg2, self.errors, smooth, options=(self.tol,),
                              note=(desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))
         factored = self._factorize([(a, left), (b, right)])
         if factored is not None:
@@ -210,11 +210,11 @@ class HVarExpectations:
         rows = tuple(tuple(0.0 if e is None else e for e in row) for row in entries)
         smooth = all(a.gaussian or expr_smooth(a.expr) for a, _ in factors)
         note = (desc, f"N-D evaluator over {offset} slots: quadrature up to rank 3, "
-                f"else monte-carlo(n={self.mc_samples}, seed={self.seed})"
+                f"else monte-carlo(n={self.mc_samples}, seed={self.seed}, replicated)"
                 + ("" if smooth else " [non-smooth integrand: approximate]"))
         body = parts[0] if len(parts) == 1 else self.plan.make(Mul, tuple(parts))
-        return self.call(expect.qn, self.plan.make(Fn, body), rows, self.like, self.errors, self.mc_samples,
-                         self.seed, smooth, note=note)
+        return self.call(expect.qn, self.plan.make(Fn, body), rows, self.like, self.errors, self.mc, smooth,
+                         options=(self.nd_degrees, self.tol), note=note)
 
     def _quad_note(self, what, *exprs):
         return what if all(expr_smooth(e) for e in exprs) else what + " [non-smooth integrand: approximate]"

@@ -79,13 +79,17 @@ def register(table: dict, key, rule=None):
 class Planner(HVarExpectations):
     """Plans the NNGP and NTK of one lowered program (with its backward program)."""
 
-    def __init__(self, program, *, mc_samples=200_000, seed=0, degree=96):
+    def __init__(self, program, *, mc_samples=200_000, seed=0, degree=96, tol=None, nd_degree=None):
         self.p = program
         self.bw = program.backward
         self.b = program.backward.builder        # nodes derived while planning live here
         self.plan = Plan()
         self.mc_samples, self.seed = mc_samples, seed
         self.deg1, self.deg2 = 2 * degree, degree      # quadrature nodes per dimension in 1-D and 2-D
+        self.tol = tol
+        # N-D trapezoidal nodes per dimension for rank 1, 2, 3: as the 1-D and 2-D rules,
+        # and a third of the 2-D ones in 3-D (the grid has degree^3 nodes), or nd_degree
+        self.nd_degrees = (nd_degree,) * 3 if nd_degree else (2 * degree, degree, max(16, degree // 3))
         self.memo: dict = {}
         self._active: set = set()
         # Layout analysis: a flatten readout only ever pairs position s with s (convs
@@ -95,6 +99,7 @@ class Planner(HVarExpectations):
         self.like = self.plan.make(Env, "like")
         self.batch = self.plan.make(Env, "batch")
         self.errors = self.plan.make(Env, "errors")
+        self.mc = self.plan.make(Env, "mc")           # (samples, seed), given per call (replicates)
 
     # ------------------------------------------------------------ driver
     def run(self, gen):
@@ -167,8 +172,10 @@ class Planner(HVarExpectations):
     def k(self, *nodes) -> int:
         return max(len(self.p.positions(n)) for n in nodes)
 
-    def call(self, fn, *args, note=None):
-        return self.plan.call(fn, *[0.0 if a is None else a for a in args], note=note)
+    def call(self, fn, *args, note=None, options=()):
+        """A runtime helper's call: ``args`` are values (None, an exact zero, becomes 0.0),
+        ``options`` are passed as they are."""
+        return self.plan.call(fn, *[0.0 if a is None else a for a in args], *options, note=note)
 
     def static(self, obj, prefix):
         return self.plan.static(obj, prefix)
@@ -262,7 +269,26 @@ class Planner(HVarExpectations):
         rule = MEAN.get(type(x))
         if rule is not None:
             return (yield from ask(rule, self, x, side))
+        canon = self.canonical(x)
+        if canon is not None:
+            return (yield from self.mean(canon, side))
         return (yield ("M", x, side))
+
+    def canonical(self, a):
+        """An H-atom whose slots hold zero vectors (``Atom.is_zero``: a normalization's probe),
+        rewritten without them as a Var, or None if it has none.
+
+        The probe is in the forward program so that the backward pass reads the gain's
+        gradient off; its value is 0, and without it slots that differ only by it
+        merge (equal or proportional slots become one), so ``relu'(y) * xhat`` of a
+        normalization's gain is a function of one Gaussian again, evaluated in closed
+        form or by 2-D quadrature instead of the joint evaluator.
+        """
+        if not isinstance(a, HAtom) or not any(getattr(t, "is_zero", False) for g in a.gargs for _, t in g.terms):
+            return None
+        b = self.b
+        slots = [b.var([(c, t) for c, t in g.terms if not getattr(t, "is_zero", False)]) for g in a.gargs]
+        return b.compose(lambda es: b.substitute(a.expr, dict(enumerate(es))), slots)
 
     # ------------------------------------------------------------ expectations
     def _Evar(self, u, v, pair):
@@ -289,6 +315,9 @@ class Planner(HVarExpectations):
             return self.lift((yield from self.mean(b, right)), right, pair, k)
         if b is one:
             return self.lift((yield from self.mean(a, left)), left, pair, k)
+        ca, cb = self.canonical(a), self.canonical(b)
+        if ca is not None or cb is not None:
+            return (yield from self.cov(ca or self.b.atom_var(a), cb or self.b.atom_var(b), pair))
         linear_a, linear_b = not isinstance(a, HAtom), not isinstance(b, HAtom)
         if linear_a and linear_b:
             ga, gb = a.cov_group, b.cov_group

@@ -267,9 +267,10 @@ def nd_method(
     return f"monte-carlo(n={n}, seed={seed})"
 
 
-def _grid(rank: int, degree: int) -> Tuple[Tensor, Tensor]:
-    """Tensor-product Gauss-Hermite nodes ``(degree**rank, rank)`` and weights."""
-    nodes, weights = hermite(degree)
+def _grid(rank: int, degree: int, rule: str = "hermite") -> Tuple[Tensor, Tensor]:
+    """Tensor-product nodes ``(degree**rank, rank)`` and weights of the 1-D ``rule``
+    (``"hermite"`` or ``"trapezoid"``)."""
+    nodes, weights = hermite(degree) if rule == "hermite" else trapezoid(degree)
     mesh = torch.meshgrid(*([nodes] * rank), indexing="ij")
     wmesh = torch.meshgrid(*([weights] * rank), indexing="ij")
     grid = torch.stack([m.reshape(-1) for m in mesh], dim=-1)
@@ -297,6 +298,7 @@ def expect_nd(
     mc_samples: Optional[int] = None,
     seed: int = 0,
     max_quadrature_rank: int = 3,
+    rule: str = "hermite",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``E f(z)``, ``z ~ N(0, cov)``, for a batch ``cov`` of shape ``(*batch, D, D)``.
 
@@ -307,8 +309,9 @@ def expect_nd(
 
     * ``r = 0``: ``z = 0`` exactly; returns ``(f(0), None)``.
     * ``r <= max_quadrature_rank``: tensor-product Gauss-Hermite for ``eps``
-      (degree 64 / 32 / 16 for r = 1 / 2 / 3 unless ``degree`` is given);
-      returns ``(value, None)``.
+      (degree 64 / 32 / 16 for r = 1 / 2 / 3 unless ``degree`` is given), or the
+      trapezoidal rule with ``rule="trapezoid"`` (whose error estimate from halving
+      the nodes is reliable for steep integrands); returns ``(value, None)``.
     * otherwise Monte Carlo over ``mc_samples`` (default 200000) draws of ``eps``
       from ``torch.Generator().manual_seed(seed)``, shared by the whole batch;
       returns ``(mean, standard error of the mean)``.
@@ -329,7 +332,7 @@ def expect_nd(
     chunk = max(1, _MAX_CHUNK_ENTRIES // max(1, math.prod(batch) * dim))
 
     if rank <= max_quadrature_rank:
-        grid, weights = (t.to(cov.device) for t in _grid(rank, _degree_for(rank, degree)))
+        grid, weights = (t.to(cov.device) for t in _grid(rank, _degree_for(rank, degree), rule))
         total = torch.zeros(batch, dtype=_F64, device=cov.device)
         for start in range(0, grid.shape[0], chunk):
             vals = _evaluate(f, grid[start : start + chunk], factor, batch)

@@ -50,6 +50,7 @@ class GProbe(Atom):
     uid: int = -1
     gaussian = True
     read_off = True
+    is_zero = True            # its value: expectations drop it (kernels.planner.Planner.canonical)
 
     @property
     def cov_group(self):
