@@ -337,11 +337,19 @@ class Builder:
         return walk.fold(expr, rule, children=_expr_children)
 
     def expr_var(self, expr, gargs) -> Var:
-        """The Var of ``expr`` over the slots ``gargs``: a constant, a slot itself, or one H-atom."""
+        """The Var of ``expr`` over the slots ``gargs``: a constant, a slot itself, or one H-atom.
+
+        Slots ``expr`` does not use are dropped (a derivative may lose some: ``d/dy relu(x) y
+        = relu(x)``), so the H-atom uses each of its slots, as ``ir.verify`` requires.
+        """
         if isinstance(expr, EConst):
             return self.var([(self.sconst(expr.value), self.ONE)]) if expr.value else self.var([])
         if isinstance(expr, ESlot):
             return gargs[expr.index]
+        used = [i for i in range(len(gargs)) if expr_uses_slot(expr, i)]
+        if len(used) < len(gargs):
+            expr = self.substitute(expr, {i: self.eslot(k) for k, i in enumerate(used)})
+            gargs = [gargs[i] for i in used]
         return self.atom_var(self.hatom(expr, gargs))
 
 
@@ -362,3 +370,4 @@ def expr_has_jump(expr) -> bool:
     """True if a nonlinearity in ``expr`` jumps (Stein's lemma with a.e. derivatives is then wrong)."""
     return walk.fold(expr, walk.by_type({ECall: lambda e, xs: e.fn.jumps or xs[0]},
                                         default=lambda e, xs: any(xs)), children=_expr_children)
+
