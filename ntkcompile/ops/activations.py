@@ -100,6 +100,7 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
             mean=lambda k: (a + b) * (f64(k).clamp_min(0.0) / (2.0 * PI)).sqrt(),
             dmean=lambda k: torch.full_like(f64(k), (a - b) / 2.0),
             smooth=False,
+            breaks=(0.0,),
             vt_angle=vt_angle,
             dvt_angle=dvt_angle,
         )
@@ -121,6 +122,7 @@ def _step_family(name: str, fn, a: float, b: float) -> Elementwise:
             deriv=torch.zeros_like,
             smooth=False,
             jumps=True,
+            breaks=(0.0,),
             vt_angle=vt_angle,
         )
     )
