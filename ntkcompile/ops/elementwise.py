@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..ir import Elementwise
 from ..kernels.compat import compiling
 from ..passes.lower import Fixed, Width, rule as lowering_rule
+from ..trace import leaf_function
 
 __all__ = ["ELEMENTWISE", "activation", "apply", "from_callable", "from_function", "from_method",
            "from_module", "intern", "register", "register_elementwise"]
@@ -155,6 +156,10 @@ def register_elementwise(
 ) -> Elementwise:
     """Register a user nonlinearity ``fn`` (called as ``fn(x)`` in the model).
 
+    The model may call it by name in its ``forward`` (a global, an import, a
+    closure variable or a module attribute): tracing keeps it as one op (no
+    ``torch.fx.wrap`` needed).
+
     ``closed_forms`` may give any of ``vt``, ``dvt``, ``mean``, ``dmean``, ``deriv``
     (see ``ir.Elementwise``); missing moments are evaluated by quadrature.
     """
@@ -166,7 +171,9 @@ def register_elementwise(
         raise ValueError(f"register_elementwise: {fn!r} already resolves to a nonlinearity")
     if name in ELEMENTWISE:
         raise ValueError(f"an elementwise nonlinearity named {name!r} is already registered")
-    return activation(Elementwise(name=name, fn=fn, smooth=smooth, **closed_forms), functions=(fn,))
+    entry = activation(Elementwise(name=name, fn=fn, smooth=smooth, **closed_forms), functions=(fn,))
+    leaf_function(fn)
+    return entry
 
 
 # ------------------------------------------------------------------ resolution
