@@ -8,16 +8,14 @@
 #   3. the benchmark cases timed on CUDA, eager and jit=True (neural-tangents is
 #      skipped: its venv is CPU-only and is not carried).
 #
-# The reference fixtures live beside the checkout (../shared), which does not travel
-# to the device machine; copy them into the git-ignored folder .devcarry and carry it:
-#   mkdir -p .devcarry && cp -r ../shared/reference/neural_tangents .devcarry/
-# then, with the device tool: run(command="bash benchmarks/gpu_check.sh",
-#   carry=[".devcarry"], timeout_s=540).  Needs the image's python3 with torch+CUDA,
-#   pytest, numpy and opt_einsum (all present on nvidia-h200).  About 5 minutes.
+# The reference fixtures are in the repository (tests/fixtures/neural_tangents) and
+# travel with the working tree.  With the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=540).  Needs the image's
+#   python3 with torch+CUDA, pytest, numpy and opt_einsum (all present on nvidia-h200).
+#   About 5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-export NTKCOMPILE_REFERENCE_DIR="${NTKCOMPILE_REFERENCE_DIR:-$PWD/.devcarry/neural_tangents}"
 OUT="${OUT:-/tmp/ntkcompile_gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"

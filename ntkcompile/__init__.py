@@ -10,9 +10,9 @@ See README.md for the exact parametrization and docs/architecture.md for how it 
 from . import errors
 from .compiled import CompiledKernel, Kernels, compile
 from .dynamics import simulate
-from .errors import (DivergenceError, GIACheckError, InputShapeError, IRError, KernelNotPSDError,
-                     NonFiniteInputError, NonFiniteLossError, NTKCompileError, TraceError, UnsupportedOpError,
-                     WidthInferenceError)
+from .errors import (DivergenceError, GIACheckError, InputShapeError, InvalidModelError, IRError,
+                     KernelMemoryError, KernelNotPSDError, NonFiniteInputError, NonFiniteKernelError,
+                     NonFiniteLossError, NTKCompileError, TraceError, UnsupportedOpError, WidthInferenceError)
 from .ops.elementwise import register_elementwise
 from .parametrize import ntk_parametrize
 
@@ -20,6 +20,7 @@ __all__ = [
     "compile", "CompiledKernel", "Kernels", "simulate", "ntk_parametrize", "register_elementwise", "errors",
     "NTKCompileError", "UnsupportedOpError", "TraceError", "WidthInferenceError",
     "GIACheckError", "InputShapeError", "NonFiniteInputError", "KernelNotPSDError",
-    "DivergenceError", "NonFiniteLossError", "IRError",
+    "DivergenceError", "NonFiniteLossError", "NonFiniteKernelError", "KernelMemoryError", "InvalidModelError",
+    "IRError",
 ]
 __version__ = "0.1.0"

@@ -36,10 +36,11 @@ _ENV = {"like": "like", "batch": "BATCH", "errors": "_err"}
 _ARITH = (P.Mul, P.Add, P.Pow, P.Rsqrt)
 
 
-def specialize(plan: P.Plan, self_mode: bool, names) -> dict:
-    """The requested outputs, re-interned; against itself, side 2 becomes side 1."""
+def specialize(plan: P.Plan, self_mode: bool, names):
+    """The requested outputs, re-interned (against itself, side 2 becomes side 1), and the
+    origins of the nodes they use (``Plan.origin``, by uid of the returned nodes)."""
     if not self_mode:
-        return {n: plan.outputs.get(n) for n in names}
+        return {n: plan.outputs.get(n) for n in names}, plan.origin
     spec = P.Plan()
     memo: dict = {}
 
@@ -56,12 +57,14 @@ def specialize(plan: P.Plan, self_mode: bool, names) -> dict:
         if isinstance(node, P.Input):
             fields[0] = 1
         memo[node.uid] = spec.make(type(node), *fields)
-    return {n: remap(plan.outputs.get(n)) for n in names}
+        spec.origin.setdefault(memo[node.uid].uid, plan.origin.get(node.uid))
+    return {n: remap(plan.outputs.get(n)) for n in names}, spec.origin
 
 
 class _Renderer:
-    def __init__(self, self_mode: bool):
+    def __init__(self, self_mode: bool, check: bool = False):
         self.self_mode = self_mode
+        self.check = check
         self.namespace = dict(_PRELUDE)
         self.namespace["torch"] = __import__("torch")
         self._bound: dict = {}
@@ -77,7 +80,10 @@ class _Renderer:
         """A name for ``obj`` in the generated namespace (``<prefix><n>``), by reference."""
         key = id(obj)
         if key not in self._bound:
-            name = f"{prefix}{len(self._bound)}"
+            n = len(self._bound)
+            while f"{prefix}{n}" in self.namespace:
+                n += 1
+            name = f"{prefix}{n}"
             self._bound[key] = name
             self.namespace[name] = obj
         return self._bound[key]
@@ -242,8 +248,12 @@ class _Renderer:
         text = f"{indent}{name} = {self.expr(n)}"
         if isinstance(n, P.Call) and n.note:
             text += f"  # {n.note[0]}: {n.note[1]}"
-        self.statements.append(([text], name))
+        self.statements.append(([text] + self._checked(name, n, indent), name))
         self.names[n.uid] = name
+
+    def _checked(self, name, n, indent):
+        """With ``check``: a line that raises ``NonFiniteValue(uid)`` if the array has a NaN or inf."""
+        return [f"{indent}_chk({name}, {n.uid})"] if self.check else []
 
     def contract(self, n, indent):
         """The contraction along a path fixed now: one ``torch.einsum`` line per pairwise step.
@@ -262,7 +272,7 @@ class _Renderer:
             if step == len(info.contraction_list) - 1:
                 line += (f"  # opt_einsum {n.equation!r} step {step + 1}/{len(info.contraction_list)}, "
                          f"{float(info.opt_cost):.2g} flops at nominal sizes")
-            self.statements.append(([line], name))
+            self.statements.append(([line] + self._checked(name, n, indent), name))
             names.append(name)
         return names[0]
 
@@ -310,7 +320,8 @@ _NAME = re.compile(r"\b(k\d+|c\d+_\d+)\b")
 
 def _free_dead(statements, returns):
     """``del`` after the last use of every temporary: peak memory is then the live set of
-    ``(N1, N2, ...)`` arrays, not every intermediate of the program."""
+    ``(N1, N2, ...)`` arrays, not every intermediate of the program.  Returns the lines
+    and the size of the largest live set."""
     last = {}
     for i, (lines, _) in enumerate(statements):
         for line in lines:
@@ -320,22 +331,28 @@ def _free_dead(statements, returns):
     dies: dict = {}
     for name, i in last.items():
         dies.setdefault(i, []).append(name)
-    out = []
+    out, live, most = [], 0, 0
     for i, (lines, assigned) in enumerate(statements):
         out.extend(lines)
+        live += assigned is not None
+        most = max(most, live)
         dead = sorted(n for n in dies.get(i, ()) if n not in keep and n != assigned and not n.startswith("c"))
         if dead:
             out.append("del " + ", ".join(dead))
-    return out
+            live -= len(dead)
+    return out, most
 
 
 def _build(signature, head, body_statements, returns, namespace):
-    body = head + _free_dead(body_statements, returns) + [f"return {returns}"]
+    lines, most = _free_dead(body_statements, returns)
+    body = head + lines + [f"return {returns}"]
     src = f"def {signature}:\n" + "".join(f"    {line}\n" for line in body)
     ns = dict(namespace)
     fname = signature.split("(")[0]
     exec(compile(src, f"<ntkcompile:{fname}>", "exec"), ns)
-    return ns[fname], src
+    fn = ns[fname]
+    fn.live_arrays = max(1, most)     # the most pair arrays alive at once (for memory estimates)
+    return fn, src
 
 
 def function(values, *, name="f", self_mode=False):
@@ -351,13 +368,48 @@ def function(values, *, name="f", self_mode=False):
                   "_out" if names else f"({returns})", r.namespace)
 
 
-def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None):
-    """``(function, source)`` of the kernel for one call mode; outputs not requested are None."""
+class NonFiniteValue(ArithmeticError):
+    """Raised by code rendered with ``check=True``: a plan node produced a NaN or inf.
+
+    ``origin`` is what the planner was computing when it made the node (a request
+    key, ``Plan.origin``), ``kind`` the node's type name, ``value`` the array.
+    """
+
+    def __init__(self, origin, kind, value):
+        super().__init__(kind)
+        self.origin, self.kind, self.value = origin, kind, value
+
+
+def _checker(origins, kinds):
+    import torch
+
+    def _chk(x, uid):
+        if torch.is_tensor(x) and not bool(torch.isfinite(x).all()):
+            raise NonFiniteValue(origins.get(uid), kinds[uid], x)
+
+    def _chk_inputs(fixed):
+        for i, x in enumerate(fixed):
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteValue(("fixed", i), "Input", x)
+
+    return _chk, _chk_inputs
+
+
+def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None, check=False):
+    """``(function, source)`` of the kernel for one call mode; outputs not requested are None.
+
+    ``check=True`` checks every array as it is computed and raises ``NonFiniteValue``
+    with the plan node of the first one that is not finite (for diagnosis: slower).
+    """
     wanted = [n for n in ("nngp", "ntk") if n in outputs]
-    values = specialize(plan, self_mode, wanted)
-    r = _Renderer(self_mode)
+    values, origins = specialize(plan, self_mode, wanted)
+    r = _Renderer(self_mode, check)
     r.namespace["prep"] = prep
     head = ["F1 = prep(x1)", "F2 = F1" if self_mode else "F2 = prep(x2)", "like = F1[0]"]
+    if check:
+        nodes = P.reachable(list(values.values()))
+        r.namespace["_chk"], r.namespace["_chk_inputs"] = _checker(origins, {n.uid: type(n).__name__ for n in nodes})
+        head[2:2] = ["_chk_inputs(F1)", "_chk_inputs(F2)"]
     if self_mode:
         head += ["I, J, DIAG = pair_indices(x1.shape[0], like.device)", "BATCH = (I.shape[0],)"]
     else:

@@ -9,8 +9,6 @@ with width inference and the Simple GIA Check) -> the backward program
 from __future__ import annotations
 
 import math
-import sys
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +23,9 @@ from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
 from .ir.printer import format_program
 from .ir.verify import verify
 from .kernels.planner import aligned_positions, plan_kernels
+from . import tiling
 from .passes.backward import backward
+from .passes.homogeneity import is_homogeneous
 from .passes.lower import is_rule_module, lower
 from .plan import expectations
 from .trace import trace
@@ -73,11 +73,22 @@ class CompiledKernel:
         self._program = None
         self._plan = None
         self._fns: dict = {}
-        self.input_shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(gm)
-        if self.input_shape is not None:
-            self._lower()
+        self._homogeneous = False
+        self.input_shape = None
+        shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(gm)
+        if shape is not None:
+            self._specialize(shape)
 
     # ---------------------------------------------------------------- compile
+    def _specialize(self, shape):
+        """Lower and plan for inputs of ``shape`` (the shape is kept only if that works)."""
+        self.input_shape = shape
+        try:
+            self._lower()
+        except BaseException:
+            self.input_shape, self._program, self._plan = None, None, None
+            raise
+
     def _lower(self):
         example = torch.zeros((2,) + self.input_shape, dtype=self._model_dtype)
         program = backward(lower(self._gm, example, self.W_std, self.b_std, self.std))
@@ -92,14 +103,17 @@ class CompiledKernel:
         program.backward.builder.freeze()
         verify(program)
         self._program = program
+        self._homogeneous = is_homogeneous(program)
 
-    def _function(self, self_mode: bool, want_ntk: bool):
-        """The kernel function of one call mode, rendered from the plan on first use."""
-        key = (self_mode, want_ntk)
+    def _function(self, self_mode: bool, want_ntk: bool, check: bool = False):
+        """The kernel function of one call mode, rendered from the plan on first use
+        (``check``: the slow version that checks every array, for diagnosis)."""
+        key = (self_mode, want_ntk, check)
         if key not in self._fns:
             outputs = ("nngp", "ntk") if want_ntk else ("nngp",)
-            fn, text = codegen.render(self._plan, self_mode=self_mode, outputs=outputs, prep=self._program.prep)
-            if self.jit:
+            fn, text = codegen.render(self._plan, self_mode=self_mode, outputs=outputs, prep=self._program.prep,
+                                      check=check)
+            if self.jit and not check:
                 # fuses the elementwise chains into C++/OpenMP loops (TorchInductor); the first
                 # call per input shape pays the compilation
                 fn = torch.compile(fn, dynamic=False, options=_inductor_options())
@@ -121,7 +135,7 @@ class CompiledKernel:
         if self._program is None:
             return self.program
         self._function(True, True)
-        return "\n".join(text for _, text in self._fns.values())
+        return "\n".join(text for (_, _, check), (_, text) in self._fns.items() if not check)
 
     @property
     def out_features(self) -> Optional[int]:
@@ -135,14 +149,20 @@ class CompiledKernel:
 
     # ---------------------------------------------------------------- call
     def __call__(self, x1, x2=None, get=_GETS, *, tile_size: Optional[int] = None,
-                 progress: Optional[bool] = None, batch_size: Optional[int] = None) -> Kernels:
+                 progress: Optional[bool] = None, out=None, batch_size: Optional[int] = None) -> Kernels:
         """Kernels of ``x1`` against ``x2`` (``x2=None``: against itself).
 
         ``tile_size`` computes the ``N1 x N2`` result in tiles of at most
         ``tile_size`` inputs per side (memory: the output plus one tile's work);
         against itself only the tiles on and above the diagonal are computed. By
         default tiles are sized so one tile's position-pair arrays fit in cache on a
-        CPU (2 MiB) and take up to 256 MiB on a GPU.
+        CPU (2 MiB) and take up to 256 MiB on a GPU, and within the memory available.
+        ``out``: arrays to write the kernels into (``{"nngp": a, "ntk": b}``, or one
+        array when one kernel is asked for): torch tensors or numpy arrays of shape
+        ``(N1, N2)``, a ``numpy.memmap`` included, for kernels larger than memory.
+        Every value returned is finite: a NaN or inf raises ``NonFiniteKernelError``
+        naming the model node it comes from; kernels or work that would not fit in
+        memory raise ``KernelMemoryError`` before anything is allocated.
         ``progress`` shows a progress bar on stderr (default: when there are 8 or more
         tiles and the computation has run for a second; ``True`` always, ``False`` never).
         ``batch_size`` is the old name of ``tile_size`` (deprecated: in ``simulate`` a
@@ -164,58 +184,27 @@ class CompiledKernel:
         x1 = self._check(x1, "x1")
         x2 = None if x2 is None else self._check(x2, "x2")
         if self._program is None:
-            self.input_shape = tuple(x1.shape[1:])
-            self._lower()
+            self._specialize(tuple(x1.shape[1:]))
             x1 = self._check(x1, "x1")
-        if x2 is None:
+            x2 = None if x2 is None else self._check(x2, "x2")
+        if x2 is None and x1.shape[0] > 1:
             # duplicate inputs: compute each distinct input once and copy, so the kernel
             # is exactly singular there (duplicates otherwise see c = 1 - eps, and the
             # arccos-type closed forms amplify eps into ~1e-8 errors that break PSD-ness)
             uniq, inverse = torch.unique(x1, dim=0, return_inverse=True)
             if uniq.shape[0] < x1.shape[0]:
                 k = self(uniq, None, get, tile_size=tile_size, progress=progress)
-                pick = lambda m: None if m is None else m[inverse][:, inverse]  # noqa: E731
-                return Kernels(nngp=pick(k.nngp), ntk=pick(k.ntk), mc_stderr=k.mc_stderr, quad_error=k.quad_error)
-        want_ntk = "ntk" in get
-        n1 = x1.shape[0]
-        n2 = n1 if x2 is None else x2.shape[0]
-        bs = tile_size or self._auto_tile(max(n1, n2), x1.device)
-        starts1, starts2 = range(0, n1, bs), range(0, n2, bs)
-        tiles = [(i, j) for i in starts1 for j in starts2 if x2 is not None or j >= i]
-        out = {name: torch.empty((n1, n2), dtype=self.dtype, device=x1.device) for name in get}
-        errors = []
-        bar = _Progress(len(tiles), progress)
-        with torch.no_grad():
-            for i, j in tiles:
-                a = x1[i:i + bs]
-                if x2 is None and i == j:
-                    nngp, ntk, mc = self._function(True, want_ntk)[0](a)   # symmetric by construction
-                else:
-                    b = (x1 if x2 is None else x2)[j:j + bs]
-                    nngp, ntk, mc = self._function(False, want_ntk)[0](a, b)
-                errors += mc      # (kind, 0-d tensor) pairs, converted once at the end
-                for name, block in (("nngp", nngp), ("ntk", ntk)):
-                    if name in out:
-                        # closed forms and quadrature run in float64; float32 is rounded here
-                        out[name][i:i + bs, j:j + bs] = block
-                        if x2 is None and i != j:
-                            out[name][j:j + bs, i:i + bs] = block.T
-                bar.step()
-        bar.close()
-        worst = {kind: max(float(e) for k, e in errors if k == kind) for kind in {k for k, _ in errors}}
-        if worst.get("quad", 0.0) > self.QUAD_WARN:
-            warnings.warn(
-                f"ntkcompile: estimated quadrature error {worst['quad']:.1e} (relative), from the change "
-                f"between {self.quadrature_degree} nodes and half as many; steep activations at large "
-                f"pre-activation variances need more nodes: compile with a larger quadrature_degree, "
-                f"e.g. {2 * self.quadrature_degree}. Kernels.quad_error reports the estimate.",
-                RuntimeWarning, stacklevel=2)
-        return Kernels(nngp=out.get("nngp"), ntk=out.get("ntk"), mc_stderr=worst.get("mc"),
+                outputs = tiling._outputs(out, get, x1.shape[0], x1.shape[0], self.dtype, x1.device)
+                for name in get:
+                    tiling._write(outputs[name], slice(None), slice(None), getattr(k, name)[inverse][:, inverse])
+                return Kernels(nngp=outputs.get("nngp"), ntk=outputs.get("ntk"), mc_stderr=k.mc_stderr,
+                               quad_error=k.quad_error)
+        outputs, worst = tiling.evaluate(self, x1, x2, get, tile_size, progress, out)
+        tiling.warn_about(worst, self.quadrature_degree)
+        return Kernels(nngp=outputs.get("nngp"), ntk=outputs.get("ntk"), mc_stderr=worst.get("mc"),
                        quad_error=worst.get("quad"))
 
-    # Quadrature error estimate above which a call warns.  The estimate is conservative
-    # (true errors measured 30-250x smaller on tanh nets), so this means errors ~1e-6.
-    QUAD_WARN = 1e-4
+    QUAD_WARN = tiling.QUAD_WARN
 
     # Entries of one tile's pair arrays (N1 * N2 * positions^2): 2 MiB in float64, so a
     # tile's working set stays in cache.  The generated code is a chain of elementwise
@@ -233,13 +222,18 @@ class CompiledKernel:
         tiles would only add kernel launches.  Tiles are balanced (2000 inputs -> 4 x 500
         rather than 3 x 512 + 464), so ``jit=True`` compiles fewer shapes.
         """
-        positions = max([1] + [math.prod(shape) for p in self._program.params
-                               if getattr(p, "geometry", None) is not None
-                               for shape in (p.geometry.in_shape, p.geometry.out_shape)])
-        per_pair = positions if aligned_positions(self._program) else positions ** 2
+        per_pair = self._pair_entries()
         entries = self._TILE_ENTRIES if device.type == "cpu" else self._TILE_ENTRIES_GPU
         side = max(1, min(n, int(math.sqrt(entries / per_pair))))
         return -(-n // -(-n // side))
+
+    def _pair_entries(self) -> int:
+        """Entries of one pair of inputs in the pair arrays: all position pairs, or aligned
+        positions for flatten readouts."""
+        positions = max([1] + [math.prod(shape) for p in self._program.params
+                               if getattr(p, "geometry", None) is not None
+                               for shape in (p.geometry.in_shape, p.geometry.out_shape)])
+        return positions if aligned_positions(self._program) else positions ** 2
 
     def _check(self, x, name):
         if isinstance(x, np.ndarray):
@@ -259,36 +253,6 @@ class CompiledKernel:
             raise NonFiniteInputError(f"{name} contains NaN or inf (rows {bad[:10]}{'...' if len(bad) > 10 else ''})")
         device = self.device or x.device
         return x.to(device=device, dtype=self.dtype)
-
-
-class _Progress:
-    """A one-line progress bar on stderr for tiled kernel computations."""
-
-    _DELAY = 1.0    # seconds before an automatic bar appears: short runs stay quiet
-
-    def __init__(self, total, enabled):
-        self.total, self.done = total, 0
-        self.auto = enabled is None
-        self.enabled = (total >= 8) if enabled is None else bool(enabled)
-        self.shown = False
-        self.t0 = self.last = time.perf_counter()
-
-    def step(self):
-        self.done += 1
-        el = time.perf_counter() - self.t0
-        due = self.done == self.total or el - (self.last - self.t0) >= 0.1   # <= 10 redraws/s
-        if self.enabled and due and (not self.auto or el >= self._DELAY):
-            self.shown, self.last = True, self.t0 + el
-            eta = el / self.done * (self.total - self.done)
-            width = 30
-            fill = int(width * self.done / self.total)
-            sys.stderr.write(f"\r[ntkcompile] [{'#' * fill}{'.' * (width - fill)}] "
-                             f"{self.done}/{self.total} tiles, {el:.1f}s elapsed, ~{eta:.1f}s left")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.shown:
-            sys.stderr.write("\n")
 
 
 # TorchInductor's store-vs-recompute thresholds.  A layer's pair array is read 2-4
@@ -350,19 +314,46 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
         raise TypeError(f"ntkcompile.compile expects an nn.Module, got {type(model).__name__}")
     if parameterization != "ntk":
         raise ValueError(f"parameterization must be 'ntk', got {parameterization!r}")
-    for name, value in (("W_std", W_std), ("b_std", b_std)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    _check_std("W_std", W_std)
+    _check_std("b_std", b_std)
     names = {n for n, _ in model.named_modules()}
+    if std is not None and not isinstance(std, dict):
+        raise TypeError(f"std must be a dict {{module name: (W_std, b_std)}}, got {type(std).__name__}")
     for key, pair in (std or {}).items():
         if key not in names:
             raise ValueError(f"std names a module {key!r} that the model does not have; "
                              f"modules: {sorted(n for n in names if n)}")
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"std[{key!r}] must be a pair (W_std, b_std), got {pair!r}")
+        _check_std(f"std[{key!r}] W_std", pair[0])
+        _check_std(f"std[{key!r}] b_std", pair[1])
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {device!r}") from e
+    _check_int("quadrature_degree", quadrature_degree, 8,
+               "the nodes per dimension of the trapezoidal rule (the error estimate uses a quarter as many)")
+    _check_int("mc_samples", mc_samples, 2, "Monte Carlo samples")
+    _check_int("seed", seed, 0, "the Monte Carlo seed")
+    if input_shape is not None:
+        if not (isinstance(input_shape, (tuple, list, torch.Size)) and input_shape
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
+            raise ValueError(f"input_shape must be the shape of one input (positive ints, no batch axis), "
+                             f"got {input_shape!r}")
     gm = trace(model, is_rule_module)
     return CompiledKernel(model, gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
                           dtype=dtype, device=device, mc_samples=mc_samples, seed=seed,
                           quadrature_degree=int(quadrature_degree), jit=bool(jit))
+
+
+def _check_std(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_int(name, value, least, what):
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} ({what}) must be an integer >= {least}, got {value!r}")

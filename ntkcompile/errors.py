@@ -34,12 +34,30 @@ class GIACheckError(NTKCompileError):
     """
 
 
+class InvalidModelError(NTKCompileError, ValueError):
+    """The model computes something without a value: a division by the number 0, a
+    normalization whose ``eps`` is not a finite number >= 0.  The message names the
+    node and the user's source line."""
+
+
 class IRError(NTKCompileError):
     """Internal: the Tensor Program IR broke one of its invariants (``ir.verify``).
 
     This is a bug in ntkcompile or in a user-registered rule, never bad user
     input; the message lists every violation found.
     """
+
+
+class NonFiniteKernelError(NTKCompileError, FloatingPointError):
+    """A kernel came out NaN or inf.  The message names the first array of the kernel
+    computation that was not finite, the model nodes and source lines it comes from,
+    and the likely cause."""
+
+
+class KernelMemoryError(NTKCompileError, MemoryError):
+    """The kernels, or one tile's work, would not fit in the memory available.  Raised
+    before allocating; the message says how much is needed and what to do (``out=``
+    arrays such as a ``numpy.memmap``, smaller tiles, fewer kernels)."""
 
 
 class InputShapeError(NTKCompileError, ValueError):

@@ -238,6 +238,8 @@ class Plan:
         self.outputs: dict = {}
         self._loops = 0
         self._keep: list = []       # objects referenced by id in keys stay alive
+        self.origin: dict = {}      # node uid -> what the planner was computing when it made the node
+        self.context = None
 
     def make(self, cls, *fields):
         # a Call's note documents it and is not part of its identity
@@ -250,6 +252,8 @@ class Plan:
         self._table[key] = node
         self.nodes.append(node)
         self._keep.append(fields)
+        if self.context is not None:
+            self.origin[node.uid] = self.context
         return node
 
     def new_loop_id(self) -> int:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .errors import KernelNotPSDError, NonFiniteInputError
+from .resources import physical_memory
 
 _DTYPE = torch.float64
 
@@ -145,14 +145,6 @@ def as_targets(y, n: int, loss_name: str) -> torch.Tensor:
     if loss_name == "mse":
         raise ValueError(f"y_train for 'mse' must be floating point, got {y.dtype}")
     return y
-
-
-def physical_memory() -> Optional[int]:
-    """Bytes of RAM on this machine, or ``None`` where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def check_trajectory_size(steps: int, rows: int, out: int) -> None:

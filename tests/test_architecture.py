@@ -17,7 +17,7 @@ ROOT = pathlib.Path(ntkcompile.__file__).parent
 
 # The stages in pipeline order; a module's stage is the first component of its path.
 STAGES = [
-    {"errors"},
+    {"errors", "resources"},
     {"ir"},
     {"trace"},
     {"passes"},
@@ -25,7 +25,7 @@ STAGES = [
     {"kernels"},
     {"codegen"},
     {"ops"},
-    {"compiled"},
+    {"compiled", "diagnose", "tiling"},
     {"parametrize", "empirical", "training", "stability"},
     {"dynamics"},
     {"harness"},

@@ -17,7 +17,8 @@ def test_batched_equals_unbatched(bs, capsys):
         for name in ("nngp", "ntk"):
             a, b = getattr(full, name), getattr(tiled, name)
             assert torch.allclose(a, b, rtol=1e-12, atol=0)
-    assert torch.equal(tiled.ntk, tiled.ntk.T) if len(args) == 1 else True
+            if len(args) == 1:                    # against itself: exactly symmetric in tiles too
+                assert torch.equal(b, b.T)
     assert capsys.readouterr().err == ""          # progress=False: no bar
 
 
@@ -58,21 +59,37 @@ def test_bad_tile_size_and_the_deprecated_alias():
         kfn(x, tile_size=2, batch_size=2)
 
 
-@pytest.mark.slow
-def test_20000_inputs_in_tiles_memory_bounded():
-    """The 20000-input MLP kernel: peak resident memory grows by about the output only."""
-    import resource
-    kfn = ntkcompile.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                                           nn.Linear(16, 1)), W_std=1.4, b_std=0.1)
-    x = torch.randn(20000, 8, dtype=torch.float64)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+_PEAK_SCRIPT = """
+import resource, sys, torch, ntkcompile
+from torch import nn
+torch.manual_seed(0)
+kfn = ntkcompile.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                       nn.Linear(16, 1)), W_std=1.4, b_std=0.1)
+x = torch.randn(int(sys.argv[1]), 8, dtype=torch.float64)
+if int(sys.argv[1]) > 10:
     k = kfn(x, get="ntk", tile_size=1000, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    out_bytes = k.ntk.numel() * 8
-    assert peak < out_bytes + 600e6, (peak / 1e9, out_bytes / 1e9)
-    # spot-check a tile against a direct small computation
     idx = torch.tensor([0, 7777, 19999])
     torch.testing.assert_close(k.ntk[idx][:, idx], kfn(x[idx], get="ntk").ntk, rtol=1e-12, atol=0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_20000_inputs_in_tiles_memory_bounded():
+    """The 20000-input MLP kernel: the peak resident memory of a fresh process exceeds that of
+    the same process computing nothing by about the output (3.2 GB) plus one tile's work.
+    Each is measured in its own process, so the high-water marks are the run's own."""
+    import subprocess
+    import sys
+
+    def peak(n):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n)], capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.split()[-1])
+
+    extra = peak(20000) - peak(2)
+    out_bytes = 20000 * 20000 * 8
+    assert out_bytes <= extra < out_bytes + 600e6, (extra / 1e9, out_bytes / 1e9)
 
 
 @pytest.mark.slow

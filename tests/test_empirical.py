@@ -4,7 +4,7 @@ Oracles: a brute-force Jacobian (``torch.autograd.grad`` once per example and
 output, then ``J J^T``); the closed form of TP II Sec. 7 for the 2-hidden-layer
 ReLU MLP; the arc-cosine recursion for ReLU MLPs written out below (itself checked
 against the neural-tangents reference kernel); and neural-tangents' analytic
-kernels in ``shared/reference/neural_tangents``.
+kernels in ``tests/fixtures/neural_tangents``.
 """
 
 import copy
@@ -19,9 +19,10 @@ from torch import nn
 from ntkcompile import empirical
 from ntkcompile.empirical import empirical_ntk, empirical_ntk_full, empirical_outputs
 from ntkcompile.parametrize import ntk_parametrize
+from conftest import REFERENCE_DIR
 from tests.helpers.convergence import convergence_sweep, fit_loglog_slope, relative_frobenius
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "neural_tangents"
+REFERENCE = Path(REFERENCE_DIR)
 
 
 def _brute_jacobian(model, x, batch=False):

@@ -1,4 +1,4 @@
-"""Against neural-tangents 0.6.5 reference kernels (../shared/reference/neural_tangents)."""
+"""Against neural-tangents 0.6.5 reference kernels (tests/fixtures/neural_tangents)."""
 import os
 
 import numpy as np

@@ -198,7 +198,17 @@ class Builder:
 
     # atoms and vars ------------------------------------------------------------
     def hatom(self, expr, gargs):
+        """``expr(gargs)``; slots the expression does not use are dropped (a derivative,
+        or terms that cancelled, may lose some)."""
+        expr, gargs = self._compact(expr, list(gargs))
         return self.make(HAtom, expr, tuple(gargs))
+
+    def _compact(self, expr, slots):
+        used = sorted(_slots_used(expr))
+        if len(used) < len(slots):
+            expr = self.substitute(expr, {j: self.eslot(k) for k, j in enumerate(used)})
+            slots = [slots[j] for j in used]
+        return expr, slots
 
     def var(self, terms):
         """Canonical ``Var`` from ``(Scalar, Atom)`` pairs (merged, sorted, zeros dropped)."""
@@ -277,9 +287,14 @@ class Builder:
         slots: list = []
 
         def slot_of(gvar):
-            if gvar not in slots:
-                slots.append(gvar)
-            return self.eslot(slots.index(gvar))
+            if gvar in slots:
+                return self.eslot(slots.index(gvar))
+            for i, s in enumerate(slots):      # a multiple of a slot is that slot, scaled
+                r = _ratio(gvar, s)
+                if r is not None:
+                    return self.elin([(self.sconst(r), self.eslot(i))])
+            slots.append(gvar)
+            return self.eslot(len(slots) - 1)
 
         def expr_of(var):
             gauss = [(c, a) for c, a in var.terms if a.gaussian]
@@ -298,6 +313,7 @@ class Builder:
             return self.elin(terms) if terms else self.econst(0.0)
 
         expr = fn_expr_builder([expr_of(v) for v in vars_])
+        expr, slots = self._compact(expr, slots)
         if isinstance(expr, EConst):
             return self.var([(self.sconst(expr.value), self.ONE)]) if expr.value else self.var([])
         if isinstance(expr, ESlot):
@@ -337,23 +353,35 @@ class Builder:
         return walk.fold(expr, rule, children=_expr_children)
 
     def expr_var(self, expr, gargs) -> Var:
-        """The Var of ``expr`` over the slots ``gargs``: a constant, a slot itself, or one H-atom.
-
-        Slots ``expr`` does not use are dropped (a derivative may lose some: ``d/dy relu(x) y
-        = relu(x)``), so the H-atom uses each of its slots, as ``ir.verify`` requires.
-        """
+        """The Var of ``expr`` over the slots ``gargs``: a constant, a slot itself, or one H-atom."""
         if isinstance(expr, EConst):
             return self.var([(self.sconst(expr.value), self.ONE)]) if expr.value else self.var([])
         if isinstance(expr, ESlot):
             return gargs[expr.index]
-        used = [i for i in range(len(gargs)) if expr_uses_slot(expr, i)]
-        if len(used) < len(gargs):
-            expr = self.substitute(expr, {i: self.eslot(k) for k, i in enumerate(used)})
-            gargs = [gargs[i] for i in used]
         return self.atom_var(self.hatom(expr, gargs))
 
 
 # Questions about expressions, each one fold -----------------------------------------
+
+def _ratio(u, v):
+    """``r`` if the Var ``u`` is ``r`` times the Var ``v`` with constant coefficients, else None."""
+    if len(u.terms) != len(v.terms) or not u.terms:
+        return None
+    r = None
+    for (cu, au), (cv, av) in zip(u.terms, v.terms):
+        if au is not av or not isinstance(cu, SConst) or not isinstance(cv, SConst) or cv.value == 0.0:
+            return None
+        q = cu.value / cv.value
+        if r is None:
+            r = q
+        elif q != r:
+            return None
+    return r
+
+
+def _slots_used(expr) -> set:
+    return {e.index for e in walk.postorder([expr], _expr_children) if isinstance(e, ESlot)}
+
 
 def expr_uses_slot(expr, slot) -> bool:
     return walk.fold(expr, walk.by_type({ESlot: lambda e, _: e.index == slot}, default=lambda e, xs: any(xs)),

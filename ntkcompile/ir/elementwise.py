@@ -60,6 +60,9 @@ class Elementwise:
             ``theta`` once per pair of inputs and shares it between ``phi`` and
             ``phi'`` (relu and step), or None.
         dvt_angle: ``dvt`` in the same form, or None.
+        piecewise: ``phi`` as a ``kernels.piecewise.Piecewise`` when it is a piecewise
+            polynomial (relu, step, hardtanh, clamp, ...): expressions of one Gaussian
+            built from such functions then have exact moments (``kernels.piecewise_expr``).
     """
 
     name: str
@@ -74,6 +77,7 @@ class Elementwise:
     breaks: Optional[Tuple[float, ...]] = None
     vt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
     dvt_angle: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
+    piecewise: Optional[object] = None
 
     def derivative(self, x: Tensor) -> Tensor:
         """``phi'(x)`` for a tensor of any shape; the result carries no graph."""
@@ -114,7 +118,8 @@ class Elementwise:
         if d is None:
             d = Elementwise(name=self.name + "'", fn=self.derivative, vt=self.dvt, mean=self.dmean,
                             smooth=self.smooth, jumps=not self.smooth, breaks=self.breaks,
-                            vt_angle=self.dvt_angle)
+                            vt_angle=self.dvt_angle,
+                            piecewise=None if self.piecewise is None else self.piecewise.derivative())
             _PRIMES[self] = d
         return d
 

@@ -210,12 +210,15 @@ class Atom(Node):
       (a matmul, a convolution, a pooling): the backward pass reads the gradient
       of ``arg``'s G-atoms off through it (TP II Sec. 4);
     * ``read_off``: the backward pass treats the atom like a G-atom (its gradient
-      is read off directly) even when it is not Gaussian (a pooling of H-vars).
+      is read off directly) even when it is not Gaussian (a pooling of H-vars);
+    * ``homogeneous``: the atom is a linear function of the input or of its
+      argument (scaling the input by ``s`` scales it by ``s``: ``passes.homogeneity``).
     """
     __slots__ = ()
     gaussian = False
     consumes = False
     read_off = False
+    homogeneous = False
 
     @property
     def cov_group(self):
@@ -248,6 +251,7 @@ class GInput(Atom):
     uid: int = _uid()
     gaussian = True
     read_off = True
+    homogeneous = True
 
     def positions(self, positions_of):
         return ()
@@ -266,6 +270,7 @@ class GMatMul(Atom):
     gaussian = True
     consumes = True
     read_off = True
+    homogeneous = True
 
     def children(self):
         return (self.arg,)

@@ -75,6 +75,17 @@ class Printer:
                          else e.children())
 
 
+def atom_origins(program) -> dict:
+    """The model node (fx name) that first produced each atom as a vector of its own."""
+    origin: dict = {}
+    for var, name in program.names.items():
+        if isinstance(var, Var) and len(var.terms) == 1:
+            c, a = var.terms[0]
+            if isinstance(c, SConst) and c.value == 1.0:
+                origin.setdefault(a, name)
+    return origin
+
+
 def _h_line(node, show) -> str:
     slots = [f"[{show(g)}]" for g in node.gargs]
     return f"{show.expr(node.expr, slots)}    # H of {len(slots)} G-var(s)"
@@ -88,9 +99,7 @@ def _backward_atom(u, show) -> str:
 
 def format_program(program, evaluators=()) -> str:
     show = Printer()
-    # the user's fx node that produced each atom (when a node's value is that atom alone)
-    origin = {var.terms[0][1]: name for var, name in program.names.items()
-              if isinstance(var, Var) and len(var.terms) == 1}
+    origin = atom_origins(program)
     lines = ["Tensor Program (NTK parametrization, width n -> infinity)", "", "parameters:"]
     for p in program.params:
         lines.append(f"  {p.name:<28} {p.describe()}")

@@ -83,8 +83,9 @@ class Program:
     ``builder`` holds the forward program's nodes and parameters (frozen);
     ``fixed_names``/``fixed_dims`` name the fixed-dimensional inputs of the input
     layers, which ``prep`` (a callable on the user's input batch) computes
-    concretely; ``names`` maps nodes to user-facing names (fx nodes);
-    ``backward`` is set by ``passes.backward``.
+    concretely; ``names`` maps nodes to user-facing names (fx nodes) and
+    ``sources`` those names to the user's source lines; ``backward`` is set by
+    ``passes.backward``.
     """
     builder: Builder
     readout: Any
@@ -93,6 +94,7 @@ class Program:
     prep: Callable
     input_shape: tuple
     names: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
     backward: Optional[BackwardProgram] = None
     positions: Positions = field(default_factory=Positions)
 

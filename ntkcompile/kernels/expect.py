@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import piecewise as pw
 from . import quadrature as quad
 
 
@@ -21,6 +22,16 @@ def const(x, like):
 def cf(fn, like, *ks):
     """Call a closed form with tensor arguments (constants become 0-d tensors)."""
     return fn(*[const(k, like) for k in ks])
+
+
+def pw1(phi, like, k):
+    """``E phi(z)`` for a piecewise polynomial ``phi`` (exact; ``kernels.piecewise``)."""
+    return pw.expect1(phi, const(k, like))
+
+
+def pw2(phi, psi, like, k11, k12, k22):
+    """``E phi(z1) psi(z2)`` for piecewise polynomials (exact; ``kernels.piecewise``)."""
+    return pw.expect2(phi, psi, const(k11, like), const(k12, like), const(k22, like))
 
 
 def _cov_matrix(entries, like):

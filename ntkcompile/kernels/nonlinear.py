@@ -32,6 +32,7 @@ from ..ir import walk
 from ..ir.builder import expr_breaks, expr_has_jump, expr_smooth, expr_uses_slot
 from ..plan import Add, Apply, Fn, Mul, Slot
 from . import expect
+from .piecewise_expr import as_piecewise
 from .quadrature import correlation
 
 # Sides of the left and right operand of each pair kind.  ``f1``/``f2`` pair two
@@ -52,6 +53,10 @@ class HVarExpectations:
             if fn is not None and fn.mean is not None:
                 return self.call(expect.cf, self.static(fn.mean, "mean"), self.like, var,
                                  note=(desc, f"closed form ({fn.name} mean)"))
+            p = as_piecewise(a.expr)
+            if p is not None:          # exact truncated-normal moments (kernels.piecewise)
+                return self.call(expect.pw1, self.static(p, "piecewise"), self.like, var,
+                                 note=(desc, "closed form (piecewise polynomial)"))
             body = yield from self.integrand(a.expr, [self.plan.make(Slot, None)], side, d)
             points = _split_points(a.expr)
             if points is not None:
@@ -138,15 +143,19 @@ class HVarExpectations:
                     return self.call(expect.cf, self.static(fa.vt_angle, "vta"), self.like, k11, k12, k22, theta,
                                      note=note)
                 return self.call(expect.cf, self.static(fa.vt, "vt"), self.like, k11, k12, k22, note=note)
+            pa, pb = as_piecewise(a.expr), as_piecewise(b.expr)
+            if pa is not None and pb is not None:      # exact truncated-normal moments
+                return self.call(expect.pw2, self.static(pa, "piecewise"), self.static(pb, "piecewise"), self.like,
+                                 k11, k12, k22, note=(desc, "closed form (piecewise polynomial)"))
             slot = self.plan.make(Slot, None)
             sa = yield from self.integrand(a.expr, [slot], left, pair, k)
             sb = yield from self.integrand(b.expr, [slot], right, pair, k)
             smooth = expr_smooth(a.expr) and expr_smooth(b.expr)
-            pa, pb = _points(a.expr), _points(b.expr)
-            if not smooth and pa is not None and pb is not None:
+            ta, tb = _points(a.expr), _points(b.expr)
+            if not smooth and ta is not None and tb is not None:
                 return self.call(split_q2, self.plan.make(Fn, sa), self.plan.make(Fn, sb), self.like,
-                                 k11, k12, k22, pa, pb, self.deg2, self.errors,
-                                 note=(desc, _split_note("2-D", tuple(sorted(set(pa + pb))), self.deg2)))
+                                 k11, k12, k22, ta, tb, self.deg2, self.errors,
+                                 note=(desc, _split_note("2-D", tuple(sorted(set(ta + tb))), self.deg2)))
             return self.call(expect.q2, self.plan.make(Fn, sa), self.plan.make(Fn, sb), self.like, k11, k12, k22,
                              self.deg2, self.errors, smooth,
                              note=(desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))

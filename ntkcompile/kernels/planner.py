@@ -98,10 +98,16 @@ class Planner(HVarExpectations):
 
     # ------------------------------------------------------------ driver
     def run(self, gen):
-        """Drive a rule generator to completion, answering its requests (memoized)."""
+        """Drive a rule generator to completion, answering its requests (memoized).
+
+        While a rule runs, the plan records its request as the origin of the plan
+        nodes it makes (``Plan.origin``): a value that goes wrong at run time can
+        then be traced back to the expectation and the IR nodes it came from.
+        """
         stack, value = [(None, gen)], None
         while True:
             key, g = stack[-1]
+            self.plan.context = key
             try:
                 request = g.send(value)
             except StopIteration as stop:
@@ -111,6 +117,7 @@ class Planner(HVarExpectations):
                     self.memo[key] = value
                     self._active.discard(key)
                 if not stack:
+                    self.plan.context = None
                     return value
                 continue
             if request in self.memo:

@@ -14,5 +14,5 @@ definitions into the tables of the stages that need them:
 Importing this package registers everything; docs/architecture.md walks through
 adding an op.
 """
-from . import activations, arith, concat, conv, linear, maximum, norm, pool, reduce, shape  # noqa: F401
+from . import activations, arith, compare, concat, conv, linear, maximum, norm, pool, reduce, shape  # noqa: F401
 from .elementwise import register_elementwise  # noqa: F401

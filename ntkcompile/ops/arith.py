@@ -14,7 +14,7 @@ import operator
 
 import torch
 
-from ..errors import WidthInferenceError
+from ..errors import InvalidModelError, WidthInferenceError
 from ..ir import SOp
 from ..passes.lower import Moment, Width, rule
 from ..passes.readout import POST_READOUT_SCALE
@@ -111,6 +111,8 @@ def _elementwise(name, fn):
 
 def _div(lw, node, a, b):
     if _is_number(b):
+        if b == 0:
+            raise lw.error(node, "a division by the number 0", InvalidModelError)
         return mul(lw, node, a, 1.0 / b)
     if isinstance(b, Moment):
         return mul(lw, node, a, Moment(lw.b.make(SOp, "pow", (b.s,), -1.0)))
@@ -133,12 +135,21 @@ def _pow_rule(lw, node, a, p):
     raise lw.unsupported(node)
 
 
-@rule(torch.sqrt, torch.rsqrt)
+@rule(torch.sqrt, torch.rsqrt, "sqrt", "rsqrt")
 def _sqrt_rule(lw, node, a):
-    p = 0.5 if node.target is torch.sqrt else -0.5
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    p = 0.5 if name == "sqrt" else -0.5
     if isinstance(a, Moment):
         return Moment(lw.b.spow(a.s, p))
-    return apply(lw, node, _elementwise(node.target.__name__, node.target), a)
+    return apply(lw, node, _elementwise(name, getattr(torch, name)), a)
+
+
+@rule(torch.norm, torch.linalg.norm, torch.linalg.vector_norm, "norm")
+def _norm_rule(lw, node, x, *args, **kwargs):
+    raise lw.error(node, "a norm over the width axis grows like sqrt(width): x / x.norm(...) has coordinates "
+                   "of order 1/sqrt(n) and no infinite-width limit in this parametrization. Normalize by the "
+                   "root mean square instead: x / x.pow(2).mean(-1, keepdim=True).sqrt() (or nn.RMSNorm)",
+                   WidthInferenceError)
 
 
 # After the readout: scaling by a number (the output is multiplied by the factor).

@@ -19,7 +19,7 @@ import torch
 from ..errors import WidthInferenceError
 from ..passes.lower import Moment, Width, rule
 from .elementwise import ELEMENTWISE
-from . import activations  # noqa: F401  (registers "abs")
+from . import activations  # noqa: F401  (registers "abs" before ELEMENTWISE is read)
 
 
 def _extremum(lw, node, a, b, sign):

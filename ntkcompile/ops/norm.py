@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WidthInferenceError
+from ..errors import InvalidModelError, WidthInferenceError
 from ..ir import Param, Var, node
 from ..ir.nodes import Atom
 from ..kernels.planner import COVARIANCE, NTK_TERMS, register
@@ -106,8 +106,14 @@ def _affine(lw, node, x, vec, name, gain_param, shift_param):
     return lw.width(node, vec, x.size, x.positions)
 
 
+def _check_eps(lw, node, eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < float("inf")):
+        raise lw.error(node, f"the normalization's eps must be a finite number >= 0, got {eps!r}", InvalidModelError)
+
+
 def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normalized_shape):
     bb = lw.b
+    _check_eps(lw, node, eps)
     if not isinstance(x, Width) or x.positions:
         raise lw.unsupported(node, "normalization of a non-width tensor or of a feature map with positions")
     ns = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
@@ -173,6 +179,7 @@ def _batchnorm_module(lw, node, m, x):
         raise lw.unsupported(node, "BatchNorm without running statistics")
     if not isinstance(x, Width):
         raise lw.unsupported(node, "BatchNorm of a fixed (non-width) tensor")
+    _check_eps(lw, node, m.eps)
     if not (torch.all(m.running_mean == 0) and torch.all(m.running_var == 1)):
         raise lw.error(node, f"the running statistics of '{node.target}' are not at initialization "
                        "(mean 0, variance 1); the kernel at initialization assumes them")

@@ -32,6 +32,7 @@ class GPool(Atom):
     consumes = True
     read_off = True
     mixes_positions = True
+    homogeneous = True
 
     @property
     def gaussian(self):

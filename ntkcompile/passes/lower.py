@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
-from ..errors import GIACheckError, UnsupportedOpError, WidthInferenceError
+from ..errors import GIACheckError, InputShapeError, UnsupportedOpError, WidthInferenceError
 from ..trace import describe, source_line
 from .prune import prune
 from .readout import SHAPE_ONLY, find_readout
@@ -128,6 +128,14 @@ class Lowering:
         self.example = example_input
         self.env: dict = {}
         self.names: dict = {}
+        self.sources: dict = {}        # fx node name -> the user's source line
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOpError(
+                f"the model's forward takes {len(placeholders)} tensor arguments "
+                f"({', '.join(n.name for n in placeholders)}); ntkcompile supports models of exactly one "
+                "input tensor. Wrap the model so that its forward takes one tensor (concatenate the "
+                "inputs, or fix the other arguments in a wrapper module).")
         self._shapes = _propagate_shapes(gm, example_input)
 
     # ------------------------------------------------------------------ utils
@@ -155,6 +163,7 @@ class Lowering:
         )
 
     def width(self, node, vec, size, positions=(), pool=None, pooled=()):
+        self.sources.setdefault(node.name, source_line(node))
         self.names.setdefault(vec, node.name)
         for _, var in vec.pieces:
             self.names.setdefault(var, node.name)
@@ -173,17 +182,13 @@ class Lowering:
             raise self.error(
                 node, f"an input layer expects a fixed input with {ndim} axes, got shape {tuple(shp)}")
         if node not in self.fixed_nodes:
+            self.sources.setdefault(node.name, source_line(node))
             self.fixed_nodes.append(node)
             self.fixed_dims.append(tuple(int(v) for v in shp[1:]))
         return self.fixed_nodes.index(node)
 
     # ------------------------------------------------------------------- walk
     def run(self) -> ir.Program:
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UnsupportedOpError(
-                f"the model's forward takes {len(placeholders)} tensor arguments; ntkcompile "
-                "supports exactly one input tensor")
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 break
@@ -194,7 +199,7 @@ class Lowering:
         program = ir.Program(
             builder=self.b, readout=self.readout,
             fixed_names=tuple(n.name for n in self.fixed_nodes), fixed_dims=tuple(self.fixed_dims),
-            prep=prep, input_shape=tuple(self.example.shape[1:]), names=self.names,
+            prep=prep, input_shape=tuple(self.example.shape[1:]), names=self.names, sources=self.sources,
         )
         return prune(program)
 
@@ -343,8 +348,15 @@ def _propagate_shapes(gm, example):
             return out
 
     # on a copy: a training-mode BatchNorm would update the user's running statistics
-    with torch.no_grad():
-        _Rec(copy.deepcopy(gm)).run(example)
+    try:
+        with torch.no_grad():
+            _Rec(copy.deepcopy(gm)).run(example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise InputShapeError(
+            f"the model does not run on inputs of shape (N, {', '.join(map(str, example.shape[1:]))}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. The kernel's input shape is "
+            "fixed by compile(..., input_shape=...) or by the first call; inputs are (N, *shape), batch "
+            "axis first") from e
     return shapes
 
 

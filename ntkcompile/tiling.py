@@ -1,0 +1,228 @@
+"""Evaluating a compiled kernel on batches: tiles, output arrays, memory, and checks.
+
+``CompiledKernel.__call__`` validates its arguments and calls ``evaluate``, which
+
+* computes the ``N1 x N2`` kernels tile by tile (against itself only the tiles on
+  and above the diagonal), into arrays it allocates or the caller gives (``out=``:
+  torch tensors or numpy arrays, a ``numpy.memmap`` included);
+* checks memory before allocating: the output against the memory available, one
+  tile's work (the most pair arrays alive at once, times the tile's entries)
+  against it too, and picks tile sizes within both;
+* evaluates positively homogeneous models (``passes.homogeneity``) on inputs
+  rescaled by a power of two, which is exact, so that inputs of any magnitude
+  keep finite intermediates;
+* checks every tile for NaN and inf; a value that is not finite re-runs the tile
+  with checking code and raises ``NonFiniteKernelError`` naming the first array
+  that went wrong, the model nodes and source lines it comes from, and the likely
+  cause (``diagnose``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from . import diagnose
+from .codegen import NonFiniteValue
+from .errors import KernelMemoryError, NonFiniteKernelError
+from .resources import available_memory
+
+_GETS = ("nngp", "ntk")
+_F64_BYTES = 8
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def _outputs(out, get, n1, n2, dtype, device):
+    """The arrays results are written into: the caller's (``out``) or new ones."""
+    if out is None:
+        need = n1 * n2 * len(get) * torch.finfo(dtype).bits // 8
+        have = available_memory()
+        if have is not None and need > have:
+            raise KernelMemoryError(
+                f"the kernels need {_bytes(need)} ({len(get)} x {n1} x {n2} {str(dtype).split('.')[-1]}) but "
+                f"{_bytes(have)} of memory are available. Pass out= arrays to write them into, e.g. "
+                f"numpy.memmap files on disk (out={{'ntk': numpy.lib.format.open_memmap('ntk.npy', 'w+', "
+                f"shape=({n1}, {n2}))}}), ask for fewer kernels (get='ntk'), or fewer inputs.")
+        return {name: torch.empty((n1, n2), dtype=dtype, device=device) for name in get}
+    if not isinstance(out, dict):
+        if len(get) != 1:
+            raise TypeError(f"out must be a dict {{name: array}} for the kernels {get}, got {type(out).__name__}")
+        out = {get[0]: out}
+    missing = [g for g in get if g not in out]
+    extra = [k for k in out if k not in get]
+    if missing or extra:
+        raise ValueError(f"out must hold exactly the kernels asked for {get}, got {sorted(out)}")
+    for name, arr in out.items():
+        if not (torch.is_tensor(arr) or isinstance(arr, np.ndarray)):
+            raise TypeError(f"out[{name!r}] must be a torch.Tensor or a numpy array (or memmap), "
+                            f"got {type(arr).__name__}")
+        if tuple(arr.shape) != (n1, n2):
+            raise ValueError(f"out[{name!r}] has shape {tuple(arr.shape)}, expected ({n1}, {n2})")
+        kind = arr.dtype.is_floating_point if torch.is_tensor(arr) else np.issubdtype(arr.dtype, np.floating)
+        if not kind:
+            raise TypeError(f"out[{name!r}] must have a floating dtype, got {arr.dtype}")
+    return out
+
+
+def _write(arr, rows, cols, block):
+    if torch.is_tensor(arr):
+        arr[rows, cols] = block.to(arr.dtype)
+    else:
+        arr[rows, cols] = block.detach().cpu().numpy().astype(arr.dtype, copy=False)
+
+
+def _scale_exponent(kfn, x1, x2) -> int:
+    """``e`` such that inputs times ``2^-e`` are of order 1, for homogeneous models whose
+    inputs are far from it (0 otherwise: no rescaling)."""
+    if not kfn._homogeneous:
+        return 0
+    m = max(float(x.abs().max()) if x.numel() else 0.0 for x in (x1, x2) if x is not None)
+    if m == 0.0 or 2.0 ** -60 < m < 2.0 ** 60:
+        return 0
+    return math.frexp(m)[1]
+
+
+def evaluate(kfn, x1, x2, get, tile_size, progress, out):
+    """The kernels of ``x1`` against ``x2`` (``x2 is None``: against itself); see the module."""
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    dtype = kfn.dtype
+    outputs = _outputs(out, get, n1, n2, dtype, x1.device)
+    if n1 == 0 or n2 == 0:
+        return outputs, {}
+    e = _scale_exponent(kfn, x1, x2)
+    if e:
+        x1 = torch.ldexp(x1, torch.tensor(-e))
+        x2 = None if x2 is None else torch.ldexp(x2, torch.tensor(-e))
+    want_ntk = "ntk" in get
+    live = max(kfn._function(mode, want_ntk)[0].live_arrays for mode in (True, False))
+    bs = tile_size or kfn._auto_tile(max(n1, n2), x1.device)
+    bs = _fit_memory(kfn, bs, live, tile_size is not None)
+    tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
+    errors = []
+    bar = _Progress(len(tiles), progress)
+    with torch.no_grad():
+        for i, j in tiles:
+            a = x1[i:i + bs]
+            self_tile = x2 is None and i == j
+            b = None if self_tile else (x1 if x2 is None else x2)[j:j + bs]
+            args = (a,) if self_tile else (a, b)
+            nngp, ntk, errs = kfn._function(self_tile, want_ntk)[0](*args)
+            errors += errs     # (kind, 0-d tensor) pairs, converted once at the end
+            for name, block in (("nngp", nngp), ("ntk", ntk)):
+                if name not in outputs:
+                    continue
+                if e:
+                    block = torch.ldexp(block, torch.tensor(2 * e))    # exact: a power of two
+                if not bool(torch.isfinite(block).all()):
+                    raise _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2)
+                if dtype != torch.float64 and not bool(torch.isfinite(block.to(dtype)).all()):
+                    raise NonFiniteKernelError(
+                        f"the {name} kernel overflows {dtype}: its largest entry is {float(block.abs().max()):.3g}; "
+                        "compute it in float64 (the default dtype)")
+                # closed forms and quadrature run in float64; float32 is rounded here
+                _write(outputs[name], slice(i, i + bs), slice(j, j + bs), block)
+                if x2 is None and i != j:
+                    _write(outputs[name], slice(j, j + bs), slice(i, i + bs), block.T)
+            bar.step()
+    bar.close()
+    worst = {}
+    for kind, err in errors:
+        worst[kind] = max(worst.get(kind, 0.0), float(err))
+        if not math.isfinite(float(err)):
+            worst[kind] = float("nan")
+            break
+    return outputs, worst
+
+
+def _fit_memory(kfn, bs, live, given):
+    """A tile side whose work (``live`` pair arrays) fits in the memory available."""
+    have = available_memory()
+    if have is None:
+        return bs
+    per_pair = kfn._pair_entries() * _F64_BYTES * live
+    budget = have // 2                      # leave room for the output, quadrature grids, torch
+    if per_pair > budget:
+        raise KernelMemoryError(
+            f"one pair of inputs needs about {_bytes(per_pair)} of work ({live} arrays of "
+            f"{kfn._pair_entries()} position pairs), more than the {_bytes(budget)} ntkcompile allows itself "
+            f"of the {_bytes(have)} available. Use smaller images, a flatten readout (which needs only "
+            f"aligned positions), or pooling earlier in the network.")
+    fits = max(1, int(math.sqrt(budget / per_pair)))
+    if bs > fits:
+        if given:
+            raise KernelMemoryError(
+                f"tile_size={bs} needs about {_bytes(per_pair * bs * bs)} of work per tile, more than "
+                f"{_bytes(budget)}; use tile_size={fits} or less (or leave it unset)")
+        bs = fits
+    return bs
+
+
+def _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2):
+    """The error for a tile whose kernel ``name`` is not finite (re-run with checking code)."""
+    x_max = max(float(x.abs().max()) for x in (x1, x2) if x is not None) * 2.0 ** e
+    try:
+        with torch.no_grad():
+            kfn._function(self_tile, want_ntk, check=True)[0](*args)
+    except NonFiniteValue as failure:
+        return NonFiniteKernelError(diagnose.explain(kfn._program, failure, name, x_max))
+    if e:
+        return NonFiniteKernelError(
+            f"the {name} kernel exceeds the range of float64: it scales with |x|^2 and the inputs are of "
+            f"scale {x_max:.3g}; rescale them")
+    return NonFiniteKernelError(f"the {name} kernel has NaN or inf entries, and no intermediate array does: "
+                                "please report this")
+
+
+class _Progress:
+    """A one-line progress bar on stderr for tiled kernel computations."""
+
+    _DELAY = 1.0    # seconds before an automatic bar appears: short runs stay quiet
+
+    def __init__(self, total, enabled):
+        self.total, self.done = total, 0
+        self.auto = enabled is None
+        self.enabled = (total >= 8) if enabled is None else bool(enabled)
+        self.shown = False
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self):
+        self.done += 1
+        el = time.perf_counter() - self.t0
+        due = self.done == self.total or el - (self.last - self.t0) >= 0.1   # <= 10 redraws/s
+        if self.enabled and due and (not self.auto or el >= self._DELAY):
+            self.shown, self.last = True, self.t0 + el
+            eta = el / self.done * (self.total - self.done)
+            width = 30
+            fill = int(width * self.done / self.total)
+            sys.stderr.write(f"\r[ntkcompile] [{'#' * fill}{'.' * (width - fill)}] "
+                             f"{self.done}/{self.total} tiles, {el:.1f}s elapsed, ~{eta:.1f}s left")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def warn_about(worst, degree):
+    """Warn when an error estimate is large (or NaN)."""
+    q = worst.get("quad")
+    if q is not None and not q <= QUAD_WARN:
+        warnings.warn(
+            f"ntkcompile: estimated quadrature error {q:.1e} (relative), from the change "
+            f"between {degree} nodes and half as many; steep activations at large "
+            f"pre-activation variances need more nodes: compile with a larger quadrature_degree, "
+            f"e.g. {2 * degree}. Kernels.quad_error reports the estimate.",
+            RuntimeWarning, stacklevel=3)
+
+
+# Quadrature error estimate above which a call warns.  The estimate is conservative
+# (true errors measured 30-250x smaller on tanh nets), so this means errors ~1e-6.
+QUAD_WARN = 1e-4
