@@ -4,16 +4,38 @@ Modules that have a Tensor Program rule (``passes.lower.MODULE_RULES``) stay
 leaves; everything else is traced through, so user-defined containers and
 custom ``forward`` methods work as written.  Stack traces are recorded so every
 later error can point at the user's source line.
+
+Functions registered as nonlinearities (``leaf_function``, called by
+``ntkcompile.register_elementwise``) stay single ``call_function`` nodes, as
+``torch.fx.wrap`` would keep them, without the user calling it: while the root
+``forward`` runs, every name through which a ``forward`` can reach such a
+function (its module's globals, its closure variables, module attributes, and
+the function's own module, for ``mylib.fn(x)``) is bound to a wrapper that
+records the call.  A function reached any other way is traced into; that is
+detected from the nodes' stack traces and reported with the ``torch.fx.wrap``
+line to add.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
+import types
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
+
+
+# id -> function: user nonlinearities, found by identity (the registry holds them alive)
+LEAF_FUNCTIONS: dict = {}
+
+
+def leaf_function(fn) -> None:
+    """Trace every call of ``fn`` as one ``call_function`` node (see the module docstring)."""
+    LEAF_FUNCTIONS[id(fn)] = fn
 
 
 class _Tracer(fx.Tracer):
@@ -24,6 +46,97 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return self._is_rule_module(m)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        # Patch inside fx's own patching (which runs between this and the call), so that
+        # a name the user did torch.fx.wrap is left to fx: it no longer holds the function.
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if not LEAF_FUNCTIONS:
+            return fn, args
+
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            undo = _bind_leaves(self, self.root)
+            try:
+                return fn(*a, **kw)
+            finally:
+                for restore in reversed(undo):
+                    restore()
+
+        return run, args
+
+
+def _is_leaf(value) -> bool:
+    return id(value) in LEAF_FUNCTIONS and LEAF_FUNCTIONS[id(value)] is value
+
+
+def _leaf(tracer, fn):
+    @functools.wraps(fn)
+    def leaf(*args, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+            return tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+    return leaf
+
+
+def _bind_leaves(tracer, root):
+    """Bind every name through which a ``forward`` can reach a registered function to
+    ``_leaf``; returns the functions that undo it."""
+    spaces, cells = {}, []
+    for m in root.modules():
+        spaces[id(m.__dict__)] = m.__dict__
+        for f in (getattr(type(m), "forward", None), m.__dict__.get("forward")):
+            f = getattr(f, "__func__", f)
+            if isinstance(f, types.FunctionType):
+                spaces[id(f.__globals__)] = f.__globals__
+                cells += f.__closure__ or ()
+    for fn in LEAF_FUNCTIONS.values():
+        if isinstance(getattr(fn, "__globals__", None), dict):
+            spaces[id(fn.__globals__)] = fn.__globals__
+    undo = []
+    for space in spaces.values():
+        for name, value in list(space.items()):
+            if _is_leaf(value):
+                space[name] = _leaf(tracer, value)
+                undo.append(functools.partial(space.__setitem__, name, value))
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:          # an empty cell
+            continue
+        if _is_leaf(value):
+            cell.cell_contents = _leaf(tracer, value)
+            undo.append(functools.partial(setattr, cell, "cell_contents", value))
+    return undo
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _check_leaves(graph) -> None:
+    """Refuse a trace that went *into* a registered function (it then lowers its insides)."""
+    if not LEAF_FUNCTIONS:
+        return
+    lines = {}
+    for fn in LEAF_FUNCTIONS.values():
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            for _, _, line in code.co_lines():
+                if line is not None:
+                    lines[(code.co_filename, line)] = fn
+    for node in graph.nodes:
+        for file, line in _FRAME.findall(node.meta.get("stack_trace") or ""):
+            fn = lines.get((file, int(line)))
+            if fn is not None:
+                name = getattr(fn, "__name__", repr(fn))
+                raise TraceError(
+                    f"torch.fx traced into the registered nonlinearity {name!r} ({file}, line {line}) "
+                    f"instead of keeping it as one op (at node '{node.name}'). ntkcompile keeps it when "
+                    "forward calls it through a global or imported name, a closure variable or a module "
+                    "attribute.\n  Reached otherwise (from a container such as a list, or from a helper "
+                    f"function in another module), call it by one of those names, or, for a helper, add "
+                    f"torch.fx.wrap({name!r}) at the top level of the helper's module, after {name} is "
+                    "defined or imported there.")
 
 
 def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
@@ -46,6 +159,7 @@ def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
             "ntkcompile needs a forward pass that torch.fx can trace symbolically "
             "(no data-dependent control flow)."
         ) from e
+    _check_leaves(graph)
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 

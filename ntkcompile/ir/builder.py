@@ -398,3 +398,50 @@ def expr_has_jump(expr) -> bool:
     """True if a nonlinearity in ``expr`` jumps (Stein's lemma with a.e. derivatives is then wrong)."""
     return walk.fold(expr, walk.by_type({ECall: lambda e, xs: e.fn.jumps or xs[0]},
                                         default=lambda e, xs: any(xs)), children=_expr_children)
+
+
+def expr_breaks(expr):
+    """``{slot: breaks}``: where ``expr`` may fail to be smooth along each slot, or None if unknown.
+
+    Known when every non-smooth nonlinearity in ``expr`` has known ``breaks`` and
+    is applied to one slot, affinely with constant coefficients (``phi(slot)``,
+    ``phi(a * slot + b)``: breaks at ``(t - b) / a``), possibly inside smooth
+    functions, sums and products: ``expr`` is then smooth away from those points
+    of that slot, so quadrature split there is exact on each piece, and its jumps
+    (for Stein's lemma) can only sit there.  ``phi(tanh(slot))``, ``phi(slot0 +
+    slot1)`` or a per-input coefficient give None.
+    """
+    def call(e, xs):
+        if e.fn.smooth:
+            return xs[0]
+        at = _affine_in_one_slot(e.arg)
+        if e.fn.breaks is None or at is None:
+            return None
+        slot, a, b = at
+        return {slot: tuple(sorted((t - b) / a for t in e.fn.breaks))}
+
+    def merge(e, xs):
+        if any(x is None for x in xs):
+            return None
+        out: dict = {}
+        for x in xs:
+            for slot, ts in x.items():
+                out[slot] = tuple(sorted(set(out.get(slot, ()) + ts)))
+        return out
+
+    return walk.fold(expr, walk.by_type({ESlot: lambda e, _: {}, EConst: lambda e, _: {}, ECall: call},
+                                        default=merge), children=_expr_children)
+
+
+def _affine_in_one_slot(e):
+    """``(slot, a, b)`` if ``e`` is ``a * slot + b`` with constants ``a != 0``, ``b``; else None."""
+    if isinstance(e, ESlot):
+        return e.index, 1.0, 0.0
+    if not isinstance(e, ELin) or not all(isinstance(c, SConst) for c, _ in e.terms):
+        return None
+    slots = [(c.value, x.index) for c, x in e.terms if isinstance(x, ESlot)]
+    b = sum(c.value * x.value for c, x in e.terms if isinstance(x, EConst))
+    if len(slots) != 1 or slots[0][0] == 0.0 or len(e.terms) != len(slots) + sum(
+            isinstance(x, EConst) for _, x in e.terms):
+        return None
+    return slots[0][1], slots[0][0], b

@@ -3,24 +3,37 @@
 Part of the planner (``kernels.planner.Planner`` inherits these methods):
 
 * G x H, Stein's lemma: ``E[g f(h)] = sum_j Cov(g, h_j) E[d_j f(h)]`` (exact, also
-  for kinks); a function with jumps goes to the joint evaluator instead;
+  for kinks).  For ``f`` with jumps ``d_j f`` is the distributional derivative:
+  for ``f`` of one slot ``z ~ N(0, k)`` whose jumps are known (``expr_breaks``),
+  ``E[f'(z)] = E[f'_ae(z)] + sum_t (f(t+) - f(t-)) p_z(t)`` (``jump_mass``);
+  otherwise the joint evaluator (approximate, with its error reported);
 * H x H: a closed-form V-transform when both are the same named nonlinearity of
   one Gaussian (``ir.Elementwise.vt``, with the arc-cosine angle shared between
-  ``phi`` and ``phi'``), else the trapezoidal rule in 2-D; with more slots,
-  independent groups of slots factorize into a product of expectations (TP II:
-  factorize first), and what remains goes to the N-D evaluator (quadrature up to
-  rank 3, Monte Carlo beyond, with a reported error);
-* first moments ``E[h]`` the same way in 1-D.
+  ``phi`` and ``phi'``), else the trapezoidal rule in 2-D, or for piecewise
+  smooth functions with known breaks Gauss-Legendre split at the breaks
+  (``split_q2``); with more slots, independent groups of slots factorize into a
+  product of expectations (TP II: factorize first), and what remains goes to
+  the N-D evaluator (quadrature up to rank 3, Monte Carlo beyond, with a
+  reported error);
+* first moments ``E[h]`` the same way in 1-D (``split_q1`` with breaks).
+
+The runtime helpers for jumps and split quadrature are at the end of this file.
 """
 from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
 
 from ..ir import Var
 from ..ir import nodes as irn
 from ..ir import walk
-from ..ir.builder import expr_has_jump, expr_smooth, expr_uses_slot
+from ..ir.builder import expr_breaks, expr_has_jump, expr_smooth, expr_uses_slot
 from ..plan import Add, Apply, Fn, Mul, Slot
 from . import expect
 from .piecewise_expr import as_piecewise
+from .quadrature import correlation
 
 # Sides of the left and right operand of each pair kind.  ``f1``/``f2`` pair two
 # vectors on the *same* input at every pair of positions ``(N, *P, *P)`` (needed
@@ -45,6 +58,10 @@ class HVarExpectations:
                 return self.call(expect.pw1, self.static(p, "piecewise"), self.like, var,
                                  note=(desc, "closed form (piecewise polynomial)"))
             body = yield from self.integrand(a.expr, [self.plan.make(Slot, None)], side, d)
+            points = _split_points(a.expr)
+            if points is not None:
+                return self.call(split_q1, self.plan.make(Fn, body), var, self.like, points, self.deg1,
+                                 self.errors, note=(desc, _split_note("1-D", points, self.deg1)))
             return self.call(expect.q1, self.plan.make(Fn, body), var, self.like, self.deg1, self.errors,
                              expr_smooth(a.expr), options=(self.tol,),
                              note=(desc, self._quad_note(f"quadrature(1-D, deg={self.deg1})", a.expr)))
@@ -71,17 +88,34 @@ class HVarExpectations:
         gvar = self.b.atom_var(g)
         if all(self.independent(gvar, s) for s in h.gargs):
             return None
+        jumps = None
         if expr_has_jump(h.expr):
-            desc = f"E[{self.label(a)} {self.label(b)}'] ({pair})"
-            return (yield from self._general(desc, a, b, pair))
+            breaks = expr_breaks(h.expr) if len(h.gargs) == 1 else None
+            if breaks is None:
+                desc = f"E[{self.label(a)} {self.label(b)}'] ({pair})"
+                return (yield from self._general(desc, a, b, pair))
+            jumps = breaks.get(0, ())
         terms = []
         for j, s in enumerate(h.gargs):
             cov = yield from (self.cov(gvar, s, pair) if g_left else self.cov(s, gvar, pair))
             if cov is None:
                 continue
-            dmean = yield from self.mean(self.partial(h, j), hside)
+            dmean = yield from self.mean(self.partial(h, j), hside)    # of the a.e. derivative
+            if jumps:
+                dmean = self.plan.add([dmean, (yield from self._jump_mass(h, hside, jumps))])
             terms.append(self.plan.mul(cov, self.lift(dmean, hside, pair, self.k(a, b))))
         return self.plan.add(terms)
+
+    def _jump_mass(self, h, side, points):
+        """The delta terms of ``E[f'(z)]`` for an H-atom ``f(z)`` of one slot with jumps only
+        at ``points``: ``sum_t (f(t+) - f(t-)) p_z(t)`` (a per-input array of ``side``)."""
+        d = f"d{side}"
+        var = yield from self.cov(h.gargs[0], h.gargs[0], d)
+        body = yield from self.integrand(h.expr, [self.plan.make(Slot, None)], side, d)
+        return self.call(jump_mass, self.plan.make(Fn, body), var, self.like, points,
+                         note=(f"E[d/dz {self.label(h)}], its jumps ({d})",
+                               f"Stein's lemma, delta terms at z = {_fmt(points)}: exact "
+                               f"(sizes f(t+-{_DELTA:g} max(1, |t|)))"))
 
     def partial(self, h, j) -> Var:
         """``d h / d slot_j`` as a Var (a derivative: it lives in the backward program)."""
@@ -117,6 +151,11 @@ class HVarExpectations:
             sa = yield from self.integrand(a.expr, [slot], left, pair, k)
             sb = yield from self.integrand(b.expr, [slot], right, pair, k)
             smooth = expr_smooth(a.expr) and expr_smooth(b.expr)
+            ta, tb = _points(a.expr), _points(b.expr)
+            if not smooth and ta is not None and tb is not None:
+                return self.call(split_q2, self.plan.make(Fn, sa), self.plan.make(Fn, sb), self.like,
+                                 k11, k12, k22, ta, tb, self.deg2, self.errors,
+                                 note=(desc, _split_note("2-D", tuple(sorted(set(ta + tb))), self.deg2)))
             return self.call(expect.q2, self.plan.make(Fn, sa), self.plan.make(Fn, sb), self.like, k11, k12, k22,
                              self.deg2, self.errors, smooth, options=(self.tol,),
                              note=(desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))
@@ -243,6 +282,26 @@ class HVarExpectations:
         return walk.fold(expr, rule, children=_expr_children)
 
 
+def _points(expr):
+    """The breaks of a one-slot expression (``()`` if smooth), or None if unknown."""
+    breaks = expr_breaks(expr)
+    return None if breaks is None else breaks.get(0, ())
+
+
+def _split_points(expr):
+    """The breaks to split the quadrature of a one-slot expression at; None: use the plain rule."""
+    return None if expr_smooth(expr) else _points(expr)
+
+
+def _fmt(points):
+    return ", ".join(f"{t:g}" for t in points) or "none"
+
+
+def _split_note(dims, points, degree):
+    return (f"quadrature({dims}, Gauss-Legendre, {_nodes(degree)} nodes per piece, "
+            f"split at z = {_fmt(points)})")
+
+
 def _single_call(expr):
     if isinstance(expr, irn.ECall) and isinstance(expr.arg, irn.ESlot):
         return expr.fn
@@ -253,3 +312,153 @@ def _expr_children(e):
     if isinstance(e, irn.ELin):
         return tuple(x for _, x in e.terms)
     return e.children() if isinstance(e, irn.Expr) else ()
+
+
+# ------------------------------------------------ runtime: jumps and split quadrature
+#
+# Called by the generated code, like ``kernels.expect``.  A piecewise smooth
+# integrand with known breaks is integrated exactly piece by piece: Gauss-Legendre
+# with the Gaussian weight on each piece between the breaks and a base mesh of
+# pieces at most 3 standard deviations long, on [-9, 9] (the N(0, 1) mass outside
+# is 2e-19, as for ``quadrature.trapezoid``).  Measured on E step(z1) step(z2)
+# against (pi - arccos c) / (2 pi), 12 nodes per piece: error below 2e-11 for every
+# c in [-1, 1], including c -> +-1 (the trapezoidal rule: 1e-2).
+
+_L = 9.0
+_BASE = (-9.0, -6.0, -3.0, 0.0, 3.0, 6.0, 9.0)
+# In 2-D, z2 = s2 (c u + s v), s = sqrt(1 - c^2): for each u, g's breaks in v are
+# exact cuts, but the v-average of g then turns from one side of a break to the
+# other over a width eps = s / |c| in u, a near-jump when c -> +-1.  Cuts graded
+# geometrically around it resolve that ramp at every scale down to eps.
+_GRADING = (1.0, 8.0, 64.0, 512.0, 4096.0)
+# One-sided values f(t+-) are read at t +- _DELTA max(1, |t|): far above the
+# rounding of a located break, far below any smooth variation that matters.
+_DELTA = 1e-12
+_CHUNK = 2**18          # entries of a (v nodes, u chunk, *batch) grid, as kernels.quadrature
+_LEGENDRE: dict = {}
+
+
+def _nodes(degree):
+    """Gauss-Legendre nodes per piece for a quadrature ``degree``: 12 at the 2-D default 96."""
+    return max(4, int(degree) // 8)
+
+
+def _legendre(n, device):
+    rule = _LEGENDRE.get(n)
+    if rule is None:
+        rule = _LEGENDRE[n] = tuple(torch.tensor(a, dtype=torch.float64)
+                                    for a in np.polynomial.legendre.leggauss(n))
+    return tuple(t.to(device) for t in rule)
+
+
+def _ratio(num, den):
+    """``num / den``, and ``inf`` where ``den = 0`` (a cut that never comes: clipped away)."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), math.inf)
+
+
+def _edges(like, cuts):
+    """Sorted edges ``(E, *like.shape)``: the base mesh and the ``cuts``, clipped to [-9, 9]."""
+    base = [torch.full_like(like, e) for e in _BASE]
+    cuts = [torch.broadcast_to(c, like.shape).clamp(-_L, _L) for c in cuts]
+    return torch.stack(base + cuts).sort(0).values
+
+
+def _pieces(edges, n):
+    """Nodes and ``N(0, 1)`` weights of ``n``-point Gauss-Legendre on each piece between
+    ``edges``: ``((E - 1) n, *batch)`` each (a zero-length piece gets weight 0)."""
+    x, w = _legendre(n, edges.device)
+    shape = (1, n) + (1,) * (edges.ndim - 1)
+    a, b = edges[:-1].unsqueeze(1), edges[1:].unsqueeze(1)
+    half = 0.5 * (b - a)
+    u = (a + half) + half * x.reshape(shape)
+    wt = half * w.reshape(shape) * torch.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
+    return u.flatten(0, 1), wt.flatten(0, 1)
+
+
+def _estimate(errors, value, rule, n):
+    # Each piece is smooth, where Gauss-Legendre converges geometrically: the smooth
+    # estimate (the change from n/2 nodes, squared).  Measured conservative: for
+    # g + step(g) tanh(g) (variances to 10) 3e-5 reported, 1.4e-6 true at 12 nodes;
+    # for step x step 4e-13 reported, 1e-15 true.  A break that no nonlinearity
+    # declares (a jump of phi'' such as x^2 step(x)) converges algebraically instead.
+    expect._record_estimate(errors, value, rule, n, True, floor=4)
+
+
+def jump_mass(f, var, like, points):
+    """``sum_t (f(t+) - f(t-)) p(t)``, ``p`` the density of ``N(0, var)``: what the jumps of
+    ``f`` add to ``E f'(z)`` (Stein's lemma with the distributional derivative).
+
+    ``var = 0`` (``z = 0`` exactly) gives 0: Stein's lemma multiplies it by a
+    covariance that is then 0 too.
+    """
+    var = expect.const(var, like)
+    t = torch.tensor(points, dtype=var.dtype, device=var.device).reshape(-1, *([1] * var.ndim))
+    m = t.shape[0]
+    delta = _DELTA * t.abs().clamp_min(1.0)
+    z = torch.broadcast_to(torch.cat([t + delta, t - delta]), (2 * m, *var.shape)).clone()
+    fz = f(z)
+    positive = var > 0
+    v = torch.where(positive, var, 1.0)
+    density = torch.where(positive, torch.exp(-0.5 * t * t / v) / (2.0 * math.pi * v).sqrt(), 0.0)
+    return ((fz[:m] - fz[m:]) * density).sum(0)
+
+
+def split_q1(f, var, like, points, degree, errors):
+    """``E f(z)``, ``z ~ N(0, var)``, for ``f`` smooth away from ``points``: Gauss-Legendre
+    on the pieces between them; the error estimate is appended to ``errors``."""
+    var = expect.const(var, like)
+    sd = var.clamp_min(0.0).sqrt()
+    cuts = [_ratio(torch.full_like(sd, t), sd) for t in points]
+
+    def rule(n, absolute):
+        u, w = _pieces(_edges(sd, cuts), n)
+        fz = f(u * sd)
+        return (w * (fz.abs() if absolute else fz)).sum(0)
+
+    n = _nodes(degree)
+    value = rule(n, False)
+    _estimate(errors, value, rule, n)
+    return value
+
+
+def split_q2(f, g, like, k11, k12, k22, pf, pg, degree, errors):
+    """``E f(z1) g(z2)`` for ``f``, ``g`` smooth away from ``pf``, ``pg``.
+
+    The factorization of ``quadrature.expect_2d``: ``z1 = s1 u``,
+    ``z2 = s2 (c u + s v)``.  The ``u`` axis is cut at ``f``'s breaks ``t / s1`` and,
+    graded (``_GRADING``), where ``g``'s break ``t`` crosses the centre of the ``v``
+    average (``u = t / (s2 c)``); for each ``u`` node the ``v`` axis is cut at
+    ``g``'s breaks ``(t / s2 - c u) / s``.  Every piece is then smooth.
+    """
+    k11, k12, k22 = torch.broadcast_tensors(*(expect.const(k, like) for k in (k11, k12, k22)))
+    s1, s2 = k11.clamp_min(0.0).sqrt(), k22.clamp_min(0.0).sqrt()
+    _, c = correlation(k11, k12, k22)
+    s = (1.0 - c * c).clamp_min(0.0).sqrt()
+    tg = [_ratio(torch.full_like(s2, t), s2) for t in pg]          # g's breaks in units of s2
+    ok = (c != 0) & (s2 > 0)
+    cut_u = [_ratio(torch.full_like(s1, t), s1) for t in pf]
+    for t in tg:
+        u0 = torch.where(ok, _ratio(torch.where(ok, t, 0.0), c), _L)
+        eps = torch.where(ok, _ratio(s, c.abs()), 0.0)
+        cut_u += [u0] + [u0 + sign * k * eps for k in _GRADING for sign in (1.0, -1.0)]
+
+    def rule(n, absolute):
+        u, wu = _pieces(_edges(c, cut_u), n)                     # (Qu, *batch)
+        fu = f(u * s1)
+        qv = (len(_BASE) - 1 + len(tg)) * n
+        step = max(1, _CHUNK // max(1, qv * math.prod(c.shape)))
+        inner = []
+        for i in range(0, u.shape[0], step):
+            uc = u[i:i + step]                                    # (C, *batch)
+            v, wv = _pieces(_edges(uc, [_ratio(t - c * uc, s) for t in tg]), n)    # (Qv, C, *batch)
+            z2 = s2 * (c * uc + s * v)
+            gz = g(z2.reshape(-1, *z2.shape[2:])).reshape(z2.shape)
+            inner.append((wv * (gz.abs() if absolute else gz)).sum(0))
+        fu = fu.abs() if absolute else fu
+        return (wu * fu * torch.cat(inner, 0)).sum(0)
+
+    n = _nodes(degree)
+    value = rule(n, False)
+    _estimate(errors, value, rule, n)
+    return value

@@ -108,6 +108,7 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
             mean=lambda k: (a + b) * (f64(k).clamp_min(0.0) / (2.0 * PI)).sqrt(),
             dmean=lambda k: torch.full_like(f64(k), (a - b) / 2.0),
             smooth=False,
+            breaks=(0.0,),
             vt_angle=vt_angle,
             dvt_angle=dvt_angle,
             piecewise=_family_piecewise(fn, (0.0, -b), (0.0, a)),
@@ -130,6 +131,7 @@ def _step_family(name: str, fn, a: float, b: float) -> Elementwise:
             deriv=torch.zeros_like,
             smooth=False,
             jumps=True,
+            breaks=(0.0,),
             vt_angle=vt_angle,
             piecewise=_family_piecewise(fn, (b,), (a,)),
         )
@@ -427,7 +429,7 @@ activation(build=_relu6, modules=(nn.ReLU6,), functions=(F.relu6,))
 
 
 def _piecewise(name, fn, p) -> Elementwise:
-    return Elementwise(name=name, fn=fn, smooth=False, piecewise=p, **pw.moments(p))
+    return Elementwise(name=name, fn=fn, smooth=False, breaks=p.breaks, piecewise=p, **pw.moments(p))
 
 
 activation(_piecewise("hardsigmoid", F.hardsigmoid, pw.hardsigmoid()), modules=(nn.Hardsigmoid,),

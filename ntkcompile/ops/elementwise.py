@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..ir import Elementwise
 from ..kernels.compat import compiling
 from ..passes.lower import Fixed, Width, rule as lowering_rule
+from ..trace import leaf_function
 
 __all__ = ["ELEMENTWISE", "activation", "apply", "from_callable", "from_function", "from_method",
            "from_module", "intern", "register", "register_elementwise"]
@@ -151,22 +152,173 @@ def activation(entry: Optional[Elementwise] = None, *, build: Optional[Callable[
 
 
 def register_elementwise(
-    fn: Callable[[Tensor], Tensor], name: str, *, smooth: bool = True, **closed_forms
+    fn: Callable[[Tensor], Tensor], name: str, *, jumps: Optional[Sequence] = None,
+    smooth: Optional[bool] = None, **closed_forms
 ) -> Elementwise:
     """Register a user nonlinearity ``fn`` (called as ``fn(x)`` in the model).
 
+    ``fn`` must map a float64 tensor to a float64 tensor of the same shape,
+    elementwise, finite everywhere.  The model may call it by name in its
+    ``forward`` (a global, an import, a closure variable or a module attribute):
+    tracing keeps it as one op (no ``torch.fx.wrap`` needed).
+
+    ``jumps`` declares where ``phi`` jumps: locations ``t`` (the sizes
+    ``phi(t+) - phi(t-)`` are measured from ``fn``), ``(t, size)`` pairs (checked
+    against ``fn``), or ``()`` for none.  Undeclared, jumps and kinks are found
+    numerically on [-12, 12] (``_breaks``); declared, they are still checked there.
+    Known jumps make Stein's lemma exact (delta terms, ``kernels.nonlinear``) and
+    known jumps and kinks split quadrature there.  ``smooth`` defaults to whether
+    any were found; ``smooth=True`` for a function with jumps or kinks is an error.
+
     ``closed_forms`` may give any of ``vt``, ``dvt``, ``mean``, ``dmean``, ``deriv``
-    (see ``ir.Elementwise``); missing moments are evaluated by quadrature.
+    (see ``ir.Elementwise``: for a function with jumps ``dvt``, ``dmean`` and
+    ``deriv`` are of the a.e. derivative); missing moments are evaluated by
+    quadrature.
     """
     allowed = {"vt", "dvt", "mean", "dmean", "deriv"}
     unknown = set(closed_forms) - allowed
     if unknown:
         raise ValueError(f"register_elementwise: unknown closed forms {sorted(unknown)}; valid: {sorted(allowed)}")
+    if not callable(fn):
+        raise TypeError(f"register_elementwise: fn must be a callable elementwise function, got {fn!r}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_elementwise: name must be a non-empty string, got {name!r}")
     if fn in _FUNCTIONS:
         raise ValueError(f"register_elementwise: {fn!r} already resolves to a nonlinearity")
     if name in ELEMENTWISE:
         raise ValueError(f"an elementwise nonlinearity named {name!r} is already registered")
-    return activation(Elementwise(name=name, fn=fn, smooth=smooth, **closed_forms), functions=(fn,))
+    where = f"register_elementwise({name!r})"
+    _check_elementwise(fn, where)
+    entry = Elementwise(name=name, fn=fn, **closed_forms)
+    found = _breaks(fn, where, "fn")
+    kinks = [t for t, _ in _breaks(entry.derivative, where, "its derivative (autograd, or deriv=)")]
+    found_at = [t for t, _ in found]
+    at = found if jumps is None else _declared(fn, where, jumps, found_at)
+    breaks = tuple(sorted({t for t, _ in at} | set(kinks)))
+    if smooth and breaks:
+        what = [f"a jump at {t:g} (by {size:g})" for t, size in at] + \
+            [f"a kink at {t:g}" for t in kinks if t not in found_at]
+        raise ValueError(f"{where}: smooth=True, but fn has {', '.join(what)}; "
+                         "leave smooth= out (it is then found) or pass smooth=False")
+    entry = dataclasses.replace(entry, smooth=not breaks if smooth is None else bool(smooth),
+                                jumps=bool(at), breaks=breaks)
+    activation(entry, functions=(fn,))
+    leaf_function(fn)
+    return entry
+
+
+# A user nonlinearity is checked on a grid of cells of 1e-3 on [-12, 12].  A jump of
+# size s makes a cell's change differ by about s from its neighbours' (a smooth
+# function's by h^2 |f''| ~ 1e-6 |f''|, whatever its slope); the _CANDIDATES cells
+# that differ most are bisected 64 times towards where fn changes most.  A jump
+# keeps its size as a cell shrinks to adjacent floats; a continuous function's
+# change vanishes there (below 1e-9 of its range unless its slope exceeds ~1e5 of it).
+_SCAN, _CELLS, _CANDIDATES, _BISECTIONS, _MAX_BREAKS = 12.0, 24000, 256, 64, 64
+
+
+def _grid() -> Tensor:
+    return torch.linspace(-_SCAN, _SCAN, _CELLS + 1, dtype=_F64)
+
+
+def _check_elementwise(fn, where):
+    """``fn`` maps float64 tensors to float64 tensors of the same shape, elementwise and finite."""
+    x = _grid()
+    try:
+        y = fn(x)
+        y2 = fn(x[:-1].reshape(2, -1))
+    except Exception as e:
+        raise ValueError(f"{where}: fn(x) failed for a float64 tensor x: {type(e).__name__}: {e}") from e
+    for xi, yi in ((x, y), (x[:-1].reshape(2, -1), y2)):
+        if not isinstance(yi, Tensor) or yi.shape != xi.shape or yi.dtype != _F64:
+            got = (f"{yi.dtype} tensor of shape {tuple(yi.shape)}" if isinstance(yi, Tensor)
+                   else type(yi).__name__)
+            raise ValueError(f"{where}: fn must map a float64 tensor to a float64 tensor of the same shape "
+                             f"(for x of shape {tuple(xi.shape)} it returned a {got}); "
+                             "write comparisons as e.g. (x > 0).to(x.dtype)")
+    bad = ~torch.isfinite(y)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{where}: fn returns {float(y[i])} at x = {float(x[i]):g}; a nonlinearity must be "
+                         "finite on the whole real line (the Gaussian expectations integrate over all of it)")
+    if not torch.allclose(y2.reshape(-1), y[:-1], rtol=1e-12, atol=1e-12):
+        raise ValueError(f"{where}: fn is not elementwise (fn(x.reshape(2, -1)) differs from fn(x) reshaped)")
+
+
+def _breaks(f, where, what):
+    """``[(t, f(t+) - f(t-))]``: where ``f`` jumps on [-12, 12] (see ``_SCAN``)."""
+    x = _grid()
+    try:
+        y = f(x)
+        d = y[1:] - y[:-1]
+        before, after = torch.cat([d[:1], d[:-1]]), torch.cat([d[1:], d[-1:]])
+        cells = (d - 0.5 * (before + after)).abs().topk(_CANDIDATES).indices.sort().values
+        lo, hi, ylo, yhi = x[cells], x[cells + 1], y[cells], y[cells + 1]
+        for _ in range(_BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            ym = f(mid)
+            first = (ym - ylo).abs() >= (yhi - ym).abs()       # the first half changes more
+            lo, ylo = torch.where(first, lo, mid), torch.where(first, ylo, ym)
+            hi, yhi = torch.where(first, mid, hi), torch.where(first, ym, yhi)
+    except Exception as e:
+        raise ValueError(f"{where}: evaluating {what} failed: {type(e).__name__}: {e}") from e
+    size = yhi - ylo
+    found = (size.abs() > 1e-9 * (1.0 + float(y.abs().max()))).nonzero().flatten().tolist()
+    if len(found) > _MAX_BREAKS:
+        raise ValueError(f"{where}: {what} is discontinuous at more than {_MAX_BREAKS} points of [-12, 12] (e.g. it "
+                         "rounds, or computes in float32): compute in float64, or register a smooth function")
+    groups: list = []          # a break at a grid point shows in both cells beside it: merge
+    for i in found:
+        a, b, sz = float(lo[i]), float(hi[i]), float(size[i])
+        if groups and a - groups[-1][1] <= 1e-9 * max(1.0, abs(a)):
+            groups[-1] = (groups[-1][0], b, groups[-1][2] + sz)
+        else:
+            groups.append((a, b, sz))
+    return [(_round(a, b), sz) for a, b, sz in groups if abs(sz) > 1e-9 * (1.0 + float(y.abs().max()))]
+
+
+def _round(a: float, b: float) -> float:
+    """The shortest decimal in ``[a, b]`` (``0.7`` rather than ``0.7000000000000001``)."""
+    mid = 0.5 * (a + b)
+    for digits in range(17):
+        t = round(mid, digits)
+        if a <= t <= b:
+            return t + 0.0      # no -0.0
+    return mid
+
+
+def _jump_at(fn, t: float) -> float:
+    """``fn(t+) - fn(t-)``, read at ``t +- 1e-12 max(1, |t|)`` (as ``kernels.nonlinear.jump_mass``)."""
+    d = 1e-12 * max(1.0, abs(t))
+    y = fn(torch.tensor([t + d, t - d], dtype=_F64))
+    return float(y[0] - y[1])
+
+
+def _declared(fn, where, jumps, found_at):
+    """The declared jumps as ``[(t, size)]``, checked against ``fn`` and against those found."""
+    if isinstance(jumps, (bool, str)) or not isinstance(jumps, Sequence):
+        raise TypeError(f"{where}: jumps must be a sequence of locations t or of (t, size) pairs, "
+                        f"or () for none; got {jumps!r}")
+    out = []
+    for item in jumps:
+        pair = isinstance(item, Sequence) and not isinstance(item, str)
+        try:
+            t, size = (float(item[0]), float(item[1])) if pair and len(item) == 2 else (float(item), None)
+        except (TypeError, ValueError):
+            t = size = math.nan
+        if not math.isfinite(t) or (size is not None and not math.isfinite(size)):
+            raise TypeError(f"{where}: a jump must be a location t or a (t, size) pair of numbers, got {item!r}")
+        measured = _jump_at(fn, t)
+        if abs(measured) <= 1e-9 * max(1.0, abs(measured)):
+            raise ValueError(f"{where}: jumps declares a jump at {t:g}, but fn does not jump there "
+                             f"(fn(t+) - fn(t-) = {measured:g})")
+        if size is not None and abs(measured - size) > 1e-6 * max(1.0, abs(size)):
+            raise ValueError(f"{where}: jumps declares a jump of {size:g} at {t:g}, but fn jumps by {measured:g}")
+        out.append((t, measured if size is None else size))
+    missing = [t for t in found_at if all(abs(t - d) > 1e-6 * max(1.0, abs(t)) for d, _ in out)]
+    if missing:
+        raise ValueError(f"{where}: fn also jumps at {', '.join(f'{t:g}' for t in missing)}: declare every "
+                         "jump in jumps= (or leave jumps= out to have them found)")
+    return sorted(out)
 
 
 # ------------------------------------------------------------------ resolution

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ntkcompile.ir import Elementwise
-from ntkcompile.ops import elementwise as ew
 from ntkcompile.ops.elementwise import (
     ELEMENTWISE,
     from_callable,
@@ -18,8 +17,8 @@ from ntkcompile.ops.elementwise import (
     register,
     register_elementwise,
 )
-from ntkcompile.passes import lower
 from ntkcompile.kernels.quadrature import expect_1d, expect_2d
+from helpers.registry import restore_registry  # noqa: F401  (a fixture)
 
 F64 = torch.float64
 VARIANCES = (0.3, 1.0, 2.5)
@@ -344,14 +343,6 @@ def test_method_with_unsupported_arguments_raises():
 
 
 # --------------------------------------------------------------------- registry
-
-
-@pytest.fixture
-def restore_registry():
-    saved = [(t, dict(t)) for t in (ELEMENTWISE, ew._FUNCTIONS, lower.FUNCTION_RULES)]
-    yield
-    for table, content in saved:
-        table.clear(), table.update(content)
 
 
 def test_double_registration_raises(restore_registry):
