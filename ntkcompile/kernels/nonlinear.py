@@ -378,11 +378,10 @@ def _pieces(edges, n):
 
 def _estimate(errors, value, rule, n):
     # Each piece is smooth, where Gauss-Legendre converges geometrically: the smooth
-    # estimate (the change from n/2 nodes, squared).  Measured conservative: for
-    # g + step(g) tanh(g) (variances to 10) 3e-5 reported, 1.4e-6 true at 12 nodes;
-    # for step x step 4e-13 reported, 1e-15 true.  A break that no nonlinearity
-    # declares (a jump of phi'' such as x^2 step(x)) converges algebraically instead.
-    expect._record_estimate(errors, value, rule, n, True, floor=4)
+    # estimate (expect._entry_error, from n, n/2 and n/4 nodes).  A break that no
+    # nonlinearity declares (a jump of phi'' such as x^2 step(x)) converges
+    # algebraically instead.
+    expect._refine(errors, "quad", rule, n, True, 4, None, value)
 
 
 def jump_mass(f, var, like, points):

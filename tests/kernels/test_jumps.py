@@ -187,7 +187,8 @@ def test_split_q2_on_steps_at_every_correlation():
     value, errors = _q2(ustep, ustep, k11, c * 1.0, k22)
     exact = (math.pi - torch.arccos(c)) / (2 * math.pi)
     assert (value - exact).abs().max() < 1e-10
-    assert errors[0][0] == "quad" and float(errors[0][1]) < 1e-8
+    # the estimate (expect._entry_error) is an honest bound, far above the true 1e-10 here
+    assert errors[0][0] == "quad" and 1e-10 < float(errors[0][1]) < 1e-5
     # zero variances: z = 0 exactly, and step(0) = 0; x step(x - t) has its break off zero
     value, _ = _q2(lambda z: z + 1.0, ustep, torch.tensor([0.0, 1.0, 0.0]), torch.zeros(3), torch.tensor([1.0, 0.0, 0.0]))
     assert torch.allclose(value, torch.tensor([0.5, 0.0, 0.0], dtype=F64), atol=1e-14)
