@@ -22,13 +22,13 @@ from torch import nn
 
 from . import codegen, ops  # noqa: F401  (ops: registers every rule)
 from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
+from .export import graph_of, is_exported_program
 from .ir.printer import format_program
 from .ir.verify import verify
 from .kernels.planner import aligned_positions, plan_kernels
 from .passes.backward import backward
 from .passes.lower import is_rule_module, lower
 from .plan import expectations
-from .trace import trace
 
 _GETS = ("nngp", "ntk")
 
@@ -60,9 +60,10 @@ class CompiledKernel:
     """The infinite-width NNGP and NTK of a model; call it on batches of inputs."""
 
     def __init__(self, model, gm, *, W_std, b_std, std, input_shape, dtype, device, mc_samples, seed,
-                 quadrature_degree, jit=False):
-        self.model_name = type(model).__name__
+                 quadrature_degree, jit=False, frontend=None):
+        self.model_name = frontend.name if frontend is not None else type(model).__name__
         self._gm = gm
+        self._frontend = frontend     # export.Graph: exports on the first call when fx could not trace
         self._model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.W_std, self.b_std, self.std = W_std, b_std, std
         self.dtype = dtype
@@ -73,13 +74,17 @@ class CompiledKernel:
         self._program = None
         self._plan = None
         self._fns: dict = {}
-        self.input_shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(gm)
+        if input_shape is None:
+            input_shape = getattr(frontend, "input_shape", None) or (gm is not None and _infer_input_shape(gm)) or None
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
         if self.input_shape is not None:
             self._lower()
 
     # ---------------------------------------------------------------- compile
     def _lower(self):
         example = torch.zeros((2,) + self.input_shape, dtype=self._model_dtype)
+        if self._gm is None:
+            self._gm = self._frontend.export(example)
         program = backward(lower(self._gm, example, self.W_std, self.b_std, self.std))
         verify(program)
         try:   # plan now, so unsupported combinations fail at compile time, not at the first call
@@ -111,8 +116,11 @@ class CompiledKernel:
     def program(self) -> str:
         """The forward and backward Tensor Program, with the evaluator of every expectation."""
         if self._program is None:
-            return (f"<{self.model_name}: not yet specialized; the input shape is fixed by the first "
-                    "call or by compile(..., input_shape=...)>")
+            return (f"<{self.model_name}: no Tensor Program yet. Its program depends on the input's shape "
+                    "(a convolution's spatial size), which is not known: compile with input_shape, e.g. "
+                    "ntkcompile.compile(model, input_shape=(3, 32, 32)), or call the kernel once, kfn(x); "
+                    "then print(kfn.program). From the command line: ntkcompile show MODEL "
+                    "--input-shape 3,32,32>")
         return format_program(self._program, expectations(self._plan))
 
     @property
@@ -324,7 +332,9 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
 
     Args:
         model: an ordinary ``nn.Module`` at any finite width; which axes are width
-            is inferred from the data flow.
+            is inferred from the data flow.  Traced with torch.fx, or, when fx cannot
+            trace it, exported with torch.export.  Or a ``torch.export.ExportedProgram``
+            (``torch.export.export`` / ``torch.export.load``); its input shape is the exported one.
         W_std, b_std: every weight is ``W_std/sqrt(fan_in) * w`` and every bias
             ``b_std * beta`` with ``w, beta ~ N(0, 1)`` (the readout included).
         parameterization: ``"ntk"`` (the only one so far).
@@ -346,14 +356,16 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
         jit: run the generated kernel through ``torch.compile`` (fused loops, ~10x faster
             on large batches; needs a C++ compiler; the first call per shape compiles).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"ntkcompile.compile expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module) and not is_exported_program(model):
+        raise TypeError("ntkcompile.compile expects an nn.Module or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
     if parameterization != "ntk":
         raise ValueError(f"parameterization must be 'ntk', got {parameterization!r}")
     for name, value in (("W_std", W_std), ("b_std", b_std)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    names = {n for n, _ in model.named_modules()}
+    modules = model.module() if is_exported_program(model) else model
+    names = {n for n, _ in modules.named_modules()}
     for key, pair in (std or {}).items():
         if key not in names:
             raise ValueError(f"std names a module {key!r} that the model does not have; "
@@ -362,7 +374,7 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
             raise ValueError(f"std[{key!r}] must be a pair (W_std, b_std), got {pair!r}")
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    gm = trace(model, is_rule_module)
-    return CompiledKernel(model, gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
+    graph = graph_of(model, input_shape, is_rule_module)     # torch.fx, or torch.export (export.py)
+    return CompiledKernel(graph.module, graph.gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
                           dtype=dtype, device=device, mc_samples=mc_samples, seed=seed,
-                          quadrature_degree=int(quadrature_degree), jit=bool(jit))
+                          quadrature_degree=int(quadrature_degree), jit=bool(jit), frontend=graph)

@@ -51,18 +51,40 @@ def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
 
 def source_line(node: fx.Node) -> str:
     """The user's source line for ``node``: the innermost recorded frame outside torch."""
+    frame = _user_frame(node)
+    if frame is None:
+        st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
+        if not st and _module_of(node) is None:
+            return "<source line unavailable>"
+        # called by a torch container such as nn.Sequential
+        module = _module_of(node)
+        where = (f"module '{node.target}'" if node.op == "call_module" else
+                 f"module '{module[0]}' ({module[1]})" if module else f"node '{node.name}'")
+        return f"{where}, called from torch code (e.g. inside an nn.Sequential)"
+    where, code = frame
+    return f"{where}: {code}" if code else where
+
+
+def _user_frame(node):
+    """``('File "...", line N, in f', code)`` of the innermost recorded frame outside torch, or None."""
     st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
     if not st:
-        return "<source line unavailable>"
+        return None
     lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
     frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
               for i in range(len(lines)) if lines[i].startswith("File ")]
     user = [f for f in frames if _TORCH_DIR not in f[0] and _OWN_DIR not in f[0]]
-    if not user:   # called by a torch container such as nn.Sequential
-        where = f"module '{node.target}'" if node.op == "call_module" else f"node '{node.name}'"
-        return f"{where}, called from torch code (e.g. inside an nn.Sequential)"
-    where, code = user[-1]
-    return f"{where}: {code}" if code else where
+    return user[-1] if user else None
+
+
+def _module_of(node):
+    """``(qualified name, class name)`` of the innermost module torch.export recorded for ``node``."""
+    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls = getattr(cls, "__name__", None) or str(cls)
+    return (path, cls.rsplit(".", 1)[-1]) if path else None
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -72,7 +94,9 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 def describe(node: fx.Node) -> str:
     """``node 'name' (op target)`` for error messages."""
     target = node.target
-    if callable(target) and not isinstance(target, str):
+    if isinstance(target, torch._ops.OpOverload):        # an ATen op (torch.export)
+        target = str(target)
+    elif callable(target) and not isinstance(target, str):
         target = getattr(target, "__module__", "") + "." + getattr(target, "__name__", repr(target))
     return f"node '{node.name}' ({node.op} {target})"
 

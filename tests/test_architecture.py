@@ -19,7 +19,7 @@ ROOT = pathlib.Path(ntkcompile.__file__).parent
 STAGES = [
     {"errors"},
     {"ir"},
-    {"trace"},
+    {"trace", "export"},
     {"passes"},
     {"plan"},
     {"kernels"},
