@@ -8,6 +8,7 @@ later error can point at the user's source line.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.fx as fx
@@ -85,6 +86,26 @@ def _module_of(node):
     path, cls = list(stack.values())[-1]
     cls = getattr(cls, "__name__", None) or str(cls)
     return (path, cls.rsplit(".", 1)[-1]) if path else None
+
+
+def origin(node: fx.Node, modules=None) -> str:
+    """Where a node of the user's model comes from, for the program printout: a torch module
+    (``0 (Linear)``, the name as in ``model.named_modules()``), else the user's source line
+    (``models.py:58  h = torch.tanh(self.a(x))``), else the node's name."""
+    if node.op == "call_module":
+        m = (modules or {}).get(node.target)
+        return f"{node.target} ({type(m).__name__})" if m is not None else str(node.target)
+    module = _module_of(node)
+    stack = node.meta.get("nn_module_stack") or {}
+    if module and str(list(stack.values())[-1][1]).startswith("torch.nn."):
+        return f"{module[0]} ({module[1]})"            # inside a torch layer (exported graphs)
+    frame = _user_frame(node)
+    if frame is not None:
+        where, code = frame
+        m = re.match(r'File "([^"]*)", line (\d+)', where)
+        place = f"{os.path.basename(m.group(1))}:{m.group(2)}" if m else where
+        return f"{place}  {code}" if code else place
+    return f"{module[0]} ({module[1]})" if module else node.name
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import ir
 from ..errors import GIACheckError, UnsupportedOpError, WidthInferenceError
-from ..trace import describe, source_line
+from ..trace import describe, origin, source_line
 from .prune import prune
 from .readout import SHAPE_ONLY, find_readout
 
@@ -155,9 +155,10 @@ class Lowering:
         )
 
     def width(self, node, vec, size, positions=(), pool=None, pooled=()):
-        self.names.setdefault(vec, node.name)
+        where = origin(node, self.modules)         # the user's module or source line, for printouts
+        self.names.setdefault(vec, where)
         for _, var in vec.pieces:
-            self.names.setdefault(var, node.name)
+            self.names.setdefault(var, where)
         return Width(vec, size, tuple(positions), pool, tuple(pooled))
 
     def width_axis(self, node, dim, ndim):
@@ -193,7 +194,8 @@ class Lowering:
         prep = _make_prep(self.gm, self.fixed_nodes)
         program = ir.Program(
             builder=self.b, readout=self.readout,
-            fixed_names=tuple(n.name for n in self.fixed_nodes), fixed_dims=tuple(self.fixed_dims),
+            fixed_names=tuple("input" if n.op == "placeholder" else origin(n, self.modules)
+                              for n in self.fixed_nodes), fixed_dims=tuple(self.fixed_dims),
             prep=prep, input_shape=tuple(self.example.shape[1:]), names=self.names,
         )
         return prune(program)
