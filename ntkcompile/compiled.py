@@ -23,6 +23,7 @@ from torch import nn
 from . import codegen, ops  # noqa: F401  (ops: registers every rule)
 from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
 from .export import graph_of, is_exported_program
+from .ir.graph import render, to_dot
 from .ir.printer import format_program
 from .ir.verify import verify
 from .kernels.planner import aligned_positions, plan_kernels
@@ -130,6 +131,20 @@ class CompiledKernel:
             return self.program
         self._function(True, True)
         return "\n".join(text for _, text in self._fns.values())
+
+    def graph(self, path=None) -> str:
+        """The program in TP IIb's graphical notation, as Graphviz DOT text (``ir/graph.py``).
+
+        ``path`` also writes it: ``.dot``/``.gv`` as text; ``.svg``/``.png``/``.pdf`` rendered by
+        Graphviz when it is installed (else the ``.dot`` is written, with a warning saying how to
+        render it).
+        """
+        if self._program is None:
+            raise ValueError(self.program.strip("<>").replace("print(kfn.program)", "kfn.graph()"))
+        text = to_dot(self._program, self.model_name)
+        if path is not None:
+            render(text, path)
+        return text
 
     @property
     def out_features(self) -> Optional[int]:
