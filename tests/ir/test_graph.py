@@ -5,81 +5,19 @@ contain), and its nodes and edges are compared with the program's IR walked
 independently: atoms, ``HAtom.gargs``, ``GMatMul.arg/param``, the readout, and
 ``program.backward.consumers``.
 """
-import re
 import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 from torch import nn
 
 import ntkcompile
 from ntkcompile.ir import GBias, GInput, GMatMul, HAtom
 from ntkcompile.ir.graph import render
 from ntkcompile.ir.printer import atom_label
+from helpers.dot import expected_edges, parse_dot
 from models import ConvResNet, SharedLinear
-
-_ID = r'"((?:[^"\\]|\\.)*)"'
-_ATTRS = r"\[(.*)\];"
-
-
-def parse_dot(text):
-    """``(nodes {id: attrs}, edges [(src, dst, attrs)], clusters [label])``; fails on anything else."""
-    lines = [ln.strip() for ln in text.strip().splitlines()]
-    assert re.fullmatch(r"digraph " + _ID + r" \{", lines[0]) and lines[-1] == "}", (lines[0], lines[-1])
-    nodes, edges, clusters, depth = {}, [], [], 1
-    for ln in lines[1:-1]:
-        if m := re.fullmatch(_ID + " -> " + _ID + " " + _ATTRS, ln):
-            edges.append((m[1], m[2], _attrs(m[3])))
-        elif m := re.fullmatch(_ID + " " + _ATTRS, ln):
-            assert m[1] not in nodes, f"node {m[1]} declared twice"
-            nodes[m[1]] = _attrs(m[2])
-        elif m := re.fullmatch(r"subgraph (cluster_\w+) \{", ln):
-            depth += 1
-        elif ln == "}":
-            depth -= 1
-        elif m := re.fullmatch(r"label=" + _ID + r";.*", ln):
-            clusters.append(m[1])
-        elif not re.fullmatch(r"(rankdir|node|edge)\b.*;", ln):
-            raise AssertionError(f"unexpected DOT statement: {ln}")
-        assert depth >= 1
-    assert depth == 1, "unbalanced braces"
-    for src, dst, _ in edges:
-        assert src in nodes and dst in nodes, (src, dst)
-    return nodes, edges, clusters
-
-
-def _attrs(text):
-    out = {}
-    for m in re.finditer(r"(\w+)=(" + _ID + r"|[^,\s]+)", text):
-        out[m[1]] = m[3] if m[3] is not None else m[2]
-    return out
-
-
-def _expected(program):
-    """The edges the notation prescribes, from the IR: (src, dst, class, label prefix)."""
-    want = set()
-    for a in program.nodes:
-        if isinstance(a, GInput):
-            want.add((f"x{a.fixed}", atom_label(a), "matrix", a.param.name))
-        elif isinstance(a, GMatMul):
-            (_, var), = a.arg.pieces
-            (_, src), = var.terms
-            want.add((atom_label(src), atom_label(a), "matrix", a.param.name))
-        elif isinstance(a, HAtom) and a.gargs:
-            for g in a.gargs:
-                want |= {(atom_label(b), atom_label(a), "join", "") for _, b in g.terms}
-    (_, var), = program.readout.vec.pieces
-    (_, last), = var.terms
-    want.add((atom_label(last), "f", "readout", f"v[{program.readout.name}]"))
-    for g, users in program.backward.consumers.items():
-        for u in users:
-            src = "df" if u == "readout" else "d" + atom_label(u)
-            label = f"v[{program.readout.name}]" if u == "readout" else f"{u.param.name}^T"
-            want.add((src, "d" + atom_label(g), "adjoint", label))
-    return want
-
 
 def test_dot_of_a_model_with_weight_sharing_matches_the_program(tmp_path):
     kfn = ntkcompile.compile(SharedLinear(5, 8), W_std=1.5, b_std=0.1)
@@ -92,7 +30,7 @@ def test_dot_of_a_model_with_weight_sharing_matches_the_program(tmp_path):
     grads = {"d" + atom_label(g) for g in program.backward.consumers}
     assert set(nodes) == atoms | grads | {"x0", "f", "df"}
     got = {(s, d, a["class"], a.get("label", "").split("\\n")[0]) for s, d, a in edges}
-    assert got == _expected(program)
+    assert got == expected_edges(program)
     # weight sharing: matrix b is one label (and one colour) on two forward edges, and b^T reads
     # both of its uses' gradients back to the G-vars each use read (two each)
     shared = [a for s, d, a in edges if a["class"] == "matrix" and a["label"] == "b"]
