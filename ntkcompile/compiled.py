@@ -75,8 +75,10 @@ class CompiledKernel:
         self._program = None
         self._plan = None
         self._fns: dict = {}
-        if input_shape is None:
-            input_shape = getattr(frontend, "input_shape", None) or (gm is not None and _infer_input_shape(gm)) or None
+        if input_shape is None and frontend is not None:
+            input_shape = frontend.input_shape
+        if input_shape is None and gm is not None:
+            input_shape = _infer_input_shape(gm)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         if self.input_shape is not None:
             self._lower()
@@ -117,11 +119,7 @@ class CompiledKernel:
     def program(self) -> str:
         """The forward and backward Tensor Program, with the evaluator of every expectation."""
         if self._program is None:
-            return (f"<{self.model_name}: no Tensor Program yet. Its program depends on the input's shape "
-                    "(a convolution's spatial size), which is not known: compile with input_shape, e.g. "
-                    "ntkcompile.compile(model, input_shape=(3, 32, 32)), or call the kernel once, kfn(x); "
-                    "then print(kfn.program). From the command line: ntkcompile show MODEL "
-                    "--input-shape 3,32,32>")
+            return f"<{self._no_program('print(kfn.program)')}>"
         return format_program(self._program, expectations(self._plan))
 
     @property
@@ -140,11 +138,17 @@ class CompiledKernel:
         render it).
         """
         if self._program is None:
-            raise ValueError(self.program.strip("<>").replace("print(kfn.program)", "kfn.graph()"))
+            raise ValueError(self._no_program("kfn.graph()"))
         text = to_dot(self._program, self.model_name)
         if path is not None:
             render(text, path)
         return text
+
+    def _no_program(self, then: str) -> str:
+        return (f"{self.model_name}: no Tensor Program yet. Its program depends on the input's shape "
+                "(a convolution's spatial size), which is not known: compile with input_shape, e.g. "
+                "ntkcompile.compile(model, input_shape=(3, 32, 32)), or call the kernel once, kfn(x); "
+                f"then {then}. From the command line: ntkcompile show MODEL --input-shape 3,32,32")
 
     @property
     def out_features(self) -> Optional[int]:
@@ -379,17 +383,16 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
     for name, value in (("W_std", W_std), ("b_std", b_std)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    modules = model.module() if is_exported_program(model) else model
-    names = {n for n, _ in modules.named_modules()}
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    graph = graph_of(model, input_shape, is_rule_module)     # torch.fx, or torch.export (export.py)
+    names = {n for n, _ in graph.module.named_modules()}
     for key, pair in (std or {}).items():
         if key not in names:
             raise ValueError(f"std names a module {key!r} that the model does not have; "
                              f"modules: {sorted(n for n in names if n)}")
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"std[{key!r}] must be a pair (W_std, b_std), got {pair!r}")
-    if dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    graph = graph_of(model, input_shape, is_rule_module)     # torch.fx, or torch.export (export.py)
     return CompiledKernel(graph.module, graph.gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
                           dtype=dtype, device=device, mc_samples=mc_samples, seed=seed,
                           quadrature_degree=int(quadrature_degree), jit=bool(jit), frontend=graph)

@@ -53,39 +53,15 @@ def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
 def source_line(node: fx.Node) -> str:
     """The user's source line for ``node``: the innermost recorded frame outside torch."""
     frame = _user_frame(node)
-    if frame is None:
-        st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
-        if not st and _module_of(node) is None:
-            return "<source line unavailable>"
-        # called by a torch container such as nn.Sequential
-        module = _module_of(node)
-        where = (f"module '{node.target}'" if node.op == "call_module" else
-                 f"module '{module[0]}' ({module[1]})" if module else f"node '{node.name}'")
-        return f"{where}, called from torch code (e.g. inside an nn.Sequential)"
-    where, code = frame
-    return f"{where}: {code}" if code else where
-
-
-def _user_frame(node):
-    """``('File "...", line N, in f', code)`` of the innermost recorded frame outside torch, or None."""
-    st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
-    if not st:
-        return None
-    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
-    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
-              for i in range(len(lines)) if lines[i].startswith("File ")]
-    user = [f for f in frames if _TORCH_DIR not in f[0] and _OWN_DIR not in f[0]]
-    return user[-1] if user else None
-
-
-def _module_of(node):
-    """``(qualified name, class name)`` of the innermost module torch.export recorded for ``node``."""
-    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
-    if not stack:
-        return None
-    path, cls = list(stack.values())[-1]
-    cls = getattr(cls, "__name__", None) or str(cls)
-    return (path, cls.rsplit(".", 1)[-1]) if path else None
+    if frame is not None:
+        where, code = frame
+        return f"{where}: {code}" if code else where
+    module = _module_of(node)
+    if not node.meta.get("stack_trace") and module is None:
+        return "<source line unavailable>"
+    where = (f"module '{node.target}'" if node.op == "call_module" else
+             f"module '{module[0]}' ({_short(module[1])})" if module else f"node '{node.name}'")
+    return f"{where}, called from torch code (e.g. inside an nn.Sequential)"
 
 
 def origin(node: fx.Node, modules=None) -> str:
@@ -96,16 +72,41 @@ def origin(node: fx.Node, modules=None) -> str:
         m = (modules or {}).get(node.target)
         return f"{node.target} ({type(m).__name__})" if m is not None else str(node.target)
     module = _module_of(node)
-    stack = node.meta.get("nn_module_stack") or {}
-    if module and str(list(stack.values())[-1][1]).startswith("torch.nn."):
-        return f"{module[0]} ({module[1]})"            # inside a torch layer (exported graphs)
+    if module and module[1].startswith("torch.nn."):      # inside a torch layer (exported graphs)
+        return f"{module[0]} ({_short(module[1])})"
     frame = _user_frame(node)
     if frame is not None:
         where, code = frame
         m = re.match(r'File "([^"]*)", line (\d+)', where)
         place = f"{os.path.basename(m.group(1))}:{m.group(2)}" if m else where
         return f"{place}  {code}" if code else place
-    return f"{module[0]} ({module[1]})" if module else node.name
+    return f"{module[0]} ({_short(module[1])})" if module else node.name
+
+
+def _user_frame(node):
+    """``('File "...", line N, in f', code)`` of the innermost recorded frame outside torch, or None."""
+    st = node.meta.get("stack_trace")
+    if not st:
+        return None
+    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
+    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
+              for i in range(len(lines)) if lines[i].startswith("File ")]
+    user = [f for f in frames if _TORCH_DIR not in f[0] and _OWN_DIR not in f[0]]
+    return user[-1] if user else None
+
+
+def _module_of(node):
+    """``(qualified name, class path)`` of the innermost non-root module torch.export recorded."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else str(cls)
+    return (path, cls) if path else None
+
+
+def _short(cls: str) -> str:
+    return cls.rsplit(".", 1)[-1]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

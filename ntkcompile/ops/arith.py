@@ -133,12 +133,21 @@ def _pow_rule(lw, node, a, p):
     raise lw.unsupported(node)
 
 
-@rule(torch.sqrt, torch.rsqrt)
-def _sqrt_rule(lw, node, a):
-    p = 0.5 if node.target is torch.sqrt else -0.5
+def _root(lw, node, a, fn, p):
     if isinstance(a, Moment):
         return Moment(lw.b.spow(a.s, p))
-    return apply(lw, node, _elementwise(node.target.__name__, node.target), a)
+    return apply(lw, node, _elementwise(fn.__name__, fn), a)
+
+
+# one rule each (not one reading node.target): ops/aten.py registers them under ATen names too
+@rule(torch.sqrt)
+def _sqrt_rule(lw, node, a):
+    return _root(lw, node, a, torch.sqrt, 0.5)
+
+
+@rule(torch.rsqrt)
+def _rsqrt_rule(lw, node, a):
+    return _root(lw, node, a, torch.rsqrt, -0.5)
 
 
 # After the readout: scaling by a number (the output is multiplied by the factor).

@@ -26,11 +26,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..passes.lower import FUNCTION_RULES, Fixed, Moment, module_of, rule
+from ..passes.lower import FUNCTION_RULES, Fixed, module_of, rule
 from ..passes.readout import LINEAR_FUNCTIONS, POST_READOUT_SCALE
 from . import activations  # noqa: F401  (registers the nonlinearities looked up below)
-from .arith import _elementwise as _power_entry
-from .conv import _conv_function
 from .elementwise import apply, from_function
 from .norm import batchnorm
 from .shape import shape_identity
@@ -65,7 +63,7 @@ _same_as(F.conv2d, "conv1d", "conv2d", "conv1d.padding", "conv2d.padding", input
 def _convolution(lw, node, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     if transposed:
         raise lw.unsupported(node, "a transposed convolution")
-    return _conv_function(lw, node, x, weight, bias, stride, padding, dilation, groups)
+    return FUNCTION_RULES[F.conv2d](lw, node, x, weight, bias, stride, padding, dilation, groups)
 
 
 # -- arithmetic, pooling, reductions, concatenation -----------------------------------------
@@ -85,13 +83,8 @@ _same_as(F.adaptive_avg_pool2d, "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_
 _same_as(F.dropout, "dropout")
 
 
-@rule(*_ops("sqrt", "rsqrt"))
-def _sqrt(lw, node, a):
-    """As ``torch.sqrt``/``torch.rsqrt`` (whose rule tells them apart by the node's target)."""
-    fn = torch.sqrt if node.target is aten.sqrt.default else torch.rsqrt
-    if isinstance(a, Moment):
-        return Moment(lw.b.spow(a.s, 0.5 if fn is torch.sqrt else -0.5))
-    return apply(lw, node, _power_entry(fn.__name__, fn), a)
+_same_as(torch.sqrt, "sqrt")
+_same_as(torch.rsqrt, "rsqrt")
 
 
 # After the readout: the same scalings as their torch-level forms.
