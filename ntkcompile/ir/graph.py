@@ -49,7 +49,7 @@ _MAX_PERIOD = 32      # atoms per block considered
 class _Edge:
     src: str
     dst: str
-    kind: str                     # matrix, join, sum, readout, pool, other, adjoint
+    kind: str                     # matrix, join, sum, readout, pool, adjoint
     labels: list = field(default_factory=list)
     color: str = ""
 
@@ -150,14 +150,12 @@ def _forward(program, atoms, show, colors, d):
         elif isinstance(a, HAtom):
             for b in _refs(a, program):
                 d.edge(atom_label(b), nid, "join")
-        elif isinstance(a, GBias):
-            pass                      # a parameter vector: nothing flows into it
-        else:                         # an op-defined atom (pooling, probe): edges from what it reads
+        elif a.consumes:              # an op-defined linear map (a pooling): an edge from what it reads
             kind_name = type(a).__name__.lstrip("G").lower()
             for child in a.children():
                 if _vars(child):
-                    d.edge(_source(child, nid, d, show, program), nid, "pool" if a.consumes else "other",
-                           kind_name)
+                    d.edge(_source(child, nid, d, show, program), nid, "pool", kind_name)
+        # else: a parameter vector (a bias) or a placeholder (a normalization's probe): nothing flows in
     r = program.readout
     d.node("f", "f", shape="doublecircle", style="filled", fillcolor="#d9ead3")
     how = {"gap": " (mean over positions)", "flatten": " (per position)"}.get(r.pool, "")
@@ -190,8 +188,9 @@ def _derivative(m, show) -> str:
     """A backward multiplier as a function, ``relu'(·)`` (the same in every repeated block)."""
     if len(m.terms) == 1:
         c, a = m.terms[0]
-        if isinstance(c, SConst) and c.value == 1.0 and isinstance(a, HAtom) and a.gargs:
-            return show.expr(a.expr, ["·"] * len(a.gargs))
+        if isinstance(a, HAtom) and a.gargs:
+            scale = "" if isinstance(c, SConst) and c.value == 1.0 else f"{show(c)} * "
+            return scale + show.expr(a.expr, ["·"] * len(a.gargs))
     return multiplier_text(m, show)
 
 
@@ -306,7 +305,7 @@ def _emit(d, title, runs) -> str:
         lines.append("  }")
     styles = {"matrix": "penwidth=1.6", "join": 'color="#b07020", arrowhead=none, style=solid',
               "sum": 'color="#888888", arrowsize=0.6', "readout": "penwidth=1.6", "pool": "style=dashed",
-              "other": "style=dotted", "adjoint": "style=solid"}
+              "adjoint": "style=solid"}
     for e in d.edges.values():
         if e.src in collapsed or e.dst in collapsed or e.src not in d.nodes or e.dst not in d.nodes:
             continue
