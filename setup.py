@@ -9,6 +9,7 @@ setup(
     packages=find_packages(include=["ntkcompile", "ntkcompile.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.2", "numpy", "opt_einsum>=3.3"],
+    entry_points={"console_scripts": ["ntkcompile = ntkcompile.cli:main"]},
     extras_require={
         "test": ["pytest", "scipy", "scikit-learn", "matplotlib"],   # the demo's data and plots are tested
         "demo": ["scikit-learn", "matplotlib"],

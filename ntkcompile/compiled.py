@@ -20,6 +20,8 @@ from torch import nn
 
 from . import codegen, ops  # noqa: F401  (ops: registers every rule)
 from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
+from .export import graph_of, is_exported_program
+from .ir.graph import render, to_dot
 from .ir.printer import format_program
 from .ir.verify import verify
 from .kernels.planner import aligned_positions, plan_kernels
@@ -28,7 +30,6 @@ from .passes.backward import backward
 from .passes.homogeneity import is_homogeneous
 from .passes.lower import is_rule_module, lower
 from .plan import expectations
-from .trace import trace
 
 _GETS = ("nngp", "ntk")
 
@@ -67,9 +68,11 @@ class CompiledKernel:
     """The infinite-width NNGP and NTK of a model; call it on batches of inputs."""
 
     def __init__(self, model, gm, *, W_std, b_std, std, input_shape, dtype, device, mc_samples, seed,
-                 quadrature_degree, mc_replicates=8, quadrature_tol=None, nd_degree=None, jit=False):
-        self.model_name = type(model).__name__
+                 quadrature_degree, mc_replicates=8, quadrature_tol=None, nd_degree=None, jit=False,
+                 frontend=None):
+        self.model_name = frontend.name if frontend is not None else type(model).__name__
         self._gm = gm
+        self._frontend = frontend     # export.Graph: exports on the first call when fx could not trace
         self._model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.W_std, self.b_std, self.std = W_std, b_std, std
         self.dtype = dtype
@@ -83,9 +86,12 @@ class CompiledKernel:
         self._fns: dict = {}
         self._homogeneous = False
         self.input_shape = None
-        shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(gm)
-        if shape is not None:
-            self._specialize(shape)
+        if input_shape is None and frontend is not None:
+            input_shape = frontend.input_shape
+        if input_shape is None and gm is not None:
+            input_shape = _infer_input_shape(gm)
+        if input_shape is not None:
+            self._specialize(tuple(input_shape))
 
     # ---------------------------------------------------------------- compile
     def _specialize(self, shape):
@@ -99,6 +105,8 @@ class CompiledKernel:
 
     def _lower(self):
         example = torch.zeros((2,) + self.input_shape, dtype=self._model_dtype)
+        if self._gm is None:
+            self._gm = self._frontend.export(example)
         program = backward(lower(self._gm, example, self.W_std, self.b_std, self.std))
         verify(program)
         try:   # plan now, so unsupported combinations fail at compile time, not at the first call
@@ -134,8 +142,7 @@ class CompiledKernel:
     def program(self) -> str:
         """The forward and backward Tensor Program, with the evaluator of every expectation."""
         if self._program is None:
-            return (f"<{self.model_name}: not yet specialized; the input shape is fixed by the first "
-                    "call or by compile(..., input_shape=...)>")
+            return f"<{self._no_program('print(kfn.program)')}>"
         return format_program(self._program, expectations(self._plan))
 
     @property
@@ -145,6 +152,26 @@ class CompiledKernel:
             return self.program
         self._function(True, True)
         return "\n".join(text for (_, _, check), (_, text) in self._fns.items() if not check)
+
+    def graph(self, path=None) -> str:
+        """The program in TP IIb's graphical notation, as Graphviz DOT text (``ir/graph.py``).
+
+        ``path`` also writes it: ``.dot``/``.gv`` as text; ``.svg``/``.png``/``.pdf`` rendered by
+        Graphviz when it is installed (else the ``.dot`` is written, with a warning saying how to
+        render it).
+        """
+        if self._program is None:
+            raise ValueError(self._no_program("kfn.graph()"))
+        text = to_dot(self._program, self.model_name)
+        if path is not None:
+            render(text, path)
+        return text
+
+    def _no_program(self, then: str) -> str:
+        return (f"{self.model_name}: no Tensor Program yet. Its program depends on the input's shape "
+                "(a convolution's spatial size), which is not known: compile with input_shape, e.g. "
+                "ntkcompile.compile(model, input_shape=(3, 32, 32)), or call the kernel once, kfn(x); "
+                f"then {then}. From the command line: ntkcompile show MODEL --input-shape 3,32,32")
 
     @property
     def out_features(self) -> Optional[int]:
@@ -302,7 +329,9 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
 
     Args:
         model: an ordinary ``nn.Module`` at any finite width; which axes are width
-            is inferred from the data flow.
+            is inferred from the data flow.  Traced with torch.fx, or, when fx cannot
+            trace it, exported with torch.export.  Or a ``torch.export.ExportedProgram``
+            (``torch.export.export`` / ``torch.export.load``); its input shape is the exported one.
         W_std, b_std: every weight is ``W_std/sqrt(fan_in) * w`` and every bias
             ``b_std * beta`` with ``w, beta ~ N(0, 1)`` (the readout included).
         parameterization: ``"ntk"`` (the only one so far).
@@ -334,15 +363,24 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
         jit: run the generated kernel through ``torch.compile`` (fused loops, ~10x faster
             on large batches; needs a C++ compiler; the first call per shape compiles).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"ntkcompile.compile expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module) and not is_exported_program(model):
+        raise TypeError("ntkcompile.compile expects an nn.Module or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
     if parameterization != "ntk":
         raise ValueError(f"parameterization must be 'ntk', got {parameterization!r}")
     _check_std("W_std", W_std)
     _check_std("b_std", b_std)
-    names = {n for n, _ in model.named_modules()}
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     if std is not None and not isinstance(std, dict):
         raise TypeError(f"std must be a dict {{module name: (W_std, b_std)}}, got {type(std).__name__}")
+    if input_shape is not None:
+        if not (isinstance(input_shape, (tuple, list, torch.Size)) and input_shape
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
+            raise ValueError(f"input_shape must be the shape of one input (positive ints, no batch axis), "
+                             f"got {input_shape!r}")
+    graph = graph_of(model, input_shape, is_rule_module)     # torch.fx, or torch.export (export.py)
+    names = {n for n, _ in graph.module.named_modules()}
     for key, pair in (std or {}).items():
         if key not in names:
             raise ValueError(f"std names a module {key!r} that the model does not have; "
@@ -351,8 +389,6 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
             raise ValueError(f"std[{key!r}] must be a pair (W_std, b_std), got {pair!r}")
         _check_std(f"std[{key!r}] W_std", pair[0])
         _check_std(f"std[{key!r}] b_std", pair[1])
-    if dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     if device is not None:
         try:
             device = torch.device(device)
@@ -370,16 +406,10 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
                                        or not quadrature_tol > 0):
         raise ValueError(f"quadrature_tol must be a positive number or None, got {quadrature_tol!r}")
     _check_int("seed", seed, 0, "the Monte Carlo seed")
-    if input_shape is not None:
-        if not (isinstance(input_shape, (tuple, list, torch.Size)) and input_shape
-                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
-            raise ValueError(f"input_shape must be the shape of one input (positive ints, no batch axis), "
-                             f"got {input_shape!r}")
-    gm = trace(model, is_rule_module)
-    return CompiledKernel(model, gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
+    return CompiledKernel(graph.module, graph.gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
                           dtype=dtype, device=device, mc_samples=mc_samples, seed=seed,
                           mc_replicates=mc_replicates, quadrature_degree=int(quadrature_degree),
-                          quadrature_tol=quadrature_tol, nd_degree=nd_degree, jit=bool(jit))
+                          quadrature_tol=quadrature_tol, nd_degree=nd_degree, jit=bool(jit), frontend=graph)
 
 
 def _check_std(name, value):

@@ -9,12 +9,20 @@ download), for every model in :data:`MODELS`:
    posterior mean) for comparison: test accuracies;
 3. minibatch SGD with cross-entropy at infinite width (``dynamics.simulate``)
    against finite NTK-parametrized networks at several widths, each started
-   from its own ``f_0`` (``harness.compare_widths``): the max gap should fall
+   from its own ``f_0`` (``harness.compare_widths``): the gap should fall
    like ``width^(-1/2)`` (TP IIb Thm. 5.3);
-4. write ``summary.txt`` and PNG plots to ``--out`` (default ``reports/demo``).
+4. write ``summary.txt`` and PNG plots to ``--out`` (default ``reports/demo``):
+   ``accuracy.png`` (test accuracy over SGD steps of the finite networks and of
+   the infinite-width run, beside kernel regression at ``t = inf``, all on the
+   same tracked test digits), ``gap_vs_width_*.png`` (the relative gap, with the
+   spread over seeds) and ``trajectories_*.png``.
 
-``--quick`` runs a small version (about 30 s) for tests. Models the compiler
-cannot handle yet (it raises ``UnsupportedOpError``) are reported as skipped.
+The default run (about 30 s on two cores) trains finite networks of widths 128
+to 1024, three seeds each: they dominate the time, which grows faster than the
+width.  ``--full`` runs the sweep from 256 to 4096 (two seeds, about 3.5 minutes,
+most of it the width-4096 networks); ``--quick`` a small version for tests.
+Models the compiler cannot handle yet (it raises ``UnsupportedOpError``) are
+reported as skipped.
 
 Inputs are centered per pixel and divided by one global standard deviation
 (train statistics), so ``|x|^2 / 64`` is about 1. Per-pixel standardization
@@ -38,9 +46,9 @@ from torch import nn
 from .compiled import compile as compile_kernel
 from .dynamics import KernelBlocks, kernel_blocks, mse_infinite
 from .errors import UnsupportedOpError
-from .harness import WidthReport, compare_widths
+from .harness import WidthReport, compare_widths, fit_loglog_slope
 
-__all__ = ["Config", "FULL", "MODELS", "QUICK", "ModelSpec", "load_digits_data", "main"]
+__all__ = ["Config", "DEFAULT", "FULL", "MODELS", "QUICK", "ModelSpec", "load_digits_data", "main"]
 
 
 # ---------------------------------------------------------------------------
@@ -99,6 +107,9 @@ class Config:
 
 FULL = Config(n_train=200, n_test=300, n_dynamics_test=100, widths=(256, 512, 1024, 2048, 4096),
               seeds=(0, 1), steps=30, batch_size=32, lr=2.0, ridge=1e-3)
+# The same story in about a minute: narrower finite networks (the gap's slope needs a
+# range of widths, not the widest ones), and three seeds for the spread.
+DEFAULT = dataclasses.replace(FULL, widths=(128, 256, 512, 1024), seeds=(0, 1, 2))
 QUICK = Config(n_train=64, n_test=64, n_dynamics_test=16, widths=(128, 512, 2048),
                seeds=(0,), steps=20, batch_size=32, lr=2.0, ridge=1e-3)
 
@@ -143,6 +154,7 @@ class ModelResult:
     report: Optional[WidthReport] = None
     timings: dict = dataclasses.field(default_factory=dict)
     y_dyn: Optional[torch.Tensor] = None
+    kernel_dyn: dict = dataclasses.field(default_factory=dict)   # t = inf predictions on the tracked points
 
 
 def _accuracy(f: torch.Tensor, y: torch.Tensor) -> float:
@@ -175,6 +187,8 @@ def run_model(spec: ModelSpec, cfg: Config, data, log) -> ModelResult:
     result.accuracy["NNGP regression"] = _accuracy(nngp_pred, y_test)
     log(f"{spec.name}: test accuracy NTK regression {result.accuracy['NTK regression (t=inf)']:.3f}, "
         f"NNGP regression {result.accuracy['NNGP regression']:.3f}")
+    result.kernel_dyn = {"NTK regression": ntk_pred[: cfg.n_dynamics_test],
+                         "NNGP regression": nngp_pred[: cfg.n_dynamics_test]}
 
     # Dynamics on a subset of the test points: the finite runs evaluate every
     # tracked point at every step.
@@ -187,11 +201,31 @@ def run_model(spec: ModelSpec, cfg: Config, data, log) -> ModelResult:
     )
     result.timings["finite-width sweep"] = time.perf_counter() - start
     result.report, result.y_dyn = report, y_dyn
-    widest, seed = cfg.widths[-1], cfg.seeds[0]
-    result.accuracy[f"SGD infinite width ({cfg.steps} steps)"] = _accuracy(report.infinite[widest, seed].test[-1], y_dyn)
-    result.accuracy[f"SGD width {widest} ({cfg.steps} steps)"] = _accuracy(report.finite[widest, seed].test[-1], y_dyn)
-    log(f"{spec.name}: gap slope {report.slope:.3f} (theory -0.5)")
+    widest, seed = report.widths[-1], cfg.seeds[0]
+    n_dyn = len(y_dyn)
+    for name, pred in result.kernel_dyn.items():
+        result.accuracy[f"{name} on the {n_dyn} tracked"] = _accuracy(pred, y_dyn)
+    result.accuracy[f"SGD infinite width ({cfg.steps} steps, {n_dyn} tracked)"] = _accuracy(
+        report.infinite[widest, seed].test[-1], y_dyn)
+    result.accuracy[f"SGD width {widest} ({cfg.steps} steps, {n_dyn} tracked)"] = _accuracy(
+        report.finite[widest, seed].test[-1], y_dyn)
+    rel = relative_gaps(report)
+    log(f"{spec.name}: gap slope {report.slope:.3f}, relative-gap slope "
+        f"{fit_loglog_slope(report.widths, np.exp(np.log(rel).mean(axis=1))):.3f} (theory -0.5)")
     return result
+
+
+def relative_gaps(report: WidthReport) -> np.ndarray:
+    """``(W, S)``: the gap ``max |f_t - f_t^inf|`` (over steps, train and tracked test points,
+    outputs; ``WidthReport.gaps``) divided by the outputs' size ``rms(f_t^inf)`` over the same:
+    a fraction of the outputs, comparable across models and losses."""
+    out = np.zeros_like(report.gaps)
+    for i, w in enumerate(report.widths):
+        for j, s in enumerate(report.seeds):
+            inf = report.infinite[w, s]
+            g = torch.cat([inf.train, inf.test], dim=1) if inf.test is not None else inf.train
+            out[i, j] = report.gaps[i, j] / float(g.pow(2).mean().sqrt())
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +237,7 @@ def _plot_trajectories(res: ModelResult, cfg: Config, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rep, seed = res.report, cfg.seeds[0]
-    shown = [cfg.widths[0], cfg.widths[-1]]
+    shown = [rep.widths[0], rep.widths[-1]]
     colors = dict(zip(shown, ("tab:orange", "tab:blue")))
     points = list(range(min(3, len(res.y_dyn))))
     fig, axes = plt.subplots(1, len(points) + 1, figsize=(4 * (len(points) + 1), 3.4))
@@ -231,45 +265,58 @@ def _plot_trajectories(res: ModelResult, cfg: Config, path: str) -> None:
 
 
 def _plot_gaps(res: ModelResult, path: str) -> None:
+    """The relative gap against width: geometric mean over seeds, bars from the smallest to the
+    largest seed's gap, and the ``width^(-1/2)`` of the theory through the first point."""
     import matplotlib.pyplot as plt
 
     rep = res.report
+    rel = relative_gaps(rep)
     w = np.asarray(rep.widths, dtype=float)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for j, s in enumerate(rep.seeds):
-        ax.scatter(w, rep.gaps[:, j], s=14, color="gray", alpha=0.6, label="per seed" if j == 0 else None)
-    ax.plot(w, rep.mean_gaps, "o-", color="tab:blue", label=f"mean (slope {rep.slope:.2f})")
-    ax.plot(w, rep.mean_gaps[0] * (w / w[0]) ** -0.5, "k--", label="width$^{-1/2}$ reference")
+    mean = np.exp(np.log(rel).mean(axis=1))
+    slope = fit_loglog_slope(w, mean) if len(w) > 1 else float("nan")
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    spread = np.maximum(0.0, [mean - rel.min(axis=1), rel.max(axis=1) - mean])    # 0, not -1 ulp, for one seed
+    ax.errorbar(w, mean, yerr=spread, fmt="o-", color="tab:blue",
+                capsize=3, label=f"{len(rep.seeds)} seeds: geometric mean, min-max (slope {slope:.2f})")
+    ax.plot(w, mean[0] * (w / w[0]) ** -0.5, "k--", label="width$^{-1/2}$ (TP IIb Thm. 5.3)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(w, [str(int(v)) for v in w])
     ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set_xlabel("width")
-    ax.set_ylabel(r"max$_{t,x}$ |f$_t$ - f$_t^\infty$|")
-    ax.set_title(f"{res.name}: gap to the infinite-width dynamics")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(r"max$_{t,x}|f_t - f_t^\infty|$ / rms$(f_t^\infty)$")
+    ax.set_title(f"{res.name}: finite vs infinite-width SGD, relative gap")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_accuracy(results: Sequence[ModelResult], path: str) -> None:
+def _plot_accuracy(results: Sequence[ModelResult], cfg: Config, path: str) -> None:
+    """Test accuracy over SGD steps on the tracked test digits: finite networks (mean over seeds,
+    per width), the infinite-width run, and kernel regression at ``t = inf`` on the same digits."""
     import matplotlib.pyplot as plt
 
     done = [r for r in results if r.skipped is None]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    names = list(dict.fromkeys(k for r in done for k in r.accuracy))
-    bar = 0.8 / max(len(done), 1)
-    for i, r in enumerate(done):
-        xs = np.arange(len(names)) + i * bar
-        bars = ax.bar(xs, [r.accuracy.get(k, np.nan) for k in names], width=bar, label=r.name)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(np.arange(len(names)) + bar * (len(done) - 1) / 2)
-    ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test accuracy")
-    ax.set_title("digits: test accuracy (SGD bars: the tracked test subset)")
-    ax.legend()
+    fig, axes = plt.subplots(1, max(len(done), 1), figsize=(5.2 * max(len(done), 1), 4), squeeze=False)
+    steps = np.arange(cfg.steps + 1)
+    for ax, r in zip(axes[0], done):
+        rep, y = r.report, r.y_dyn
+        acc = lambda traj: (traj.test.argmax(-1) == y).double().mean(-1).numpy()  # noqa: E731
+        cmap = plt.get_cmap("viridis")
+        for i, w in enumerate(rep.widths):
+            curves = np.stack([acc(rep.finite[w, s]) for s in rep.seeds])
+            ax.plot(steps, curves.mean(0), color=cmap(i / max(len(rep.widths) - 1, 1)), label=f"width {w}")
+        inf = np.stack([acc(rep.infinite[rep.widths[-1], s]) for s in rep.seeds]).mean(0)
+        ax.plot(steps, inf, "k--", lw=2, label="infinite width (same f0 as the widest)")
+        for (name, pred), ls in zip(r.kernel_dyn.items(), (":", "-.")):
+            ax.axhline(_accuracy(pred, y), color="tab:red", ls=ls, label=f"{name} (MSE, t = inf)")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("SGD step (cross-entropy, batch %d, lr %g)" % (cfg.batch_size, cfg.lr))
+        ax.set_ylabel(f"test accuracy on the same {len(y)} digits")
+        ax.set_title(f"{r.name}: accuracy during SGD, finite and infinite width ({len(rep.seeds)} seeds)",
+                     fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -287,12 +334,19 @@ def _summary(results: Sequence[ModelResult], cfg: Config, total: float, mode: st
         if r.skipped is not None:
             lines += [f"skipped: {r.skipped}", ""]
             continue
-        lines.append("test accuracy:")
-        lines += [f"  {k:<32} {v:.3f}" for k, v in r.accuracy.items()]
+        lines.append(f"test accuracy ({cfg.n_test} test digits, or the first {cfg.n_dynamics_test} tracked "
+                     "through training):")
+        lines += [f"  {k:<44} {v:.3f}" for k, v in r.accuracy.items()]
         lines.append(f"cross-entropy SGD, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}: "
                      "max over steps, train and tracked test points, outputs of |f_t - f_t^inf|")
         lines.append(r.report.table())
         lines.append(f"slope: {r.report.slope:.4f}")
+        rel = relative_gaps(r.report)
+        lines.append("relative gap max|f_t - f_t^inf| / rms(f_t^inf), per width (seeds): " + "; ".join(
+            f"{w}: " + ", ".join(f"{g:.3g}" for g in rel[i]) for i, w in enumerate(r.report.widths)))
+        rel_mean = np.exp(np.log(rel).mean(axis=1))
+        if len(r.report.widths) > 1:
+            lines.append(f"relative-gap slope: {fit_loglog_slope(r.report.widths, rel_mean):.4f}")
         lines.append("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items())
                      + "; finite runs per width (s): "
                      + ", ".join(f"{w}: {r.report.seconds[i].sum():.1f}" for i, w in enumerate(r.report.widths)))
@@ -303,14 +357,17 @@ def _summary(results: Sequence[ModelResult], cfg: Config, total: float, mode: st
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ntkcompile.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("reports", "demo"), help="report folder (default reports/demo)")
-    parser.add_argument("--quick", action="store_true", help="small run (~30 s), for tests")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true",
+                      help="the full sweep: widths 256 to 4096, two seeds (about 3.5 minutes)")
+    size.add_argument("--quick", action="store_true", help="small run (~30 s), for tests")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1; 0 keeps torch's default). On a shared 2-core "
                              "machine more threads make the many small ops of SGD and simulate spin "
                              "and run up to 100x slower, while the large matmuls gain little")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    cfg = QUICK if args.quick else FULL
-    mode = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    cfg = {"quick": QUICK, "full": FULL, "default": DEFAULT}[mode]
 
     import matplotlib
 
@@ -342,7 +399,8 @@ def _run(cfg: Config, mode: str, out: str) -> None:
             tag = r.name.lower()
             _plot_trajectories(r, cfg, os.path.join(out, f"trajectories_{tag}.png"))
             _plot_gaps(r, os.path.join(out, f"gap_vs_width_{tag}.png"))
-    _plot_accuracy(results, os.path.join(out, "accuracy.png"))
+    _plot_accuracy(results, cfg, os.path.join(out, "accuracy.png"))
+    log("plots written")
     total = time.perf_counter() - t0
     with open(os.path.join(out, "summary.txt"), "w") as fh:
         fh.write(_summary(results, cfg, total, mode) + "\n")

@@ -66,9 +66,18 @@ def fit_loglog_slope(widths: Sequence[float], values: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------
 
 
+# Rows per forward pass.  Every step records the outputs on all train and test points; in one
+# pass a width-1024 CNN's activations for 300 digits are 160 MB, freshly mapped from the OS at
+# every step, which took as long as the arithmetic (system time); in 32-row chunks the memory
+# is reused (the demo's CNN sweep ran 2x faster).
+_ROWS = 32
+
+
 def _outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # One row per example, outputs of any shape flattened (as empirical_ntk does).
-    return net(x).reshape(x.shape[0], -1)
+    if x.shape[0] <= _ROWS:
+        return net(x).reshape(x.shape[0], -1)
+    return torch.cat([net(x[i:i + _ROWS]).reshape(len(x[i:i + _ROWS]), -1) for i in range(0, x.shape[0], _ROWS)])
 
 
 def train_finite(

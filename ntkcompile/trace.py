@@ -129,7 +129,7 @@ def _check_leaves(graph) -> None:
             fn = lines.get((file, int(line)))
             if fn is not None:
                 name = getattr(fn, "__name__", repr(fn))
-                raise TraceError(
+                err = TraceError(
                     f"torch.fx traced into the registered nonlinearity {name!r} ({file}, line {line}) "
                     f"instead of keeping it as one op (at node '{node.name}'). ntkcompile keeps it when "
                     "forward calls it through a global or imported name, a closure variable or a module "
@@ -137,6 +137,8 @@ def _check_leaves(graph) -> None:
                     f"function in another module), call it by one of those names, or, for a helper, add "
                     f"torch.fx.wrap({name!r}) at the top level of the helper's module, after {name} is "
                     "defined or imported there.")
+                err.export_would_too = True        # torch.export would trace into it as well
+                raise err
 
 
 def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
@@ -165,18 +167,61 @@ def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
 
 def source_line(node: fx.Node) -> str:
     """The user's source line for ``node``: the innermost recorded frame outside torch."""
-    st = node.meta.get("stack_trace") if hasattr(node, "meta") else None
-    if not st:
+    frame = _user_frame(node)
+    if frame is not None:
+        where, code = frame
+        return f"{where}: {code}" if code else where
+    module = _module_of(node)
+    if not node.meta.get("stack_trace") and module is None:
         return "<source line unavailable>"
+    where = (f"module '{node.target}'" if node.op == "call_module" else
+             f"module '{module[0]}' ({_short(module[1])})" if module else f"node '{node.name}'")
+    return f"{where}, called from torch code (e.g. inside an nn.Sequential)"
+
+
+def origin(node: fx.Node, modules=None) -> str:
+    """Where a node of the user's model comes from, for the program printout: a torch module
+    (``0 (Linear)``, the name as in ``model.named_modules()``), else the user's source line
+    (``models.py:58  h = torch.tanh(self.a(x))``), else the node's name."""
+    if node.op == "call_module":
+        m = (modules or {}).get(node.target)
+        return f"{node.target} ({type(m).__name__})" if m is not None else str(node.target)
+    module = _module_of(node)
+    if module and module[1].startswith("torch.nn."):      # inside a torch layer (exported graphs)
+        return f"{module[0]} ({_short(module[1])})"
+    frame = _user_frame(node)
+    if frame is not None:
+        where, code = frame
+        m = re.match(r'File "([^"]*)", line (\d+)', where)
+        place = f"{os.path.basename(m.group(1))}:{m.group(2)}" if m else where
+        return f"{place}  {code}" if code else place
+    return f"{module[0]} ({_short(module[1])})" if module else node.name
+
+
+def _user_frame(node):
+    """``('File "...", line N, in f', code)`` of the innermost recorded frame outside torch, or None."""
+    st = node.meta.get("stack_trace")
+    if not st:
+        return None
     lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
     frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
               for i in range(len(lines)) if lines[i].startswith("File ")]
     user = [f for f in frames if _TORCH_DIR not in f[0] and _OWN_DIR not in f[0]]
-    if not user:   # called by a torch container such as nn.Sequential
-        where = f"module '{node.target}'" if node.op == "call_module" else f"node '{node.name}'"
-        return f"{where}, called from torch code (e.g. inside an nn.Sequential)"
-    where, code = user[-1]
-    return f"{where}: {code}" if code else where
+    return user[-1] if user else None
+
+
+def _module_of(node):
+    """``(qualified name, class path)`` of the innermost non-root module torch.export recorded."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else str(cls)
+    return (path, cls) if path else None
+
+
+def _short(cls: str) -> str:
+    return cls.rsplit(".", 1)[-1]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -186,7 +231,9 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 def describe(node: fx.Node) -> str:
     """``node 'name' (op target)`` for error messages."""
     target = node.target
-    if callable(target) and not isinstance(target, str):
+    if isinstance(target, torch._ops.OpOverload):        # an ATen op (torch.export)
+        target = str(target)
+    elif callable(target) and not isinstance(target, str):
         target = getattr(target, "__module__", "") + "." + getattr(target, "__name__", repr(target))
     return f"node '{node.name}' ({node.op} {target})"
 

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(ntkcompile.__file__).parent
 STAGES = [
     {"errors", "resources"},
     {"ir"},
-    {"trace"},
+    {"trace", "export"},
     {"passes"},
     {"plan"},
     {"kernels"},
@@ -29,7 +29,7 @@ STAGES = [
     {"parametrize", "empirical", "training", "stability"},
     {"dynamics"},
     {"harness"},
-    {"demo", "__init__", "__main__"},
+    {"demo", "cli", "__init__", "__main__"},
 ]
 RANK = {name: i for i, names in enumerate(STAGES) for name in names}
 MAX_LINES = 600

@@ -43,8 +43,14 @@ class Branchy(nn.Module):
 
 
 def test_data_dependent_control_flow():
+    """Branching on tensor values: neither torch.fx nor torch.export (the fallback) captures it.
+    Without an input shape the export waits for the first call."""
+    kfn = ntkcompile.compile(Branchy())
+    with pytest.raises(TraceError, match="control flow") as e:
+        kfn(torch.randn(4, 3))
+    assert "torch.export could not export it either" in str(e.value)
     with pytest.raises(TraceError, match="control flow"):
-        ntkcompile.compile(Branchy())
+        ntkcompile.compile(Branchy(), input_shape=(3,))
 
 
 def test_nan_and_inf_inputs():

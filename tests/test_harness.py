@@ -243,6 +243,18 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     assert "slope:" in summary and "NTK regression" in summary
     slope = float(summary.split("slope:")[1].split()[0])
     assert -1.0 < slope < -0.2, summary
+    # the relative gap (max gap over the outputs' rms) falls too, and every accuracy of the
+    # SGD comparison is on the same tracked test points as kernel regression's
+    assert -1.0 < float(summary.split("relative-gap slope:")[1].split()[0]) < -0.2, summary
+    assert "NTK regression on the 16 tracked" in summary and "SGD infinite width (20 steps, 16 tracked)" in summary
     out = capsys.readouterr().out
     assert "MLP: width" in out  # progress lines
     assert "CNN:" in out
+
+
+def test_demo_default_is_smaller_than_full_and_full_is_the_old_sweep():
+    assert demo.FULL.widths == (256, 512, 1024, 2048, 4096) and demo.FULL.seeds == (0, 1)
+    assert max(demo.DEFAULT.widths) < max(demo.FULL.widths)
+    assert len(demo.DEFAULT.widths) >= 4 and len(demo.DEFAULT.seeds) >= 3      # a slope, and error bars
+    with pytest.raises(SystemExit):
+        demo.main(["--full", "--quick"])

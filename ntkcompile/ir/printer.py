@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import walk
-from .nodes import Atom, ECall, EConst, ELin, EMul, ESlot, HAtom, SConst, SMoment, SOp, Var, Vec
+from .nodes import Atom, ECall, EConst, ELin, EMul, ESlot, GBias, HAtom, SConst, SMoment, SOp, Var, Vec
 from .program import READOUT
 
 
@@ -75,60 +75,73 @@ class Printer:
                          else e.children())
 
 
-def atom_origins(program) -> dict:
-    """The model node (fx name) that first produced each atom as a vector of its own."""
-    origin: dict = {}
-    for var, name in program.names.items():
-        if isinstance(var, Var) and len(var.terms) == 1:
-            c, a = var.terms[0]
-            if isinstance(c, SConst) and c.value == 1.0:
-                origin.setdefault(a, name)
-    return origin
-
-
 def _h_line(node, show) -> str:
     slots = [f"[{show(g)}]" for g in node.gargs]
     return f"{show.expr(node.expr, slots)}    # H of {len(slots)} G-var(s)"
 
 
-def _backward_atom(u, show) -> str:
+def _backward_atom(u, show, readout) -> str:
     if u == READOUT:
-        return "v (readout)"
+        return f"v[{readout.name}]"
     return u.backward_label(show)
+
+
+def atom_origins(program) -> dict:
+    """The user's module or source line that first produced each atom (``program.names``:
+    when a node's value is that atom, possibly plus biases)."""
+    origin = {}
+    for var, where in program.names.items():
+        if isinstance(var, Var):
+            main = [a for _, a in var.terms if not isinstance(a, GBias)]
+            if len(main) == 1:
+                origin.setdefault(main[0], where)
+    return origin
+
+
+def multiplier_text(m, show) -> str:
+    """A backward multiplier ``d piece / d g``: a derivative such as ``relu'(g3 + g4)`` written out."""
+    if len(m.terms) == 1:
+        c, a = m.terms[0]
+        if isinstance(c, SConst) and c.value == 1.0 and isinstance(a, HAtom) and a.gargs:
+            return show.expr(a.expr, [show(g) for g in a.gargs])
+    return show(m)
 
 
 def format_program(program, evaluators=()) -> str:
     show = Printer()
     origin = atom_origins(program)
-    lines = ["Tensor Program (NTK parametrization, width n -> infinity)", "", "parameters:"]
+    lines = ["Tensor Program (NTK parametrization, width n -> infinity; TP II Sec. 2-4)", "", "parameters:"]
     for p in program.params:
         lines.append(f"  {p.name:<28} {p.describe()}")
     r = program.readout
     lines.append(f"  {r.name:<28} readout         W_std={r.W_std:g}"
                  + (f", b_std={r.b_std:g}" if r.has_bias else "") + f", {r.out_features} output(s)")
-    lines += ["", "forward:"]
+    lines += ["", "forward (g: G-vars, Gaussian in the limit; h: H-vars, nonlinearities of G-vars; "
+              "# from: the module or source line):"]
     for i, (nm, d) in enumerate(zip(program.fixed_names, program.fixed_dims)):
         lines.append(f"  x{i} = {nm}  (fixed input of shape {tuple(d)})")
     for node in program.nodes:
         if not isinstance(node, Atom) or node is program.ONE:
             continue
         rhs = _h_line(node, show) if isinstance(node, HAtom) else node.describe(show)
-        lines.append(f"  {atom_label(node)} = {rhs}" + (f"  <- {origin[node]}" if node in origin else ""))
+        lines.append(f"  {atom_label(node)} = {rhs}" + (f"; from {origin[node]}" if node in origin else ""))
     scale = "" if r.scale == 1.0 else f"{r.scale:g} * "
     pooled = {"gap": "mean over positions of ", "flatten": "flatten over positions of "}.get(r.pool, "")
     lines.append(f"  f = {scale}(W_std/sqrt(n)) v[{r.name}] . {pooled}({show(r.vec)})"
                  + (" + b_std beta" if r.has_bias else "") + "    # readout")
     bw = program.backward
     if bw is not None:
-        lines += ["", "backward (gradient independence assumption; Simple GIA Check passed):"]
-        for g, users in bw.consumers.items():
+        lines += ["", "backward (TP II Sec. 4), from the readout back: dg = sqrt(n) df/dg for every G-var g.",
+                  "  Gradient independence: each W^T is a fresh copy of W, independent of the forward pass",
+                  "  (the Simple GIA Check passed: the readout v is used nowhere else)."]
+        for g in sorted(bw.consumers, key=lambda a: a.uid, reverse=True):
             parts = []
-            for u in users:
+            for u in bw.consumers[g]:
                 ms = [bw.multipliers[(piece, g)] for _, piece in bw.arg(program, u).pieces]
-                ms = [m for m in ms if m is not None]
-                mult = " + ".join(show(m) for m in ms) if ms else "0"
-                src = _backward_atom(u, show)
-                parts.append(src if mult == "1" else f"({mult}) * {src}")
+                ms = [multiplier_text(m, show) for m in ms if m is not None]
+                mult = " + ".join(ms) if ms else "0"
+                src = _backward_atom(u, show, r)
+                parts.append(src if mult == "1" else f"{mult} * {src}" if len(ms) == 1 else f"({mult}) * {src}")
             lines.append(f"  d{atom_label(g)} = " + " + ".join(parts))
         derived = [n for n in bw.builder.nodes if isinstance(n, HAtom) and n.gargs]
         if derived:

@@ -135,13 +135,21 @@ def _pow_rule(lw, node, a, p):
     raise lw.unsupported(node)
 
 
-@rule(torch.sqrt, torch.rsqrt, "sqrt", "rsqrt")
-def _sqrt_rule(lw, node, a):
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    p = 0.5 if name == "sqrt" else -0.5
+def _root(lw, node, a, fn, p):
     if isinstance(a, Moment):
         return Moment(lw.b.spow(a.s, p))
-    return apply(lw, node, _elementwise(name, getattr(torch, name)), a)
+    return apply(lw, node, _elementwise(fn.__name__, fn), a)
+
+
+# one rule each (not one reading node.target): ops/aten.py registers them under ATen names too
+@rule(torch.sqrt, "sqrt")
+def _sqrt_rule(lw, node, a):
+    return _root(lw, node, a, torch.sqrt, 0.5)
+
+
+@rule(torch.rsqrt, "rsqrt")
+def _rsqrt_rule(lw, node, a):
+    return _root(lw, node, a, torch.rsqrt, -0.5)
 
 
 @rule(torch.norm, torch.linalg.norm, torch.linalg.vector_norm, "norm")

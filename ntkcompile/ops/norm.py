@@ -167,23 +167,28 @@ if hasattr(F, "rms_norm"):
 
 @rule(nn.BatchNorm1d, nn.BatchNorm2d)
 def _batchnorm_module(lw, node, m, x):
+    return batchnorm(lw, node, x, node.target, m.training, m.track_running_stats, m.running_mean,
+                     m.running_var, m.eps, m.weight if m.affine else None, m.bias if m.affine else None)
+
+
+def batchnorm(lw, node, x, name, training, has_stats, running_mean, running_var, eps, weight, bias):
     """BatchNorm in eval mode with its initial running statistics: ``x / sqrt(1 + eps)``.
 
     In training mode BatchNorm couples the examples of a batch and the kernel depends
-    on the batch composition (TP II App. D); that is not compiled.
+    on the batch composition (TP II App. D); that is not compiled.  (Shared by the
+    module and ATen's ``batch_norm``, ``ops/aten.py``.)
     """
-    if m.training and m.track_running_stats is not False:
+    if training and has_stats is not False:
         raise lw.unsupported(
             node, "BatchNorm in training mode (it couples the examples of a batch: TP II App. D). "
             "Call model.eval() for the eval-mode kernel with the initial running statistics")
-    if m.training or not m.track_running_stats:
+    if training or not has_stats or running_mean is None or running_var is None:
         raise lw.unsupported(node, "BatchNorm without running statistics")
     if not isinstance(x, Width):
         raise lw.unsupported(node, "BatchNorm of a fixed (non-width) tensor")
-    _check_eps(lw, node, m.eps)
-    if not (torch.all(m.running_mean == 0) and torch.all(m.running_var == 1)):
-        raise lw.error(node, f"the running statistics of '{node.target}' are not at initialization "
+    _check_eps(lw, node, eps)
+    if not (torch.all(running_mean == 0) and torch.all(running_var == 1)):
+        raise lw.error(node, f"the running statistics of '{name}' are not at initialization "
                        "(mean 0, variance 1); the kernel at initialization assumes them")
-    vec = lw.b.lincomb([(lw.b.sconst((1.0 + m.eps) ** -0.5), x.vec)])
-    return _affine(lw, node, x, vec, node.target, m.weight if m.affine else None,
-                   m.bias if m.affine else None)
+    vec = lw.b.lincomb([(lw.b.sconst((1.0 + eps) ** -0.5), x.vec)])
+    return _affine(lw, node, x, vec, name, weight, bias)

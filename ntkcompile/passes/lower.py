@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import ir
 from ..errors import GIACheckError, InputShapeError, UnsupportedOpError, WidthInferenceError
-from ..trace import describe, source_line
+from ..trace import describe, origin, source_line
 from .prune import prune
 from .readout import SHAPE_ONLY, find_readout
 
@@ -163,10 +163,11 @@ class Lowering:
         )
 
     def width(self, node, vec, size, positions=(), pool=None, pooled=()):
-        self.sources.setdefault(node.name, source_line(node))
-        self.names.setdefault(vec, node.name)
+        where = origin(node, self.modules)         # the user's module or source line, for printouts
+        self.sources.setdefault(where, source_line(node))
+        self.names.setdefault(vec, where)
         for _, var in vec.pieces:
-            self.names.setdefault(var, node.name)
+            self.names.setdefault(var, where)
         return Width(vec, size, tuple(positions), pool, tuple(pooled))
 
     def width_axis(self, node, dim, ndim):
@@ -182,7 +183,8 @@ class Lowering:
             raise self.error(
                 node, f"an input layer expects a fixed input with {ndim} axes, got shape {tuple(shp)}")
         if node not in self.fixed_nodes:
-            self.sources.setdefault(node.name, source_line(node))
+            self.sources.setdefault("input" if node.op == "placeholder" else origin(node, self.modules),
+                                    source_line(node))
             self.fixed_nodes.append(node)
             self.fixed_dims.append(tuple(int(v) for v in shp[1:]))
         return self.fixed_nodes.index(node)
@@ -198,7 +200,8 @@ class Lowering:
         prep = _make_prep(self.gm, self.fixed_nodes)
         program = ir.Program(
             builder=self.b, readout=self.readout,
-            fixed_names=tuple(n.name for n in self.fixed_nodes), fixed_dims=tuple(self.fixed_dims),
+            fixed_names=tuple("input" if n.op == "placeholder" else origin(n, self.modules)
+                              for n in self.fixed_nodes), fixed_dims=tuple(self.fixed_dims),
             prep=prep, input_shape=tuple(self.example.shape[1:]), names=self.names, sources=self.sources,
         )
         return prune(program)

@@ -23,6 +23,7 @@ from ..errors import GIACheckError, UnsupportedOpError
 from ..trace import describe, source_line
 
 SHAPE_ONLY: set = set()          # module types, callables and method names of shape-only ops
+LINEAR_FUNCTIONS: set = {F.linear}   # functions called as F.linear(x, weight, bias) (ops/aten.py adds aten.linear)
 POST_READOUT_SCALE: dict = {}    # key -> (node, module or None) -> factor, or None if not allowed
 
 
@@ -49,7 +50,10 @@ def output_scale(node: fx.Node, modules) -> "float | None":
 def is_linear_node(node: fx.Node, modules) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], nn.Linear)
-    return node.op == "call_function" and node.target is F.linear
+    try:
+        return node.op == "call_function" and node.target in LINEAR_FUNCTIONS
+    except TypeError:          # an unhashable target
+        return False
 
 
 def find_readout(gm: fx.GraphModule):
