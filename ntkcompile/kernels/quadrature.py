@@ -139,7 +139,11 @@ def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     uncorrelated with everything. All arguments broadcast; the result is float64.
     """
     k11, k12, k22 = _f64(k11, k12, k22)
-    scale = (k11.clamp_min(0.0) * k22.clamp_min(0.0)).sqrt_()
+    v1, v2 = k11.clamp_min(0.0), k22.clamp_min(0.0)
+    if not compiling() and _product_leaves_range(v1, v2):
+        scale = v1.sqrt() * v2.sqrt()        # variances beyond 1e+-154: k11 k22 would under/overflow
+    else:
+        scale = (v1 * v2).sqrt_()
     # Fast path, decided on the (small) variance arrays; under torch.compile the
     # branch-free form is used instead, since a data-dependent branch breaks the graph.
     if not compiling() and bool((k11 > 0).all()) and bool((k22 > 0).all()):
@@ -147,6 +151,17 @@ def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     positive = scale > 0
     c = torch.where(positive, k12 / torch.where(positive, scale, 1.0), 0.0)
     return scale, c.clamp(-1.0, 1.0)
+
+
+def _product_leaves_range(v1, v2) -> bool:
+    """True if ``v1 * v2`` (broadcast) could leave float64's normal range, judged on the
+    (small) variance arrays; the device must allow a value-dependent answer."""
+    if v1.device.type == "meta" or v1.numel() == 0 or v2.numel() == 0:
+        return False
+    hi = float(v1.max()) * float(v2.max())
+    pos1, pos2 = v1[v1 > 0], v2[v2 > 0]
+    lo = float(pos1.min()) * float(pos2.min()) if pos1.numel() and pos2.numel() else 1.0
+    return not (1e-290 < lo and hi < 1e290)
 
 
 def angle(k11, k12, k22) -> Tensor:

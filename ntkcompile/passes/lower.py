@@ -153,14 +153,23 @@ class Lowering:
 
     def unsupported(self, node, what=None):
         what = what or f"op {describe(node)}"
-        return self.error(
-            node,
-            f"ntkcompile has no Tensor Program rule for {what}.\n"
-            "  To add one: a pointwise function can be registered with "
-            "ntkcompile.register_elementwise(fn, name) (closed forms optional); any other "
-            "op needs a lowering rule in a file of ntkcompile/ops/ "
-            "(@rule(ModuleType / function / 'method'); see docs/architecture.md).",
-        )
+        if self._pointwise_shaped(node):
+            how = ("  If it is an elementwise function, register it with ntkcompile.register_elementwise("
+                   "fn, name) (closed forms optional); otherwise it needs a lowering rule in a file of "
+                   "ntkcompile/ops/ (@rule(ModuleType / function / 'method'); see docs/architecture.md).")
+        else:
+            how = ("  It changes the shape of its input, so it is not an elementwise function: it needs a "
+                   "lowering rule in a file of ntkcompile/ops/ (@rule(ModuleType / function / 'method'); "
+                   "see docs/architecture.md, \"How to add an op\").")
+        return self.error(node, f"ntkcompile has no Tensor Program rule for {what}.\n{how}")
+
+    def _pointwise_shaped(self, node) -> bool:
+        """True if ``node`` maps one tensor to a tensor of the same shape (it might be pointwise)."""
+        inputs = [a for a in node.all_input_nodes if a.name in self._shapes]
+        if node.op == "call_module":
+            inputs = inputs[:1]
+        return (len(inputs) == 1 and node.name in self._shapes
+                and self._shapes[node.name] == self._shapes[inputs[0].name])
 
     def width(self, node, vec, size, positions=(), pool=None, pooled=()):
         where = origin(node, self.modules)         # the user's module or source line, for printouts
