@@ -51,3 +51,36 @@ class ConvGeometry:
         if any(o <= 0 for o in out):
             raise ValueError(f"convolution output would be empty for input {in_shape}")
         return ConvGeometry(kernel, stride, padding, dilation, tuple(in_shape), out)
+
+
+class PositionMap:
+    """A fixed linear map of positions, ``y_s = sum_a M[s, a] x_a`` (positions flattened
+    in C order): indexing, slicing and averaging along fixed axes (``ops/positions.py``).
+
+    Interned by content (``PositionMap.make``), so equal maps are the same object and
+    atoms built from them are the same node.  ``select`` is the input position each
+    output reads when every row of ``M`` is a single 1 (an index or a slice), else None.
+    """
+    __slots__ = ("in_shape", "out_shape", "matrix", "label", "select")
+    _interned: dict = {}
+
+    def __init__(self, in_shape, out_shape, matrix, label):
+        self.in_shape, self.out_shape, self.label = tuple(in_shape), tuple(out_shape), label
+        self.matrix = matrix
+        ones = (matrix == 1.0).sum(axis=1) == 1
+        zeros = (matrix == 0.0).sum(axis=1) == matrix.shape[1] - 1
+        self.select = tuple(int(i) for i in matrix.argmax(axis=1)) if bool((ones & zeros).all()) else None
+
+    @staticmethod
+    def make(in_shape, out_shape, matrix, label) -> "PositionMap":
+        import numpy as np
+        m = np.ascontiguousarray(np.asarray(matrix, dtype=np.float64))
+        m.setflags(write=False)
+        key = (tuple(in_shape), tuple(out_shape), m.tobytes())
+        found = PositionMap._interned.get(key)
+        if found is None:
+            found = PositionMap._interned[key] = PositionMap(in_shape, out_shape, m, label)
+        return found
+
+    def __repr__(self):
+        return f"PositionMap({self.label}: {self.in_shape} -> {self.out_shape})"

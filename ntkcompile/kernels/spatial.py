@@ -292,3 +292,69 @@ def liftf(t, k, right):
     if not sp:
         return t.reshape(t.shape[0], *([1] * 2 * k))
     return t.reshape(t.shape[0], *([1] * k), *sp) if right else t.reshape(t.shape[0], *sp, *([1] * k))
+
+
+# Fixed linear maps of positions (ops/positions.py): ``y_s = sum_a M[s, a] x_a`` over
+# positions flattened in C order; ``m`` is an ``ir.PositionMap``.
+
+def _matrix(m, like):
+    return torch.tensor(m.matrix, dtype=like.dtype, device=like.device)
+
+
+def _groups(a, shapes):
+    """``a`` with its trailing position groups (``shapes``, one per group) each flattened,
+    broadcast over the positions (an array constant over positions has size-1 axes)."""
+    nd = sum(len(s) for s in shapes)
+    lead = a.shape[:a.ndim - nd]
+    full = torch.broadcast_to(a, (*lead, *[n for s in shapes for n in s]))
+    return full.reshape(*lead, *[math.prod(s) for s in shapes]), lead
+
+
+def map_pair(a, ma, mb):
+    """``E[(M_a x)_s (M_b y)'_t] = sum_{a,b} M_a[s,a] M_b[t,b] E[x_a y'_b]``:
+    ``(*lead, *P, *P) -> (*lead, *Q_a, *Q_b)`` (no lead for a constant)."""
+    if a.ndim < len(ma.in_shape) + len(mb.in_shape):          # constant over positions and inputs
+        a = torch.broadcast_to(a, (*ma.in_shape, *mb.in_shape))
+    x, lead = _groups(a, (ma.in_shape, mb.in_shape))
+    if ma.select is not None and mb.select is not None:
+        ia = torch.as_tensor(ma.select, device=a.device)
+        ib = torch.as_tensor(mb.select, device=a.device)
+        y = x.index_select(-2, ia).index_select(-1, ib)
+    else:
+        y = _matrix(ma, a) @ x @ _matrix(mb, a).T
+    return y.reshape(*lead, *ma.out_shape, *mb.out_shape)
+
+
+def map_same(d, m):
+    """Same-input variances of a selection: ``(*lead, *P) -> (*lead, *Q)``."""
+    if not torch.is_tensor(d) or d.ndim == 0:
+        return d
+    x, lead = _groups(d, (m.in_shape,))
+    return x.index_select(-1, torch.as_tensor(m.select, device=d.device)).reshape(*lead, *m.out_shape)
+
+
+def map_diagonal(f, ma, mb):
+    """Same-input variances of a map that mixes positions, from all pairs ``(*lead, *P, *P)``."""
+    y = map_pair(f, ma, mb)
+    q = math.prod(ma.out_shape)
+    lead = y.shape[:y.ndim - 2 * len(ma.out_shape)]
+    return torch.diagonal(y.reshape(*lead, q, q), dim1=-2, dim2=-1).reshape(*lead, *ma.out_shape)
+
+
+def map_mean(mean, m, like):
+    """``E[(M x)_s] = sum_a M[s, a] E[x_a]``: ``(*lead, *P) -> (*lead, *Q)``."""
+    if not torch.is_tensor(mean) or mean.ndim == 0:        # constant over positions
+        rows = m.matrix.sum(axis=1)
+        return mean if bool((rows == 1.0).all()) else mean * _matrix(m, like).sum(1).reshape(m.out_shape)
+    x, lead = _groups(mean, (m.in_shape,))
+    return (x @ _matrix(m, x).T).reshape(*lead, *m.out_shape)
+
+
+def map_adjoint(d, mu, mw):
+    """The backward covariance through two maps: ``M_u^T D M_w``,
+    ``(*lead, *Q_u, *Q_w) -> (*lead, *P, *P)`` (no lead for a constant)."""
+    if d.ndim < len(mu.out_shape) + len(mw.out_shape):
+        d = torch.broadcast_to(d, (*mu.out_shape, *mw.out_shape))
+    x, lead = _groups(d, (mu.out_shape, mw.out_shape))
+    y = _matrix(mu, x).T @ x @ _matrix(mw, x)
+    return y.reshape(*lead, *mu.in_shape, *mw.in_shape)

@@ -20,8 +20,8 @@ def _cat(lw, node, tensors, dim=0):
         return Fixed(node)
     if not all(isinstance(t, Width) for t in tensors):
         raise lw.error(node, "concatenating width vectors with fixed tensors", WidthInferenceError)
-    lw.width_axis(node, dim, len(lw.shape(node)))
-    if len({t.positions for t in tensors}) != 1:
+    lw.width_axis(node, dim, len(lw.shape(node)), tensors[0])
+    if len({(t.positions, t.axes) for t in tensors}) != 1:
         raise lw.error(node, "concatenating feature maps with different positions", WidthInferenceError)
     total = sum(t.size for t in tensors)
     pieces = []

@@ -10,21 +10,19 @@ from __future__ import annotations
 import torch
 
 from ..passes.lower import Moment, Width, rule
-from .pool import global_pool
+from .positions import mean_positions
 
 
 def _mean(lw, node, x, dim, keepdim, which):
     if not isinstance(x, Width):
         raise lw.unsupported(node)
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    if x.positions:
-        nd = len(lw.shape(node.args[0]))
-        if sorted(d % nd for d in dims) != list(range(2, nd)):
-            raise lw.unsupported(node, "a mean over some but not all positions of a feature map")
-        return global_pool(lw, node, x)
+    nd = len(lw.shape(node.args[0]))
+    if x.positions and not any(x.axes[d % nd] == "w" for d in dims):
+        return mean_positions(lw, node, x, dims, keepdim)
     if len(dims) != 1:
         raise lw.unsupported(node, "a reduction over several axes of a width vector")
-    lw.width_axis(node, dims[0], len(lw.shape(node.args[0])))
+    lw.width_axis(node, dims[0], nd, x)
     if not keepdim:
         raise lw.error(node, "a width average without keepdim=True is a per-input number; it can "
                        "only scale width vectors (use keepdim=True) and cannot be the output")

@@ -12,7 +12,6 @@ dropping the size-1 position axes is the identity.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.fx as fx
@@ -89,13 +88,6 @@ def _getattr(lw, node, x, name):
     if name == "shape":
         return torch.Size(lw.shape(node.args[0]))
     raise lw.unsupported(node)
-
-
-@rule(operator.getitem)
-def _getitem(lw, node, x, idx):
-    if isinstance(x, (tuple, list, torch.Size)):
-        return x[idx]
-    raise lw.unsupported(node, "indexing a width vector")
 
 
 # -- the flatten readout -------------------------------------------------------------

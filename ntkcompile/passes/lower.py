@@ -47,9 +47,17 @@ class Fixed:
 class Width:
     vec: Any           # ir.Vec
     size: int          # finite width in the traced model (ratios matter for concatenation)
-    positions: tuple = ()          # fixed positions (conv feature maps: (H, W)); width axis is 1
+    positions: tuple = ()          # fixed positions (conv feature maps: (H, W); a sequence: (T,))
     pool: Optional[str] = None     # "gap" / "flatten": positions already pooled, readout only
     pooled: tuple = ()             # the positions that were pooled
+    layout: Optional[tuple] = None  # the role of each tensor axis (``Width.axes``)
+
+    @property
+    def axes(self) -> tuple:
+        """The role of each axis of the torch tensor: ``"n"`` the batch, ``"w"`` the width,
+        ``k`` (an int) position axis ``k``.  A feature map is ``("n", "w", 0, 1)`` (the
+        default); a batch-first sequence ``("n", 0, "w")``; a time-first one ``(0, "n", "w")``."""
+        return self.layout if self.layout is not None else ("n", "w") + tuple(range(len(self.positions)))
 
 
 @dataclass(frozen=True)
@@ -171,20 +179,32 @@ class Lowering:
         return (len(inputs) == 1 and node.name in self._shapes
                 and self._shapes[node.name] == self._shapes[inputs[0].name])
 
-    def width(self, node, vec, size, positions=(), pool=None, pooled=()):
+    def width(self, node, vec, size, positions=(), pool=None, pooled=(), layout=None):
+        """The value of ``node``: a width vector.  Without ``layout`` it keeps the layout of
+        the node's first width argument with the same positions (elementwise ops), else
+        the default (``Width.axes``)."""
         where = origin(node, self.modules)         # the user's module or source line, for printouts
         self.sources.setdefault(where, source_line(node))
         self.names.setdefault(vec, where)
         for _, var in vec.pieces:
             self.names.setdefault(var, where)
-        return Width(vec, size, tuple(positions), pool, tuple(pooled))
+        positions = tuple(positions)
+        if layout is None and positions and not pool:
+            for a in node.all_input_nodes:
+                v = self.env.get(a)
+                if isinstance(v, Width) and v.positions == positions and v.layout is not None:
+                    layout = v.layout
+                    break
+        return Width(vec, size, positions, pool, tuple(pooled), None if layout is None else tuple(layout))
 
-    def width_axis(self, node, dim, ndim):
-        """Check that ``dim`` is the width axis (1: features or channels)."""
+    def width_axis(self, node, dim, ndim, x=None):
+        """Check that ``dim`` is the width axis (of ``x``'s layout; 1 by default: features or
+        channels)."""
         d = dim if dim >= 0 else dim + ndim
-        if d != 1:
+        axes = x.axes if isinstance(x, Width) and len(x.axes) == ndim else None
+        if not (0 <= d < ndim) or (axes[d] != "w" if axes is not None else d != 1):
             raise self.error(node, f"a reduction or concatenation along axis {dim} of a width vector: "
-                             "only the width axis (1: features or channels) is supported", WidthInferenceError)
+                             "only the width axis (features or channels) is supported", WidthInferenceError)
 
     def fixed_index(self, node, ndim=2):
         shp = self.shape(node)
