@@ -319,10 +319,14 @@ class Planner(HVarExpectations):
         if ca is not None or cb is not None:
             return (yield from self.cov(ca or self.b.atom_var(a), cb or self.b.atom_var(b), pair))
         linear_a, linear_b = not isinstance(a, HAtom), not isinstance(b, HAtom)
+        if (linear_a or linear_b) and self.independent_atoms(a, b):
+            if a.gaussian or b.gaussian:
+                return None               # different matrices: independent, and one has mean 0
+            ma = yield from self.mean(a, left)
+            mb = yield from self.mean(b, right)
+            return self.plan.mul(self.lift(ma, left, pair, k), self.lift(mb, right, pair, k))
         if linear_a and linear_b:
             ga, gb = a.cov_group, b.cov_group
-            if ga is not gb and ga is not irn.ANY and gb is not irn.ANY:
-                return None               # different matrices: independent
             kind = type(a) if ga is irn.ANY or type(a) is type(b) else type(b)
             rule = COVARIANCE.get(kind)
             if rule is None or (type(a) is not type(b) and ga is not irn.ANY and gb is not irn.ANY):
@@ -335,6 +339,17 @@ class Planner(HVarExpectations):
                     f"a {type(lin).__name__} of non-Gaussian vectors combined with a nonlinearity")
             return (yield from self.stein(a, b, pair))
         return (yield from self.hh(a, b, pair))
+
+    @staticmethod
+    def independent_atoms(a, b) -> bool:
+        """True if two atoms are independent by construction: each is a function of the
+        G-vars of its own parameters only (``cov_group``; an H-atom: of its slots')."""
+        def groups(x):
+            if isinstance(x, HAtom):
+                return {t.cov_group for g in x.gargs for _, t in g.terms}
+            return {x.cov_group}
+        ga, gb = groups(a), groups(b)
+        return irn.ANY not in ga and irn.ANY not in gb and not (ga & gb)
 
     def independent(self, u: Var, v: Var) -> bool:
         """True if two Gaussian Vars are independent by construction (distinct matrices)."""

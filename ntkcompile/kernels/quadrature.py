@@ -158,10 +158,12 @@ def _product_leaves_range(v1, v2) -> bool:
     (small) variance arrays; the device must allow a value-dependent answer."""
     if v1.device.type == "meta" or v1.numel() == 0 or v2.numel() == 0:
         return False
-    hi = float(v1.max()) * float(v2.max())
-    pos1, pos2 = v1[v1 > 0], v2[v2 > 0]
-    lo = float(pos1.min()) * float(pos2.min()) if pos1.numel() and pos2.numel() else 1.0
-    return not (1e-290 < lo and hi < 1e290)
+    top1, top2 = v1.amax(), v2.amax()
+    # the smallest positive variance of each (the largest where none is positive); one sync
+    hi1, lo1, hi2, lo2 = torch.stack([top1, torch.where(v1 > 0, v1, top1).amin(),
+                                      top2, torch.where(v2 > 0, v2, top2).amin()]).tolist()
+    lo = lo1 * lo2 if lo1 > 0 and lo2 > 0 else 1.0
+    return not (1e-290 < lo and hi1 * hi2 < 1e290)
 
 
 def angle(k11, k12, k22) -> Tensor:

@@ -31,6 +31,8 @@ SHAPE_MODULES = (nn.Flatten,)
 
 @rule(*SHAPE_METHODS, *SHAPE_FUNCTIONS, shape_only=True)
 def shape_identity(lw, node, x, *args, **kwargs):
+    if isinstance(x, tuple) and len(x) == 1 and isinstance(x[0], Width) and node.target in ("squeeze", torch.squeeze):
+        return x[0]           # h_n.squeeze(0) of a one-layer recurrent module (ops/recurrent.py)
     if not isinstance(x, Width):
         raise lw.unsupported(node)
     before, after = tuple(lw.shape(node.args[0])), tuple(lw.shape(node))

@@ -70,6 +70,13 @@ class Output:
     pass
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A value an op produces but ntkcompile cannot compile (an LSTM's ``c_n``): using it
+    raises ``UnsupportedOpError`` with ``what``; leaving it unused is fine."""
+    what: str
+
+
 # --------------------------------------------------------------------------- #
 # Rule tables
 # --------------------------------------------------------------------------- #
@@ -145,6 +152,7 @@ class Lowering:
                 "input tensor. Wrap the model so that its forward takes one tensor (concatenate the "
                 "inputs, or fix the other arguments in a wrapper module).")
         self._shapes = _propagate_shapes(gm, example_input)
+        self._derived: dict = {}
 
     # ------------------------------------------------------------------ utils
     def std_for(self, qualname: str):
@@ -218,6 +226,20 @@ class Lowering:
             self.fixed_dims.append(tuple(int(v) for v in shp[1:]))
         return self.fixed_nodes.index(node)
 
+    def fixed_transposed(self, node, dim0=0, dim1=1):
+        """The fixed tensor of ``node`` with two axes swapped, as a new node of the graph
+        (a time-first sequence made batch first: the kernel's fixed inputs are)."""
+        key = (node, dim0, dim1)
+        if key not in self._derived:
+            with self.gm.graph.inserting_after(node):
+                t = self.gm.graph.call_method("transpose", (node, dim0, dim1))
+            t.meta.update(node.meta)
+            shape = list(self._shapes[node.name])
+            shape[dim0], shape[dim1] = shape[dim1], shape[dim0]
+            self._shapes[t.name] = tuple(shape)
+            self._derived[key] = t
+        return self._derived[key]
+
     # ------------------------------------------------------------------- walk
     def run(self) -> ir.Program:
         for node in self.gm.graph.nodes:
@@ -249,6 +271,9 @@ class Lowering:
         args = fx.node.map_arg(node.args, lambda n: self.env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
         flat = list(_flatten((args, kwargs)))
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, Refused):
+                raise self.unsupported(node, v.what)
         if node in self.post_nodes:
             return Output()
         if node is self.readout_node:
@@ -291,9 +316,10 @@ class Lowering:
         raise self.unsupported(node)
 
     # ---------------------------------------------------------------- params
-    def matrix(self, node, name, kind, fan_in, geometry=None):
-        """The matrix of module ``name`` (created on first use, with its role and geometry)."""
-        W_std, _ = self.std_for(name)
+    def matrix(self, node, name, kind, fan_in, geometry=None, module=None):
+        """The matrix ``name`` of module ``module`` (default: ``name``), created on first use
+        with its role and geometry."""
+        W_std, _ = self.std_for(module or name)
         m = self.matrices.get(name)
         if m is None:
             m = self.b.param(ir.Matrix, name=name, kind=kind, W_std=W_std, fan_in=fan_in, geometry=geometry)

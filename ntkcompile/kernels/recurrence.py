@@ -1,0 +1,209 @@
+"""Recurrences over time as loops in the plan: the exact route for Elman cells.
+
+A recurrent layer ``h_t = phi(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``, ``h_{-1} = 0``,
+has the pre-activation covariance (TP II: the same matrix ``W_hh`` at every step,
+so all its uses covary)
+
+    P[s, t] = W_ih^2 X[s, t] + b_ih^2 + b_hh^2 + W_hh^2 C[s-1, t-1],
+    C[s, t] = E[phi(u) phi(v)],  (u, v) ~ N(0, [[P_ss, P_st], [P_st, P'_tt]]),
+
+for every pair of time steps ``(s, t)`` of two inputs, and, under the gradient
+independence assumption, the backward covariance of the pre-activations
+
+    Delta[s, t] = E[phi'(u) phi'(v)] * (O[s, t] + W_hh^2 Delta[s+1, t+1]),
+
+where ``O`` is what the rest of the network sends back into the states
+(``D(h, h')``).  The layer's parameters contribute ``sum_{s,t} Delta * P`` to the
+NTK, and its input receives ``W_ih^2 Delta``.
+
+The planner evaluates each recurrence as a ``plan.Loop`` whose body it plans
+*once*: a step computes a whole row ``s`` (every ``t`` at once), carrying the
+previous row, so the generated code does not grow with ``T``.  Inside a body the
+expectations go through the planner's ordinary rules (closed forms, quadrature
+with its error estimate): the body's pre-activation is a ``Bound`` Gaussian atom
+whose covariances are the loop's arrays -- a row ``(N1, N2, T)`` for the cross
+pair, ``(N1, 1)`` (step ``s``) and ``(N2, T)`` (every ``t``) for the variances,
+which the ordinary lifts ``x[:, None]``, ``x[None, :]`` broadcast against the row.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import node
+from ..ir.nodes import Atom
+from ..plan import Loop, LoopOut, LoopVar
+from .planner import COVARIANCE, register
+
+# -- the body's Gaussian ---------------------------------------------------------------
+
+
+@node
+class Bound(Atom):
+    """A Gaussian whose covariances are given plan values (``Planner.bound``), keyed by
+    ``(atom, atom, pair)``: a pre-activation inside a loop body.  ``key`` =
+    ``(scan, label, loop id)`` makes it unique to its loop; the bound atoms of one
+    scan covary with each other only (``cov_group``)."""
+    key: object
+    uid: int = -1
+    gaussian = True
+
+    @property
+    def cov_group(self):
+        return self.key[0]
+
+    def positions(self, positions_of):
+        return ()
+
+    def describe(self, show):
+        return f"bound {self.key[1]}"
+
+
+@register(COVARIANCE, Bound)
+def _bound_cov(pl, a, b, pair):
+    try:
+        return pl.bound[(a, b, pair)]
+    except KeyError:
+        raise NotImplementedError(f"a loop body needs E[{a.key[1]} {b.key[1]}'] on {pair}") from None
+
+
+def bind_pair(pl, key, pair, cross, var_left, var_right):
+    """Two fresh ``Bound`` atoms (the two operands of ``pair``) with variances ``var_left``,
+    ``var_right`` and covariance ``cross``; returns their Vars."""
+    if not hasattr(pl, "bound"):
+        pl.bound = {}
+    left, right = (1, 2) if pair == "x" else (int(pair[-1]),) * 2
+    u = pl.b.make(Bound, (key[0], key[1] + " (left)", key[2]))
+    v = pl.b.make(Bound, (key[0], key[1] + " (right)", key[2]))
+    pl.bound[(u, u, f"d{left}")] = var_left
+    pl.bound[(v, v, f"d{right}")] = var_right
+    pl.bound[(u, v, pair)] = pl.bound[(v, u, pair)] = cross
+    return pl.b.atom_var(u), pl.b.atom_var(v)
+
+
+def bind(pl, key, values: dict):
+    """A fresh ``Bound`` atom with covariances ``values[pair]`` with itself; its Var."""
+    if not hasattr(pl, "bound"):
+        pl.bound = {}
+    atom = pl.b.make(Bound, key)
+    for pair, v in values.items():
+        pl.bound[(atom, atom, pair)] = v
+    return pl.b.atom_var(atom)
+
+
+def of(pl, fn, var):
+    """The Var ``fn(var)`` for an ``ir.Elementwise`` ``fn`` (an H-atom of a bound Gaussian)."""
+    b = pl.b
+    return b.compose(lambda es: b.ecall(fn, es[0]), [var])
+
+
+# -- runtime helpers the loops call ----------------------------------------------------
+
+def at(a, t, reverse):
+    """``a[..., t]`` (time reversed: ``a[..., T-1-t]``) of ``(*lead, T)``; constants stay."""
+    if not torch.is_tensor(a) or a.ndim == 0:
+        return a
+    return a[..., a.shape[-1] - 1 - t if reverse else t]
+
+
+def at_keep(a, t, reverse):
+    """``a[..., t:t+1]``: the variances of side 1 at step ``t``, as ``(N1, 1)``."""
+    if not torch.is_tensor(a) or a.ndim == 0:
+        return a
+    i = a.shape[-1] - 1 - t if reverse else t
+    return a[..., i:i + 1]
+
+
+def row(a, s, reverse):
+    """Row ``s`` of ``(*lead, T, T)``: ``(*lead, T)``."""
+    if not torch.is_tensor(a) or a.ndim < 2:
+        return a
+    return a[..., a.shape[-2] - 1 - s if reverse else s, :]
+
+
+def shift(r, later):
+    """A row moved one step along ``t``: ``r[t-1]`` (``later=False``: the previous step;
+    zero at the first) or ``r[t+1]`` (zero at the last).  None (no row yet) is zero."""
+    if r is None:
+        return 0.0
+    if not torch.is_tensor(r) or r.ndim == 0:
+        return r
+    return F.pad(r[..., 1:], (0, 1)) if later else F.pad(r[..., :-1], (1, 0))
+
+
+def put(buf, t, v, like, reverse):
+    """Write step ``t``'s variances ``v`` ``(*lead,)`` into the stack ``buf`` shaped like
+    ``like`` ``(*lead, T)`` (allocated on first use)."""
+    buf = torch.zeros_like(like) if buf is None else buf
+    buf[..., like.shape[-1] - 1 - t if reverse else t] = v
+    return buf
+
+
+def put_row(buf, s, v, like, reverse):
+    """Write row ``s`` ``(*lead, T)`` into the stack ``buf`` shaped like ``like``
+    ``(*lead, T, T)`` (allocated on first use)."""
+    buf = torch.zeros_like(like) if buf is None else buf
+    buf[..., like.shape[-2] - 1 - s if reverse else s, :] = v
+    return buf
+
+
+# -- the loops ---------------------------------------------------------------------------
+
+def variance_loop(pl, scan, fn, side, xin, coef, T):
+    """``(P, C)`` on the same input and step: ``(N, T)`` each, one step per time.
+
+    ``xin``: the input's ``(N, T)`` variances; ``coef = (W_ih^2, b^2, W_hh^2)``.
+    """
+    plan, rev = pl.plan, scan.param.reverse
+    lid = plan.new_loop_id()
+    t, c_prev = plan.make(LoopVar, lid, None), plan.make(LoopVar, lid, 0)
+    pbuf, cbuf = plan.make(LoopVar, lid, 1), plan.make(LoopVar, lid, 2)
+    w_ih, bias, w_hh = coef
+    p_t = plan.add([plan.mul(w_ih, pl.call(at, xin, t, rev)), bias, plan.mul(w_hh, c_prev)])
+    d = f"d{side}"
+    g = bind(pl, (scan, f"pre_t (variances, side {side})", lid), {d: p_t})
+    c_t = yield from pl.cov(of(pl, fn, g), of(pl, fn, g), d)
+    body = (_zero(c_t), pl.call(put, pbuf, t, p_t, xin, rev), pl.call(put, cbuf, t, _zero(c_t), xin, rev))
+    loop = plan.make(Loop, lid, T, (0.0, None, None), body)
+    return plan.make(LoopOut, loop, 1), plan.make(LoopOut, loop, 2)
+
+
+def cross_loop(pl, scan, fn, pair, xin, d_left, d_right, coef, T):
+    """``(P, C)`` for every pair of steps, ``(*lead, T, T)``: row ``s`` per step.
+
+    ``pair`` is ``"x"`` (two inputs) or ``"f1"``/``"f2"`` (one input with itself);
+    ``d_left``/``d_right`` are the two sides' ``(N, T)`` pre-activation variances.
+    """
+    plan, rev = pl.plan, scan.param.reverse
+    lid = plan.new_loop_id()
+    s, c_prev = plan.make(LoopVar, lid, None), plan.make(LoopVar, lid, 0)
+    pbuf, cbuf = plan.make(LoopVar, lid, 1), plan.make(LoopVar, lid, 2)
+    w_ih, bias, w_hh = coef
+    p_row = plan.add([plan.mul(w_ih, pl.call(row, xin, s, rev)), bias,
+                      plan.mul(w_hh, pl.call(shift, c_prev, rev))])
+    u, v = bind_pair(pl, (scan, f"pre_s pre'_t ({pair})", lid), pair, p_row,
+                     pl.call(at_keep, d_left, s, rev), d_right)
+    c_row = yield from pl.cov(of(pl, fn, u), of(pl, fn, v), pair)
+    body = (_zero(c_row), pl.call(put_row, pbuf, s, p_row, xin, rev),
+            pl.call(put_row, cbuf, s, _zero(c_row), xin, rev))
+    loop = plan.make(Loop, lid, T, (None, None, None), body)
+    return plan.make(LoopOut, loop, 1), plan.make(LoopOut, loop, 2)
+
+
+def backward_loop(pl, scan, fn, p, d1, d2, out, w_hh, T):
+    """``Delta`` ``(*lead, T, T)`` from the last step back: ``out`` is ``O = D(h, h')``."""
+    plan, rev = pl.plan, not scan.param.reverse        # backwards in the layer's own time
+    lid = plan.new_loop_id()
+    s, d_next, dbuf = plan.make(LoopVar, lid, None), plan.make(LoopVar, lid, 0), plan.make(LoopVar, lid, 1)
+    u, v = bind_pair(pl, (scan, "pre_s pre'_t (backward)", lid), "x", pl.call(row, p, s, rev),
+                     pl.call(at_keep, d1, s, rev), d2)
+    dphi = yield from pl.cov(of(pl, fn.prime(), u), of(pl, fn.prime(), v), "x")
+    o_row = pl.call(row, pl.tensor(out), s, rev) if out is not None else None
+    d_row = plan.mul(dphi, plan.add([o_row, plan.mul(w_hh, pl.call(shift, d_next, rev))]))
+    body = (_zero(d_row), pl.call(put_row, dbuf, s, _zero(d_row), p, rev))
+    loop = plan.make(Loop, lid, T, (None, None), body)
+    return plan.make(LoopOut, loop, 1)
+
+
+def _zero(v):
+    return 0.0 if v is None else v

@@ -1,0 +1,310 @@
+"""Recurrent layers (ops/recurrent.py, kernels/recurrence.py) against independent oracles.
+
+* The Elman recursion written here in numpy (arc-cosine closed forms for relu,
+  Gauss-Hermite quadrature for tanh): pre-activation covariances over every pair
+  of time steps, then the backward recursion of TP II Sec. 4 and
+  ``NTK = readout + sum_{s,t} Delta[s,t] P[s,t]``.
+* The same network written by hand as a Python loop that torch.fx unrolls (one
+  G-var per step, weight sharing through the same ``nn.Linear``): a different
+  code path through the generic planner.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ntkcompile
+from ntkcompile.errors import UnsupportedOpError, WidthInferenceError
+
+W, B = 1.2, 0.3
+
+
+# -- the numpy oracle --------------------------------------------------------------
+
+def _relu_moments(k11, k12, k22):
+    s = np.sqrt(k11 * k22)
+    c = np.clip(k12 / s, -1.0, 1.0)
+    th = np.arccos(c)
+    return s / (2 * np.pi) * (np.sin(th) + (np.pi - th) * c), (np.pi - th) / (2 * np.pi)
+
+
+def _legendre(n, half_width=12.0):
+    """Gauss-Legendre nodes on [-L, L] weighted by the standard normal density."""
+    z, w = np.polynomial.legendre.leggauss(n)
+    z, w = z * half_width, w * half_width * np.exp(-0.5 * (z * half_width) ** 2) / np.sqrt(2 * np.pi)
+    return z, w
+
+
+_NODES = _legendre(600, 10.0)     # node spacing 0.05: tanh's poles at +-i pi/(2 s) are far
+
+
+def _tanh_moments(k11, k12, k22):
+    """``E[tanh u tanh v]`` and ``E[tanh' u tanh' v]`` by tensor-product Gauss-Legendre
+    (not the trapezoidal rule ntkcompile uses)."""
+    z, w = _NODES
+    k11, k12, k22 = np.broadcast_arrays(k11, k12, k22)
+    s1, s2 = np.sqrt(k11), np.sqrt(k22)
+    c = np.clip(k12 / (s1 * s2), -1.0, 1.0)
+    r = np.sqrt(1 - c * c)
+    zv, wv = z.reshape(-1, *([1] * k12.ndim)), w.reshape(-1, *([1] * k12.ndim))
+    out_f, out_d = np.zeros(k12.shape), np.zeros(k12.shape)
+    for a, wa in zip(z, w):
+        fa, fb = np.tanh(s1 * a), np.tanh(s2 * (c * a + r * zv))
+        out_f += wa * fa * (wv * fb).sum(0)
+        out_d += wa * (1 - fa ** 2) * (wv * (1 - fb ** 2)).sum(0)
+    return out_f, out_d
+
+
+def elman_oracle(x1, x2, act, readout, bias=True):
+    """NNGP and NTK of ``Linear(RNN(x))`` with zero h0 (one layer, one direction)."""
+    moments = _relu_moments if act == "relu" else _tanh_moments
+    x1, x2 = x1.numpy(), x2.numpy()
+    d, T = x1.shape[2], x1.shape[1]
+    X = np.einsum("asd,btd->abst", x1, x2) / d
+    X1 = np.einsum("asd,asd->as", x1, x1) / d
+    X2 = np.einsum("asd,asd->as", x2, x2) / d
+    b2 = 2 * B ** 2 if bias else 0.0
+    # same-input variances, step by step
+    P1, P2 = np.zeros_like(X1), np.zeros_like(X2)
+    for Pd, Xd in ((P1, X1), (P2, X2)):
+        c = np.zeros(Xd.shape[0])
+        for t in range(T):
+            Pd[:, t] = W ** 2 * Xd[:, t] + b2 + W ** 2 * c
+            c = moments(Pd[:, t], Pd[:, t], Pd[:, t])[0]
+    P, C, G = np.zeros_like(X), np.zeros_like(X), np.zeros_like(X)
+    for s in range(T):
+        for t in range(T):
+            prev = C[:, :, s - 1, t - 1] if s and t else 0.0
+            P[:, :, s, t] = W ** 2 * X[:, :, s, t] + b2 + W ** 2 * prev
+            C[:, :, s, t], G[:, :, s, t] = moments(P1[:, s, None], P[:, :, s, t], P2[None, :, t])
+    if readout == "last":
+        nngp_core = C[:, :, -1, -1]
+        O = np.zeros_like(X)
+        O[:, :, -1, -1] = W ** 2
+    else:
+        nngp_core = C.mean(axis=(2, 3))
+        O = np.full_like(X, W ** 2 / T ** 2)
+    D = np.zeros_like(X)
+    for s in reversed(range(T)):
+        for t in reversed(range(T)):
+            nxt = D[:, :, s + 1, t + 1] if s + 1 < T and t + 1 < T else 0.0
+            D[:, :, s, t] = G[:, :, s, t] * (O[:, :, s, t] + W ** 2 * nxt)
+    nngp = W ** 2 * nngp_core + B ** 2
+    return nngp, nngp + (D * P).sum(axis=(2, 3))
+
+
+class RNNModel(nn.Module):
+    def __init__(self, act="tanh", readout="last", batch_first=True, bias=True, layers=1, bidirectional=False):
+        super().__init__()
+        self.rnn = nn.RNN(3, 16, num_layers=layers, nonlinearity=act, batch_first=batch_first, bias=bias,
+                          bidirectional=bidirectional)
+        self.out = nn.Linear(16 * (2 if bidirectional else 1), 1)
+        self.readout, self.batch_first = readout, batch_first
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out, h_n = self.rnn(x)
+        t = 1 if self.batch_first else 0
+        if self.readout == "last":
+            return self.out(out[:, -1] if self.batch_first else out[-1])
+        if self.readout == "h_n":
+            return self.out(h_n[-1])
+        return self.out(out.mean(t))
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 6, 3, generator=g, dtype=torch.float64), torch.randn(3, 6, 3, generator=g,
+                                                                                 dtype=torch.float64)
+
+
+@pytest.mark.parametrize("act,tol", [("relu", 1e-12), ("tanh", 1e-9)])
+@pytest.mark.parametrize("readout", ["last", "mean"])
+def test_rnn_against_numpy_recursion(seqs, act, tol, readout):
+    """tanh at 192 nodes (estimated error ~1e-11; the default 96 nodes refined to
+    ``quadrature_tol`` = 1e-6 leave ~1e-7 after six steps)."""
+    x1, x2 = seqs
+    kfn = ntkcompile.compile(RNNModel(act, readout), W_std=W, b_std=B, quadrature_degree=192)
+    for a, b in ((x1, x1), (x1, x2)):
+        k = kfn(a) if a is b else kfn(a, b)
+        nngp, ntk = elman_oracle(a, b, act, readout)
+        scale = np.abs(ntk).max()
+        assert np.abs(k.nngp.numpy() - nngp).max() < tol * scale
+        assert np.abs(k.ntk.numpy() - ntk).max() < tol * scale
+
+
+def test_rnn_without_bias_and_time_first(seqs):
+    x1, _ = seqs
+    nngp, ntk = elman_oracle(x1, x1, "relu", "last", bias=False)
+    k = ntkcompile.compile(RNNModel("relu", batch_first=False, bias=False), W_std=W, b_std=B)(x1)
+    assert np.abs(k.ntk.numpy() - ntk).max() < 1e-12 * np.abs(ntk).max()
+    assert np.abs(k.nngp.numpy() - nngp).max() < 1e-12 * np.abs(ntk).max()
+
+
+def test_h_n_is_the_last_step(seqs):
+    x1, x2 = seqs
+    a = ntkcompile.compile(RNNModel("tanh", "h_n"), W_std=W, b_std=B)(x1, x2)
+    b = ntkcompile.compile(RNNModel("tanh", "last"), W_std=W, b_std=B)(x1, x2)
+    assert torch.equal(a.ntk, b.ntk) and torch.equal(a.nngp, b.nngp)
+
+
+# -- against the same network written by hand (fx unrolls the loop) -------------------
+
+class Elman(nn.Module):
+    """``nn.RNN`` without biases written as a Python loop."""
+
+    def __init__(self, act, T, layers=1, reverse=False):
+        super().__init__()
+        self.act, self.T, self.reverse = act, T, reverse
+        self.ih = nn.ModuleList([nn.Linear(3 if i == 0 else 16, 16, bias=False) for i in range(layers)])
+        self.hh = nn.ModuleList([nn.Linear(16, 16, bias=False) for _ in range(layers)])
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x):
+        seq = [x[:, t] for t in range(self.T)]
+        for ih, hh in zip(self.ih, self.hh):
+            steps = list(reversed(range(self.T))) if self.reverse else list(range(self.T))
+            h, outs = None, {}
+            for t in steps:
+                pre = ih(seq[t]) if h is None else ih(seq[t]) + hh(h)
+                h = torch.relu(pre) if self.act == "relu" else torch.tanh(pre)
+                outs[t] = h
+            seq = [outs[t] for t in range(self.T)]
+        return self.out(seq[-1])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_stacked_rnn_equals_the_unrolled_loop(seqs, layers):
+    x1, x2 = seqs
+    m = RNNModel("tanh", layers=layers, bias=False)
+    a = ntkcompile.compile(m, W_std=W, b_std=B)(x1, x2)
+    b = ntkcompile.compile(Elman("tanh", 6, layers), W_std=W, b_std=B)(x1, x2)
+    assert torch.allclose(a.nngp, b.nngp, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(a.ntk, b.ntk, rtol=1e-10, atol=1e-12)
+
+
+class BiFirst(nn.Module):
+    """A bidirectional layer read at step 0: the forward state after one step, the
+    backward one after the whole (reversed) sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(3, 16, batch_first=True, bidirectional=True, bias=False)
+        self.out = nn.Linear(32, 1)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, 0])
+
+
+class BiByHand(nn.Module):
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+        self.f_ih = nn.Linear(3, 16, bias=False)
+        self.b_ih, self.b_hh = nn.Linear(3, 16, bias=False), nn.Linear(16, 16, bias=False)
+        self.out = nn.Linear(32, 1)
+
+    def forward(self, x):
+        fwd = torch.tanh(self.f_ih(x[:, 0]))
+        h = torch.tanh(self.b_ih(x[:, self.T - 1]))
+        for t in reversed(range(self.T - 1)):
+            h = torch.tanh(self.b_ih(x[:, t]) + self.b_hh(h))
+        return self.out(torch.cat([fwd, h], dim=1))
+
+
+def test_bidirectional_equals_two_loops_by_hand(seqs):
+    x1, x2 = seqs
+    a = ntkcompile.compile(BiFirst(), W_std=W, b_std=B)(x1, x2)
+    b = ntkcompile.compile(BiByHand(6), W_std=W, b_std=B)(x1, x2)
+    assert torch.allclose(a.nngp, b.nngp, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(a.ntk, b.ntk, rtol=1e-10, atol=1e-12)
+
+
+class CellLoop(nn.Module):
+    """``nn.RNNCell`` called in a Python loop."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+        self.cell = nn.RNNCell(3, 16, nonlinearity="relu")
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = None
+        for t in range(self.T):
+            h = self.cell(x[:, t], h)
+        return self.out(h)
+
+
+def test_rnn_cell_in_a_loop_equals_nn_rnn(seqs):
+    x1, x2 = seqs
+    a = ntkcompile.compile(CellLoop(6), W_std=W, b_std=B)(x1, x2)
+    nngp, ntk = elman_oracle(x1, x2, "relu", "last")
+    assert np.abs(a.nngp.numpy() - nngp).max() < 1e-12 * np.abs(ntk).max()
+    assert np.abs(a.ntk.numpy() - ntk).max() < 1e-12 * np.abs(ntk).max()
+
+
+def test_code_does_not_grow_with_time():
+    lines = []
+    for T in (25, 200):
+        kfn = ntkcompile.compile(RNNModel("relu"), W_std=W, b_std=B, input_shape=(T, 3))
+        kfn(torch.randn(2, T, 3, dtype=torch.float64))
+        lines.append(len(kfn.code.splitlines()))
+    assert lines[1] <= 1.5 * lines[0]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+class WithH0(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(3, 16, batch_first=True)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x):
+        h0 = torch.zeros(1, x.shape[0], 16, dtype=x.dtype)
+        return self.out(self.rnn(x, h0)[0][:, -1])
+
+
+def test_explicit_h0_is_refused():
+    with pytest.raises(UnsupportedOpError, match="initial state"):
+        ntkcompile.compile(WithH0(), input_shape=(5, 3))
+
+
+def test_wrong_feature_size_is_refused():
+    with pytest.raises(Exception, match="input_size|features|shape"):
+        ntkcompile.compile(RNNModel(), input_shape=(5, 4))
+
+
+class UsesCn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 16, batch_first=True)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x):
+        _, (h, c) = self.rnn(x)
+        return self.out(c[-1])
+
+
+def test_lstm_cell_state_output_is_refused():
+    with pytest.raises(UnsupportedOpError, match="c_n"):
+        ntkcompile.compile(UsesCn(), input_shape=(5, 3))
+
+
+class LayoutMismatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn1 = nn.RNN(3, 16, batch_first=True)
+        self.rnn2 = nn.RNN(16, 16, batch_first=False)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.out(self.rnn2(self.rnn1(x)[0])[0][-1])
+
+
+def test_batch_first_mismatch_between_layers_is_refused():
+    with pytest.raises(WidthInferenceError, match="batch_first"):
+        ntkcompile.compile(LayoutMismatch(), input_shape=(5, 3))
