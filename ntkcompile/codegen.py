@@ -171,6 +171,8 @@ class _Renderer:
         if isinstance(n, P.Input):
             return f"F{n.side}[{n.index}]"
         if isinstance(n, P.Env):
+            if n.name == "pairs":          # the packed pairs' rows and columns (against itself)
+                return "(I, J)" if self.self_mode else "None"
             return _ENV[n.name]
         if isinstance(n, P.Static):
             return self.bind(n.obj, n.prefix)

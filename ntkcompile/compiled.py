@@ -69,7 +69,7 @@ class CompiledKernel:
 
     def __init__(self, model, gm, *, W_std, b_std, std, input_shape, dtype, device, mc_samples, seed,
                  quadrature_degree, mc_replicates=8, quadrature_tol=None, nd_degree=None, jit=False,
-                 frontend=None):
+                 frontend=None, joint_samples=4096):
         self.model_name = frontend.name if frontend is not None else type(model).__name__
         self._gm = gm
         self._frontend = frontend     # export.Graph: exports on the first call when fx could not trace
@@ -77,7 +77,7 @@ class CompiledKernel:
         self.W_std, self.b_std, self.std = W_std, b_std, std
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
-        self.mc_samples, self.seed = mc_samples, seed
+        self.mc_samples, self.seed, self.joint_samples = mc_samples, seed, joint_samples
         self.quadrature_degree = quadrature_degree
         self.mc_replicates, self.quadrature_tol, self.nd_degree = mc_replicates, quadrature_tol, nd_degree
         self.jit = jit
@@ -85,6 +85,7 @@ class CompiledKernel:
         self._plan = None
         self._fns: dict = {}
         self._homogeneous = False
+        self._joint = False
         self.input_shape = None
         if input_shape is None and frontend is not None:
             input_shape = frontend.input_shape
@@ -112,7 +113,7 @@ class CompiledKernel:
         try:   # plan now, so unsupported combinations fail at compile time, not at the first call
             self._plan = plan_kernels(program, mc_samples=self.mc_samples, seed=self.seed,
                                       degree=self.quadrature_degree, tol=self.quadrature_tol,
-                                      nd_degree=self.nd_degree)
+                                      nd_degree=self.nd_degree, joint_samples=self.joint_samples)
         except UnsupportedOpError:
             raise
         except NotImplementedError as e:
@@ -121,6 +122,9 @@ class CompiledKernel:
         verify(program)
         self._program = program
         self._homogeneous = is_homogeneous(program)
+        # sampled jointly over a tile's inputs (gated recurrent layers): cross tiles are
+        # computed as blocks of the kernel of both batches together (tiling)
+        self._joint = any(getattr(n, "joint", False) for n in program.nodes)
 
     def _function(self, self_mode: bool, want_ntk: bool, check: bool = False):
         """The kernel function of one call mode, rendered from the plan on first use
@@ -270,9 +274,11 @@ class CompiledKernel:
     def _pair_entries(self) -> int:
         """Entries of one pair of inputs in the pair arrays: all position pairs, or aligned
         positions for flatten readouts."""
-        positions = max([1] + [math.prod(shape) for p in self._program.params
+        program = self._program
+        positions = max([1] + [math.prod(shape) for p in program.params
                                if getattr(p, "geometry", None) is not None
-                               for shape in (p.geometry.in_shape, p.geometry.out_shape)])
+                               for shape in (p.geometry.in_shape, p.geometry.out_shape)]
+                        + [math.prod(program.positions(n)) for n in program.nodes])
         return positions if aligned_positions(self._program) else positions ** 2
 
     def _check(self, x, name):
@@ -322,7 +328,8 @@ def _infer_input_shape(gm: fx.GraphModule):
 
 def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, parameterization: str = "ntk",
             std: Optional[dict] = None, input_shape=None, dtype=torch.float64, device=None,
-            mc_samples: int = 200_000, seed: int = 0, mc_replicates: int = 8, quadrature_degree: int = 96,
+            mc_samples: int = 200_000, seed: int = 0, mc_replicates: int = 8, joint_samples: int = 4096,
+            quadrature_degree: int = 96,
             quadrature_tol: Optional[float] = 1e-6, nd_degree: Optional[int] = None,
             jit: bool = False) -> CompiledKernel:
     """Compile ``model`` into its infinite-width NNGP and NTK (Tensor Programs II/IIb).
@@ -345,6 +352,11 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
             mean of ``mc_replicates`` independent evaluations with ``mc_samples /
             mc_replicates`` samples each, and their spread gives the standard error of
             every returned entry (``Kernels.nngp_stderr``, ``ntk_stderr``).
+        joint_samples: coordinates sampled per replicate by the joint Monte Carlo
+            evaluator of gated recurrent layers (GRU, LSTM), which samples every input
+            of a tile and every time step together (so kernels are Gram matrices:
+            symmetric PSD); ``mc_replicates`` independent replicates give the standard
+            errors. Its bias is O(1 / joint_samples), its spread O(1 / sqrt(total)).
         quadrature_degree: nodes per dimension of the trapezoidal rule for 2-D
             expectations without a closed form (1-D ones use twice this; at least 8).
             The error falls exponentially with the nodes and grows with the
@@ -406,10 +418,12 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
                                        or not quadrature_tol > 0):
         raise ValueError(f"quadrature_tol must be a positive number or None, got {quadrature_tol!r}")
     _check_int("seed", seed, 0, "the Monte Carlo seed")
+    _check_int("joint_samples", joint_samples, 2, "coordinates per replicate of the joint Monte Carlo")
     return CompiledKernel(graph.module, graph.gm, W_std=W_std, b_std=b_std, std=std, input_shape=input_shape,
                           dtype=dtype, device=device, mc_samples=mc_samples, seed=seed,
                           mc_replicates=mc_replicates, quadrature_degree=int(quadrature_degree),
-                          quadrature_tol=quadrature_tol, nd_degree=nd_degree, jit=bool(jit), frontend=graph)
+                          quadrature_tol=quadrature_tol, nd_degree=nd_degree, jit=bool(jit), frontend=graph,
+                          joint_samples=joint_samples)
 
 
 def _check_std(name, value):

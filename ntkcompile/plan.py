@@ -12,7 +12,8 @@ layouts).  Node kinds:
 * ``Input(side, i)``: the fixed input of input layer ``i`` on side 1 or 2;
   ``Env(name)``: what the runtime provides (``like``: an array whose dtype and
   device results take; ``batch``: the pair layout's batch shape; ``errors``: the
-  list error estimates are appended to);
+  list error estimates are appended to; ``mc``: the Monte Carlo ``(samples, seed)``;
+  ``pairs``: against itself, the rows and columns ``(I, J)`` of the packed pairs);
 * ``Lift``/``LiftAll``: a per-input array broadcast into a pair layout;
   ``ToPairs``: a full ``(N1, N2, ...)`` array into the pair layout;
   ``SetDiagonal``: against itself, the ``i == j`` entries replaced (exact ``c = 1``);
@@ -73,7 +74,7 @@ class Input(PNode):
 
 @pnode
 class Env(PNode):
-    name: str           # "like", "batch" or "errors"
+    name: str           # "like", "batch", "errors", "mc" or "pairs"
     uid: int = _uid()
 
 

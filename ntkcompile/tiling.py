@@ -113,6 +113,15 @@ def _replicates(fn, args, kfn):
     return values, stderr, [(k, e) for k, e in errors if k != "mc"]
 
 
+def _cross_block(fn, n):
+    """``fn`` (a kernel against itself) on ``cat(a, b)``, cut to the ``a`` x ``b`` block."""
+    def block(x, MC):
+        nngp, ntk, errors = fn(x, MC=MC)
+        cut = lambda k: None if k is None else k[:n, n:]  # noqa: E731
+        return cut(nngp), cut(ntk), errors
+    return block
+
+
 def evaluate(kfn, x1, x2, get, tile_size, progress, out):
     """The kernels of ``x1`` against ``x2`` (``x2 is None``: against itself), their
     Monte Carlo standard errors (empty when none was used), and the worst error
@@ -141,7 +150,10 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
             self_tile = x2 is None and i == j
             b = None if self_tile else (x1 if x2 is None else x2)[j:j + bs]
             args = (a,) if self_tile else (a, b)
-            blocks, errs_se, errs = _replicates(kfn._function(self_tile, want_ntk)[0], args, kfn)
+            fn = kfn._function(self_tile or kfn._joint, want_ntk)[0]
+            if kfn._joint and not self_tile:      # sampled jointly: a block of both batches' kernel
+                fn, args = _cross_block(fn, a.shape[0]), (torch.cat([a, b]),)
+            blocks, errs_se, errs = _replicates(fn, args, kfn)
             errors += errs     # (kind, 0-d tensor) pairs, converted once at the end
             for name, se in errs_se.items():
                 if name in outputs:

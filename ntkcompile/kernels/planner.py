@@ -79,12 +79,14 @@ def register(table: dict, key, rule=None):
 class Planner(HVarExpectations):
     """Plans the NNGP and NTK of one lowered program (with its backward program)."""
 
-    def __init__(self, program, *, mc_samples=200_000, seed=0, degree=96, tol=None, nd_degree=None):
+    def __init__(self, program, *, mc_samples=200_000, seed=0, degree=96, tol=None, nd_degree=None,
+                 joint_samples=4096):
         self.p = program
         self.bw = program.backward
         self.b = program.backward.builder        # nodes derived while planning live here
         self.plan = Plan()
         self.mc_samples, self.seed = mc_samples, seed
+        self.joint_samples = joint_samples     # coordinates of the joint Monte Carlo per replicate
         self.deg1, self.deg2 = 2 * degree, degree      # quadrature nodes per dimension in 1-D and 2-D
         self.tol = tol
         # N-D trapezoidal nodes per dimension for rank 1, 2, 3: as the 1-D and 2-D rules,
@@ -100,6 +102,7 @@ class Planner(HVarExpectations):
         self.batch = self.plan.make(Env, "batch")
         self.errors = self.plan.make(Env, "errors")
         self.mc = self.plan.make(Env, "mc")           # (samples, seed), given per call (replicates)
+        self.pairs = self.plan.make(Env, "pairs")     # (I, J) of the packed pairs against itself, else None
 
     # ------------------------------------------------------------ driver
     def run(self, gen):

@@ -207,3 +207,54 @@ def backward_loop(pl, scan, fn, p, d1, d2, out, w_hh, T):
 
 def _zero(v):
     return 0.0 if v is None else v
+
+
+# -- the joint Monte Carlo route (gated cells: kernels/scan_mc.py) -----------------------
+#
+# Sampling is joint over every input of a tile, so these run against itself only
+# (``pairs`` = the packed pairs' rows and columns); a cross kernel of such a model is
+# a block of the kernel of both batches together (``tiling``).
+
+def _unpack(packed, pairs):
+    """Packed pairs ``(Np, T, T)`` (``i <= j``) -> ``(N, N, T, T)``; ``E[x_j,s x_i,t]`` is
+    the ``(i, j)`` entry at ``(t, s)``."""
+    if pairs is None:
+        raise RuntimeError("internal error: the joint Monte Carlo evaluator runs against itself only")
+    I, J = pairs
+    n = int(J[-1]) + 1 if J.numel() else 0
+    full = packed.new_empty(n, n, *packed.shape[1:])
+    full[I, J] = packed
+    full[J, I] = packed.transpose(-1, -2)
+    return full
+
+
+def mc_forward(cell, k_in, pairs, mc, samples, errors):
+    """The states' covariances of a gated layer, sampled jointly: a dict of
+    ``"x"`` (packed ``(Np, T, T)``), ``"d"`` ``(N, T)``, ``"f"`` ``(N, T, T)``, ``"mean"``."""
+    from .scan_mc import scan_mc
+    full = _unpack(k_in, pairs)
+    out = scan_mc(cell, full, samples=samples, seed=mc[1])
+    errors.append(("mc", full.new_zeros(())))      # its error is the spread of replicates (tiling)
+    h = out["h"]
+    n = h.shape[0]
+    same = h[torch.arange(n), torch.arange(n)]                       # (N, T, T)
+    return {"x": h[pairs[0], pairs[1]], "f": same, "d": torch.diagonal(same, dim1=-2, dim2=-1),
+            "mean": out["mean"]}
+
+
+def mc_backward(cell, k_in, dh, pairs, mc, samples, errors):
+    """The layer's NTK term (packed ``(Np,)``) and the covariance of the gradient into its
+    input (packed ``(Np, T, T)``), from the outside gradient's covariance ``dh``."""
+    from .scan_mc import scan_mc
+    full = _unpack(k_in, pairs)
+    if not torch.is_tensor(dh) or dh.ndim < 3:
+        d = torch.broadcast_to(torch.as_tensor(dh, dtype=full.dtype, device=full.device), full.shape).clone()
+    else:
+        d = _unpack(dh, pairs)
+    out = scan_mc(cell, full, d, samples=samples, seed=mc[1])
+    errors.append(("mc", full.new_zeros(())))
+    return {"ntk": out["ntk"][pairs[0], pairs[1]], "dx": out["dx"][pairs[0], pairs[1]]}
+
+
+def pick(d, key):
+    return d[key]

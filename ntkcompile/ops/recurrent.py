@@ -66,6 +66,12 @@ class _ScanBase(Atom):
     read_off = True
     mixes_positions = True
 
+    @property
+    def joint(self) -> bool:
+        """Sampled jointly over the inputs of a tile (gated cells): cross kernels are blocks
+        of the kernel of both batches together."""
+        return self.param.kind in ("gru", "lstm")
+
     def positions(self, positions_of):
         return (self.param.length,)
 
@@ -109,35 +115,35 @@ class Scan(_ScanBase):
 # -- lowering: torch's modules ------------------------------------------------------
 
 def _cell(lw, node, name, kind, input_size, hidden, T, bias, reverse):
-    W_std, b_std = lw.std_for(name.split("#")[0])
+    W_std, b_std = lw.std_for(name.split("#")[0])      # std overrides by module name
     g = GATES[kind]
     bs = (b_std,) * g if bias else (0.0,) * g
     return lw.b.param(Cell, name=name, kind=kind, W_ih=(W_std,) * g, W_hh=(W_std,) * g, b_ih=bs, b_hh=bs,
                       input_size=input_size, hidden_size=hidden, length=T, reverse=reverse)
 
 
-def _sequence(lw, node, m, x):
-    """The input as ``(kind, fixed index or Vec, T, feature size)``, checked."""
+def _sequence(lw, node, m, what, x):
+    """The input as ``(kind, fixed index or Vec, T)``, checked."""
     if isinstance(x, Fixed):
         shape = tuple(lw.shape(x.node))
         if len(shape) != 3:
-            raise lw.error(node, f"{type(m).__name__} expects a 3-D input (batched sequences), got shape {shape}")
+            raise lw.error(node, f"{what} expects a 3-D input (batched sequences), got shape {shape}")
         if not m.batch_first:
             x = Fixed(lw.fixed_transposed(x.node))       # the kernel's inputs are batch first
             shape = (shape[1], shape[0], shape[2])
         if shape[2] != m.input_size:
-            raise lw.error(node, f"{type(m).__name__}(input_size={m.input_size}) applied to sequences of "
-                           f"{shape[2]} features", WidthInferenceError)
+            raise lw.error(node, f"{what}(input_size={m.input_size}) applied to sequences of {shape[2]} "
+                           "features", WidthInferenceError)
         return "fixed", lw.fixed_index(x.node, 3), shape[1]
     if isinstance(x, Width):
         want = ("n", 0, "w") if m.batch_first else (0, "n", "w")
         if len(x.positions) != 1 or x.axes != want:
-            raise lw.error(node, f"{type(m).__name__}(batch_first={m.batch_first}) applied to a width vector "
-                           f"of layout {x.axes} (expected {want}: batch, time, features)", WidthInferenceError)
+            raise lw.error(node, f"{what}(batch_first={m.batch_first}) applied to a width vector of layout "
+                           f"{x.axes} (expected {want}: batch, time, features)", WidthInferenceError)
         return "width", x.vec, x.positions[0]
-    raise lw.error(node, f"{type(m).__name__} applied to a {type(x).__name__} (a PackedSequence or a "
-                   "per-input scalar): pass a padded (N, T, features) tensor; variable lengths are not "
-                   "supported (pad and read the last valid step with a fixed index instead)")
+    raise lw.error(node, f"{what} applied to a {type(x).__name__} (a PackedSequence or a per-input scalar): "
+                   "pass a padded (N, T, features) tensor; variable lengths are not supported (pad, and "
+                   "read the last valid step with a fixed index instead)")
 
 
 class States(tuple):
@@ -145,18 +151,44 @@ class States(tuple):
     a leading fixed axis (index it: ``h_n[-1]``; ``squeeze(0)`` of a single one)."""
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What a recurrent module's call needs to know (from the module, or from the arguments
+    of its ATen op in an exported program)."""
+    kind: str
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    bias: bool
+    batch_first: bool
+    bidirectional: bool
+    dropout: float = 0.0
+    training: bool = False
+    proj_size: int = 0
+
+    @staticmethod
+    def of(m) -> "Spec":
+        return Spec(_MODES[m.mode], m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first,
+                    m.bidirectional, m.dropout, m.training, getattr(m, "proj_size", 0))
+
+
 @rule(nn.RNN, nn.GRU, nn.LSTM, input_layer=True)
 def _recurrent_module(lw, node, m, x, hx=None):
-    kind = _MODES[m.mode]
     if hx is not None:
         raise lw.unsupported(node, f"{type(m).__name__} with an explicit initial state (h0): the kernel "
                              "is compiled for zero initial states; call it without h0")
-    if getattr(m, "proj_size", 0):
-        raise lw.unsupported(node, f"{type(m).__name__} with proj_size={m.proj_size}")
+    return recurrent(lw, node, node.target, Spec.of(m), x)
+
+
+def recurrent(lw, node, name, m: Spec, x):
+    """``(out, h_n)`` (an LSTM: ``(out, (h_n, c_n))``) of the recurrent module ``name``."""
+    what = {"rnn_tanh": "RNN", "rnn_relu": "RNN", "gru": "GRU", "lstm": "LSTM"}[m.kind]
+    if m.proj_size:
+        raise lw.unsupported(node, f"{what} with proj_size={m.proj_size}")
     if m.dropout and m.training and m.num_layers > 1:
-        raise lw.unsupported(node, f"{type(m).__name__} with dropout={m.dropout} in training mode (random "
-                             "masks between layers): call model.eval()")
-    source, inp, T = _sequence(lw, node, m, x)
+        raise lw.unsupported(node, f"{what} with dropout={m.dropout} in training mode (random masks between "
+                             "layers): call model.eval()")
+    source, inp, T = _sequence(lw, node, m, what, x)
     dirs = 2 if m.bidirectional else 1
     H = m.hidden_size
     layout = ("n", 0, "w") if m.batch_first else (0, "n", "w")
@@ -165,7 +197,7 @@ def _recurrent_module(lw, node, m, x, hx=None):
         states = []
         for d in range(dirs):
             size = m.input_size if layer == 0 else H * dirs
-            cell = _cell(lw, node, f"{node.target}#l{layer}{'_reverse' if d else ''}", kind, size, H, T,
+            cell = _cell(lw, node, f"{name}#l{layer}{'_reverse' if d else ''}", m.kind, size, H, T,
                          m.bias, bool(d))
             if layer == 0 and source == "fixed":
                 atom = lw.b.make(ScanInput, cell, inp)
@@ -176,7 +208,7 @@ def _recurrent_module(lw, node, m, x, hx=None):
         vec = states[0] if dirs == 1 else lw.b.vec([(0.5, states[0].pieces[0][1]), (0.5, states[1].pieces[0][1])])
     out = lw.width(node, vec, H * dirs, (T,), layout=layout)
     h_n = States(finals)
-    if kind == "lstm":
+    if m.kind == "lstm":
         return out, (h_n, Refused("the cell states c_n of an LSTM (only the hidden states h are compiled)"))
     return out, h_n
 
@@ -274,9 +306,6 @@ def _cell_module(lw, node, m, x, hx=None):
 # -- planning (exact route: Elman cells) ---------------------------------------------
 
 def _fn(cell):
-    if cell.kind not in ("rnn_tanh", "rnn_relu"):
-        raise NotImplementedError(f"the {cell.kind.upper()} layer's kernels (the joint Monte Carlo evaluator "
-                                  "is not available yet)")
     return ELEMENTWISE["tanh" if cell.kind == "rnn_tanh" else "relu"]
 
 
@@ -347,11 +376,54 @@ def backward(pl, scan):
     return delta
 
 
+# -- planning (joint Monte Carlo: gated cells) ----------------------------------------
+
+def _spec(cell):
+    from ..kernels.scan_mc import CellSpec
+    return CellSpec(cell.kind, cell.W_ih, cell.W_hh, cell.b_ih, cell.b_hh, cell.reverse)
+
+
+def mc_forward(pl, scan):
+    memo = _memo(pl)
+    if (scan, "mc") not in memo:
+        xin = yield from _input_cov(pl, scan, "x")
+        memo[(scan, "mc")] = pl.call(rec.mc_forward, pl.static(_spec(scan.param), "cell"), pl.tensor(xin),
+                                     pl.pairs, pl.mc, pl.joint_samples, pl.errors,
+                                     note=(f"E[h_s h'_t] of {scan.param.name}",
+                                           f"joint Monte Carlo over the tile ({pl.joint_samples} coordinates "
+                                           "per replicate)"))
+    return memo[(scan, "mc")]
+
+
+def mc_backward(pl, scan):
+    memo = _memo(pl)
+    if (scan, "mc-backward") not in memo:
+        out = yield from pl.D(scan, scan)
+        res = None
+        if out is not None:
+            xin = yield from _input_cov(pl, scan, "x")
+            res = pl.call(rec.mc_backward, pl.static(_spec(scan.param), "cell"), pl.tensor(xin),
+                          pl.tensor(out), pl.pairs, pl.mc, pl.joint_samples, pl.errors,
+                          note=(f"NTK and backward of {scan.param.name}",
+                                "joint Monte Carlo over the tile, GIA backward through time"))
+        memo[(scan, "mc-backward")] = res
+    return memo[(scan, "mc-backward")]
+
+
+def _gated(atom) -> bool:
+    return atom.param.kind in ("gru", "lstm")
+
+
+# -- planning rules ---------------------------------------------------------------------
+
 @register(COVARIANCE, ScanInput)
 @register(COVARIANCE, Scan)
 def _scan_cov(pl, a, b, pair):
     if a is not b:
         raise NotImplementedError("two recurrent layers with the same parameters (a module applied twice)")
+    if _gated(a):
+        sim = yield from mc_forward(pl, a)
+        return pl.call(rec.pick, sim, {"x": "x", "d1": "d", "d2": "d", "f1": "f", "f2": "f"}[pair])
     _, c = yield from forward(pl, a, pair)
     return c
 
@@ -359,6 +431,9 @@ def _scan_cov(pl, a, b, pair):
 @register(MEAN, ScanInput)
 @register(MEAN, Scan)
 def _scan_mean(pl, a, side):
+    if _gated(a):
+        sim = yield from mc_forward(pl, a)
+        return pl.call(rec.pick, sim, "mean")
     p, _ = yield from forward(pl, a, f"d{side}")
     g = rec.bind(pl, (a, f"pre_t (means, side {side})", 0), {f"d{side}": p})
     return (yield from pl.mean(rec.of(pl, _fn(a.param), g), side))
@@ -369,6 +444,9 @@ def _scan_adjoint(pl, u, w):
     """``Cov(W_ih^T dpre, W_ih^T dpre') = W_ih^2 Delta`` into the input sequence."""
     if u is not w:
         return None
+    if _gated(u):
+        res = yield from mc_backward(pl, u)
+        return None if res is None else pl.call(rec.pick, res, "dx")
     delta = yield from backward(pl, u)
     return pl.plan.mul(u.param.W_ih[0] ** 2, delta)
 
@@ -376,12 +454,51 @@ def _scan_adjoint(pl, u, w):
 @register(NTK_TERMS, Cell)
 def _cell_ntk(pl, cell, atoms):
     """``sum_{s,t} Delta[s,t] P[s,t]``: every weight and bias of the layer (each contributes
-    ``Delta`` times its own part of ``P``)."""
+    ``Delta`` times its own part of ``P``); a gated layer's from the joint Monte Carlo."""
     terms = []
     for scan in atoms:
+        if _gated(scan):
+            res = yield from mc_backward(pl, scan)
+            if res is not None:
+                terms.append(pl.call(rec.pick, res, "ntk"))
+            continue
         delta = yield from backward(pl, scan)
         if delta is None:
             continue
         p, _ = yield from forward(pl, scan, "x")
         terms.append(pl.spatial_sum(pl.plan.mul(delta, p), (cell.length,)))
     return terms
+
+
+# -- torch.export: the ATen ops of the modules --------------------------------------
+
+def _aten(kind):
+    def adapter(lw, node, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+        pnodes = node.args[2]
+        if not pnodes or any(getattr(p, "op", None) != "get_attr" for p in pnodes):
+            raise lw.unsupported(node, "a recurrent op whose weights are not module parameters")
+        states = hx if isinstance(hx, (list, tuple)) else [hx]
+        hnodes = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        zeros = ("aten.zeros", "aten.new_zeros", "aten.zeros_like")
+        if not all(isinstance(h, Fixed) for h in states) or not all(
+                getattr(h, "op", None) == "call_function" and str(h.target).startswith(zeros) for h in hnodes):
+            raise lw.unsupported(node, "a recurrent op with an initial state that is not zeros: the kernel is "
+                                 "compiled for zero initial states")
+        w_ih, w_hh = lw.shape(pnodes[0]), lw.shape(pnodes[1])
+        spec = Spec(kind, int(w_ih[1]), int(w_hh[1]), int(num_layers), bool(has_biases), bool(batch_first),
+                    bool(bidirectional), float(dropout), bool(train))
+        from ..passes.lower import module_of
+        return recurrent(lw, node, module_of(pnodes[0].target), spec, x)
+    return adapter
+
+
+def _register_aten():
+    import torch
+    aten = torch.ops.aten
+    for name, kind in (("rnn_tanh", "rnn_tanh"), ("rnn_relu", "rnn_relu"), ("gru", "gru"), ("lstm", "lstm")):
+        op = getattr(getattr(aten, name, None), "input", None)
+        if op is not None:
+            rule(op, input_layer=True)(_aten(kind))
+
+
+_register_aten()
