@@ -12,7 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from types import SimpleNamespace
+
+from torch.func import functional_call, jacrev
+
+from ntkcompile.empirical import empirical_ntk
 
 from ntkcompile.parametrize import NTKScale, ntk_parametrize, ntk_scales
 
@@ -144,7 +148,7 @@ def test_bad_arguments_raise(kwargs, match):
     "module,typename",
     [
         (nn.Embedding(10, 4), "Embedding"),
-        (nn.RNN(4, 4), "RNN"),
+        (nn.LSTM(4, 4, proj_size=2), "LSTM"),
         (nn.MultiheadAttention(4, 2), "MultiheadAttention"),
         (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d"),
         (nn.PReLU(), "PReLU"),
@@ -229,3 +233,209 @@ def test_result_survives_deepcopy_and_state_dict():
 def test_ntk_scales_of_a_plain_model_raises():
     with pytest.raises(ValueError, match="ntk_parametrize"):
         ntk_scales(nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------ recurrent modules
+#
+# Oracle: PyTorch's documented cell equations written out here, with every weight
+# rebuilt from its stored N(0, 1) tensor and a fan-in counted from the module's
+# constructor arguments (never from the weight's shape).
+
+
+def _rnn_step(nonlinearity):
+    def step(x, state, W_ih, W_hh, b_ih, b_hh):
+        return (nonlinearity(x @ W_ih.T + b_ih + state[0] @ W_hh.T + b_hh),)
+    return step
+
+
+def _gru_step(x, state, W_ih, W_hh, b_ih, b_hh):
+    (h,) = state
+    a_r, a_z, a_n = (x @ W_ih.T + b_ih).chunk(3, -1)
+    g_r, g_z, g_n = (h @ W_hh.T + b_hh).chunk(3, -1)
+    r, z = torch.sigmoid(a_r + g_r), torch.sigmoid(a_z + g_z)
+    n = torch.tanh(a_n + r * g_n)
+    return ((1 - z) * n + z * h,)
+
+
+def _lstm_step(x, state, W_ih, W_hh, b_ih, b_hh):
+    h, c = state
+    i, f, g, o = (x @ W_ih.T + b_ih + h @ W_hh.T + b_hh).chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return (torch.sigmoid(o) * torch.tanh(c), c)
+
+
+STEPS = {"RNN_TANH": _rnn_step(torch.tanh), "RNN_RELU": _rnn_step(torch.relu), "GRU": _gru_step, "LSTM": _lstm_step}
+GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
+
+
+def _gate_scale(v, hidden):
+    v = torch.as_tensor(v, dtype=torch.float64)
+    return v.repeat_interleave(hidden)[:, None] if v.ndim else v
+
+
+def _weights(m, entry, fan_in, W_std, b_std, hidden):
+    """``(W_ih/W_hh, bias)`` of one entry rebuilt from the stored N(0, 1) tensors."""
+    W = _gate_scale(W_std, hidden) / math.sqrt(fan_in) * _stored(m, "weight_" + entry).double()
+    if not hasattr(m.parametrizations, "bias_" + entry):
+        return W, torch.zeros(W.shape[0], dtype=torch.float64)
+    b = _gate_scale(b_std, hidden).reshape(-1) * _stored(m, "bias_" + entry).double()
+    return W, b
+
+
+def _hand_rnn(m, mode, x, std_of):
+    """Multi-layer, maybe bidirectional recurrence; ``std_of(entry) -> (W_std, b_std)``."""
+    if m.batch_first:
+        x = x.transpose(0, 1)
+    T, N, _ = x.shape
+    H, dirs = m.hidden_size, 2 if m.bidirectional else 1
+    step = STEPS[mode]
+    finals = []
+    for layer in range(m.num_layers):
+        fan_ih = m.input_size if layer == 0 else H * dirs
+        outs = []
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            W_ih, b_ih = _weights(m, "ih" + sfx, fan_ih, *std_of("ih" + sfx), H)
+            W_hh, b_hh = _weights(m, "hh" + sfx, H, *std_of("hh" + sfx), H)
+            state = tuple(torch.zeros(N, H, dtype=x.dtype) for _ in range(2 if mode == "LSTM" else 1))
+            seq = [None] * T
+            for t in (reversed(range(T)) if d else range(T)):
+                state = step(x[t], state, W_ih, W_hh, b_ih, b_hh)
+                seq[t] = state[0]
+            outs.append(torch.stack(seq))
+            finals.append(state)
+        x = torch.cat(outs, -1)
+    return (x.transpose(0, 1) if m.batch_first else x), finals
+
+
+def _module(mode, **kw):
+    if mode.startswith("RNN"):
+        return nn.RNN(nonlinearity=mode[4:].lower(), **kw)
+    return getattr(nn, mode)(**kw)
+
+
+@pytest.mark.parametrize("mode", list(STEPS))
+@pytest.mark.parametrize("layers,bidirectional,bias,batch_first",
+                         [(1, False, True, False), (2, True, True, True), (2, False, False, False), (1, True, False, True)])
+def test_recurrent_forward_matches_hand_built(mode, layers, bidirectional, bias, batch_first):
+    torch.manual_seed(5)
+    rnn = _module(mode, input_size=3, hidden_size=6, num_layers=layers, bidirectional=bidirectional,
+                  bias=bias, batch_first=batch_first).double()
+    net = ntk_parametrize(rnn, 1.3, 0.4)
+    x = torch.randn((2, 5, 3) if batch_first else (5, 2, 3), dtype=torch.float64)
+    out, state = net(x)
+    expect, finals = _hand_rnn(net, mode, x, lambda entry: (1.3, 0.4))
+    torch.testing.assert_close(out, expect)
+    h_n = state[0] if mode == "LSTM" else state
+    torch.testing.assert_close(h_n, torch.stack([f[0] for f in finals]))
+    if mode == "LSTM":
+        torch.testing.assert_close(state[1], torch.stack([f[1] for f in finals]))
+    dirs = 2 if bidirectional else 1
+    for layer in range(layers):
+        for sfx in ("", "_reverse")[:dirs]:
+            s_ih = ntk_scales(net)[f"ih_l{layer}{sfx}"]
+            assert s_ih.fan_in == (3 if layer == 0 else 6 * dirs) and s_ih.has_bias == bias
+            assert ntk_scales(net)[f"hh_l{layer}{sfx}"] == NTKScale(1.3, 0.4, 6, bias)
+
+
+def test_per_gate_and_per_weight_overrides():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2), )
+    std = {"0": ((1.0, 2.0, 0.5), 0.3), "0.hh_l1": (0.7, (0.1, 0.0, 0.2))}
+    net = ntk_parametrize(model, 1.1, 0.0, std=std)
+    scales = ntk_scales(net)
+    assert scales["0.ih_l0"] == NTKScale((1.0, 2.0, 0.5), 0.3, 3, True)
+    assert scales["0.hh_l1"] == NTKScale(0.7, (0.1, 0.0, 0.2), 4, True)
+    x = torch.randn(5, 2, 3)
+    std_of = lambda entry: std["0." + entry] if "0." + entry in std else std["0"]
+    expect, _ = _hand_rnn(net[0], "GRU", x.double(), std_of)
+    torch.testing.assert_close(net(x)[0].double(), expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("std,match", [
+    ({"0": ((1.0, 2.0), 0.0)}, "one per gate"),
+    ({"0.ih_l3": (1.0, 0.0)}, "names no module"),
+    ({"0.ih_l0": ((1.0, -1.0, 1.0), 0.0)}, "W_std"),
+    ({"1": ((1.0, 1.0), 0.0)}, "pair"),
+])
+def test_bad_recurrent_overrides_raise(std, match):
+    with pytest.raises(ValueError, match=match):
+        ntk_parametrize(nn.Sequential(nn.GRU(3, 4), nn.Linear(4, 1)), std=std)
+
+
+@pytest.mark.parametrize("cls,mode", [(nn.RNNCell, "RNN_TANH"), (nn.GRUCell, "GRU"), (nn.LSTMCell, "LSTM")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_recurrent_cells_match_hand_built(cls, mode, bias):
+    torch.manual_seed(7)
+    cell = ntk_parametrize(cls(3, 5, bias=bias).double(), 0.9, 0.6)
+    assert ntk_scales(cell) == {"ih": NTKScale(0.9, 0.6, 3, bias), "hh": NTKScale(0.9, 0.6, 5, bias)}
+    x, h, c = (torch.randn(4, n, dtype=torch.float64) for n in (3, 5, 5))
+    W_ih, b_ih = _weights(cell, "ih", 3, 0.9, 0.6, 5)
+    W_hh, b_hh = _weights(cell, "hh", 5, 0.9, 0.6, 5)
+    state = (h, c) if mode == "LSTM" else (h,)
+    expect = STEPS[mode](x, state, W_ih, W_hh, b_ih, b_hh)
+    got = cell(x, state if mode == "LSTM" else h)
+    got = got if mode == "LSTM" else (got,)
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a, b)
+
+
+class _LastStep(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn, self.v = rnn, nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 1)
+
+    def forward(self, x):
+        return self.v(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_torch_func_differentiates_the_standard_normal_tensors(mode):
+    """functional_call + jacrev give d out / d w = scale * d out / d W, and the forward
+    follows in-place updates of the stored tensors (the flat-weight refresh)."""
+    torch.manual_seed(8)
+    net = ntk_parametrize(_LastStep(_module(mode, input_size=3, hidden_size=4, batch_first=True,
+                                            bidirectional=True)).double(), 1.5, 0.5)
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    jac = jacrev(lambda p: functional_call(net, p, (x,)))(params)
+
+    def hand(p):
+        tensors = {n.split(".")[2]: v for n, v in p.items() if n.startswith("rnn.")}
+        m = SimpleNamespace(input_size=3, hidden_size=4, num_layers=1, bidirectional=True, batch_first=True,
+                            parametrizations=SimpleNamespace(**{k: SimpleNamespace(original=v) for k, v in tensors.items()}))
+        out, _ = _hand_rnn(m, mode, x, lambda entry: (1.5, 0.5))
+        w = 1.5 / math.sqrt(8) * p["v.parametrizations.weight.original"]
+        return out[:, -1] @ w.T + 0.5 * p["v.parametrizations.bias.original"]
+
+    expect = jacrev(hand)(params)
+    assert set(jac) == set(expect) and any("weight_hh_l0_reverse" in n for n in jac)
+    for n in jac:
+        torch.testing.assert_close(jac[n], expect[n], msg=n)
+
+    # A plain SGD step on the stored tensors moves the torch module's forward too.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    moved = {n: p.detach().clone() for n, p in net.named_parameters()}
+    torch.testing.assert_close(net(x), hand(moved))
+    # empirical_ntk over whole batches (torch's fused RNN ops have no vmap rule) is J J^T.
+    J = torch.cat([j.reshape(2, -1) for j in jacrev(hand)(moved).values()], 1)
+    torch.testing.assert_close(empirical_ntk(net, x, per_example=False), J @ J.T)
+
+
+def test_recurrent_result_survives_deepcopy_and_state_dict():
+    torch.manual_seed(9)
+    net = ntk_parametrize(nn.LSTM(3, 4, num_layers=2, bidirectional=True), 1.2, 0.2)
+    x = torch.randn(5, 2, 3)
+    before = net(x)[0]      # after a forward, _flat_weights hold non-leaf tensors: still copyable
+    twin = copy.deepcopy(net)
+    assert isinstance(twin, nn.LSTM) and twin._flat_weights[0] is not net._flat_weights[0]
+    torch.testing.assert_close(twin(x)[0], before)
+    with torch.no_grad():   # the copy owns its tensors
+        twin.parametrizations.weight_hh_l1.original.zero_()
+    torch.testing.assert_close(net(x)[0], before)
+    fresh = ntk_parametrize(nn.LSTM(3, 4, num_layers=2, bidirectional=True), 1.2, 0.2)
+    fresh.load_state_dict(net.state_dict())
+    torch.testing.assert_close(fresh(x)[0], net(x)[0])
+    torch.testing.assert_close(net.double()(x.double())[0], before.double(), rtol=1e-5, atol=1e-6)

@@ -278,52 +278,57 @@ class ScanPlan:
 
 
 def _costs(rule: _Rule, B: int, T: int, S: int, backward: bool, strategy: str) -> tuple[int, float]:
+    """Estimated peak bytes and flops (a normal draw counted as ``_RANDN_FLOPS``)."""
     G, n, steps = len(rule.gates), B * T, max(T - 1, 0)
     cap = min(S, B * steps)
-    arrays = S * n * (G + 1 + rule.saved)                      # a, h, saved
-    grams = n * n * (4 + (4 if backward else 0))               # k_in, eigh, h Gram; dh_cov, dx, per-gate
-    flops = n ** 3 * 10 + G * S * n * n * 2 + S * n * n * 2    # eigh, a = Z L^T, h Gram
-    # The matrices of one pass: W_hh (G S, S), then W~_hh^T (S, G S).
+    arrays = S * n * (G + 2 + rule.saved)                      # a, H, the states, the rule's arrays
+    grams = n * n * (10 if backward else 5)                    # k_in and its eigh, Grams, NTK terms
+    flops = n ** 3 * 10 + G * S * n * n * 2 + S * n * n * 2    # eigh, a = Z L^T (full rank), h Gram
+    if backward:
+        arrays += S * n * (G + 2)                              # dh, dpre per gate, GRU's gated dpre
+        flops += (G + 1) * S * n * n * 2                       # per-gate Grams
+    # W_hh is (G S, S) forward; W~_hh^T is (S, G S) backward; one of them alive at a time.
     if strategy == "dense":
         mats = G * S * S
-        pass_flops = 2 * G * S * S * B * steps + _RANDN_FLOPS * G * S * S
+        pass_flops = [2 * G * S * S * B * steps + _RANDN_FLOPS * G * S * S] * 2
     else:
         mats = (G + 1) * S * cap
         ranks = sum(min(cap, B * t) for t in range(steps))
-        pass_flops = (4 + 2 * G) * S * B * ranks + G * S * B * B * steps + _RANDN_FLOPS * G * S * cap
-        pass_flops += 4 * G * S * B * ranks * backward         # projections in R^{G S} backward
-    if backward:
-        arrays += S * n * (2 * G + 2)                          # dh, dpre in / hid
-        flops += (G + 1) * S * n * n * 2 + S * n * n * 2
-    passes = 2 if backward else 1
-    return _BYTES * (arrays + grams + mats), flops + passes * pass_flops
+        # projections (two Gram-Schmidt passes) in R^dim, G r, the residual's SVD, fresh columns
+        pass_flops = [(4 * dim + 2 * rows) * B * ranks + dim * B * B * steps + _RANDN_FLOPS * rows * cap
+                      for dim, rows in ((S, G * S), (G * S, S))]
+    return _BYTES * (arrays + grams + mats), flops + sum(pass_flops[: 2 if backward else 1])
 
 
 def plan(cell: CellSpec, B: int, T: int, samples: int, backward: bool = True,
          strategy: str = "auto", max_bytes: Optional[int] = None) -> ScanPlan:
     """Choose the sampling strategy of a ``scan_mc`` call and check its memory.
 
-    ``strategy="auto"`` takes the cheaper of ``"dense"`` and ``"basis"`` by
-    estimated flops.  Raises ``KernelMemoryError`` (a ``MemoryError``) when the
-    estimate exceeds ``max_bytes`` (default: half the memory available now, as
-    ``tiling`` allows itself).  Peak memory is about ``8 S B T (3 G + 3 + saved)``
-    bytes for the per-step arrays plus ``8 (G + 1) S B (T - 1)`` for the basis:
-    at ``S = 4096`` an LSTM with ``B T = 3200`` needs about 2.5 GB.
+    ``strategy="auto"`` takes the strategy with fewer estimated flops among those
+    that fit.  Raises ``KernelMemoryError`` (a ``MemoryError``) when none does:
+    ``max_bytes`` defaults to half the memory available now (as ``tiling`` allows
+    itself).  With ``n = B T`` inputs x steps and ``G`` gates, peak memory is about
+    ``8 S n (2 G + 4 + saved)`` bytes for the sampled arrays (``saved`` = 1 RNN,
+    4 GRU, 6 LSTM), ``80 n^2`` for the Gram matrices, and ``8 (G + 1) S min(S, n)``
+    (basis) or ``8 G S^2`` (dense) for the hidden matrix: at ``S = 4096``,
+    ``n = 3200`` an LSTM needs about 3.2 GB, a GRU 2.5 GB; ``S = 4096``, ``n = 320``
+    about 0.3 GB.
     """
     rule = _RULES[cell.kind]
-    if strategy == "auto":
-        strategy = min(_STRATEGIES, key=lambda s: _costs(rule, B, T, samples, backward, s)[1])
-    elif strategy not in _STRATEGIES:
+    if strategy != "auto" and strategy not in _STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid: 'auto', {', '.join(map(repr, _STRATEGIES))}")
-    need, flops = _costs(rule, B, T, samples, backward, strategy)
     budget = max_bytes if max_bytes is not None else (available_memory() or 2**34) // 2
-    if need > budget:
-        raise KernelMemoryError(
-            f"scan_mc for a {cell.kind} cell over {B} inputs x {T} steps with {samples} samples "
-            f"({strategy} strategy{', with backward' if backward else ''}) needs about {need / 2**30:.2f} GiB, "
-            f"more than the {budget / 2**30:.2f} GiB budget; use fewer samples or fewer inputs per tile "
-            f"(memory grows like samples * inputs * steps).")
-    return ScanPlan(strategy, int(need), float(flops))
+    options = sorted((_costs(rule, B, T, samples, backward, s)[::-1] + (s,))
+                     for s in (_STRATEGIES if strategy == "auto" else (strategy,)))
+    for flops, need, name in options:
+        if need <= budget:
+            return ScanPlan(name, int(need), float(flops))
+    flops, need, name = options[0]
+    raise KernelMemoryError(
+        f"scan_mc for a {cell.kind} cell over {B} inputs x {T} steps with {samples} samples "
+        f"({name} strategy{', with backward' if backward else ''}) needs about {need / 2**30:.2f} GiB, "
+        f"more than the {budget / 2**30:.2f} GiB budget; use fewer samples or fewer inputs per tile "
+        f"(memory grows like samples * inputs * steps).")
 
 
 # ----------------------------------------------------------------- sampling
@@ -444,8 +449,9 @@ def _run(rule: _Rule, cell: CellSpec, k_in, dh_cov, S, seed, Matrix) -> dict[str
     # Input side, jointly over (t, b), independent gates: (G, S, T, B).
     K = _flat(k_in)
     L = _factor(K)
-    a = torch.stack([_gaussian(L, S, T, B, gen) for _ in range(G)])
-    a = a.mul_(W_ih[..., None]).add_(beta_ih[..., None])
+    a = torch.empty(G, S, T, B, dtype=_F64, device=dev)
+    for k in range(G):
+        a[k] = _gaussian(L, S, T, B, gen).mul_(cell.W_ih[k]).add_(beta_ih[k, :, :, None])
     del L
 
     cap = B * max(T - 1, 0)
