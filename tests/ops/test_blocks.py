@@ -10,19 +10,10 @@ import torch
 from torch import nn
 
 import ntkcompile
+from helpers.kernels import close, kernels
 from ntkcompile.errors import UnsupportedOpError
 
 D, N = 3, 8
-
-
-def kernels(model, x, **kw):
-    k = ntkcompile.compile(model, W_std=1.3, b_std=0.4, **kw)(x)
-    return k.nngp, k.ntk
-
-
-def close(a, b, tol=1e-12):
-    for u, v in zip(a, b):
-        assert torch.allclose(u, v, rtol=tol, atol=tol), (u - v).abs().max()
 
 
 class Gates(nn.Module):

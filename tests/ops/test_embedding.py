@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ntkcompile
+from helpers import kernels as compare
+from helpers.kernels import close
 from ntkcompile.errors import UnsupportedOpError
 
 V, N, W, B = 7, 16, 1.3, 0.3
@@ -37,8 +39,7 @@ class Tokens(nn.Module):
 
 
 def kernels(model, x, **kw):
-    k = ntkcompile.compile(model, W_std=W, b_std=B, **kw)(x)
-    return k.nngp, k.ntk
+    return compare.kernels(model, x, W_std=W, b_std=B, **kw)
 
 
 def one_hot_kernels(read, tokens, pad=None):
@@ -46,11 +47,6 @@ def one_hot_kernels(read, tokens, pad=None):
     if pad is not None:
         x[..., pad] = 0.0            # the padding token's row is zero
     return kernels(Tokens(read, one_hot=True), x, std={"e": (W * math.sqrt(V), 0.0)})
-
-
-def close(a, b, tol=1e-12):
-    for u, v in zip(a, b):
-        assert torch.allclose(u, v, rtol=tol, atol=tol), (u - v).abs().max()
 
 
 @pytest.mark.parametrize("read", ["mean", "last"])

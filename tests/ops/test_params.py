@@ -11,14 +11,10 @@ import torch
 from torch import nn
 
 import ntkcompile
+from helpers.kernels import close
 from ntkcompile.errors import UnsupportedOpError, WidthInferenceError
 
 D, N = 3, 16
-
-
-def close(a, b, tol=1e-12):
-    for u, v in zip(a, b):
-        assert torch.allclose(u, v, rtol=tol, atol=tol), (u - v).abs().max()
 
 
 class Offset(nn.Module):
