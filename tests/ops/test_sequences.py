@@ -339,3 +339,24 @@ def test_a_flattened_sequence_is_the_concatenation_of_its_positions():
     close(kernels(Flattened(True), x), kernels(Flattened(False), x))
     ep = torch.export.export(Flattened(True), (x.float(),)).run_decompositions()
     close(kernels(ep, x), kernels(Flattened(False), x))
+
+
+class StackMean(nn.Module):
+    """A mean over a stack of vectors (no per-position op in between) is their average."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.out = nn.Linear(D, N), nn.Linear(D, N), nn.Linear(N, 1)
+
+    def forward(self, x):
+        h1, h2 = torch.tanh(self.a(x)), self.b(x)
+        if self.how == "direct":
+            return self.out((h1 + h2) / 2 + torch.relu(h2))
+        seq = torch.stack([h1, h2], dim=1)
+        return self.out(seq.mean(1) + torch.relu(seq[:, 1:]).mean(1))
+
+
+def test_mean_of_a_stack_is_the_average():
+    x = torch.randn(5, D, dtype=torch.float64)
+    close(kernels(StackMean("stack"), x), kernels(StackMean("direct"), x))
