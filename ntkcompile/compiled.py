@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import codegen, ops  # noqa: F401  (ops: registers every rule)
-from .errors import InputShapeError, NonFiniteInputError, UnsupportedOpError
+from .errors import InputShapeError, NonFiniteInputError, TraceError, UnsupportedOpError
 from .export import graph_of, is_exported_program
 from .ir.graph import render, to_dot
 from .ir.printer import format_program
@@ -28,7 +28,8 @@ from .kernels.planner import aligned_positions, plan_kernels
 from . import tiling
 from .passes.backward import backward
 from .passes.homogeneity import is_homogeneous
-from .passes.lower import is_rule_module, lower
+from .ir import Atom
+from .passes.lower import is_rule_module, lower, reads_integers
 from .plan import expectations
 
 _GETS = ("nngp", "ntk")
@@ -87,11 +88,18 @@ class CompiledKernel:
         self._homogeneous = False
         self._joint = False
         self.input_shape = None
+        self._provisional = False     # an inferred input shape, until the first call confirms it
         if input_shape is None and frontend is not None:
             input_shape = frontend.input_shape
         if input_shape is None and gm is not None:
-            input_shape = _infer_input_shape(gm)
-        if input_shape is not None:
+            inferred = _infer_input_shape(gm)
+            if inferred is not None:
+                try:
+                    self._specialize(inferred)
+                    self._provisional = True
+                except InputShapeError:
+                    pass      # a Linear that reads the last axis of inputs with more axes: the first call tells
+        elif input_shape is not None:
             self._specialize(tuple(input_shape))
 
     # ---------------------------------------------------------------- compile
@@ -105,10 +113,19 @@ class CompiledKernel:
             raise
 
     def _lower(self):
-        example = torch.zeros((2,) + self.input_shape, dtype=self._model_dtype)
-        if self._gm is None:
-            self._gm = self._frontend.export(example)
-        program = backward(lower(self._gm, example, self.W_std, self.b_std, self.std))
+        # a model that reads token ids is run on integer examples when floats fail
+        dtypes = [self._model_dtype] + ([torch.long] if self._reads_tokens() else [])
+        for i, dtype in enumerate(dtypes):
+            example = torch.zeros((2,) + self.input_shape, dtype=dtype)
+            try:
+                gm = self._gm if self._gm is not None else self._frontend.export(example)
+                program = lower(gm, example, self.W_std, self.b_std, self.std)
+                break
+            except (InputShapeError, TraceError):
+                if i == len(dtypes) - 1:
+                    raise
+        self._gm = gm
+        program = backward(program)
         verify(program)
         try:   # plan now, so unsupported combinations fail at compile time, not at the first call
             self._plan = plan_kernels(program, mc_samples=self.mc_samples, seed=self.seed,
@@ -221,6 +238,11 @@ class CompiledKernel:
         if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool)
                                       or tile_size < 1):
             raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+        shape = tuple(getattr(x1, "shape", ()))
+        if self._provisional and len(shape) > len(self.input_shape) + 1 and shape[-1:] == self.input_shape[-1:]:
+            # (N, *P, d) for a Linear(d, .) that reads the input: positions, not an error
+            self.input_shape, self._program, self._plan, self._fns = None, None, None, {}
+        self._provisional = False
         x1 = self._check(x1, "x1")
         x2 = None if x2 is None else self._check(x2, "x2")
         if self._program is None:
@@ -271,6 +293,12 @@ class CompiledKernel:
         side = max(1, min(n, int(math.sqrt(entries / per_pair))))
         return -(-n // -(-n // side))
 
+    def _reads_tokens(self) -> bool:
+        """True if the model may read integer inputs (token ids of an embedding)."""
+        if self._gm is not None:
+            return reads_integers(self._gm)
+        return any(isinstance(m, nn.Embedding) for m in self._frontend.module.modules())
+
     def _pair_entries(self) -> int:
         """Entries of one pair of inputs in the pair arrays: all position pairs, or aligned
         positions for flatten readouts."""
@@ -278,7 +306,7 @@ class CompiledKernel:
         positions = max([1] + [math.prod(shape) for p in program.params
                                if getattr(p, "geometry", None) is not None
                                for shape in (p.geometry.in_shape, p.geometry.out_shape)]
-                        + [math.prod(program.positions(n)) for n in program.nodes])
+                        + [math.prod(program.positions(n)) for n in program.nodes if isinstance(n, Atom)])
         return positions if aligned_positions(self._program) else positions ** 2
 
     def _check(self, x, name):
@@ -292,7 +320,7 @@ class CompiledKernel:
             raise InputShapeError(
                 f"{name} has shape {tuple(x.shape)}, but the kernel was compiled for inputs of shape "
                 f"(N, {', '.join(map(str, self.input_shape))})")
-        if x.ndim < 2:
+        if x.ndim < (1 if self._reads_tokens() else 2):      # token ids may be one per input
             raise InputShapeError(f"{name} must have a batch axis first: shape (N, features), got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten().tolist()
@@ -393,8 +421,9 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
                              f"got {input_shape!r}")
     graph = graph_of(model, input_shape, is_rule_module)     # torch.fx, or torch.export (export.py)
     names = {n for n, _ in graph.module.named_modules()}
+    params = {n for n, _ in graph.module.named_parameters()}     # a bare parameter's own std (ops/params.py)
     for key, pair in (std or {}).items():
-        if key not in names:
+        if key not in names and key not in params:
             raise ValueError(f"std names a module {key!r} that the model does not have; "
                              f"modules: {sorted(n for n in names if n)}")
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):

@@ -14,7 +14,9 @@ code; this module only brings the graph into the form those rules expect
 * no runtime guards or shape assertions (``_guards_fn``, ``aten._assert_*``);
 * a linear layer in core ATen, ``addmm(b, x, t(W))`` or ``mm(x, t(W))``, is
   ``aten.linear(x, W, b)`` again, so input layers and the readout are found by
-  the rule of ``F.linear``;
+  the rule of ``F.linear``; on a sequence ``(B, T, d)`` core ATen folds the positions
+  into the batch (``view(linear(view(x, [B*T, d])), [B, T, n])``): that is
+  ``aten.linear(x, W, b)`` too, the matrix at every position;
 * views that hold the batch size the program was exported with read it from the
   input instead, so the fixed-input computation (``prep``) runs on any batch.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -140,7 +143,7 @@ def _quiet():
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """``ep.module()`` rewritten into the form the lowering rules expect (see the module docstring)."""
     graph = gm.graph
-    for step in (_drop_guards, _single_output, _fuse_linear, _batch_from_input):
+    for step in (_drop_guards, _single_output, _fuse_linear, _linear_over_positions, _batch_from_input):
         step(gm, graph)
     graph.eliminate_dead_code()
     graph._codegen = fx.graph.CodeGen()        # plain positional inputs, not a pytree
@@ -214,6 +217,39 @@ def _fuse_linear(gm, graph):
 
 _VIEWS = tuple(op for op in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                              aten.expand.default) if op is not None)
+_RESHAPES = _VIEWS[:3]
+
+
+def _shape(node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _linear_over_positions(gm, graph):
+    """``view(linear(view(x, [B*T, d]), W, b), [B, T, n])`` -> ``linear(x, W, b)`` (core ATen)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default or len(node.users) != 1:
+            continue
+        flat, out = node.args[0], next(iter(node.users))
+        if not (isinstance(flat, fx.Node) and flat.target in _RESHAPES and out.target in _RESHAPES):
+            continue
+        x = flat.args[0]
+        xs, fs, os_ = _shape(x), _shape(flat), _shape(out)
+        try:
+            fits = (None not in (xs, fs, os_) and len(xs) > 2 and xs[:-1] == os_[:-1] and len(fs) == 2
+                    and fs[0] == math.prod(xs[:-1]) and fs[1] == xs[-1])
+        except Exception:     # symbolic sizes that cannot be compared without a guard
+            fits = False
+        if not fits:
+            continue
+        with graph.inserting_before(out):
+            linear = graph.call_function(aten.linear.default, (x, *node.args[1:]), dict(node.kwargs))
+        linear.meta = dict(out.meta)
+        out.replace_all_uses_with(linear)
+        graph.erase_node(out)
+        graph.erase_node(node)
+        if not flat.users:
+            graph.erase_node(flat)
 
 
 def _batch_from_input(gm, graph):

@@ -58,18 +58,22 @@ class PositionMap:
     in C order): indexing, slicing and averaging along fixed axes (``ops/positions.py``).
 
     Interned by content (``PositionMap.make``), so equal maps are the same object and
-    atoms built from them are the same node.  ``select`` is the input position each
-    output reads when every row of ``M`` is a single 1 (an index or a slice), else None.
+    atoms built from them are the same node.  ``place`` is the input position each
+    output reads, or -1 where it is 0, when every row of ``M`` is 0 or a single 1 (an
+    index, a slice, a placement into a stack or a concatenation), else None;
+    ``select`` the same when no row is 0 (an index or a slice), else None.
     """
-    __slots__ = ("in_shape", "out_shape", "matrix", "label", "select")
+    __slots__ = ("in_shape", "out_shape", "matrix", "label", "select", "place")
     _interned: dict = {}
 
     def __init__(self, in_shape, out_shape, matrix, label):
         self.in_shape, self.out_shape, self.label = tuple(in_shape), tuple(out_shape), label
         self.matrix = matrix
-        ones = (matrix == 1.0).sum(axis=1) == 1
-        zeros = (matrix == 0.0).sum(axis=1) == matrix.shape[1] - 1
-        self.select = tuple(int(i) for i in matrix.argmax(axis=1)) if bool((ones & zeros).all()) else None
+        ones = (matrix == 1.0).sum(axis=1)
+        zeros = (matrix == 0.0).sum(axis=1)
+        unit = bool(((ones == 1) & (zeros == matrix.shape[1] - 1) | (zeros == matrix.shape[1])).all())
+        self.place = tuple(int(i) if o else -1 for i, o in zip(matrix.argmax(axis=1), ones)) if unit else None
+        self.select = self.place if unit and -1 not in self.place else None
 
     @staticmethod
     def make(in_shape, out_shape, matrix, label) -> "PositionMap":

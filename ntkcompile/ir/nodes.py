@@ -50,11 +50,15 @@ class Matrix(Param):
     ``kind`` is ``"input"`` (fixed-dimensional input, width output) or
     ``"hidden"`` (width to width).  ``geometry`` is the convolution's window
     geometry (``ir.geometry.ConvGeometry``) or None for a dense matrix.
+    ``block`` is ``(root, lo, hi)`` for a block of rows of the matrix ``root``
+    (``lo``, ``hi``: Fractions of its output width; ``ops/blocks.py``): in the
+    limit an independent matrix of the same std, fan-in and geometry.
     """
     kind: str
     W_std: float
     fan_in: Optional[int] = None
     geometry: Any = None
+    block: Any = None
 
     def describe(self) -> str:
         extra = f", fan_in={self.fan_in}" if self.kind == "input" else ""
@@ -64,9 +68,11 @@ class Matrix(Param):
 @dataclass(frozen=True, eq=False)
 class Bias(Param):
     """A trainable bias vector ``b_std * beta``, ``beta ~ N(0, 1)``, shared by all uses
-    (and by every position it is broadcast over: ``positions``, for a conv bias)."""
+    (and by every position it is broadcast over: ``positions``, for a conv bias).
+    ``block``: as for ``Matrix``, a block of the bias ``root`` (an independent bias)."""
     b_std: float
     positions: tuple = ()
+    block: Any = None
 
     def describe(self) -> str:
         return f"bias            b_std={self.b_std:g}"

@@ -301,20 +301,29 @@ def _matrix(m, like):
     return torch.tensor(m.matrix, dtype=like.dtype, device=like.device)
 
 
+def _padded(shapes):
+    """Position groups as the planner lays them out: every group of a pair has ``k`` axes
+    (the most of any group); a vector without positions has ``k`` axes of size 1."""
+    k = max(len(s) for s in shapes)
+    return [tuple(s) if s else (1,) * k for s in shapes]
+
+
 def _groups(a, shapes):
     """``a`` with its trailing position groups (``shapes``, one per group) each flattened,
     broadcast over the positions (an array constant over positions has size-1 axes)."""
+    shapes = _padded(shapes)
     nd = sum(len(s) for s in shapes)
-    lead = a.shape[:a.ndim - nd]
+    lead = a.shape[:max(a.ndim - nd, 0)]
     full = torch.broadcast_to(a, (*lead, *[n for s in shapes for n in s]))
-    return full.reshape(*lead, *[math.prod(s) for s in shapes]), lead
+    return full.reshape((*lead, *[math.prod(s) for s in shapes])), lead
 
 
 def map_pair(a, ma, mb):
     """``E[(M_a x)_s (M_b y)'_t] = sum_{a,b} M_a[s,a] M_b[t,b] E[x_a y'_b]``:
     ``(*lead, *P, *P) -> (*lead, *Q_a, *Q_b)`` (no lead for a constant)."""
-    if a.ndim < len(ma.in_shape) + len(mb.in_shape):          # constant over positions and inputs
-        a = torch.broadcast_to(a, (*ma.in_shape, *mb.in_shape))
+    ia, ib = _padded((ma.in_shape, mb.in_shape))
+    if a.ndim < len(ia) + len(ib):          # constant over positions and inputs
+        a = torch.broadcast_to(a, (*ia, *ib))
     x, lead = _groups(a, (ma.in_shape, mb.in_shape))
     if ma.select is not None and mb.select is not None:
         ia = torch.as_tensor(ma.select, device=a.device)
@@ -322,7 +331,7 @@ def map_pair(a, ma, mb):
         y = x.index_select(-2, ia).index_select(-1, ib)
     else:
         y = _matrix(ma, a) @ x @ _matrix(mb, a).T
-    return y.reshape(*lead, *ma.out_shape, *mb.out_shape)
+    return y.reshape((*lead, *[n for s in _padded((ma.out_shape, mb.out_shape)) for n in s]))
 
 
 def map_same(d, m):
@@ -330,31 +339,58 @@ def map_same(d, m):
     if not torch.is_tensor(d) or d.ndim == 0:
         return d
     x, lead = _groups(d, (m.in_shape,))
-    return x.index_select(-1, torch.as_tensor(m.select, device=d.device)).reshape(*lead, *m.out_shape)
+    return x.index_select(-1, torch.as_tensor(m.select, device=d.device)).reshape((*lead, *m.out_shape))
 
 
-def map_diagonal(f, ma, mb):
+def _per_input(y, ref, shape):
+    """``y`` of shape ``(N, *shape)``: a constant (no batch axis) gets the batch of ``ref``, an
+    array of the same side's inputs (per-input arrays are indexed by input)."""
+    return y if y.ndim > len(shape) else torch.broadcast_to(y, (ref.shape[0], *shape))
+
+
+def map_diagonal(f, ma, mb, ref):
     """Same-input variances of a map that mixes positions, from all pairs ``(*lead, *P, *P)``."""
     y = map_pair(f, ma, mb)
     q = math.prod(ma.out_shape)
     lead = y.shape[:y.ndim - 2 * len(ma.out_shape)]
-    return torch.diagonal(y.reshape(*lead, q, q), dim1=-2, dim2=-1).reshape(*lead, *ma.out_shape)
+    d = torch.diagonal(y.reshape((*lead, q, q)), dim1=-2, dim2=-1).reshape((*lead, *ma.out_shape))
+    return _per_input(d, ref, ma.out_shape)
 
 
-def map_mean(mean, m, like):
-    """``E[(M x)_s] = sum_a M[s, a] E[x_a]``: ``(*lead, *P) -> (*lead, *Q)``."""
-    if not torch.is_tensor(mean) or mean.ndim == 0:        # constant over positions
+def map_mean(mean, m, ref):
+    """``E[(M x)_s] = sum_a M[s, a] E[x_a]``: ``(*lead, *P) -> (*lead, *Q)`` (``ref``: an array of
+    the side's inputs, for a constant's batch axis)."""
+    if not torch.is_tensor(mean) or mean.ndim == 0:        # constant over inputs and positions
         rows = m.matrix.sum(axis=1)
-        return mean if bool((rows == 1.0).all()) else mean * _matrix(m, like).sum(1).reshape(m.out_shape)
+        if bool((rows == rows[0]).all()):
+            return mean * float(rows[0]) if rows[0] != 1.0 else mean
+        return _per_input(mean * _matrix(m, ref).sum(1).reshape(m.out_shape), ref, m.out_shape)
     x, lead = _groups(mean, (m.in_shape,))
-    return (x @ _matrix(m, x).T).reshape(*lead, *m.out_shape)
+    return (x @ _matrix(m, x).T).reshape((*lead, *m.out_shape))
 
 
 def map_adjoint(d, mu, mw):
     """The backward covariance through two maps: ``M_u^T D M_w``,
     ``(*lead, *Q_u, *Q_w) -> (*lead, *P, *P)`` (no lead for a constant)."""
-    if d.ndim < len(mu.out_shape) + len(mw.out_shape):
-        d = torch.broadcast_to(d, (*mu.out_shape, *mw.out_shape))
+    qu, qw = _padded((mu.out_shape, mw.out_shape))
+    if d.ndim < len(qu) + len(qw):
+        d = torch.broadcast_to(d, (*qu, *qw))
     x, lead = _groups(d, (mu.out_shape, mw.out_shape))
     y = _matrix(mu, x).T @ x @ _matrix(mw, x)
-    return y.reshape(*lead, *mu.in_shape, *mw.in_shape)
+    return y.reshape((*lead, *[n for s in _padded((mu.in_shape, mw.in_shape)) for n in s]))
+
+
+def map_place_same(d, ma, mb, ref):
+    """Same-input variances ``E[(M_a x)_s (M_b y)_s]`` of two maps that read the same input
+    position wherever both are nonzero (``PositionMap.place``): ``(*lead, *P) -> (*lead, *Q)``,
+    0 where either map is 0 (a stack or a concatenation along positions)."""
+    rows = [s for s, (i, j) in enumerate(zip(ma.place, mb.place)) if i >= 0 and j >= 0]
+    src = torch.as_tensor([ma.place[s] for s in rows], device=d.device)
+    d = _per_input(d, ref, ()) if d.ndim == 0 else d       # a constant: one per input of the side
+    if d.ndim < len(ma.in_shape) + 1:                       # constant over positions
+        d = d.reshape(d.shape[0], *([1] * len(ma.in_shape)))
+    x, lead = _groups(d, (ma.in_shape,))
+    out = x.new_zeros((*lead, math.prod(ma.out_shape)))
+    out[..., torch.as_tensor(rows, device=d.device)] = x.index_select(-1, src)
+    return out.reshape((*lead, *ma.out_shape))
+

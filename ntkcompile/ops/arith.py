@@ -5,7 +5,8 @@
 * A product of width vectors is an H-var of their G-vars (``ir.Builder.apply``);
   a width vector times a number or a moment scales it.
 * A width vector plus or times a fixed-dimensional tensor has no infinite-width
-  meaning (the sizes may only match by accident) and is refused.
+  meaning (the sizes may only match by accident) and is refused; a trainable
+  parameter of the width's size is a bias or a gain (``ops/params.py``).
 * After the readout only scaling by a number may follow (``POST_READOUT_SCALE``).
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ from ..passes.lower import Moment, Width, rule
 from ..passes.readout import POST_READOUT_SCALE
 from ..trace import describe
 from .elementwise import apply, from_callable
+from .linear import is_zeros
+from .params import bare_parameter, parameter_bias, parameter_gain
+from .stack import align_maps
 
 
 def _is_number(v):
@@ -41,10 +45,19 @@ def _add(lw, node, a, b, sign=1.0, alpha=1.0):
         if a.size != b.size or a.positions != b.positions:
             raise lw.error(node, f"adding width vectors of sizes {a.size}{a.positions} and {b.size}{b.positions}")
         vec = bb.lincomb([(bb.sconst(1.0), a.vec), (bb.sconst(sign * alpha), b.vec)])
-        return lw.width(node, vec, a.size, a.positions)
+        return lw.width(node, align_maps(lw, vec), a.size, a.positions)
     if isinstance(a, Width) or isinstance(b, Width):
         w, other, cw, co = (a, b, 1.0, sign * alpha) if isinstance(a, Width) else (b, a, sign * alpha, 1.0)
         s = _as_scalar(lw, other)
+        if s is None and is_zeros(other):          # a hand-written RNN's initial state
+            return lw.width(node, bb.lincomb([(bb.sconst(cw), w.vec)]), w.size, w.positions)
+        name = bare_parameter(lw, node, w, other) if s is None else None
+        if name is not None:
+            atom = parameter_bias(lw, node, w, name)
+            if atom is None:
+                return lw.width(node, bb.lincomb([(bb.sconst(cw), w.vec)]), w.size, w.positions)
+            vec = bb.lincomb([(bb.sconst(cw), w.vec), (bb.sconst(co), bb.single(bb.atom_var(atom)))])
+            return lw.width(node, vec, w.size, w.positions)
         if s is None:
             raise lw.error(node, "adding a fixed-dimensional tensor to a width vector: the sizes may "
                            "match in this finite model, but a fixed tensor has no infinite-width "
@@ -83,6 +96,11 @@ def mul(lw, node, a, b):
     if isinstance(a, Width) or isinstance(b, Width):
         w, other = (a, b) if isinstance(a, Width) else (b, a)
         s = _as_scalar(lw, other)
+        if s is None and is_zeros(other):
+            s = bb.sconst(0.0)
+        name = bare_parameter(lw, node, w, other) if s is None else None
+        if name is not None:
+            return parameter_gain(lw, node, w, name)
         if s is None:
             raise lw.error(node, "multiplying a width vector by a fixed-dimensional tensor",
                            WidthInferenceError)

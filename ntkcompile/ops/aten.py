@@ -30,6 +30,7 @@ from ..passes.lower import FUNCTION_RULES, Fixed, module_of, rule
 from ..passes.readout import LINEAR_FUNCTIONS, POST_READOUT_SCALE
 from . import activations  # noqa: F401  (registers the nonlinearities looked up below)
 from .elementwise import apply, from_function
+from .embedding import embedding_of
 from .norm import batchnorm
 from .shape import shape_identity
 
@@ -96,16 +97,56 @@ for _op in _ops("dropout"):
     POST_READOUT_SCALE[_op] = lambda node, m: 1.0 if (len(node.args) > 2 and not node.args[2]) else None
 
 
-# -- shapes ------------------------------------------------------------------------
+@rule(*_ops("rsub.Scalar", "rsub.Tensor"))
+def _rsub(lw, node, a, b, alpha=1.0):
+    """``b - alpha * a`` (``1 - z`` in core ATen)."""
+    return FUNCTION_RULES[torch.sub](lw, node, b, a, alpha)
+
+
+# -- shapes, slices, blocks, stacking ---------------------------------------------------
 
 rule(*_ops("view", "reshape", "_unsafe_view", "flatten.using_ints", "squeeze", "squeeze.dim", "squeeze.dims",
            "unsqueeze", "clone", "alias", "detach", "contiguous", "_to_copy", "to.dtype", "to.dtype_layout",
            "to.device", "type_as", "lift_fresh_copy"), shape_only=True)(shape_identity)
 
 
-@rule(*_ops("sym_size.int"))
+@rule(*_ops("sym_size.int"), concrete=True)
 def _sym_size(lw, node, x, dim):
     return int(lw.shape(node.args[0])[dim])
+
+
+_same_as(torch.chunk, "chunk")
+_same_as(torch.split, "split.Tensor", "split_with_sizes")
+_same_as(torch.tensor_split, "tensor_split.sections", "tensor_split.indices")
+_same_as(torch.unbind, "unbind.int")
+_same_as(torch.narrow, "narrow")
+_same_as(torch.stack, "stack")
+_same_as(torch.permute, "permute")
+_same_as(torch.transpose, "transpose.int")
+
+
+def _index_at(lw, node, x, dim, index):
+    ndim = len(lw.shape(node.args[0]))
+    return FUNCTION_RULES[operator.getitem](lw, node, x, tuple(index if d == dim % ndim else slice(None)
+                                                                 for d in range(ndim)))
+
+
+@rule(*_ops("slice.Tensor"))
+def _slice(lw, node, x, dim=0, start=None, end=None, step=1):
+    if start in (None, 0) and (end is None or end >= 2 ** 62) and step == 1:
+        return x                      # x[:, t] records the whole first axis as a slice
+    return _index_at(lw, node, x, dim, slice(start, end, step))
+
+
+@rule(*_ops("select.int"))
+def _select(lw, node, x, dim, index):
+    return _index_at(lw, node, x, dim, index)
+
+
+@rule(*_ops("embedding"), input_layer=True, integer_input=True)
+def _embedding(lw, node, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    return embedding_of(lw, node, indices, node.args[0], None if padding_idx < 0 else padding_idx, None,
+                        scale_grad_by_freq)
 
 
 # -- normalization -----------------------------------------------------------------

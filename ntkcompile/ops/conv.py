@@ -17,10 +17,21 @@ from torch import nn
 from ..errors import WidthInferenceError
 from ..ir import ConvGeometry, GInput, GMatMul, node
 from ..kernels import spatial
-from ..kernels.planner import ADJOINT, COVARIANCE, NOMINAL, SAME_INPUT, register
+from ..kernels.planner import ADJOINT, COVARIANCE, NOMINAL, SAME_INPUT, SIDES, register
 from ..passes.lower import Fixed, Width, module_of, rule
-from ..plan import Contract, SetDiagonal, ToPairs
-from .linear import input_sides
+from ..plan import Contract, Input, SetDiagonal, ToPairs
+
+
+def input_sides(pl, a, b, pair):
+    """The fixed inputs of two input-layer atoms on the sides of ``pair``."""
+    left, right = SIDES[pair]
+    return pl.plan.make(Input, abs(left), a.fixed), pl.plan.make(Input, abs(right), b.fixed)
+
+
+def _pointwise(g) -> bool:
+    """A 1x1 convolution without stride or padding: one matrix at every position (a Linear
+    over positions, ``ops/linear.py``)."""
+    return g is not None and g.size == 1 and g.in_shape == g.out_shape
 
 
 @node
@@ -31,6 +42,8 @@ class GConvInput(GInput):
         return self.param.geometry.out_shape
 
     def describe(self, show):
+        if _pointwise(self.param.geometry):
+            return f"U[{self.param.name}] x{self.fixed} at every position    # G (input layer)"
         return f"U[{self.param.name}] conv* x{self.fixed}    # G (input layer)"
 
     def check(self, program):
@@ -50,6 +63,8 @@ class GConv(GMatMul):
         return self.param.geometry.out_shape
 
     def describe(self, show):
+        if _pointwise(self.param.geometry):
+            return f"W[{self.param.name}] ({show(self.arg)}) at every position    # G"
         return f"W[{self.param.name}] conv* ({show(self.arg)})    # G"
 
     def check(self, program):
@@ -90,7 +105,7 @@ def _conv(lw, node, x, name, weight_shape, has_bias, stride, padding, dilation, 
         atom = lw.b.make(GConv, mat, x.vec)
     terms = [(one, atom)]
     if has_bias:
-        b = lw.bias_atom(name + ".bias", name, geom.out_shape)
+        b = lw.bias_atom(name + ".bias", name, geom.out_shape, node)
         if b is not None:
             terms.append((one, b))
     return lw.width(node, lw.b.single(lw.b.var(terms)), out_c, geom.out_shape)
@@ -141,7 +156,10 @@ def _conv_input_cov(pl, a, b, pair):
 def _conv_cov(pl, a, b, pair):
     """The stencil: ``(W_std^2/|K|) sum_k C(s + k, t + k)`` (same taps on both position groups)."""
     inner = yield from pl.cov(a.arg, b.arg, pair)
-    if inner is None or isinstance(inner, float):
+    g = a.param.geometry
+    if inner is None or isinstance(inner, float) and _pointwise(g):
+        return pl.plan.mul(a.param.W_std ** 2, inner)     # a matrix at every position (a Linear over positions)
+    if isinstance(inner, float):
         raise NotImplementedError("a convolution of a vector constant over positions")
     both = (pair == "x" and not pl.diag) or pair in ("f1", "f2")
     how = spatial.stencil_pair if both else spatial.stencil_same

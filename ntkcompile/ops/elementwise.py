@@ -28,6 +28,7 @@ from ..ir import Elementwise
 from ..kernels.compat import compiling
 from ..passes.lower import Fixed, Width, rule as lowering_rule
 from ..trace import leaf_function
+from .stack import through_placements
 
 __all__ = ["ELEMENTWISE", "activation", "apply", "from_callable", "from_function", "from_method",
            "from_module", "intern", "register", "register_elementwise"]
@@ -68,7 +69,9 @@ def apply(lw, node, fn: Elementwise, x):
         return Fixed(node)
     if not isinstance(x, Width):
         raise lw.unsupported(node, f"elementwise {fn.name} of a per-input scalar")
-    return lw.width(node, lw.b.apply(lambda es: lw.b.ecall(fn, es[0]), [x.vec]), x.size, x.positions)
+    of = lambda v: lw.b.apply(lambda es: lw.b.ecall(fn, es[0]), [v])  # noqa: E731
+    vec = through_placements(lw, x.vec, of) if x.positions else None     # phi(stack(h)) = stack(phi(h))
+    return lw.width(node, of(x.vec) if vec is None else vec, x.size, x.positions)
 
 
 def _resolved(lw, node, resolve):

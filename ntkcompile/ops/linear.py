@@ -3,6 +3,14 @@
 * Lowering: a Linear applied to a fixed input is an input layer (``GInput``, fan-in
   ``in_features``), applied to a width vector a hidden layer (``GMatMul``); the
   same module applied several times is one matrix with several uses.
+* A Linear acts on the last axis; any other axes between the batch and it are
+  positions (a sequence ``(N, T, d)``, layout ``("n", 0, "w")``): the same matrix at
+  every position, i.e. a 1x1 convolution over the positions (``GConvInput``/``GConv``
+  of ``ops/conv.py`` with a kernel-1 geometry; a fixed input is read as ``(N, d, *P)``),
+  and the layout is kept.  A Linear on a feature map ``(N, C, H, W)`` acts on ``W``,
+  a position axis: refused.
+* A Linear applied to zeros (``torch.zeros``, ``x.new_zeros``: a hand-written RNN's
+  initial state) is its bias alone.
 * Covariances (tensor_programs.md Sec. 3): ``W_std^2 xi.xi'/d`` at the input
   layer, ``W_std^2 E[z z']`` for two uses ``W z``, ``W z'`` of one hidden matrix,
   ``b_std^2`` for a bias.
@@ -10,55 +18,88 @@
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WidthInferenceError
-from ..ir import GBias, GInput, GMatMul
-from ..kernels.planner import ADJOINT, COVARIANCE, NOMINAL, SIDES, register
+from ..ir import ConvGeometry, GBias, GInput, GMatMul
+from ..kernels.planner import ADJOINT, COVARIANCE, NOMINAL, register
 from ..passes.lower import Fixed, Width, module_of, rule
-from ..plan import Contract, Input, SetDiagonal, ToPairs
+from ..plan import Contract, SetDiagonal, ToPairs
+from .conv import GConv, GConvInput, input_sides
+
+_aten = torch.ops.aten
+_ZEROS = {torch.zeros, torch.zeros_like, _aten.zeros.default, _aten.zeros_like.default,
+          _aten.new_zeros.default, "new_zeros", "zero_"}
 
 
-def linear(lw, node, x, name, in_features, out_features, has_bias):
+def is_zeros(value) -> bool:
+    """True if ``value`` is a fixed tensor made by ``torch.zeros``-like ops (a hand-written
+    RNN's initial state: ``W h0 = 0``, ``z * h0 = 0``)."""
+    node = value.node if isinstance(value, Fixed) else None
+    try:
+        return node is not None and node.op in ("call_function", "call_method") and node.target in _ZEROS
+    except TypeError:
+        return False
+
+
+def _positions(lw, node, x):
+    """The positions a Linear maps at, and the layout of its output: the axes between the
+    batch and the last axis, which the matrix acts on."""
+    if isinstance(x, Width):
+        if x.positions and x.axes[-1] != "w":
+            raise lw.error(node, "nn.Linear applied to a feature map with positions acts on the last "
+                           "spatial axis, not on channels; flatten or pool the positions first, or move the "
+                           "channels last (x.permute(0, 2, 3, 1))", WidthInferenceError)
+        return x.positions, x.layout
+    shape = tuple(lw.shape(x.node))
+    positions = shape[1:-1]
+    return positions, ("n", *range(len(positions)), "w") if positions else None
+
+
+def linear(lw, node, x, name, in_features, out_features, bias_name):
+    """``W x + b`` of module ``name`` (its bias parameter ``bias_name``, or None)."""
     one = lw.b.sconst(1.0)
-    if isinstance(x, Width) and x.positions:
-        raise lw.error(node, "nn.Linear applied to a feature map with positions acts on the last "
-                       "spatial axis, not on channels; flatten or pool the positions first",
-                       WidthInferenceError)
-    if isinstance(x, Fixed):
-        mat = lw.matrix(node, name, "input", in_features)
-        terms = [(one, lw.b.make(GInput, mat, lw.fixed_index(x.node)))]
-    elif isinstance(x, Width):
-        mat = lw.matrix(node, name, "hidden", in_features)
-        terms = [(one, lw.b.make(GMatMul, mat, x.vec))]
-    else:
+    if not isinstance(x, (Fixed, Width)):
         raise lw.error(node, "Linear applied to a per-input scalar", WidthInferenceError)
-    if has_bias:
-        atom = lw.bias_atom(name + ".bias", name)
+    positions, layout = _positions(lw, node, x)
+    nd = len(positions)
+    geom = ConvGeometry.make((1,) * nd, 1, 0, 1, positions) if positions else None
+    terms = []
+    if isinstance(x, Fixed) and not is_zeros(x):
+        mat = lw.matrix(node, name, "input", in_features, geom)
+        if geom is None:
+            terms.append((one, lw.b.make(GInput, mat, lw.fixed_index(x.node))))
+        else:        # read as (N, d, *P), a 1x1 convolution's input
+            index = lw.fixed_index(x.node, 2 + nd, perm=(0, nd + 1, *range(1, nd + 1)))
+            terms.append((one, lw.b.make(GConvInput, mat, index)))
+    elif isinstance(x, Width):
+        mat = lw.matrix(node, name, "hidden", in_features, geom)
+        terms.append((one, lw.b.make(GMatMul if geom is None else GConv, mat, x.vec)))
+    if bias_name is not None:
+        atom = lw.bias_atom(bias_name, name, positions, node)
         if atom is not None:
             terms.append((one, atom))
-    return lw.width(node, lw.b.single(lw.b.var(terms)), out_features)
+    return lw.width(node, lw.b.single(lw.b.var(terms)), out_features, positions, layout=layout)
 
 
 @rule(nn.Linear, input_layer=True)
 def _linear_module(lw, node, m, x):
-    return linear(lw, node, x, node.target, m.in_features, m.out_features, m.bias is not None)
+    bias = node.target + ".bias" if m.bias is not None else None
+    return linear(lw, node, x, node.target, m.in_features, m.out_features, bias)
 
 
 @rule(F.linear, input_layer=True)
 def _linear_function(lw, node, x, weight, bias=None):
     wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if wnode.op != "get_attr":
         raise lw.unsupported(node, "F.linear with a weight that is not a module parameter")
+    if bnode is not None and getattr(bnode, "op", None) != "get_attr":
+        raise lw.unsupported(node, "F.linear with a bias that is not a parameter (add it to the output instead)")
     out_f, in_f = lw.shape(wnode)
-    return linear(lw, node, x, module_of(wnode.target), in_f, out_f, bias is not None)
-
-
-def input_sides(pl, a, b, pair):
-    """The fixed inputs of two input-layer atoms on the sides of ``pair``."""
-    left, right = SIDES[pair]
-    return pl.plan.make(Input, abs(left), a.fixed), pl.plan.make(Input, abs(right), b.fixed)
+    return linear(lw, node, x, module_of(wnode.target), in_f, out_f, None if bnode is None else bnode.target)
 
 
 @register(COVARIANCE, GInput)

@@ -28,6 +28,7 @@ from ..ir import Param, Var, node
 from ..ir.nodes import Atom
 from ..kernels.planner import COVARIANCE, NTK_TERMS, register
 from ..passes.lower import Width, module_of, rule
+from .blocks import block_rule
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +38,7 @@ class Affine(Param):
     gain: bool
     shift: bool
     xhat: Any
+    block: Any = None          # (root, lo, hi): a block of the width (ops/blocks.py)
 
     def describe(self) -> str:
         kinds = "+".join(k for k, on in (("gain", self.gain), ("shift", self.shift)) if on)
@@ -74,6 +76,15 @@ class GProbe(Atom):
 @register(COVARIANCE, GProbe)
 def _probe_cov(pl, a, b, pair):
     return None
+
+
+@block_rule(GProbe)
+def _probe_block(sl, a, lo, hi):
+    """A block of the width of a normalization's output: the block of its gain and shift,
+    which multiply the block of the normalized vector."""
+    root, start, stop = sl.interval(a.param, lo, hi)
+    param = sl.param(a.param, lo, hi, xhat=sl.var(root.xhat, start, stop))
+    return sl.b.atom_var(sl.b.make(GProbe, param))
 
 
 @register(NTK_TERMS, Affine)

@@ -14,23 +14,28 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import spatial
 from ..kernels.planner import READOUT_POOLS, register
-from ..passes.lower import Width, rule
+from ..passes.lower import Fixed, Width, rule
 from ..passes.readout import POST_READOUT_SCALE
+from .positions import reshape_unit_axes
+from .stack import merge_positions, split_width
 
 SHAPE_METHODS = ("view", "reshape", "flatten", "contiguous", "clone", "squeeze", "unsqueeze",
-                 "float", "double", "to", "type_as")
+                 "float", "double", "half", "bfloat16", "to", "type", "type_as", "detach", "cpu")
 SHAPE_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.clone)
 SHAPE_MODULES = (nn.Flatten,)
 
 
 @rule(*SHAPE_METHODS, *SHAPE_FUNCTIONS, shape_only=True)
 def shape_identity(lw, node, x, *args, **kwargs):
+    """Reshapes and casts (dtype, device) of a width vector: the identity on its coordinates;
+    axes of size 1 added or removed (``unsqueeze``, ``squeeze``) are position axes of size 1;
+    the width split into ``(k, m)`` is ``k`` blocks stacked, positions merged into the width
+    (a sequence flattened) are concatenated; a feature map flattened is a flatten readout."""
     if isinstance(x, tuple) and len(x) == 1 and isinstance(x[0], Width) and node.target in ("squeeze", torch.squeeze):
         return x[0]           # h_n.squeeze(0) of a one-layer recurrent module (ops/recurrent.py)
     if not isinstance(x, Width):
@@ -38,10 +43,15 @@ def shape_identity(lw, node, x, *args, **kwargs):
     before, after = tuple(lw.shape(node.args[0])), tuple(lw.shape(node))
     if before == after:
         return x
-    if x.positions and after == (before[0], math.prod(before[1:])):
-        return lw.width(node, x.vec, after[1], (), "flatten", x.positions)
     if x.pool == "gap" and len(after) >= 2 and after[:2] == before[:2] and math.prod(after[2:]) == 1:
         return x
+    if not x.pool:
+        for how in (reshape_unit_axes, split_width, merge_positions):
+            y = how(lw, node, x, before, after)
+            if y is not None:
+                return y
+    if x.positions and after == (before[0], math.prod(before[1:])) and x.axes[:2] == ("n", "w"):
+        return lw.width(node, x.vec, after[1], (), "flatten", x.positions)
     raise lw.unsupported(node, f"reshaping a width vector from {before} to {after}")
 
 
@@ -79,16 +89,22 @@ for _cls in _DROPOUTS:   # after the readout: the identity in eval mode
     POST_READOUT_SCALE[_cls] = lambda node, m: 1.0 if (not m.training or m.p == 0) else None
 
 
-@rule("size")
-def _size(lw, node, x, *args):
-    shp = lw.shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-    return torch.Size(shp)[args[0]] if args else torch.Size(shp)
+@rule("size", concrete=True)
+def _size(lw, node, x, *args, **kwargs):
+    shp = torch.Size(lw.shape(node.args[0]))
+    dim = args[0] if args else kwargs.get("dim")
+    return shp if dim is None else shp[dim]
 
 
-@rule(getattr)
+@rule(getattr, concrete=True)
 def _getattr(lw, node, x, name):
+    """``x.shape`` is a Python value; other attributes of a fixed tensor are fixed."""
     if name == "shape":
         return torch.Size(lw.shape(node.args[0]))
+    if isinstance(x, Fixed):
+        return Fixed(node)
+    if name in ("dtype", "device") and isinstance(x, Width):
+        return lw.dtype(node.args[0]) if name == "dtype" else torch.device("cpu")
     raise lw.unsupported(node)
 
 

@@ -85,6 +85,9 @@ MODULE_RULES: dict = {}
 FUNCTION_RULES: dict = {}
 METHOD_RULES: dict = {}
 INPUT_LAYERS: set = set()      # keys of ops whose parameters make a fixed input a width vector
+CONCRETE: set = set()          # keys of ops whose value is a Python value (a size), also of fixed tensors
+INTEGER_INPUTS: set = set()    # keys of ops that read integer inputs (token ids: an embedding)
+PROGRAM_CHECKS: list = []      # check(lowering, program) of the pruned program, registered by ops
 
 
 def table_for(key) -> dict:
@@ -95,12 +98,15 @@ def table_for(key) -> dict:
     return FUNCTION_RULES
 
 
-def rule(*keys, shape_only=False, input_layer=False):
+def rule(*keys, shape_only=False, input_layer=False, concrete=False, integer_input=False):
     """Register the decorated lowering rule for module types, callables and method names.
 
     A module rule is called ``rule(lowering, node, module, *args, **kwargs)``, a
     function or method rule ``rule(lowering, node, *args, **kwargs)``, with the
     arguments' values (``Fixed``, ``Width``, ``Moment``, Python values).
+    ``concrete=True``: the rule also runs on fixed tensors (it returns a Python value,
+    such as a size); ``integer_input=True``: the op reads integer inputs (token ids), so
+    the model is run on integer examples when it reads its input directly.
     """
     def deco(fn):
         for k in keys:
@@ -108,10 +114,10 @@ def rule(*keys, shape_only=False, input_layer=False):
             if k in table:
                 raise ValueError(f"a lowering rule for {k!r} is already registered")
             table[k] = fn
-            if shape_only:
-                SHAPE_ONLY.add(k)
-            if input_layer:
-                INPUT_LAYERS.add(k)
+            for flag, where in ((shape_only, SHAPE_ONLY), (input_layer, INPUT_LAYERS), (concrete, CONCRETE),
+                                (integer_input, INTEGER_INPUTS)):
+                if flag:
+                    where.add(k)
         return fn
     return deco
 
@@ -136,8 +142,12 @@ class Lowering:
         self.b = ir.Builder()
         self.matrices: dict = {}
         self.biases: dict = {}
+        self.blocks: dict = {}         # (root param id, lo, hi) -> (block param, node): ops/blocks.py
+        self.uses: dict = {}           # parameter name -> how a bare parameter is used: ops/params.py
         self.fixed_nodes: list = []
         self.fixed_dims: list = []
+        self.fixed_perms: list = []     # the permutation prep applies to each fixed input (or None)
+        self.positions = ir.Positions()  # the fixed positions of IR nodes built so far
         self.readout = None
         self.readout_node, self.post_nodes, self.out_scale = find_readout(gm)
         self.example = example_input
@@ -151,18 +161,25 @@ class Lowering:
                 f"({', '.join(n.name for n in placeholders)}); ntkcompile supports models of exactly one "
                 "input tensor. Wrap the model so that its forward takes one tensor (concatenate the "
                 "inputs, or fix the other arguments in a wrapper module).")
-        self._shapes = _propagate_shapes(gm, example_input)
+        self._shapes, self._dtypes = _propagate_shapes(gm, example_input)
         self._derived: dict = {}
 
     # ------------------------------------------------------------------ utils
-    def std_for(self, qualname: str):
-        if qualname in self.std:
-            w, bb = self.std[qualname]
-            return float(w), float(bb)
+    def std_for(self, *qualnames: str):
+        """``(W_std, b_std)`` of the first of ``qualnames`` (a module's or a parameter's
+        qualified name) that ``std`` overrides, else the defaults."""
+        for qualname in qualnames:
+            if qualname in self.std:
+                w, bb = self.std[qualname]
+                return float(w), float(bb)
         return self.W_std, self.b_std
 
     def shape(self, node):
         return self._shapes[node.name]
+
+    def dtype(self, node):
+        """The dtype of ``node``'s value in the finite model run on the example input."""
+        return self._dtypes[node.name]
 
     def error(self, node, msg, cls=UnsupportedOpError):
         return cls(f"{msg}\n  at {describe(node)}\n  source: {source_line(node)}")
@@ -214,17 +231,25 @@ class Lowering:
             raise self.error(node, f"a reduction or concatenation along axis {dim} of a width vector: "
                              "only the width axis (features or channels) is supported", WidthInferenceError)
 
-    def fixed_index(self, node, ndim=2):
+    def fixed_index(self, node, ndim=2, perm=None):
+        """The index of the fixed input ``node`` among the program's fixed inputs (added on
+        first use); ``perm``: the axes permutation ``prep`` applies to it (a dense layer on
+        ``(N, *P, d)`` reads it as ``(N, d, *P)``, like a convolution)."""
         shp = self.shape(node)
         if len(shp) != ndim:
             raise self.error(
                 node, f"an input layer expects a fixed input with {ndim} axes, got shape {tuple(shp)}")
-        if node not in self.fixed_nodes:
-            self.sources.setdefault("input" if node.op == "placeholder" else origin(node, self.modules),
-                                    source_line(node))
-            self.fixed_nodes.append(node)
-            self.fixed_dims.append(tuple(int(v) for v in shp[1:]))
-        return self.fixed_nodes.index(node)
+        perm = None if perm is None or tuple(perm) == tuple(range(ndim)) else tuple(perm)
+        for i, (n, p) in enumerate(zip(self.fixed_nodes, self.fixed_perms)):
+            if n is node and p == perm:
+                return i
+        self.sources.setdefault("input" if node.op == "placeholder" else origin(node, self.modules),
+                                source_line(node))
+        self.fixed_nodes.append(node)
+        self.fixed_perms.append(perm)
+        dims = tuple(int(v) for v in shp)
+        self.fixed_dims.append(tuple(dims[i] for i in perm)[1:] if perm else dims[1:])
+        return len(self.fixed_nodes) - 1
 
     def fixed_transposed(self, node, dim0=0, dim1=1):
         """The fixed tensor of ``node`` with two axes swapped, as a new node of the graph
@@ -248,14 +273,17 @@ class Lowering:
             self.env[node] = self.lower_node(node)
         if self.readout is None:
             raise GIACheckError("the model has no readout Linear (see the Simple GIA Check)")
-        prep = _make_prep(self.gm, self.fixed_nodes)
+        prep = _make_prep(self.gm, self.fixed_nodes, self.fixed_perms)
         program = ir.Program(
             builder=self.b, readout=self.readout,
             fixed_names=tuple("input" if n.op == "placeholder" else origin(n, self.modules)
                               for n in self.fixed_nodes), fixed_dims=tuple(self.fixed_dims),
             prep=prep, input_shape=tuple(self.example.shape[1:]), names=self.names, sources=self.sources,
         )
-        return prune(program)
+        program = prune(program)
+        for check in PROGRAM_CHECKS:
+            check(self, program)
+        return program
 
     def lower_node(self, node):
         try:
@@ -283,6 +311,8 @@ class Lowering:
                              GIACheckError)
         tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment))]
         key = type(self.modules[node.target]) if node.op == "call_module" else node.target
+        if not tensors and node.op == "call_function" and _python_op(key):
+            return key(*args, **kwargs)       # arithmetic on sizes: n = x.size(1) // 3
         if any(isinstance(v, Width) and v.pool for v in flat) and key not in SHAPE_ONLY:
             raise self.unsupported(
                 node, f"{describe(node)} after global average pooling or flattening of positions "
@@ -300,7 +330,8 @@ class Lowering:
                 raise self.unsupported(node, f"module {type(m).__module__}.{type(m).__name__}")
             return r(self, node, m, *args, **kwargs)
         if node.op in ("call_function", "call_method"):
-            if not any(isinstance(v, (Width, Moment)) for v in flat) and key not in INPUT_LAYERS:
+            if not any(isinstance(v, (Width, Moment)) for v in flat) and key not in INPUT_LAYERS and \
+                    not _in(key, CONCRETE):
                 if any(isinstance(v, Fixed) and v.node.op == "get_attr" and
                        _is_trainable_attr(self.gm, v.node.target) for v in flat):
                     raise self.unsupported(node, f"trainable parameter used directly in {describe(node)}")
@@ -328,18 +359,26 @@ class Lowering:
             raise self.error(node, f"the Linear '{name}' is applied both to a fixed input and to "
                              "a width vector; ntkcompile cannot assign it one role")
         elif m.geometry != geometry:
-            raise self.unsupported(node, f"the convolution '{name}' applied to inputs of different sizes")
+            shapes = [g.in_shape if g is not None else () for g in (m.geometry, geometry)]
+            raise self.error(node, f"'{name}' is applied to inputs of different positions or sizes "
+                             f"({shapes[0]} and {shapes[1]}): ntkcompile does not compile one matrix with uses "
+                             "of different positions (a Linear on vectors and on sequences, a convolution on "
+                             "maps of different sizes)")
         return m
 
-    def bias_atom(self, name, module_name, positions=()):
-        """The bias atom of ``name`` (None when its ``b_std`` is 0: it contributes nothing)."""
-        _, b_std = self.std_for(module_name)
+    def bias_atom(self, name, module_name, positions=(), node=None):
+        """The bias atom of parameter ``name`` of module ``module_name``, shared by every position
+        (None when its ``b_std`` is 0: it contributes nothing)."""
+        _, b_std = self.std_for(name, module_name)
         if b_std == 0.0:
             return None
         p = self.biases.get(name)
         if p is None:
             p = self.b.param(ir.Bias, name=name, b_std=b_std, positions=tuple(positions))
             self.biases[name] = p
+        elif p.positions != tuple(positions):
+            raise self.error(node, f"the bias '{name}' is added to vectors of different positions "
+                             f"({p.positions} and {tuple(positions)})")
         return self.b.make(ir.GBias, p)
 
     def lower_readout(self, node, args):
@@ -381,6 +420,22 @@ def _flatten(x):
         yield x
 
 
+def _in(key, table) -> bool:
+    try:
+        return key in table
+    except TypeError:       # an unhashable target
+        return False
+
+
+_PYTHON_MODULES = ("_operator", "operator", "builtins", "math")
+
+
+def _python_op(key) -> bool:
+    """A function of the operator module, a builtin or a math function: on Python values
+    (sizes) it is evaluated while lowering."""
+    return callable(key) and getattr(key, "__module__", None) in _PYTHON_MODULES
+
+
 def module_of(qualname: str) -> str:
     """The module of a parameter's qualified name (``"a.b.weight"`` -> ``"a.b"``)."""
     return qualname.rsplit(".", 1)[0] if "." in qualname else qualname
@@ -394,15 +449,38 @@ def _is_trainable_attr(gm, target):
     return obj.requires_grad
 
 
+def reads_integers(gm) -> bool:
+    """True if the model may read integer inputs: an exported program recorded one, or the
+    input reaches an op registered with ``integer_input=True`` (an embedding) before any
+    input layer."""
+    ph = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    val = ph.meta.get("val") if ph is not None else None
+    if isinstance(val, torch.Tensor) and not val.is_floating_point():
+        return True
+    modules = dict(gm.named_modules())
+    seen, stack = set(), [ph] if ph is not None else []
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            key = type(modules[user.target]) if user.op == "call_module" else user.target
+            if _in(key, INTEGER_INPUTS):
+                return True
+            if user not in seen and not _in(key, INPUT_LAYERS):
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
 def _propagate_shapes(gm, example):
-    """Run the module once on ``example`` and record every node's output shape."""
-    shapes = {}
+    """Run the module once on ``example`` and record every node's output shape and dtype."""
+    shapes, dtypes = {}, {}
 
     class _Rec(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if isinstance(out, torch.Tensor):
                 shapes[n.name] = tuple(out.shape)
+                dtypes[n.name] = out.dtype
             return out
 
     # on a copy: a training-mode BatchNorm would update the user's running statistics
@@ -411,15 +489,18 @@ def _propagate_shapes(gm, example):
             _Rec(copy.deepcopy(gm)).run(example)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         raise InputShapeError(
-            f"the model does not run on inputs of shape (N, {', '.join(map(str, example.shape[1:]))}): "
+            f"the model does not run on inputs of shape (N, {', '.join(map(str, example.shape[1:]))}) "
+            f"and dtype {example.dtype}: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. The kernel's input shape is "
             "fixed by compile(..., input_shape=...) or by the first call; inputs are (N, *shape), batch "
             "axis first") from e
-    return shapes
+    return shapes, dtypes
 
 
-def _make_prep(gm: fx.GraphModule, fixed_nodes):
-    """A GraphModule computing the fixed inputs of the input layers from the input."""
+def _make_prep(gm: fx.GraphModule, fixed_nodes, perms=None):
+    """A GraphModule computing the fixed inputs of the input layers from the input, each
+    permuted by its ``perms`` entry and in the input's dtype (the kernel's: a cast to
+    float32 or to integers inside the model does not reach the kernel's arithmetic)."""
     graph = fx.Graph()
     env = {}
     needed = set()
@@ -429,10 +510,17 @@ def _make_prep(gm: fx.GraphModule, fixed_nodes):
         if n not in needed:
             needed.add(n)
             stack.extend(n.all_input_nodes)
+    x = None
     for n in gm.graph.nodes:
         if n.op == "placeholder" or n in needed:
             env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(tuple(env[n] for n in fixed_nodes))
+            x = env[n] if n.op == "placeholder" else x
+    dtype = graph.call_function(getattr, (x, "dtype"))
+    outs = []
+    for n, perm in zip(fixed_nodes, perms or [None] * len(fixed_nodes)):
+        out = env[n] if perm is None else graph.call_method("permute", (env[n], *perm))
+        outs.append(graph.call_method("to", (out, dtype)))
+    graph.output(tuple(outs))
     return fx.GraphModule(gm, graph)
 
 
