@@ -127,6 +127,8 @@ _same_as(torch.transpose, "transpose.int")
 
 def _index_at(lw, node, x, dim, index):
     ndim = len(lw.shape(node.args[0]))
+    if isinstance(x, tuple) and dim % ndim == 0:
+        return x[index]               # h_n[-1]: one state of a recurrent module's States
     return FUNCTION_RULES[operator.getitem](lw, node, x, tuple(index if d == dim % ndim else slice(None)
                                                                  for d in range(ndim)))
 

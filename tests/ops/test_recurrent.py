@@ -153,13 +153,14 @@ def test_h_n_is_the_last_step(seqs):
 # -- against the same network written by hand (fx unrolls the loop) -------------------
 
 class Elman(nn.Module):
-    """``nn.RNN`` without biases written as a Python loop."""
+    """``nn.RNN`` written as a Python loop (with biases, step 0 adds the hidden bias by
+    hand, as torch's ``W_hh h_0 + b_hh`` with ``h_0 = 0`` does)."""
 
-    def __init__(self, act, T, layers=1, reverse=False):
+    def __init__(self, act, T, layers=1, reverse=False, bias=False):
         super().__init__()
         self.act, self.T, self.reverse = act, T, reverse
-        self.ih = nn.ModuleList([nn.Linear(3 if i == 0 else 16, 16, bias=False) for i in range(layers)])
-        self.hh = nn.ModuleList([nn.Linear(16, 16, bias=False) for _ in range(layers)])
+        self.ih = nn.ModuleList([nn.Linear(3 if i == 0 else 16, 16, bias=bias) for i in range(layers)])
+        self.hh = nn.ModuleList([nn.Linear(16, 16, bias=bias) for _ in range(layers)])
         self.out = nn.Linear(16, 1)
 
     def forward(self, x):
@@ -168,19 +169,22 @@ class Elman(nn.Module):
             steps = list(reversed(range(self.T))) if self.reverse else list(range(self.T))
             h, outs = None, {}
             for t in steps:
-                pre = ih(seq[t]) if h is None else ih(seq[t]) + hh(h)
+                if h is None:
+                    pre = ih(seq[t]) if hh.bias is None else ih(seq[t]) + hh.bias
+                else:
+                    pre = ih(seq[t]) + hh(h)
                 h = torch.relu(pre) if self.act == "relu" else torch.tanh(pre)
                 outs[t] = h
             seq = [outs[t] for t in range(self.T)]
         return self.out(seq[-1])
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_stacked_rnn_equals_the_unrolled_loop(seqs, layers):
+@pytest.mark.parametrize("layers,bias", [(1, False), (2, False), (2, True)])
+def test_stacked_rnn_equals_the_unrolled_loop(seqs, layers, bias):
     x1, x2 = seqs
-    m = RNNModel("tanh", layers=layers, bias=False)
+    m = RNNModel("tanh", layers=layers, bias=bias)
     a = ntkcompile.compile(m, W_std=W, b_std=B)(x1, x2)
-    b = ntkcompile.compile(Elman("tanh", 6, layers), W_std=W, b_std=B)(x1, x2)
+    b = ntkcompile.compile(Elman("tanh", 6, layers, bias=bias), W_std=W, b_std=B)(x1, x2)
     assert torch.allclose(a.nngp, b.nngp, rtol=1e-10, atol=1e-12)
     assert torch.allclose(a.ntk, b.ntk, rtol=1e-10, atol=1e-12)
 
@@ -244,6 +248,31 @@ def test_rnn_cell_in_a_loop_equals_nn_rnn(seqs):
     nngp, ntk = elman_oracle(x1, x2, "relu", "last")
     assert np.abs(a.nngp.numpy() - nngp).max() < 1e-12 * np.abs(ntk).max()
     assert np.abs(a.ntk.numpy() - ntk).max() < 1e-12 * np.abs(ntk).max()
+
+
+class LastState(nn.Module):
+    """``h_n[-1]`` of a stacked module: an index into the final states."""
+
+    def __init__(self, cls):
+        super().__init__()
+        self.rnn, self.out = cls(3, 16, num_layers=2, batch_first=True), nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[1][-1])
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes")     # torch's own, about _flat_weights
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU])
+def test_exported_program_equals_the_module(seqs, cls):
+    """torch.export lowers the module to one fused ATen op and ``h_n[-1]`` to ``aten.select``:
+    the same kernel as the module traced by fx (Monte Carlo with the same seeds for the GRU)."""
+    x1, x2 = seqs
+    m = LastState(cls)
+    ep = torch.export.export(m, (torch.randn(2, 6, 3),))
+    a = ntkcompile.compile(ep, W_std=W, b_std=B, joint_samples=256)(x1, x2)
+    b = ntkcompile.compile(m, W_std=W, b_std=B, joint_samples=256, input_shape=(6, 3))(x1, x2)
+    assert torch.allclose(a.ntk, b.ntk, rtol=1e-12, atol=1e-14)
+    assert (a.nngp is None) == (b.nngp is None)
 
 
 def test_code_does_not_grow_with_time():
