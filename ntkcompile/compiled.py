@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import codegen, ops  # noqa: F401  (ops: registers every rule)
-from .errors import InputShapeError, NonFiniteInputError, TraceError, UnsupportedOpError
+from .errors import InputShapeError, KernelMemoryError, NonFiniteInputError, TraceError, UnsupportedOpError
 from .export import graph_of, is_exported_program
 from .ir.graph import render, to_dot
 from .ir.printer import format_program
@@ -292,6 +292,28 @@ class CompiledKernel:
         entries = self._TILE_ENTRIES if device.type == "cpu" else self._TILE_ENTRIES_GPU
         side = max(1, min(n, int(math.sqrt(entries / per_pair))))
         return -(-n // -(-n // side))
+
+    # Rows (inputs x time steps) one joint Monte Carlo sample covers at most: its Gram
+    # matrices have _JOINT_ROWS^2 entries (about 1.3 GB for the ten a backward keeps),
+    # and its eigendecomposition costs _JOINT_ROWS^3.
+    _JOINT_ROWS = 4096
+
+    def _joint_side(self, n):
+        """Inputs sampled together by the joint Monte Carlo (gated recurrent layers): the
+        most, up to ``n``, whose rows stay under ``_JOINT_ROWS`` and whose sampled arrays
+        fit the memory ``scan_mc.plan`` allows (halved until they do)."""
+        from .kernels.scan_mc import plan
+        from .ops.recurrent import cell_spec
+        scans = [a for a in self._program.nodes if getattr(a, "joint", False)]
+        side = max(1, min(n, self._JOINT_ROWS // max(s.param.length for s in scans)))
+        while side > 1:
+            try:
+                for s in scans:
+                    plan(cell_spec(s.param), side, s.param.length, self.joint_samples)
+                return side
+            except KernelMemoryError:
+                side //= 2
+        return side
 
     def _reads_tokens(self) -> bool:
         """True if the model may read integer inputs (token ids of an embedding)."""

@@ -122,6 +122,15 @@ def _cross_block(fn, n):
     return block
 
 
+def _joint_cross(kfn, x1, x2, get, progress, outputs):
+    """``x1`` against ``x2`` as the off-diagonal block of the kernel of ``cat(x1, x2)``."""
+    n = x1.shape[0]
+    both, stderr, worst = evaluate(kfn, torch.cat([x1, x2]), None, get, None, progress, None)
+    for name in outputs:
+        _write(outputs[name], slice(None), slice(None), both[name][:n, n:])
+    return outputs, {name: se[:n, n:] for name, se in stderr.items()}, worst
+
+
 def evaluate(kfn, x1, x2, get, tile_size, progress, out):
     """The kernels of ``x1`` against ``x2`` (``x2 is None``: against itself), their
     Monte Carlo standard errors (empty when none was used), and the worst error
@@ -140,6 +149,14 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
     want_ntk = "ntk" in get
     live = max(kfn._function(mode, want_ntk)[0].live_arrays for mode in (True, False))
     bs = tile_size or kfn._auto_tile(max(n1, n2), x1.device)
+    if kfn._joint and not tile_size:
+        # Sampled jointly: the more inputs one sample covers the fewer samples in all.  A
+        # cross kernel that fits is a block of one kernel of both batches together; else
+        # tiles of half the side, since a cross tile samples its two batches together.
+        side = kfn._joint_side(n1 + (0 if x2 is None else n2))
+        if x2 is not None and n1 + n2 <= side:
+            return _joint_cross(kfn, x1, x2, get, progress, outputs)
+        bs = n1 if x2 is None and n1 <= side else max(1, side // 2)
     bs = _fit_memory(kfn, bs, live, tile_size is not None)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
     errors = []

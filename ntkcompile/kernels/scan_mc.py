@@ -12,7 +12,7 @@ Per sample ``alpha`` (a coordinate of the width-``S`` program):
 
 * input side: gate ``k`` gets ``a_k = W_ih[k] x + b_ih[k] beta_ih[k]`` with
   ``W_ih[k] x`` Gaussian over all ``(b, t)`` with covariance
-  ``W_ih_std[k]^2 k_in`` (an eigh factor of ``k_in``, clamped: it may be
+  ``W_ih_std[k]^2 k_in`` (a pivoted Cholesky factor of ``k_in``: it may be
   singular); gates are independent (different rows of ``W_ih``);
 * hidden side: ``g_k = W_hh[k] h_{t-1} + b_hh[k] beta_hh[k]``.  ``W_hh h`` is
   sampled *conditionally on the samples of h*: exactly in law as a width-``S``
@@ -62,7 +62,7 @@ from torch import Tensor
 
 from ..errors import KernelMemoryError
 from ..resources import available_memory
-from .quadrature import _eigh, _rank_from_eigenvalues
+from .quadrature import _RANK_RTOL
 
 __all__ = ["CELL_KINDS", "CellSpec", "ScanPlan", "plan", "scan_mc"]
 
@@ -282,8 +282,8 @@ def _costs(rule: _Rule, B: int, T: int, S: int, backward: bool, strategy: str) -
     G, n, steps = len(rule.gates), B * T, max(T - 1, 0)
     cap = min(S, B * steps)
     arrays = S * n * (G + 2 + rule.saved)                      # a, H, the states, the rule's arrays
-    grams = n * n * (10 if backward else 5)                    # k_in and its eigh, Grams, NTK terms
-    flops = n ** 3 * 10 + G * S * n * n * 2 + S * n * n * 2    # eigh, a = Z L^T (full rank), h Gram
+    grams = n * n * (10 if backward else 5)                    # k_in and its factor, Grams, NTK terms
+    flops = n ** 3 + G * S * n * n * 2 + S * n * n * 2         # factor (full rank), a = Z L^T, h Gram
     if backward:
         arrays += S * n * (G + 2)                              # dh, dpre per gate, GRU's gated dpre
         flops += (G + 1) * S * n * n * 2                       # per-gate Grams
@@ -335,20 +335,37 @@ def plan(cell: CellSpec, B: int, T: int, samples: int, backward: bool = True,
 
 
 def _factor(cov: Tensor) -> Tensor:
-    """``L`` with ``L L^T = cov`` (PSD, maybe singular): eigh, clamped, top rank kept.
+    """``L`` (n x r) with ``L L^T = cov`` (PSD, maybe singular) up to ``_RANK_RTOL``:
+    pivoted Cholesky, which stops at the numerical rank ``r``.
 
-    A PSD matrix vanishes on the rows of its zero diagonal entries, so only the
-    support is decomposed (a last-step readout's ``dh_cov`` has ``B`` of ``B T``).
+    Costs ``n r^2`` rather than an eigendecomposition's ``~10 n^3``: a first layer's
+    input covariance over ``n = B T`` rows has rank at most ``input_size + 1``, a
+    stacked layer's at most the samples, an embedding's the vocabulary.  For a PSD
+    remainder ``R``, ``|R_ij| <= sqrt(R_ii R_jj)``, so stopping when every remaining
+    diagonal entry is under ``_RANK_RTOL * max(diag)`` bounds every entry's error.
+    Zero rows (a last-step readout's ``dh_cov`` is zero outside ``B`` of ``B T`` rows)
+    are never pivots and get zero rows of ``L``.
     """
-    on = torch.nonzero(cov.diagonal() > 0).squeeze(1)
-    L = cov.new_zeros(cov.shape[0], 0)
-    if on.numel() == 0:
-        return L
-    evals, evecs = _eigh(cov[on][:, on])
-    rank = _rank_from_eigenvalues(evals)
-    L = cov.new_zeros(cov.shape[0], rank)
-    L[on] = evecs[:, evecs.shape[1] - rank:] * evals[evals.shape[0] - rank:].sqrt()
-    return L
+    cov = 0.5 * (cov + cov.T)
+    n = cov.shape[0]
+    d = cov.diagonal().clone().clamp_min_(0.0)
+    tol = _RANK_RTOL * float(d.max()) if n else 0.0
+    L = cov.new_zeros(n, min(n, 64))
+    r = 0
+    while r < n:
+        i = int(torch.argmax(d))
+        pivot = float(d[i])
+        if pivot <= tol or pivot <= 0.0:
+            break
+        if r == L.shape[1]:
+            L = torch.cat([L, L.new_zeros(n, min(n, 2 * r) - r)], dim=1)
+        column = cov[:, i] - L[:, :r] @ L[i, :r]
+        column /= math.sqrt(pivot)
+        L[:, r] = column
+        d.sub_(column * column).clamp_min_(0.0)
+        d[i] = 0.0
+        r += 1
+    return L[:, :r]
 
 
 def _flat(k: Tensor) -> Tensor:

@@ -378,7 +378,8 @@ def backward(pl, scan):
 
 # -- planning (joint Monte Carlo: gated cells) ----------------------------------------
 
-def _spec(cell):
+def cell_spec(cell):
+    """The ``scan_mc.CellSpec`` of a recurrent layer's cell parameter."""
     from ..kernels.scan_mc import CellSpec
     return CellSpec(cell.kind, cell.W_ih, cell.W_hh, cell.b_ih, cell.b_hh, cell.reverse)
 
@@ -387,7 +388,7 @@ def mc_forward(pl, scan):
     memo = _memo(pl)
     if (scan, "mc") not in memo:
         xin = yield from _input_cov(pl, scan, "x")
-        memo[(scan, "mc")] = pl.call(rec.mc_forward, pl.static(_spec(scan.param), "cell"), pl.tensor(xin),
+        memo[(scan, "mc")] = pl.call(rec.mc_forward, pl.static(cell_spec(scan.param), "cell"), pl.tensor(xin),
                                      pl.pairs, pl.mc, pl.joint_samples, pl.errors,
                                      note=(f"E[h_s h'_t] of {scan.param.name}",
                                            f"joint Monte Carlo over the tile ({pl.joint_samples} coordinates "
@@ -402,7 +403,7 @@ def mc_backward(pl, scan):
         res = None
         if out is not None:
             xin = yield from _input_cov(pl, scan, "x")
-            res = pl.call(rec.mc_backward, pl.static(_spec(scan.param), "cell"), pl.tensor(xin),
+            res = pl.call(rec.mc_backward, pl.static(cell_spec(scan.param), "cell"), pl.tensor(xin),
                           pl.tensor(out), pl.pairs, pl.mc, pl.joint_samples, pl.errors,
                           note=(f"NTK and backward of {scan.param.name}",
                                 "joint Monte Carlo over the tile, GIA backward through time"))
