@@ -152,6 +152,8 @@ def kernel_blocks(kfn, x_train, x_test=None, *, get: Sequence[str] = ("ntk",)) -
     want_nngp = "nngp" in get
     x_train = as_input(x_train, "x_train")
     x_test = None if x_test is None else as_input(x_test, "x_test")
+    if x_test is not None and getattr(kfn, "_joint", False):
+        return _joint_blocks(kfn, x_train, x_test, get)
     train = kfn(x_train, None, get=get)
     fields = {"ntk_train": train.ntk}
     if want_nngp:
@@ -162,6 +164,18 @@ def kernel_blocks(kfn, x_train, x_test=None, *, get: Sequence[str] = ("ntk",)) -
         if want_nngp:
             fields["nngp_test_train"] = cross.nngp
             fields["nngp_test"] = kfn(x_test, None, get=("nngp",)).nngp
+    return KernelBlocks(**fields)
+
+
+def _joint_blocks(kfn, x_train, x_test, get) -> KernelBlocks:
+    """A kernel sampled jointly over its inputs (gated recurrent layers): one kernel of
+    train and test points together, cut into blocks, so that all blocks come from the
+    same samples (jointly PSD) and no pair is sampled twice."""
+    n = x_train.shape[0]
+    both = kfn(torch.cat([x_train, x_test.to(x_train.dtype)]), None, get=get)
+    fields = {"ntk_train": both.ntk[:n, :n], "ntk_test_train": both.ntk[n:, :n]}
+    if "nngp" in get:
+        fields.update(nngp_train=both.nngp[:n, :n], nngp_test_train=both.nngp[n:, :n], nngp_test=both.nngp[n:, n:])
     return KernelBlocks(**fields)
 
 

@@ -116,6 +116,8 @@ def _contract(a: list[Tensor], b: list[Tensor], full: bool) -> Tensor:
 
 
 def _ntk(model, x1, x2, chunk, per_example, full) -> Tensor:
+    if per_example is None:
+        per_example = not any(isinstance(m, nn.RNNBase) for m in model.modules())
     if chunk is not None and (not per_example or int(chunk) < 1):
         raise ValueError(
             "chunk must be a positive number of examples, and only applies with "
@@ -164,7 +166,7 @@ def empirical_ntk(
     x2: Tensor | None = None,
     *,
     chunk: int | None = None,
-    per_example: bool = True,
+    per_example: bool | None = None,
 ) -> Tensor:
     """Empirical NTK factor ``(1/out) sum_o J_o(x1) J_o(x2)^T``, shape ``(N1, N2)``, float64.
 
@@ -184,7 +186,10 @@ def empirical_ntk(
         per_example: differentiate each example on its own (``vmap``). Pass
             ``False`` for models that couple the examples of a batch
             (BatchNorm in training mode): then ``x1`` and ``x2`` are each one
-            batch, and the whole ``(N, out)`` output is differentiated.
+            batch, and the whole ``(N, out)`` output is differentiated.  Default
+            (``None``): ``True``, except for models holding torch's fused
+            recurrent modules (``nn.RNN``/``GRU``/``LSTM`` have no ``vmap`` rule;
+            they do not couple examples, so the whole batch gives the same kernel).
     """
     return _ntk(model, x1, x2, chunk, per_example, full=False)
 
@@ -195,7 +200,7 @@ def empirical_ntk_full(
     x2: Tensor | None = None,
     *,
     chunk: int | None = None,
-    per_example: bool = True,
+    per_example: bool | None = None,
 ) -> Tensor:
     """Every block ``J_i(x1) J_j(x2)^T`` of the empirical NTK: shape ``(N1, N2, out, out)``.
 

@@ -72,6 +72,26 @@ def test_scalar_output_is_j_jt():
     torch.testing.assert_close(empirical_ntk(net, x1, x2), j1 @ j2.T, rtol=1e-10, atol=1e-12)
 
 
+class _LastLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.LSTM(3, 5, batch_first=True, num_layers=2), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+def test_fused_recurrent_modules_differentiate_whole_batches():
+    """torch's fused LSTM has no vmap rule: by default the batch is differentiated whole."""
+    torch.manual_seed(0)
+    net = ntk_parametrize(_LastLSTM(), 1.1, 0.2)
+    x1, x2 = torch.randn(3, 4, 3), torch.randn(2, 4, 3)
+    expect = _brute_full(net, x1, x2)
+    torch.testing.assert_close(empirical_ntk_full(net, x1, x2), expect, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(empirical_ntk(net, x1, x2), (expect[:, :, 0, 0] + expect[:, :, 1, 1]) / 2,
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_symmetric_when_x2_is_none():
     net = _small_net(out=2)
     x = torch.randn(7, 3)

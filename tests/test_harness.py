@@ -250,6 +250,12 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MLP: width" in out  # progress lines
     assert "CNN:" in out
+    # the recurrent model: digits read row by row by an nn.GRU, its own sweep (widths up to 512)
+    assert (tmp_path / "gap_vs_width_gru.png").stat().st_size > 0
+    gru = summary.split("== GRU")[1]
+    assert "skipped" not in gru and "GRU: width    512" in out and "GRU: width   2048" not in out
+    assert -1.0 < float(gru.split("slope:")[1].split()[0]) < -0.2, gru
+    assert float(gru.split("NTK regression (t=inf)")[1].split()[0]) > 0.3     # 10 classes: chance is 0.1
 
 
 def test_demo_default_is_smaller_than_full_and_full_is_the_old_sweep():
