@@ -421,6 +421,23 @@ def test_gated_cross_kernel_is_a_block_and_psd(seqs, cls):
     assert float(both.ntk_stderr.max()) < 0.1 * float(both.ntk.abs().max())
 
 
+def test_gated_kernels_in_tiles_agree_with_one_joint_sample(seqs, monkeypatch):
+    """More inputs than one joint sample covers: self and cross tiles are sampled apart
+    (each cross tile with both of its batches).  The tiled kernels must agree with the
+    single-sample ones within 5 combined standard errors, and the kernel of x1 against
+    x2 with the transpose of x2 against x1 (the same tiles, mirrored)."""
+    x1, x2 = seqs
+    x = torch.cat([x1, x2])
+    kfn = ntkcompile.compile(Gated(nn.GRU), W_std=W, b_std=B, joint_samples=512, mc_replicates=4)
+    whole = kfn(x)
+    monkeypatch.setattr(type(kfn), "_JOINT_ROWS", 4 * x.shape[1] + 1)       # four sequences per sample
+    assert kfn._joint_side(len(x)) == 4
+    tiled = kfn(x)
+    assert torch.equal(tiled.ntk, tiled.ntk.T)
+    assert _z(tiled, whole) < 5
+    assert torch.allclose(kfn(x1, x2).ntk, kfn(x2, x1).ntk.T, rtol=0, atol=5 * float(whole.ntk_stderr.max()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,cell", [(nn.GRU, nn.GRUCell), (nn.LSTM, nn.LSTMCell)])
 def test_gated_module_equals_cells_by_hand(cls, cell):
