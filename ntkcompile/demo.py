@@ -134,7 +134,7 @@ FULL = Config(n_train=200, n_test=300, n_dynamics_test=100, widths=(256, 512, 10
               seeds=(0, 1), steps=30, batch_size=32, lr=2.0, ridge=1e-3, max_width=(("GRU", 1024),))
 # The same story in about a minute: narrower finite networks (the gap's slope needs a
 # range of widths, not the widest ones), and three seeds for the spread.
-DEFAULT = dataclasses.replace(FULL, widths=(128, 256, 512, 1024), seeds=(0, 1, 2))
+DEFAULT = dataclasses.replace(FULL, widths=(128, 256, 512, 1024), seeds=(0, 1, 2), max_width=(("GRU", 512),))
 QUICK = Config(n_train=64, n_test=64, n_dynamics_test=16, widths=(128, 512, 2048),
                seeds=(0,), steps=20, batch_size=32, lr=2.0, ridge=1e-3)
 

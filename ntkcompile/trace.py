@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from .errors import TraceError, UnsupportedOpError
 
 
 # id -> function: user nonlinearities, found by identity (the registry holds them alive)
@@ -141,6 +141,21 @@ def _check_leaves(graph) -> None:
                 raise err
 
 
+def _refuse_packed_sequences(model, error: Exception) -> None:
+    """A failure inside ``torch.nn.utils.rnn`` (``pack_padded_sequence``, ``pack_sequence``):
+    variable-length batches, which the fixed time axis of a kernel cannot hold."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("torch/nn/utils/rnn.py"):
+            raise UnsupportedOpError(
+                f"{type(model).__name__} packs its sequences (torch.nn.utils.rnn.{tb.tb_frame.f_code.co_name}): "
+                "ntkcompile's kernels have one time axis of fixed length T for every input, so packed "
+                "sequences and variable lengths are not supported. Pad every sequence to the same length "
+                "and pass the padded (N, T, d) tensor to the recurrent module directly, or compile one "
+                "kernel per length.") from error
+        tb = tb.tb_next
+
+
 def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
     """Symbolically trace ``model``; ``is_rule_module(m)`` decides the leaves."""
     if not isinstance(model, nn.Module):
@@ -156,6 +171,7 @@ def trace(model: nn.Module, is_rule_module) -> fx.GraphModule:
             "data-dependent control flow, or branch on Python attributes instead."
         ) from e
     except Exception as e:  # fx raises plain exceptions for many untraceable constructs
+        _refuse_packed_sequences(model, e)
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             "ntkcompile needs a forward pass that torch.fx can trace symbolically "

@@ -262,5 +262,7 @@ def test_demo_default_is_smaller_than_full_and_full_is_the_old_sweep():
     assert demo.FULL.widths == (256, 512, 1024, 2048, 4096) and demo.FULL.seeds == (0, 1)
     assert max(demo.DEFAULT.widths) < max(demo.FULL.widths)
     assert len(demo.DEFAULT.widths) >= 4 and len(demo.DEFAULT.seeds) >= 3      # a slope, and error bars
+    assert len(demo.DEFAULT.widths_of("GRU")) >= 3 and max(demo.DEFAULT.widths_of("GRU")) <= 512   # in 90 s
+    assert max(demo.FULL.widths_of("GRU")) > max(demo.DEFAULT.widths_of("GRU"))
     with pytest.raises(SystemExit):
         demo.main(["--full", "--quick"])

@@ -175,8 +175,8 @@ class Spec:
 @rule(nn.RNN, nn.GRU, nn.LSTM, input_layer=True)
 def _recurrent_module(lw, node, m, x, hx=None):
     if hx is not None:
-        raise lw.unsupported(node, f"{type(m).__name__} with an explicit initial state (h0): the kernel "
-                             "is compiled for zero initial states; call it without h0")
+        raise lw.error(node, f"{type(m).__name__} with an explicit initial state (h0): the kernel is "
+                       "compiled for zero initial states; call it without h0 (torch's default is zeros)")
     return recurrent(lw, node, node.target, Spec.of(m), x)
 
 
@@ -184,10 +184,12 @@ def recurrent(lw, node, name, m: Spec, x):
     """``(out, h_n)`` (an LSTM: ``(out, (h_n, c_n))``) of the recurrent module ``name``."""
     what = {"rnn_tanh": "RNN", "rnn_relu": "RNN", "gru": "GRU", "lstm": "LSTM"}[m.kind]
     if m.proj_size:
-        raise lw.unsupported(node, f"{what} with proj_size={m.proj_size}")
+        raise lw.error(node, f"{what} with proj_size={m.proj_size} is not supported (its projected state has "
+                       "width proj_size, a fixed size, not a width taken to infinity); use proj_size=0")
     if m.dropout and m.training and m.num_layers > 1:
-        raise lw.unsupported(node, f"{what} with dropout={m.dropout} in training mode (random masks between "
-                             "layers): call model.eval()")
+        raise lw.error(node, f"{what} with dropout={m.dropout} in training mode draws random masks between "
+                       "layers, which the kernel of the deterministic network does not have: call model.eval() "
+                       "(or use dropout=0)")
     source, inp, T = _sequence(lw, node, m, what, x)
     dirs = 2 if m.bidirectional else 1
     H = m.hidden_size
@@ -483,8 +485,8 @@ def _aten(kind):
         zeros = ("aten.zeros", "aten.new_zeros", "aten.zeros_like")
         if not all(isinstance(h, Fixed) for h in states) or not all(
                 getattr(h, "op", None) == "call_function" and str(h.target).startswith(zeros) for h in hnodes):
-            raise lw.unsupported(node, "a recurrent op with an initial state that is not zeros: the kernel is "
-                                 "compiled for zero initial states")
+            raise lw.error(node, "a recurrent op with an initial state that is not zeros: the kernel is "
+                           "compiled for zero initial states; call the module without h0/c0")
         w_ih, w_hh = lw.shape(pnodes[0]), lw.shape(pnodes[1])
         spec = Spec(kind, int(w_ih[1]), int(w_hh[1]), int(num_layers), bool(has_biases), bool(batch_first),
                     bool(bidirectional), float(dropout), bool(train))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import ntkcompile
-from ntkcompile.errors import UnsupportedOpError, WidthInferenceError
+from ntkcompile.errors import InputShapeError, UnsupportedOpError, WidthInferenceError
 
 W, B = 1.2, 0.3
 
@@ -303,8 +303,46 @@ def test_explicit_h0_is_refused():
 
 
 def test_wrong_feature_size_is_refused():
-    with pytest.raises(Exception, match="input_size|features|shape"):
+    with pytest.raises(InputShapeError, match="Expected 3, got 4"):
         ntkcompile.compile(RNNModel(), input_shape=(5, 4))
+    kfn = ntkcompile.compile(RNNModel(), input_shape=(5, 3))
+    with pytest.raises(InputShapeError, match=r"compiled for inputs of shape \(N, 5, 3\)"):
+        kfn(torch.randn(2, 5, 4))
+
+
+class Options(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 16, batch_first=True, **kw)
+        self.out = nn.Linear(kw.get("proj_size") or 16, 1)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+def test_projection_and_training_dropout_are_refused():
+    with pytest.raises(UnsupportedOpError, match="proj_size=4 is not supported.*use proj_size=0"):
+        ntkcompile.compile(Options(proj_size=4), input_shape=(5, 3))
+    with pytest.raises(UnsupportedOpError, match=r"dropout=0.5 in training mode.*model.eval\(\)"):
+        ntkcompile.compile(Options(num_layers=2, dropout=0.5).train(), input_shape=(5, 3))
+    # in eval mode the same module is the deterministic network
+    ntkcompile.compile(Options(num_layers=2, dropout=0.5).eval(), input_shape=(5, 3), joint_samples=64)
+
+
+class Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.GRU(3, 16, batch_first=True), nn.Linear(16, 1)
+
+    def forward(self, x):
+        lengths = torch.full((x.shape[0],), x.shape[1])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        return self.out(self.rnn(packed)[1][-1])
+
+
+def test_packed_sequences_are_refused():
+    with pytest.raises(UnsupportedOpError, match="pack_padded_sequence.*Pad every sequence to the same length"):
+        ntkcompile.compile(Packed(), input_shape=(5, 3))
 
 
 class UsesCn(nn.Module):
