@@ -187,7 +187,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
                 if e:
                     block = torch.ldexp(block, torch.tensor(2 * e))    # exact: a power of two
                 if not bool(torch.isfinite(block).all()):
-                    raise _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2)
+                    raise _non_finite(kfn, name, self_tile or kfn._joint, want_ntk, args, e, x1, x2)
                 if dtype != torch.float64 and not bool(torch.isfinite(block.to(dtype)).all()):
                     raise NonFiniteKernelError(
                         f"the {name} kernel overflows {dtype}: its largest entry is {float(block.abs().max()):.3g}; "

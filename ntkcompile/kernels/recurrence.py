@@ -27,6 +27,8 @@ which the ordinary lifts ``x[:, None]``, ``x[None, :]`` broadcast against the ro
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -233,7 +235,13 @@ def mc_forward(cell, k_in, pairs, mc, samples, errors):
     ``"x"`` (packed ``(Np, T, T)``), ``"d"`` ``(N, T)``, ``"f"`` ``(N, T, T)``, ``"mean"``."""
     from .scan_mc import scan_mc
     full = _unpack(k_in, pairs)
-    out = scan_mc(cell, full, samples=samples, seed=mc[1])
+    if not bool(torch.isfinite(full).all()):
+        # NaN out: the tile is re-run with checking code, which names the first array that
+        # is not finite and its model node (tiling._non_finite)
+        n, T = full.shape[0], full.shape[-1]
+        out = {"h": full.new_full((n, n, T, T), math.nan), "mean": full.new_full((n, T), math.nan)}
+    else:
+        out = scan_mc(cell, full, samples=samples, seed=mc[1])
     errors.append(("mc", full.new_zeros(())))      # its error is the spread of replicates (tiling)
     h = out["h"]
     n = h.shape[0]
@@ -251,7 +259,10 @@ def mc_backward(cell, k_in, dh, pairs, mc, samples, errors):
         d = torch.broadcast_to(torch.as_tensor(dh, dtype=full.dtype, device=full.device), full.shape).clone()
     else:
         d = _unpack(dh, pairs)
-    out = scan_mc(cell, full, d, samples=samples, seed=mc[1])
+    if not bool(torch.isfinite(full).all() and torch.isfinite(d).all()):
+        out = {"ntk": torch.full_like(full[:, :, 0, 0], math.nan), "dx": torch.full_like(full, math.nan)}
+    else:
+        out = scan_mc(cell, full, d, samples=samples, seed=mc[1])
     errors.append(("mc", full.new_zeros(())))
     return {"ntk": out["ntk"][pairs[0], pairs[1]], "dx": out["dx"][pairs[0], pairs[1]]}
 

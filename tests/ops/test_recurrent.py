@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import ntkcompile
-from ntkcompile.errors import InputShapeError, UnsupportedOpError, WidthInferenceError
+from ntkcompile.errors import InputShapeError, NonFiniteKernelError, UnsupportedOpError, WidthInferenceError
 
 W, B = 1.2, 0.3
 
@@ -327,6 +327,16 @@ def test_projection_and_training_dropout_are_refused():
         ntkcompile.compile(Options(num_layers=2, dropout=0.5).train(), input_shape=(5, 3))
     # in eval mode the same module is the deterministic network
     ntkcompile.compile(Options(num_layers=2, dropout=0.5).eval(), input_shape=(5, 3), joint_samples=64)
+
+
+def test_gated_kernel_of_overflowing_inputs_names_the_scale(seqs):
+    """Inputs whose products overflow: the joint evaluator's tile (self, and a cross kernel
+    sampled with both batches) raises NonFiniteKernelError naming the scale, never NaN."""
+    x1, x2 = seqs
+    kfn = ntkcompile.compile(Gated(nn.GRU), W_std=W, b_std=B, joint_samples=64)
+    for args in ((x1 * 1e160,), (x1 * 1e160, x2)):
+        with pytest.raises(NonFiniteKernelError, match=r"(?s)overflow float64.*e\+160: rescale them"):
+            kfn(*args)
 
 
 class Packed(nn.Module):
