@@ -260,3 +260,32 @@ def test_ordinary_models_do_not_warn_at_default_settings(model, shape):
         warnings.simplefilter("error")
         k = ntkcompile.compile(model, W_std=1.3, b_std=0.2, input_shape=shape)(x)
     assert k.quad_error is None or k.quad_error < 1e-4
+
+
+# -- batch statistics before the first layer ------------------------------------------------
+
+class Centered(nn.Module):
+    """Centers its input, over the batch (dim 0: couples the examples) or per example."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.a, self.o = dim, nn.Linear(D, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.a(x - x.mean(self.dim, keepdim=True))))
+
+
+def test_batch_statistics_before_the_first_layer_are_refused():
+    """``x - x.mean(0)`` made the kernel depend on the tiling (a difference of ~2 on an O(1)
+    kernel, issue 10); it is refused, naming the node and the source line."""
+    with pytest.raises(UnsupportedOpError, match=r"(?s)mixes the examples of a batch.*test_bad_input.py"):
+        ntkcompile.compile(Centered(0), input_shape=(D,))
+
+
+def test_per_example_statistics_before_the_first_layer_are_fine():
+    x = torch.randn(5, D, dtype=torch.float64)
+    got = ntkcompile.compile(Centered(1), input_shape=(D,))(x)
+    plain = nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 1))
+    want = ntkcompile.compile(plain, input_shape=(D,))(x - x.mean(1, keepdim=True))
+    torch.testing.assert_close(got.ntk, want.ntk, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(got.nngp, want.nngp, rtol=1e-13, atol=1e-14)

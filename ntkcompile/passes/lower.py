@@ -274,6 +274,7 @@ class Lowering:
         if self.readout is None:
             raise GIACheckError("the model has no readout Linear (see the Simple GIA Check)")
         prep = _make_prep(self.gm, self.fixed_nodes, self.fixed_perms)
+        self._check_per_example(prep)
         program = ir.Program(
             builder=self.b, readout=self.readout,
             fixed_names=tuple("input" if n.op == "placeholder" else origin(n, self.modules)
@@ -284,6 +285,34 @@ class Lowering:
         for check in PROGRAM_CHECKS:
             check(self, program)
         return program
+
+    def _check_per_example(self, prep):
+        """Refuse fixed inputs that mix the examples of a batch (``x - x.mean(0)`` before the
+        first layer): their kernel would change with how the inputs are tiled.  Compared
+        on random examples, whole batch against one example at a time."""
+        shape = tuple(self.example.shape[1:])
+        g = torch.Generator().manual_seed(0)
+        if self.example.is_floating_point():
+            x = torch.randn((4,) + shape, generator=g, dtype=torch.float64)
+        else:
+            x = torch.randint(0, 2, (4,) + shape, generator=g, dtype=self.example.dtype)
+        try:
+            with torch.no_grad():
+                whole = prep(x)
+                each = [prep(x[i:i + 1]) for i in range(len(x))]
+        except Exception:       # the model may not run on these values; the call checks inputs again
+            return
+        for k, node in enumerate(self.fixed_nodes):
+            one = torch.cat([e[k] for e in each])
+            if one.shape != whole[k].shape or not torch.allclose(
+                    whole[k].double(), one.double(), rtol=1e-9, atol=1e-9 * float(one.abs().max().nan_to_num()),
+                    equal_nan=True):
+                raise self.error(
+                    node, "the input of this layer, computed from the model's input before its first "
+                    "Linear/Conv, mixes the examples of a batch (e.g. x - x.mean(0), a BatchNorm in "
+                    "training mode): its kernel would depend on which inputs are evaluated together. "
+                    "Batch-coupled models are not supported yet; normalize the data beforehand, or put "
+                    "the model in eval mode")
 
     def lower_node(self, node):
         try:
