@@ -150,7 +150,7 @@ def test_stacked_bidirectional_lstm_empirical_ntk_converges():
     Widths 64..1024 (parameters grow like 32 n^2: 34 M at 1024); 6 seeds."""
     errors, slope, se = _sweep("2-layer bidirectional LSTM",
                                lambda n: LastStep(nn.LSTM, n, num_layers=2, bidirectional=True),
-                               _sequences(), range(6), widths=[64, 128, 256, 512, 1024], joint_samples=MC_SAMPLES)
+                               _sequences(), range(8), widths=[64, 128, 256, 512, 1024], joint_samples=MC_SAMPLES)
     _accept(errors, slope, se)
 
 
@@ -216,8 +216,8 @@ def test_gru_sgd_approaches_the_infinite_width_dynamics():
     fluctuating quantity is noisier than a Frobenius norm; 4 seeds).
 
     The limit's Monte Carlo error: two kernels with independent Monte Carlo seeds drive
-    ``simulate`` from the same ``f_0``; their largest disagreement must be at most 1/5 of
-    the gap at the largest width."""
+    ``simulate`` from the same ``f_0``; their largest disagreement (sqrt(2) times one
+    kernel's own error) must be at most 1/5 of the gap at the largest width."""
     x, y, xt = _regression_data(12, 4, 3, 2, seed=3)
     compile_kw = dict(W_std=W_STD, b_std=B_STD, input_shape=(3, 2), joint_samples=MC_SAMPLES)
     kfn = ntkcompile.compile(_small_gru(16), **compile_kw)
@@ -233,6 +233,6 @@ def test_gru_sgd_approaches_the_infinite_width_dynamics():
     runs = [ntkcompile.simulate(k, x, y, xt, loss="mse", lr=lr, steps=steps, f0=f0) for k in (kfn, other)]
     mc = max(float((runs[0].train - runs[1].train).abs().max()), float((runs[0].test - runs[1].test).abs().max()))
     print(f"  Monte Carlo spread of the infinite-width run: {mc:.2e}")
-    assert mc <= report.mean_gaps[-1] / 5, (mc, report.mean_gaps)
+    assert 0 < mc <= report.mean_gaps[-1] / 5, (mc, report.mean_gaps)    # > 0: the seeds do differ
     assert report.mean_gaps[-1] < report.mean_gaps[0], report.mean_gaps
     assert -0.8 <= report.slope <= -0.3, report.table()
