@@ -26,6 +26,10 @@ refreshes them when ``getattr`` returns a different tensor
 (``_update_flat_weights``), which a parametrization always does, so the forward,
 ``functional_call`` and ``jacrev`` all go through the scaled weights. (On CPU
 ``flatten_parameters`` does nothing; cuDNN's flattened buffer is untested here.)
+
+``nn.Embedding`` rows are ``W_std * w`` (no fan-in factor: one row is read per
+token), as ``ops/embedding.py`` takes them; a ``padding_idx`` row is zero, as
+PyTorch initializes it, and its gradient is zero, so it stays zero.
 ``torch.func.vmap`` has no batching rule for torch's fused RNN ops when the
 module creates its own zero initial state: differentiate whole batches
 (``empirical_ntk(..., per_example=False)``) or pass a batched ``hx``.
@@ -49,6 +53,9 @@ __all__ = ["NTKScale", "ntk_parametrize", "ntk_scales"]
 # Modules whose weight is reparametrized: one fan-in rule covers all of them,
 # because PyTorch stores their weight as (out, in/groups, *kernel_size).
 _PARAMETRIZED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# Embedding tables: rows W_std * w, fan-in 1 (ops/embedding.py).
+_EMBEDDINGS = (nn.Embedding,)
 
 # Recurrent modules: several weights each, named ``weight_<entry>`` / ``bias_<entry>``.
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
@@ -78,8 +85,8 @@ class NTKScale:
             tuple with one value per gate (torch's gate order) when they differ.
         b_std: bias multiplier (unused when the module has no bias); per gate
             like ``W_std``.
-        fan_in: ``in_features``, ``in_channels / groups * prod(kernel_size)``, or
-            a recurrent weight's number of columns.
+        fan_in: ``in_features``, ``in_channels / groups * prod(kernel_size)``,
+            a recurrent weight's number of columns, or 1 for an embedding table.
         has_bias: whether the module has a bias.
     """
 
@@ -187,6 +194,14 @@ def _check_module(name: str, module: nn.Module) -> bool:
                 "initialized; run one forward pass before ntk_parametrize"
             )
         return True
+    if isinstance(module, _EMBEDDINGS):
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise UnsupportedOpError(
+                f"ntk_parametrize does not support module {_label(name)} (Embedding) with max_norm, "
+                "scale_grad_by_freq or sparse: renormalized rows and count-scaled gradients have no "
+                "NTK-parametrized rule here"
+            )
+        return True
     if isinstance(module, _NORMS):
         return False
     own = [n for n, _ in module.named_parameters(recurse=False)]
@@ -194,7 +209,7 @@ def _check_module(name: str, module: nn.Module) -> bool:
         raise UnsupportedOpError(
             f"ntk_parametrize does not support module {_label(name)} of type "
             f"{type(module).__name__} (it owns parameters {own}); supported are "
-            "nn.Linear, nn.Conv1d/2d/3d, nn.RNN/GRU/LSTM and their cells, and normalization layers"
+            "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, nn.RNN/GRU/LSTM and their cells, and normalization layers"
         )
     return False
 
@@ -216,12 +231,13 @@ def ntk_parametrize(
     ``batch_first``; ``proj_size > 0`` raises) and ``nn.RNNCell/GRUCell/LSTMCell``:
     ``weight_ih_l{k}[_reverse]`` with ``fan_in`` the layer's input size,
     ``weight_hh_l{k}[_reverse]`` with ``fan_in = hidden_size``, each bias with its
-    weight's ``b_std``. Normalization layers keep PyTorch's init. ``model`` itself
-    is not modified.
+    weight's ``b_std``. ``nn.Embedding`` rows are ``W_std * w`` (fan-in 1; a
+    ``padding_idx`` row stays zero). Normalization layers keep PyTorch's init.
+    ``model`` itself is not modified.
 
     Args:
         model: the network. Modules that own parameters other than the above
-            (``nn.Embedding``, ``nn.MultiheadAttention``, ...) raise
+            (``nn.MultiheadAttention``, ...) raise
             ``NotImplementedError``.
         W_std, b_std: the default constants; ``W_std > 0``, ``b_std >= 0``.
         std: overrides ``{name: (W_std, b_std)}``. A name is a module's, as in
@@ -265,7 +281,8 @@ def ntk_parametrize(
         pair = (std or {}).get(key, (std or {}).get(name))
         w_std, bias_std = default if pair is None else _check_std(key, pair, gates)
         weight, bias = getattr(module, wname), getattr(module, bname, None)
-        scales[key] = s = NTKScale(w_std, bias_std, math.prod(weight.shape[1:]), bias is not None)
+        fan_in = 1 if isinstance(module, _EMBEDDINGS) else math.prod(weight.shape[1:])
+        scales[key] = s = NTKScale(w_std, bias_std, fan_in, bias is not None)
         for pname, factor in ((wname, s.weight_scale), (bname, s.bias_scale)):
             p = getattr(module, pname, None)
             if p is None:
@@ -273,6 +290,8 @@ def ntk_parametrize(
             with torch.no_grad():
                 dev = p.device if generator is None else generator.device
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype, device=dev))
+                if isinstance(module, _EMBEDDINGS) and module.padding_idx is not None:
+                    p[module.padding_idx].zero_()
     for key, (module, name, wname, bname, gates) in entries.items():
         s = scales[key]
         _P.register_parametrization(module, wname, _Scale(s.weight_scale))

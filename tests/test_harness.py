@@ -26,15 +26,8 @@ LR = {"mse": 1.0, "cross_entropy": 2.0}
 STEPS, BATCH = 20, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # SGD and simulate are thousands of small ops; with two OpenMP threads on a
-    # busy 2-core machine they spin and run up to 100x slower. One thread also
-    # makes every gap below bit-reproducible.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# SGD and simulate are thousands of small ops: one thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

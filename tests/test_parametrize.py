@@ -147,7 +147,7 @@ def test_bad_arguments_raise(kwargs, match):
 @pytest.mark.parametrize(
     "module,typename",
     [
-        (nn.Embedding(10, 4), "Embedding"),
+        (nn.Embedding(10, 4, max_norm=1.0), "Embedding"),
         (nn.LSTM(4, 4, proj_size=2), "LSTM"),
         (nn.MultiheadAttention(4, 2), "MultiheadAttention"),
         (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d"),
@@ -159,6 +159,23 @@ def test_unsupported_modules_raise_naming_the_module(module, typename):
     model.add_module("odd", module)
     with pytest.raises(NotImplementedError, match=rf"'odd'.*{typename}"):
         ntk_parametrize(model)
+
+
+def test_embedding_rows_are_W_std_times_standard_normal():
+    """Rows ``W_std * w`` without a fan-in factor (ops/embedding.py's convention); the
+    padding row is zero and SGD keeps it zero (its gradient is zero)."""
+    torch.manual_seed(2)
+    net = ntk_parametrize(nn.Sequential(nn.Embedding(10, 6, padding_idx=3), nn.Linear(6, 1)), 1.7, 0.2)
+    w = _stored(net[0], "weight").detach()
+    assert ntk_scales(net)["0"] == NTKScale(1.7, 0.2, 1, False)
+    torch.testing.assert_close(net[0].weight, 1.7 * w, rtol=0, atol=0)
+    assert float(w[3].abs().max()) == 0.0 and float(w.std()) > 0.5
+    tokens = torch.tensor([[1, 3, 5], [3, 3, 0]])
+    torch.testing.assert_close(net[0](tokens), 1.7 * w[tokens], rtol=0, atol=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    net(tokens).sum().backward()
+    opt.step()
+    assert float(_stored(net[0], "weight").detach()[3].abs().max()) == 0.0
 
 
 def test_norm_and_parameter_free_layers_keep_pytorch_init():

@@ -42,6 +42,8 @@ def convergence_sweep(
     W_std: float,
     b_std: float,
     std: Mapping[str, tuple[float, float]] | None = None,
+    per_example: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Relative error of finite-width empirical NTKs against ``limit_ntk``.
 
@@ -53,6 +55,10 @@ def convergence_sweep(
     space, and the geometric mean is the mean of ``log(error)``, so one unlucky
     seed does not dominate a width (the arithmetic mean would also bias the
     fitted slope towards the widths with the largest spread).
+
+    ``per_example=False`` differentiates whole batches (torch's fused RNN ops have
+    no ``vmap`` rule, see ``empirical_ntk``); ``log`` is called with one line per
+    width (the per-seed errors), which slow tests print for their docstrings.
 
     Returns:
         ``(mean_errors, slope)``: one geometric-mean error per width (in the
@@ -67,8 +73,12 @@ def convergence_sweep(
         for seed in seeds:
             torch.manual_seed(seed)
             net = ntk_parametrize(factory(width), W_std, b_std, std=std)
-            logs.append(math.log(relative_frobenius(empirical_ntk(net, x1, x2), limit)))
+            ntk = empirical_ntk(net, x1, x2, per_example=per_example)
+            logs.append(math.log(relative_frobenius(ntk, limit)))
         means.append(math.exp(sum(logs) / len(logs)))
+        if log is not None:
+            log(f"width {width:>5}: errors " + " ".join(f"{math.exp(v):.4f}" for v in logs)
+                + f", geometric mean {means[-1]:.4f}")
     means = np.asarray(means)
     slope = fit_loglog_slope(widths, means) if len(widths) > 1 else float("nan")
     return means, slope
