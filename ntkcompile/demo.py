@@ -18,8 +18,8 @@ download), for every model in :data:`MODELS`:
    spread over seeds) and ``trajectories_*.png``.
 
 The models: an MLP, a CNN, and a GRU that reads a digit row by row (8 steps of 8
-pixels; its kernel is a joint Monte Carlo estimate).  The default run (about a
-minute on two cores) trains finite networks of widths 128 to 1024 (the GRU to
+pixels; its kernel is a joint Monte Carlo estimate).  The default run (about 85 s
+on two idle cores) trains finite networks of widths 128 to 1024 (the GRU to
 512), three seeds each: they dominate the time, which grows faster than the
 width.  ``--full`` runs the sweep from 256 to 4096 (the GRU to 1024; two seeds,
 several minutes, most of it the widest networks); ``--quick`` a small version
@@ -385,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=os.path.join("reports", "demo"), help="report folder (default reports/demo)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true",
-                      help="the full sweep: widths 256 to 4096, two seeds (about 3.5 minutes)")
+                      help="the full sweep: widths 256 to 4096, the GRU to 1024, two seeds (several minutes)")
     size.add_argument("--quick", action="store_true", help="small run (~30 s), for tests")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1; 0 keeps torch's default). On a shared 2-core "
