@@ -295,7 +295,7 @@ class CompiledKernel:
 
     # Rows (inputs x time steps) one joint Monte Carlo sample covers at most: its Gram
     # matrices have _JOINT_ROWS^2 entries (about 1.3 GB for the ten a backward keeps),
-    # and its eigendecomposition costs _JOINT_ROWS^3.
+    # and factoring a full-rank input covariance would cost up to _JOINT_ROWS^3.
     _JOINT_ROWS = 4096
 
     def _joint_side(self, n):
