@@ -41,7 +41,7 @@ _BLOCK_BYTES = 2**29
 class _Net:
     """A float64 functional view of ``model``: the module plus its tensors."""
 
-    def __init__(self, model: nn.Module, per_example: bool):
+    def __init__(self, model: nn.Module, per_example: bool, vmap_ok: bool = True):
         floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
         # Copy only when a cast is needed; the original is never written to,
         # because buffers are passed as clones (see __call__).
@@ -61,6 +61,9 @@ class _Net:
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.per_example = per_example
+        # Rows independent but no vmap rule (torch's fused RNNs): chunks of examples are
+        # differentiated as small batches instead of one example at a time.
+        self.one_at_a_time = per_example and vmap_ok
 
     def input(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x, device=self.device)
@@ -75,13 +78,13 @@ class _Net:
         tensors.update(self.frozen)
         tensors.update(self.params)
         tensors.update(group)
-        if self.per_example:
+        if self.one_at_a_time:
             return functional_call(self.module, tensors, (x.unsqueeze(0),)).reshape(-1)
         return functional_call(self.module, tensors, (x,)).reshape(x.shape[0], -1)
 
     def jacobian(self, group: dict[str, Tensor], x: Tensor) -> list[Tensor]:
         """Per-parameter Jacobians of the group, each flattened to ``(N, out, numel)``."""
-        if self.per_example:
+        if self.one_at_a_time:
             jac = vmap(jacrev(self), in_dims=(None, 0))(group, x)
         else:
             jac = jacrev(self)(group, x)
@@ -116,20 +119,21 @@ def _contract(a: list[Tensor], b: list[Tensor], full: bool) -> Tensor:
 
 
 def _ntk(model, x1, x2, chunk, per_example, full) -> Tensor:
+    vmap_ok = not any(isinstance(m, nn.RNNBase) for m in model.modules())
     if per_example is None:
-        per_example = not any(isinstance(m, nn.RNNBase) for m in model.modules())
+        per_example = True
     if chunk is not None and (not per_example or int(chunk) < 1):
         raise ValueError(
             "chunk must be a positive number of examples, and only applies with "
             f"per_example=True; got chunk={chunk!r}, per_example={per_example}"
         )
-    net = _Net(model, per_example)
+    net = _Net(model, per_example, vmap_ok)
     x1 = net.input(x1)
     x2 = None if x2 is None else net.input(x2)
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     with torch.no_grad():
-        out = net({}, x1[0] if per_example else x1).shape[-1]
+        out = net({}, x1[0] if net.one_at_a_time else x1).shape[-1]
 
     shape = (n1, n2, out, out) if full else (n1, n2)
     K = torch.zeros(shape, dtype=torch.float64, device=net.device)
@@ -187,9 +191,10 @@ def empirical_ntk(
             ``False`` for models that couple the examples of a batch
             (BatchNorm in training mode): then ``x1`` and ``x2`` are each one
             batch, and the whole ``(N, out)`` output is differentiated.  Default
-            (``None``): ``True``, except for models holding torch's fused
-            recurrent modules (``nn.RNN``/``GRU``/``LSTM`` have no ``vmap`` rule;
-            they do not couple examples, so the whole batch gives the same kernel).
+            (``None``): ``True``.  Models holding torch's fused recurrent modules
+            (``nn.RNN``/``GRU``/``LSTM`` have no ``vmap`` rule) are then
+            differentiated in chunks of examples as small batches (they do not
+            couple examples), with the same memory bound.
     """
     return _ntk(model, x1, x2, chunk, per_example, full=False)
 

@@ -82,14 +82,19 @@ class _LastLSTM(nn.Module):
 
 
 def test_fused_recurrent_modules_differentiate_whole_batches():
-    """torch's fused LSTM has no vmap rule: by default the batch is differentiated whole."""
+    """torch's fused LSTM has no vmap rule: chunks of examples are differentiated as small
+    batches (any chunk size), or the whole batch with per_example=False."""
     torch.manual_seed(0)
     net = ntk_parametrize(_LastLSTM(), 1.1, 0.2)
     x1, x2 = torch.randn(3, 4, 3), torch.randn(2, 4, 3)
     expect = _brute_full(net, x1, x2)
     torch.testing.assert_close(empirical_ntk_full(net, x1, x2), expect, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(empirical_ntk(net, x1, x2), (expect[:, :, 0, 0] + expect[:, :, 1, 1]) / 2,
-                               rtol=1e-10, atol=1e-12)
+    factor = (expect[:, :, 0, 0] + expect[:, :, 1, 1]) / 2
+    for kw in ({}, {"chunk": 2}, {"per_example": False}):
+        torch.testing.assert_close(empirical_ntk(net, x1, x2, **kw), factor, rtol=1e-10, atol=1e-12)
+    both = torch.cat([x1, x2])
+    torch.testing.assert_close(empirical_ntk(net, both, chunk=2), _brute_full(net, both, both).diagonal(
+        dim1=2, dim2=3).mean(-1), rtol=1e-10, atol=1e-12)
 
 
 def test_symmetric_when_x2_is_none():
