@@ -405,7 +405,7 @@ class CellsByHand(nn.Module):
 
     def __init__(self, cls, T):
         super().__init__()
-        self.T = T
+        self.T, self.lstm = T, cls is nn.LSTMCell
         self.cell = cls(3, 16)
         self.out = nn.Linear(16, 1)
 
@@ -413,7 +413,7 @@ class CellsByHand(nn.Module):
         state = None
         for t in range(self.T):
             state = self.cell(x[:, t], state)
-        return self.out(state[0] if isinstance(state, tuple) else state)
+        return self.out(state[0] if self.lstm else state)      # (h, c) of an LSTM cell
 
 
 def _z(a, b):
