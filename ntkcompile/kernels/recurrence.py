@@ -232,38 +232,41 @@ def _unpack(packed, pairs):
 
 def mc_forward(cell, k_in, pairs, mc, samples, errors):
     """The states' covariances of a gated layer, sampled jointly: a dict of
-    ``"x"`` (packed ``(Np, T, T)``), ``"d"`` ``(N, T)``, ``"f"`` ``(N, T, T)``, ``"mean"``."""
-    from .scan_mc import scan_mc
+    ``"x"`` (packed ``(Np, T, T)``), ``"d"`` ``(N, T)``, ``"f"`` ``(N, T, T)``, ``"mean"``,
+    and ``"forward"``, the sampled forward pass that ``mc_backward`` continues."""
+    from .scan_mc import scan_mc_forward
     full = _unpack(k_in, pairs)
     if not bool(torch.isfinite(full).all()):
         # NaN out: the tile is re-run with checking code, which names the first array that
         # is not finite and its model node (tiling._non_finite)
         n, T = full.shape[0], full.shape[-1]
-        out = {"h": full.new_full((n, n, T, T), math.nan), "mean": full.new_full((n, T), math.nan)}
+        out, handle = {"h": full.new_full((n, n, T, T), math.nan), "mean": full.new_full((n, T), math.nan)}, None
     else:
-        out = scan_mc(cell, full, samples=samples, seed=mc[1])
+        out, handle = scan_mc_forward(cell, full, samples=samples, seed=mc[1])
     errors.append(("mc", full.new_zeros(())))      # its error is the spread of replicates (tiling)
     h = out["h"]
     n = h.shape[0]
     same = h[torch.arange(n), torch.arange(n)]                       # (N, T, T)
     return {"x": h[pairs[0], pairs[1]], "f": same, "d": torch.diagonal(same, dim1=-2, dim2=-1),
-            "mean": out["mean"]}
+            "mean": out["mean"], "forward": handle}
 
 
-def mc_backward(cell, k_in, dh, pairs, mc, samples, errors):
+def mc_backward(sim, dh, pairs):
     """The layer's NTK term (packed ``(Np,)``) and the covariance of the gradient into its
-    input (packed ``(Np, T, T)``), from the outside gradient's covariance ``dh``."""
-    from .scan_mc import scan_mc
-    full = _unpack(k_in, pairs)
+    input (packed ``(Np, T, T)``), from the outside gradient's covariance ``dh``: the
+    backward pass of ``mc_forward``'s samples ``sim`` (the same draws, not sampled again)."""
+    from .scan_mc import scan_mc_backward
+    n, T = sim["f"].shape[0], sim["f"].shape[-1]
     if not torch.is_tensor(dh) or dh.ndim < 3:
-        d = torch.broadcast_to(torch.as_tensor(dh, dtype=full.dtype, device=full.device), full.shape).clone()
+        like = sim["f"]
+        d = torch.broadcast_to(torch.as_tensor(dh, dtype=like.dtype, device=like.device), (n, n, T, T)).clone()
     else:
         d = _unpack(dh, pairs)
-    if not bool(torch.isfinite(full).all() and torch.isfinite(d).all()):
-        out = {"ntk": torch.full_like(full[:, :, 0, 0], math.nan), "dx": torch.full_like(full, math.nan)}
+    if sim["forward"] is None or not bool(torch.isfinite(d).all()):
+        nan = sim["f"].new_full((n, n, T, T), math.nan)
+        out = {"ntk": nan[:, :, 0, 0], "dx": nan}
     else:
-        out = scan_mc(cell, full, d, samples=samples, seed=mc[1])
-    errors.append(("mc", full.new_zeros(())))
+        out = scan_mc_backward(sim["forward"], d)
     return {"ntk": out["ntk"][pairs[0], pairs[1]], "dx": out["dx"][pairs[0], pairs[1]]}
 
 

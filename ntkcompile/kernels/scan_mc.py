@@ -430,30 +430,63 @@ def scan_mc(cell: CellSpec, k_in: Tensor, dh_cov: Optional[Tensor] = None, *, sa
         A last-step readout ``f = v.h_{T-1}/sqrt(n)`` has NNGP ``W_v^2 h[:, :, T-1, T-1]``
         and NTK ``W_v^2 h[:, :, T-1, T-1] + ntk`` (``dh_cov`` as above).
     """
+    if not torch.is_tensor(k_in) or k_in.ndim != 4:
+        raise ValueError("scan_mc: k_in must be a (B, B, T, T) tensor")
+    if dh_cov is not None:
+        B, T = k_in.shape[0], k_in.shape[2]
+        _check("dh_cov", dh_cov, (B, B, T, T))
+    out, fwd = scan_mc_forward(cell, k_in, samples=samples, seed=seed, strategy=strategy, max_bytes=max_bytes,
+                               backward=dh_cov is not None)
+    if dh_cov is not None:
+        out.update(scan_mc_backward(fwd, dh_cov))
+    return out
+
+
+def scan_mc_forward(cell: CellSpec, k_in: Tensor, *, samples: int, seed: int = 0, strategy: str = "auto",
+                    max_bytes: Optional[int] = None, backward: bool = True):
+    """``scan_mc`` in two halves: ``(out, handle)`` with the forward results (``"h"``,
+    ``"mean"``), and a handle that ``scan_mc_backward(handle, dh_cov)`` turns into
+    ``"ntk"`` and ``"dx"`` once the gradient's covariance is known (a stacked layer's
+    comes from the layers above, whose forward needs this one's).  Together they are
+    exactly ``scan_mc(cell, k_in, dh_cov)`` (the same draws, in the same order), with the
+    forward pass sampled once.  ``backward`` only sizes the memory check (``plan``)."""
     if not isinstance(cell, CellSpec):
         raise TypeError(f"scan_mc: cell must be a CellSpec, got {type(cell).__name__}")
     if not torch.is_tensor(k_in) or k_in.ndim != 4:
         raise ValueError("scan_mc: k_in must be a (B, B, T, T) tensor")
     B, T = k_in.shape[0], k_in.shape[2]
     _check("k_in", k_in, (B, B, T, T))
-    if dh_cov is not None:
-        _check("dh_cov", dh_cov, (B, B, T, T))
     S = int(samples)
     if S < 1 or T < 1 or B < 1:
         raise ValueError(f"scan_mc: need samples, inputs and steps >= 1, got S={S}, B={B}, T={T}")
-    chosen = plan(cell, B, T, S, dh_cov is not None, strategy, max_bytes)
+    chosen = plan(cell, B, T, S, backward, strategy, max_bytes)
     k_in = k_in.to(_F64)
-    dh_cov = None if dh_cov is None else dh_cov.to(_F64)
     if cell.reverse:            # the backward direction is the forward cell on reversed time
         k_in = k_in.flip(2, 3)
-        dh_cov = None if dh_cov is None else dh_cov.flip(2, 3)
-    out = _run(_RULES[cell.kind], cell, k_in, dh_cov, S, seed, _STRATEGIES[chosen.strategy])
+    out, fwd = _forward(_RULES[cell.kind], cell, k_in, S, seed, _STRATEGIES[chosen.strategy])
     if cell.reverse:
-        out = {k: v.flip(-1) if k == "mean" else v if k == "ntk" else v.flip(2, 3) for k, v in out.items()}
+        out = {k: v.flip(-1) if k == "mean" else v.flip(2, 3) for k, v in out.items()}
+    return out, fwd
+
+
+def scan_mc_backward(handle, dh_cov: Tensor) -> dict[str, Tensor]:
+    """``"ntk"`` ``(B, B)`` and ``"dx"`` ``(B, B, T, T)`` of the forward pass ``handle``
+    (from ``scan_mc_forward``; each handle feeds one backward pass) for the gradient
+    covariance ``dh_cov`` ``(B, B, T, T)``, indexed by input position as in ``scan_mc``."""
+    if not isinstance(handle, _Forward):
+        raise TypeError(f"scan_mc_backward: expected the handle of scan_mc_forward, got {type(handle).__name__}")
+    B, T = handle.B, handle.T
+    _check("dh_cov", dh_cov, (B, B, T, T))
+    dh_cov = dh_cov.to(_F64)
+    if handle.cell.reverse:
+        dh_cov = dh_cov.flip(2, 3)
+    out = _backward(handle, dh_cov)
+    if handle.cell.reverse:
+        out["dx"] = out["dx"].flip(2, 3)
     return out
 
 
-def _run(rule: _Rule, cell: CellSpec, k_in, dh_cov, S, seed, Matrix) -> dict[str, Tensor]:
+def _forward(rule: _Rule, cell: CellSpec, k_in, S, seed, Matrix):
     B, T, dev = k_in.shape[0], k_in.shape[2], k_in.device
     G = len(rule.gates)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
@@ -485,9 +518,29 @@ def _run(rule: _Rule, cell: CellSpec, k_in, dh_cov, S, seed, Matrix) -> dict[str
     del a, Whh, g
     gram = _gram(H)
     out = {"h": _unflat(gram, B, T), "mean": H.mean(0).T.contiguous()}
-    if dh_cov is None:
-        return out
+    state = _Forward(rule, cell, gen, Matrix, K, gram, states, saved, S, B, T, cap, W_hh)
+    return out, state
 
+
+class _Forward:
+    """What the backward pass of ``_run`` needs from its forward pass: the generator (its
+    draws continue), the states and the rule's saved arrays per step, the Grams."""
+
+    def __init__(self, rule, cell, gen, Matrix, K, gram, states, saved, S, B, T, cap, W_hh):
+        self.rule, self.cell, self.gen, self.Matrix, self.K, self.gram = rule, cell, gen, Matrix, K, gram
+        self.states, self.saved, self.S, self.B, self.T, self.cap, self.W_hh = states, saved, S, B, T, cap, W_hh
+        self.used = False
+
+
+def _backward(fwd: _Forward, dh_cov) -> dict[str, Tensor]:
+    if fwd.used:
+        raise RuntimeError("internal error: a forward pass of scan_mc feeds one backward pass")
+    fwd.used = True
+    rule, cell, gen, Matrix, K, gram = fwd.rule, fwd.cell, fwd.gen, fwd.Matrix, fwd.K, fwd.gram
+    states, saved, S, B, T, cap, W_hh = fwd.states, fwd.saved, fwd.S, fwd.B, fwd.T, fwd.cap, fwd.W_hh
+    G, dev = len(rule.gates), gram.device
+    fwd.states = fwd.saved = None
+    out = {}
     dh_ext = _gaussian(_factor(_flat(dh_cov)), S, T, B, gen)
     Wt = Matrix(S, G * S, min(cap, G * S), 1.0 / S, gen, dev)   # W~_hh^T, independent of W_hh
     d_in = torch.empty(G, S, T, B, dtype=_F64, device=dev)

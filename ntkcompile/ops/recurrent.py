@@ -404,11 +404,11 @@ def mc_backward(pl, scan):
         out = yield from pl.D(scan, scan)
         res = None
         if out is not None:
-            xin = yield from _input_cov(pl, scan, "x")
-            res = pl.call(rec.mc_backward, pl.static(cell_spec(scan.param), "cell"), pl.tensor(xin),
-                          pl.tensor(out), pl.pairs, pl.mc, pl.joint_samples, pl.errors,
+            sim = yield from mc_forward(pl, scan)
+            res = pl.call(rec.mc_backward, sim, pl.tensor(out), pl.pairs,
                           note=(f"NTK and backward of {scan.param.name}",
-                                "joint Monte Carlo over the tile, GIA backward through time"))
+                                "joint Monte Carlo over the tile (the forward's samples), GIA backward "
+                                "through time"))
         memo[(scan, "mc-backward")] = res
     return memo[(scan, "mc-backward")]
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ntkcompile.empirical import empirical_ntk
 from ntkcompile.errors import KernelMemoryError
-from ntkcompile.kernels.scan_mc import CELL_KINDS, CellSpec, plan, scan_mc
+from ntkcompile.kernels.scan_mc import CELL_KINDS, CellSpec, plan, scan_mc, scan_mc_backward, scan_mc_forward
 from ntkcompile.parametrize import ntk_parametrize
 
 F64 = torch.float64
@@ -446,3 +446,23 @@ def test_bad_arguments_raise():
         scan_mc(cell, k, samples=10, seed=0, strategy="qr")
     assert hash(cell) == hash(CellSpec("gru", W_ih=(1.0, 1.0, 1.0)))
     assert cell.gates == ("r", "z", "n") and cell.W_hh == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("kind,reverse", [("gru", False), ("lstm", True)])
+def test_forward_and_backward_halves_are_scan_mc(kind, reverse):
+    """``scan_mc_forward`` then ``scan_mc_backward`` draw exactly what one ``scan_mc`` call
+    draws (the compiled kernels sample a layer's forward once and continue it backward)."""
+    B, T = 3, 4
+    _, k = _inputs(B, T, 2)
+    cell = CellSpec(kind, W_ih=1.1, W_hh=0.9, b_ih=0.2, b_hh=0.3, reverse=reverse)
+    dh = _last_step(B, T, 1.3)
+    whole = scan_mc(cell, k, dh, samples=64, seed=5)
+    out, handle = scan_mc_forward(cell, k, samples=64, seed=5)
+    out.update(scan_mc_backward(handle, dh))
+    assert whole.keys() == out.keys()
+    for key in whole:
+        assert torch.equal(whole[key], out[key]), key
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        scan_mc_backward(handle, dh)
+    with pytest.raises(ValueError, match="dh_cov"):
+        scan_mc_backward(scan_mc_forward(cell, k, samples=8, seed=0)[1], dh[:, :, :2])
