@@ -62,9 +62,9 @@ from torch import Tensor
 
 from ..errors import KernelMemoryError
 from ..resources import available_memory
-from .quadrature import _RANK_RTOL
+from .quadrature import _RANK_RTOL, _eigh, _rank_from_eigenvalues
 
-__all__ = ["CELL_KINDS", "CellSpec", "ScanPlan", "plan", "scan_mc"]
+__all__ = ["CELL_KINDS", "CellSpec", "ScanPlan", "plan", "scan_mc", "scan_mc_backward", "scan_mc_forward"]
 
 _F64 = torch.float64
 _BYTES = 8
@@ -334,17 +334,23 @@ def plan(cell: CellSpec, B: int, T: int, samples: int, backward: bool = True,
 # ----------------------------------------------------------------- sampling
 
 
-def _factor(cov: Tensor) -> Tensor:
-    """``L`` (n x r) with ``L L^T = cov`` (PSD, maybe singular) up to ``_RANK_RTOL``:
-    pivoted Cholesky, which stops at the numerical rank ``r``.
+# Pivoted Cholesky steps before a covariance counts as high-rank: each step reads the
+# factor so far (n r), so r steps cost n r^2 / 2 memory-bound multiply-adds; beyond a
+# few hundred, LAPACK's eigendecomposition (~10 n^3 flops at full speed) is faster.
+_PIVOTED_MAX_RANK = 256
 
-    Costs ``n r^2`` rather than an eigendecomposition's ``~10 n^3``: a first layer's
-    input covariance over ``n = B T`` rows has rank at most ``input_size + 1``, a
-    stacked layer's at most the samples, an embedding's the vocabulary.  For a PSD
+
+def _factor(cov: Tensor) -> Tensor:
+    """``L`` (n x r) with ``L L^T = cov`` (PSD, maybe singular) up to ``_RANK_RTOL``.
+
+    Low rank (the usual case: a first layer's input covariance over ``n = B T`` rows
+    has rank at most ``input_size + 1``, an embedding's the vocabulary): pivoted
+    Cholesky, which stops at the numerical rank ``r`` and costs ``n r^2``.  For a PSD
     remainder ``R``, ``|R_ij| <= sqrt(R_ii R_jj)``, so stopping when every remaining
     diagonal entry is under ``_RANK_RTOL * max(diag)`` bounds every entry's error.
-    Zero rows (a last-step readout's ``dh_cov`` is zero outside ``B`` of ``B T`` rows)
-    are never pivots and get zero rows of ``L``.
+    Above ``_PIVOTED_MAX_RANK`` (a stacked layer's sampled states): an eigendecomposition
+    of the support, clamped, top rank kept.  Zero rows (a last-step readout's ``dh_cov``
+    is zero outside ``B`` of ``B T`` rows) get zero rows of ``L``.
     """
     cov = 0.5 * (cov + cov.T)
     n = cov.shape[0]
@@ -356,7 +362,9 @@ def _factor(cov: Tensor) -> Tensor:
         i = int(torch.argmax(d))
         pivot = float(d[i])
         if pivot <= tol or pivot <= 0.0:
-            break
+            return L[:, :r]
+        if r == _PIVOTED_MAX_RANK:
+            return _eigh_factor(cov)
         if r == L.shape[1]:
             L = torch.cat([L, L.new_zeros(n, min(n, 2 * r) - r)], dim=1)
         column = cov[:, i] - L[:, :r] @ L[i, :r]
@@ -366,6 +374,15 @@ def _factor(cov: Tensor) -> Tensor:
         d[i] = 0.0
         r += 1
     return L[:, :r]
+
+
+def _eigh_factor(cov: Tensor) -> Tensor:
+    on = torch.nonzero(cov.diagonal() > 0).squeeze(1)
+    evals, evecs = _eigh(cov[on][:, on])
+    rank = _rank_from_eigenvalues(evals)
+    L = cov.new_zeros(cov.shape[0], rank)
+    L[on] = evecs[:, evecs.shape[1] - rank:] * evals[evals.shape[0] - rank:].sqrt()
+    return L
 
 
 def _flat(k: Tensor) -> Tensor:

@@ -466,3 +466,20 @@ def test_forward_and_backward_halves_are_scan_mc(kind, reverse):
         scan_mc_backward(handle, dh)
     with pytest.raises(ValueError, match="dh_cov"):
         scan_mc_backward(scan_mc_forward(cell, k, samples=8, seed=0)[1], dh[:, :, :2])
+
+
+@pytest.mark.parametrize("rank", [0, 1, 7, 300])
+def test_covariance_factor_reproduces_the_covariance(rank):
+    """``L L^T = cov`` for PSD covariances of any rank, with zero rows (a last-step
+    gradient covariance): pivoted Cholesky at low rank, an eigendecomposition above
+    ``_PIVOTED_MAX_RANK`` (300 here)."""
+    from ntkcompile.kernels.scan_mc import _factor
+    g = torch.Generator().manual_seed(rank)
+    n = 400
+    a = torch.randn(n, rank, generator=g, dtype=F64)
+    a[::5] = 0.0                                         # zero rows stay zero
+    cov = a @ a.T
+    L = _factor(cov)
+    assert L.shape == (n, rank)
+    assert torch.allclose(L @ L.T, cov, rtol=0, atol=1e-10 * max(1.0, float(cov.abs().max())))
+    assert bool((L[::5] == 0).all())
