@@ -142,6 +142,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
     stderr: dict = {}
     if n1 == 0 or n2 == 0:
         return outputs, stderr, {}
+    bs = tile_size
     if kfn._joint and not tile_size:
         # Sampled jointly: the more inputs one sample covers the fewer samples in all.  A
         # cross kernel that fits is a block of one kernel of both batches together; else
@@ -149,16 +150,14 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
         side = kfn._joint_side(n1 + (0 if x2 is None else n2))
         if x2 is not None and n1 + n2 <= side:
             return _joint_cross(kfn, x1, x2, get, progress, outputs)
-        joint_bs = n1 if x2 is None and n1 <= side else max(1, side // 2)
+        bs = n1 if x2 is None and n1 <= side else max(1, side // 2)
     e = _scale_exponent(kfn, x1, x2)
     if e:
         x1 = torch.ldexp(x1, torch.tensor(-e))
         x2 = None if x2 is None else torch.ldexp(x2, torch.tensor(-e))
     want_ntk = "ntk" in get
     live = max(kfn._function(mode, want_ntk)[0].live_arrays for mode in (True, False))
-    bs = tile_size or kfn._auto_tile(max(n1, n2), x1.device)
-    if kfn._joint and not tile_size:
-        bs = joint_bs
+    bs = bs or kfn._auto_tile(max(n1, n2), x1.device)
     bs = _fit_memory(kfn, bs, live, tile_size is not None)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
     errors = []

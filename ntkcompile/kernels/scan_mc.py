@@ -449,7 +449,7 @@ def scan_mc(cell: CellSpec, k_in: Tensor, dh_cov: Optional[Tensor] = None, *, sa
     """
     if not torch.is_tensor(k_in) or k_in.ndim != 4:
         raise ValueError("scan_mc: k_in must be a (B, B, T, T) tensor")
-    if dh_cov is not None:
+    if dh_cov is not None:           # before the forward pass is sampled, not after
         B, T = k_in.shape[0], k_in.shape[2]
         _check("dh_cov", dh_cov, (B, B, T, T))
     out, fwd = scan_mc_forward(cell, k_in, samples=samples, seed=seed, strategy=strategy, max_bytes=max_bytes,

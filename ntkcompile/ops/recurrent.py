@@ -413,10 +413,6 @@ def mc_backward(pl, scan):
     return memo[(scan, "mc-backward")]
 
 
-def _gated(atom) -> bool:
-    return atom.param.kind in ("gru", "lstm")
-
-
 # -- planning rules ---------------------------------------------------------------------
 
 @register(COVARIANCE, ScanInput)
@@ -424,7 +420,7 @@ def _gated(atom) -> bool:
 def _scan_cov(pl, a, b, pair):
     if a is not b:
         raise NotImplementedError("two recurrent layers with the same parameters (a module applied twice)")
-    if _gated(a):
+    if a.joint:
         sim = yield from mc_forward(pl, a)
         return pl.call(rec.pick, sim, {"x": "x", "d1": "d", "d2": "d", "f1": "f", "f2": "f"}[pair])
     _, c = yield from forward(pl, a, pair)
@@ -434,7 +430,7 @@ def _scan_cov(pl, a, b, pair):
 @register(MEAN, ScanInput)
 @register(MEAN, Scan)
 def _scan_mean(pl, a, side):
-    if _gated(a):
+    if a.joint:
         sim = yield from mc_forward(pl, a)
         return pl.call(rec.pick, sim, "mean")
     p, _ = yield from forward(pl, a, f"d{side}")
@@ -447,7 +443,7 @@ def _scan_adjoint(pl, u, w):
     """``Cov(W_ih^T dpre, W_ih^T dpre') = W_ih^2 Delta`` into the input sequence."""
     if u is not w:
         return None
-    if _gated(u):
+    if u.joint:
         res = yield from mc_backward(pl, u)
         return None if res is None else pl.call(rec.pick, res, "dx")
     delta = yield from backward(pl, u)
@@ -460,7 +456,7 @@ def _cell_ntk(pl, cell, atoms):
     ``Delta`` times its own part of ``P``); a gated layer's from the joint Monte Carlo."""
     terms = []
     for scan in atoms:
-        if _gated(scan):
+        if scan.joint:
             res = yield from mc_backward(pl, scan)
             if res is not None:
                 terms.append(pl.call(rec.pick, res, "ntk"))
