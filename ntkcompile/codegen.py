@@ -28,11 +28,12 @@ from . import plan as P
 from .ir.walk import postorder
 from .kernels import expect, spatial
 
-_PRELUDE = {"pair_indices": spatial.pair_indices, "unpack": spatial.unpack, "full": expect.full,
+_PRELUDE = {"pair_indices": spatial.pair_indices, "unpack": spatial.unpack, "unpack_seeds": spatial.unpack_seeds,
+            "full": expect.full,
             "pack": spatial.pack, "with_diagonal_packed": spatial.with_diagonal_packed,
             "with_diagonal_aligned": spatial.with_diagonal_aligned, "lift1": spatial.lift1,
             "lift2": spatial.lift2, "liftp": spatial.liftp, "liftf": spatial.liftf}
-_ENV = {"like": "like", "batch": "BATCH", "errors": "_err", "mc": "MC"}
+_ENV = {"like": "like", "batch": "BATCH", "dbatch": "DBATCH", "errors": "_err", "mc": "MC"}
 _ARITH = (P.Mul, P.Add, P.Pow, P.Rsqrt)
 
 
@@ -419,6 +420,9 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
         head += ["I, J, DIAG = pair_indices(x1.shape[0], like.device)", "BATCH = (I.shape[0],)"]
     else:
         head += ["BATCH = (F1[0].shape[0], F2[0].shape[0])"]
+    seeds = tuple(getattr(plan, "seeds", ()))      # a readout at every position: (*P, *P)
+    if seeds:
+        head.append(f"DBATCH = {seeds!r} + BATCH")
     head.append("_err = []")
     r.emit_all(r.schedule(list(values.values())))
     for name in ("nngp", "ntk"):
@@ -426,8 +430,13 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
             r.statements.append(([f"{name} = None"], None))
             continue
         v = "0.0" if values[name] is None else r.value(values[name])      # None: exactly zero
-        r.statements.append(([f"{name} = unpack(full({v}, like, BATCH), I, J, x1.shape[0])" if self_mode
-                              else f"{name} = full({v}, like, BATCH)"], None))
+        if seeds:
+            out = (f"unpack_seeds(full({v}, like, BATCH + {seeds!r}), I, J, x1.shape[0], {len(seeds)})"
+                   if self_mode else f"full({v}, like, BATCH + {seeds!r})")
+        else:
+            out = (f"unpack(full({v}, like, BATCH), I, J, x1.shape[0])" if self_mode
+                   else f"full({v}, like, BATCH)")
+        r.statements.append(([f"{name} = {out}"], None))
     sig = "kernel_self(x1, MC=_MC)" if self_mode else "kernel_cross(x1, x2, MC=_MC)"
     r.namespace["_MC"] = tuple(mc)
     return _build(sig, head, r.statements, "nngp, ntk, _err", r.namespace)

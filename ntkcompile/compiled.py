@@ -200,6 +200,17 @@ class CompiledKernel:
         input shape is known)."""
         return None if self._program is None else self._program.readout.out_features
 
+    @property
+    def output_positions(self) -> tuple:
+        """The positions of a readout at every position (a per-step readout of a sequence,
+        ``(T,)``): kernels are then ``(N1, N2, *P, *P)``, entry ``[a, b, s, t]`` pairing
+        output position ``s`` of input ``a`` with ``t`` of ``b``; ``()`` for one output per
+        input (None before the input shape is known)."""
+        if self._program is None:
+            return None
+        r = self._program.readout
+        return tuple(r.positions) if r.pool == "steps" else ()
+
     def __repr__(self):
         shape = self.input_shape if self.input_shape is not None else "?"
         return f"<ntkcompile kernel of {self.model_name}, input shape {shape}>"
@@ -256,7 +267,8 @@ class CompiledKernel:
             uniq, inverse = torch.unique(x1, dim=0, return_inverse=True)
             if uniq.shape[0] < x1.shape[0]:
                 k = self(uniq, None, get, tile_size=tile_size, progress=progress)
-                outputs = tiling._outputs(out, get, x1.shape[0], x1.shape[0], self.dtype, x1.device)
+                outputs = tiling._outputs(out, get, x1.shape[0], x1.shape[0], self.dtype, x1.device,
+                                          tuple(self.output_positions or ()) * 2)
                 pick = lambda m: None if m is None else m[inverse][:, inverse]  # noqa: E731
                 for name in get:
                     tiling._write(outputs[name], slice(None), slice(None), pick(getattr(k, name)))
@@ -329,7 +341,8 @@ class CompiledKernel:
                                if getattr(p, "geometry", None) is not None
                                for shape in (p.geometry.in_shape, p.geometry.out_shape)]
                         + [math.prod(program.positions(n)) for n in program.nodes if isinstance(n, Atom)])
-        return positions if aligned_positions(self._program) else positions ** 2
+        seeds = math.prod(self.output_positions) ** 2     # a per-position readout's backward arrays
+        return positions * seeds if aligned_positions(self._program) else positions ** 2 * seeds
 
     def _check(self, x, name):
         if isinstance(x, np.ndarray):

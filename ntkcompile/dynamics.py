@@ -49,12 +49,12 @@ that still overflow raise :class:`~ntkcompile.errors.DivergenceError` (the step,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .blocks import KernelBlocks, _output_positions, kernel_blocks
 from .errors import KernelNotPSDError
 from .stability import StepWatch, mse_stability, raise_if_overflow, warn_if_unstable
 from .training import (as_input, as_targets, batch_schedule, check_finite, check_lr, check_ridge, check_shape,
@@ -73,110 +73,6 @@ __all__ = [
 ]
 
 _DTYPE = torch.float64
-
-
-
-# ---------------------------------------------------------------------------
-# Kernel blocks: compute once, evaluate many times.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelBlocks:
-    """The kernel blocks the dynamics need (per-output factors, float64).
-
-    Fields (``N`` train points, ``M`` test points; ``None`` when not computed):
-
-    * ``ntk_train``: NTK(train, train), ``(N, N)``.
-    * ``ntk_test_train``: NTK(test, train), ``(M, N)``; ``None`` without test points.
-    * ``nngp_train``, ``nngp_test_train``, ``nngp_test``: NNGP(train, train),
-      NNGP(test, train), NNGP(test, test); needed only for the prior over
-      ``f_0`` (``simulate(f0="prior")`` and :func:`mse_ensemble`).
-
-    Build it with :func:`kernel_blocks` or directly from tensors. The
-    eigendecomposition of ``ntk_train`` is computed on first use and cached.
-    """
-
-    ntk_train: torch.Tensor
-    ntk_test_train: Optional[torch.Tensor] = None
-    nngp_train: Optional[torch.Tensor] = None
-    nngp_test_train: Optional[torch.Tensor] = None
-    nngp_test: Optional[torch.Tensor] = None
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None:
-                continue
-            value = torch.as_tensor(value).to(_DTYPE)
-            check_finite(value, field.name)
-            object.__setattr__(self, field.name, value)
-        n = self.n_train
-        check_shape(self.ntk_train, (n, n), "ntk_train")
-        m = None if self.ntk_test_train is None else self.ntk_test_train.shape[0]
-        if self.ntk_test_train is not None:
-            check_shape(self.ntk_test_train, (m, n), "ntk_test_train")
-        if self.nngp_train is not None:
-            check_shape(self.nngp_train, (n, n), "nngp_train")
-        if m is not None and self.nngp_train is not None:
-            for name, shape in (("nngp_test_train", (m, n)), ("nngp_test", (m, m))):
-                if getattr(self, name) is None:
-                    raise ValueError(f"KernelBlocks: nngp_train is given with test points, so {name} is needed too")
-                check_shape(getattr(self, name), shape, name)
-
-    @property
-    def n_train(self) -> int:
-        return self.ntk_train.shape[0]
-
-    @property
-    def n_test(self) -> Optional[int]:
-        return None if self.ntk_test_train is None else self.ntk_test_train.shape[0]
-
-    @functools.cached_property
-    def ntk_train_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lam, V)`` with ``ntk_train = V diag(lam) V^T``, ``lam >= 0`` (clamped)."""
-        return psd_eigh(self.ntk_train, "NTK(train, train)")
-
-
-def kernel_blocks(kfn, x_train, x_test=None, *, get: Sequence[str] = ("ntk",)) -> KernelBlocks:
-    """Evaluate ``kfn`` on the blocks the dynamics need, one call per block.
-
-    ``get`` is ``("ntk",)`` or ``("nngp", "ntk")``. Calls
-    ``kfn(x_train, get=get)``, ``kfn(x_test, x_train, get=get)`` and, when
-    ``"nngp"`` is asked for, ``kfn(x_test, get=("nngp",))``.
-    """
-    get = tuple(get)
-    unknown = set(get) - {"nngp", "ntk"}
-    if "ntk" not in get or unknown:
-        raise ValueError(f"kernel_blocks: get must be ('ntk',) or ('nngp', 'ntk'), got {get}")
-    want_nngp = "nngp" in get
-    x_train = as_input(x_train, "x_train")
-    x_test = None if x_test is None else as_input(x_test, "x_test")
-    if x_test is not None and getattr(kfn, "_joint", False):
-        return _joint_blocks(kfn, x_train, x_test, get)
-    train = kfn(x_train, None, get=get)
-    fields = {"ntk_train": train.ntk}
-    if want_nngp:
-        fields["nngp_train"] = train.nngp
-    if x_test is not None:
-        cross = kfn(x_test, x_train, get=get)
-        fields["ntk_test_train"] = cross.ntk
-        if want_nngp:
-            fields["nngp_test_train"] = cross.nngp
-            fields["nngp_test"] = kfn(x_test, None, get=("nngp",)).nngp
-    return KernelBlocks(**fields)
-
-
-def _joint_blocks(kfn, x_train, x_test, get) -> KernelBlocks:
-    """A kernel sampled jointly over its inputs (gated recurrent layers): one kernel of
-    train and test points together, cut into blocks, so that all blocks come from the
-    same samples (jointly PSD) and no pair is sampled twice."""
-    n = x_train.shape[0]
-    both = kfn(torch.cat([x_train, x_test.to(x_train.dtype)]), None, get=get)
-    fields = {"ntk_train": both.ntk[:n, :n], "ntk_test_train": both.ntk[n:, :n]}
-    if "nngp" in get:
-        fields.update(nngp_train=both.nngp[:n, :n], nngp_test_train=both.nngp[n:, :n], nngp_test=both.nngp[n:, n:])
-    return KernelBlocks(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,11 +183,63 @@ def simulate(
     """
     name, loss_rule = resolve_loss(loss)
     x_train = as_input(x_train, "x_train")
-    n = x_train.shape[0]
-    y = as_targets(y_train, n, name)
     if x_test is not None:
         x_test = as_input(x_test, "x_test")
-    m = 0 if x_test is None else x_test.shape[0]
+    positions = _positions_for(kfn, x_train)
+    if positions:
+        return _simulate_positions(kfn, positions, x_train, y_train, x_test, name, loss_rule, lr=lr, steps=steps,
+                                   batch_size=batch_size, batches=batches, f0=f0, seed=seed)
+    return _simulate(kfn, x_train, y_train, x_test, name, loss_rule, lr=lr, steps=steps, batch_size=batch_size,
+                     batches=batches, f0=f0, seed=seed)
+
+
+def _positions_for(kfn, x) -> tuple:
+    """``kfn.output_positions`` for inputs like ``x`` (a model compiled without its input
+    shape learns it from one input)."""
+    if getattr(kfn, "output_positions", ()) is None and len(x):
+        kfn(x[:1], get=("nngp",))
+    return _output_positions(kfn)
+
+
+def _simulate_positions(kfn, positions, x_train, y_train, x_test, name, loss_rule, *, lr, steps, batch_size,
+                        batches, f0, seed) -> Trajectory:
+    """``simulate`` for a readout at every position: every (input, position) is a row of
+    the recursion (the kernel blocks' ``(N |P|, N |P|)`` layout), a batch of inputs the
+    rows of all their positions; the loss sees the outputs as the network gives them,
+    ``(B, *P, out)``, and the trajectory has that shape too."""
+    R, n = math.prod(positions), x_train.shape[0]
+    y = torch.as_tensor(y_train)
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(f"y_train has {y.shape[0] if y.ndim else 0} rows but x_train has {n}")
+    if tuple(y.shape[1:1 + len(positions)]) != positions:
+        raise ValueError(f"simulate: the model has an output at every position {positions} (kfn.output_positions), "
+                         f"so y_train must have shape (N, {', '.join(map(str, positions))}, ...), got {tuple(y.shape)}")
+    y_rows = y.reshape(n * R, *y.shape[1 + len(positions):])
+    if name == "callable":           # the user's loss sees (B, *P, out) as the finite network gives them
+        user = loss_rule.value
+        shaped = lambda f, t: user(f.reshape(-1, *positions, *f.shape[1:]),  # noqa: E731
+                                   t.reshape(-1, *positions, *t.shape[1:]))
+        loss_rule = resolve_loss(shaped)[1]
+    if isinstance(f0, torch.Tensor):
+        if tuple(f0.shape[1:1 + len(positions)]) != positions:
+            raise ValueError(f"simulate: f0 must have shape (N_train + N_test, {', '.join(map(str, positions))}, out), "
+                             f"got {tuple(f0.shape)}")
+        f0 = f0.reshape(f0.shape[0] * R, *f0.shape[1 + len(positions):])
+    schedule = batch_schedule(n, steps, batch_size, batches, seed)
+    offsets = torch.arange(R)
+    rows = [(idx[:, None] * R + offsets).reshape(-1) for idx in schedule]
+    traj = _simulate(kfn, x_train, y_rows, x_test, name, loss_rule, lr=lr, steps=steps, batch_size=None,
+                     batches=rows, f0=f0, seed=seed, rows=R)
+    shape = lambda t: None if t is None else t.reshape(t.shape[0], -1, *positions, t.shape[-1])  # noqa: E731
+    return Trajectory(train=shape(traj.train), test=shape(traj.test), loss=traj.loss)
+
+
+def _simulate(kfn, x_train, y_train, x_test, name, loss_rule, *, lr, steps, batch_size, batches, f0, seed,
+              rows: int = 1) -> Trajectory:
+    """``simulate`` on rows: ``rows`` per input (a readout at every position), 1 otherwise."""
+    n = x_train.shape[0] * rows
+    y = as_targets(y_train, n, name)
+    m = 0 if x_test is None else x_test.shape[0] * rows
     lr = check_lr(lr)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"simulate: steps must be a non-negative int, got {steps!r}")

@@ -131,13 +131,16 @@ def train_finite(
     )
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     watch = _FiniteWatch(width=width, seed=seed, lr=lr, n=n, steps=steps, loss_name=name)
+    # floating targets (N, *P, out): a readout at every position, outputs kept in that shape
+    shape = tuple(y.shape[1:]) if y.is_floating_point() and y.ndim > 2 else None
+    outputs = lambda x: _outputs(net, x) if shape is None else _outputs(net, x).reshape(x.shape[0], *shape)  # noqa: E731
     fs = []
     for t, idx in enumerate(schedule):
         with torch.no_grad():
-            fs.append(_outputs(net, x_all))
+            fs.append(outputs(x_all))
         watch.outputs(t, fs[-1], schedule[t - 1] if t else None)
         opt.zero_grad(set_to_none=True)
-        f_batch = _outputs(net, x_train[idx])
+        f_batch = outputs(x_train[idx])
         batch_loss = loss_rule.value(f_batch, y[idx])
         watch.batch_loss(t + 1, batch_loss, f_batch.detach(), idx)
         batch_loss.backward()
@@ -145,7 +148,7 @@ def train_finite(
             watch.gradients(t + 1, net, f_batch.detach(), idx)
         opt.step()
     with torch.no_grad():
-        fs.append(_outputs(net, x_all))
+        fs.append(outputs(x_all))
     watch.outputs(len(schedule), fs[-1], schedule[-1] if schedule else None)
     traj = torch.stack(fs)
     losses = torch.stack([loss_value(loss_rule.value, f[:n], y) for f in traj])
@@ -286,11 +289,29 @@ class WidthReport:
 
 class _MemoKernel:
     """``kfn`` evaluated once per distinct (x1, x2, get): every ``simulate`` call
-    of a sweep asks for the same blocks on the same tensors."""
+    of a sweep asks for the same blocks on the same tensors.  Other attributes are
+    ``kfn``'s (``output_positions``, ``out_features``, ``_joint``)."""
 
     def __init__(self, kfn):
         self.kfn = kfn
         self._cache: dict = {}
+        self._cat: dict = {}
+
+    def __getattr__(self, name):
+        kfn = self.__dict__.get("kfn")
+        if kfn is None:
+            raise AttributeError(name)
+        return getattr(kfn, name)
+
+    def joint_inputs(self, x1, x2):
+        """``torch.cat([x1, x2])``, the same tensor for the same pair (so a kernel sampled
+        jointly over train and test points is computed once per sweep, not per run)."""
+        key = (id(x1), id(x2))
+        hit = self._cat.get(key)
+        if hit is None or hit[0] is not x1 or hit[1] is not x2:
+            hit = (x1, x2, torch.cat([x1, x2.to(x1.dtype)]))
+            self._cat[key] = hit
+        return hit[2]
 
     def __call__(self, x1, x2=None, get=("nngp", "ntk")):
         key = (id(x1), id(x2), tuple(get))

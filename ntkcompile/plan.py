@@ -74,7 +74,7 @@ class Input(PNode):
 
 @pnode
 class Env(PNode):
-    name: str           # "like", "batch", "errors", "mc" or "pairs"
+    name: str           # "like", "batch", "dbatch", "errors", "mc" or "pairs"
     uid: int = _uid()
 
 
@@ -241,6 +241,7 @@ class Plan:
         self._keep: list = []       # objects referenced by id in keys stay alive
         self.origin: dict = {}      # node uid -> what the planner was computing when it made the node
         self.context = None
+        self.seeds: tuple = ()      # a readout at every position: the output pairs' axes (*P, *P)
 
     def make(self, cls, *fields):
         # a Call's note documents it and is not part of its identity

@@ -39,18 +39,29 @@ def _bytes(n: float) -> str:
     return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
-def _outputs(out, get, n1, n2, dtype, device):
-    """The arrays results are written into: the caller's (``out``) or new ones."""
+def _transposed(block, k):
+    """The ``(j, i)`` block of a kernel against itself from its ``(i, j)`` block: with ``k``
+    output-position axes (a per-position readout, ``(n1, n2, *P, *P)``) the position pairs
+    swap too."""
+    h = k // 2
+    return block.permute(1, 0, *range(2 + h, 2 + k), *range(2, 2 + h))
+
+
+def _outputs(out, get, n1, n2, dtype, device, extra=()):
+    """The arrays results are written into: the caller's (``out``) or new ones, each
+    ``(n1, n2, *extra)`` (``extra``: the output pairs' positions of a per-position readout)."""
+    shape = (n1, n2, *extra)
     if out is None:
-        need = n1 * n2 * len(get) * torch.finfo(dtype).bits // 8
+        need = math.prod(shape) * len(get) * torch.finfo(dtype).bits // 8
         have = available_memory()
         if have is not None and need > have:
             raise KernelMemoryError(
-                f"the kernels need {_bytes(need)} ({len(get)} x {n1} x {n2} {str(dtype).split('.')[-1]}) but "
+                f"the kernels need {_bytes(need)} ({len(get)} x {' x '.join(map(str, shape))} "
+                f"{str(dtype).split('.')[-1]}) but "
                 f"{_bytes(have)} of memory are available. Pass out= arrays to write them into, e.g. "
                 f"numpy.memmap files on disk (out={{'ntk': numpy.lib.format.open_memmap('ntk.npy', 'w+', "
-                f"shape=({n1}, {n2}))}}), ask for fewer kernels (get='ntk'), or fewer inputs.")
-        return {name: torch.empty((n1, n2), dtype=dtype, device=device) for name in get}
+                f"shape={shape})}}), ask for fewer kernels (get='ntk'), or fewer inputs.")
+        return {name: torch.empty(shape, dtype=dtype, device=device) for name in get}
     if not isinstance(out, dict):
         if len(get) != 1:
             raise TypeError(f"out must be a dict {{name: array}} for the kernels {get}, got {type(out).__name__}")
@@ -63,8 +74,8 @@ def _outputs(out, get, n1, n2, dtype, device):
         if not (torch.is_tensor(arr) or isinstance(arr, np.ndarray)):
             raise TypeError(f"out[{name!r}] must be a torch.Tensor or a numpy array (or memmap), "
                             f"got {type(arr).__name__}")
-        if tuple(arr.shape) != (n1, n2):
-            raise ValueError(f"out[{name!r}] has shape {tuple(arr.shape)}, expected ({n1}, {n2})")
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"out[{name!r}] has shape {tuple(arr.shape)}, expected {shape}")
         kind = arr.dtype.is_floating_point if torch.is_tensor(arr) else np.issubdtype(arr.dtype, np.floating)
         if not kind:
             raise TypeError(f"out[{name!r}] must have a floating dtype, got {arr.dtype}")
@@ -138,7 +149,8 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     dtype = kfn.dtype
-    outputs = _outputs(out, get, n1, n2, dtype, x1.device)
+    extra = tuple(kfn.output_positions or ()) * 2
+    outputs = _outputs(out, get, n1, n2, dtype, x1.device, extra)
     stderr: dict = {}
     if n1 == 0 or n2 == 0:
         return outputs, stderr, {}
@@ -176,11 +188,11 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
             for name, se in errs_se.items():
                 if name in outputs:
                     if name not in stderr:
-                        stderr[name] = torch.zeros((n1, n2), dtype=torch.float64, device=x1.device)
+                        stderr[name] = torch.zeros((n1, n2, *extra), dtype=torch.float64, device=x1.device)
                     se = torch.ldexp(se, torch.tensor(2 * e)) if e else se
                     stderr[name][i:i + bs, j:j + bs] = se
                     if x2 is None and i != j:
-                        stderr[name][j:j + bs, i:i + bs] = se.T
+                        stderr[name][j:j + bs, i:i + bs] = _transposed(se, len(extra))
             for name in ("nngp", "ntk"):
                 block = blocks.get(name)
                 if name not in outputs:
@@ -196,7 +208,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
                 # closed forms and quadrature run in float64; float32 is rounded here
                 _write(outputs[name], slice(i, i + bs), slice(j, j + bs), block)
                 if x2 is None and i != j:
-                    _write(outputs[name], slice(j, j + bs), slice(i, i + bs), block.T)
+                    _write(outputs[name], slice(j, j + bs), slice(i, i + bs), _transposed(block, len(extra)))
             bar.step()
     bar.close()
     worst = {}

@@ -27,7 +27,7 @@ STAGES = [
     {"ops"},
     {"compiled", "diagnose", "tiling"},
     {"parametrize", "empirical", "training", "stability"},
-    {"dynamics"},
+    {"blocks", "dynamics"},
     {"harness"},
     {"demo", "cli", "__init__", "__main__"},
 ]

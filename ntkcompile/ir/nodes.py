@@ -83,7 +83,9 @@ class Readout:
     """``f = (W_std / sqrt(n)) v . x + b_std * beta`` times ``scale``, ``v`` fresh (GIA).
 
     ``pool``: None, ``"gap"`` (mean over the ``positions`` of ``vec``) or
-    ``"flatten"`` (a separate readout vector per position).
+    ``"flatten"`` (a separate readout vector per position) or ``"steps"`` (the same
+    readout vector at every position, an output per position: kernels over pairs of
+    ``positions``).
     """
     name: str
     W_std: float

@@ -127,8 +127,10 @@ def format_program(program, evaluators=()) -> str:
         lines.append(f"  {atom_label(node)} = {rhs}" + (f"; from {origin[node]}" if node in origin else ""))
     scale = "" if r.scale == 1.0 else f"{r.scale:g} * "
     pooled = {"gap": "mean over positions of ", "flatten": "flatten over positions of "}.get(r.pool, "")
-    lines.append(f"  f = {scale}(W_std/sqrt(n)) v[{r.name}] . {pooled}({show(r.vec)})"
-                 + (" + b_std beta" if r.has_bias else "") + "    # readout")
+    at = "_s" if r.pool == "steps" else ""
+    lines.append(f"  f{at} = {scale}(W_std/sqrt(n)) v[{r.name}] . {pooled}({show(r.vec)}){at}"
+                 + (" + b_std beta" if r.has_bias else "")
+                 + ("    # readout at every position s" if at else "    # readout"))
     bw = program.backward
     if bw is not None:
         lines += ["", "backward (TP II Sec. 4), from the readout back: dg = sqrt(n) df/dg for every G-var g.",

@@ -131,7 +131,7 @@ class _Verifier:
         if r.name in hidden:
             self.problems.append(f"Simple GIA Check: the readout weight {r.name!r} is also used inside the network")
         pos = self.p.positions(r.vec)
-        if r.pool not in (None, "gap", "flatten"):
+        if r.pool not in (None, "gap", "flatten", "steps"):
             self.problems.append(f"the readout pools with {r.pool!r}")
         elif r.pool is None and pos:
             self.problems.append(f"the readout sees a vector with positions {pos} without pooling them")

@@ -103,6 +103,13 @@ class Planner(HVarExpectations):
         self.errors = self.plan.make(Env, "errors")
         self.mc = self.plan.make(Env, "mc")           # (samples, seed), given per call (replicates)
         self.pairs = self.plan.make(Env, "pairs")     # (I, J) of the packed pairs against itself, else None
+        # A readout at every position (``pool == "steps"``): the backward program runs once
+        # for every pair of output positions (s, s'), as leading axes of every backward
+        # array, ``(*P, *P, *batch, ...)``; ``dbatch`` is their batch shape.
+        r = program.readout
+        self.steps = r.pool == "steps"
+        self.plan.seeds = tuple(r.positions) * 2 if self.steps else ()
+        self.dbatch = self.plan.make(Env, "dbatch") if self.steps else self.batch
 
     # ------------------------------------------------------------ driver
     def run(self, gen):
@@ -392,6 +399,8 @@ class Planner(HVarExpectations):
             r = self.p.readout
             if r.pool is None:
                 return r.W_std ** 2
+            if self.steps:       # dh_p dh'_q = v v' [p = s][q = s'], one seed per output pair
+                return self.plan.mul(r.W_std ** 2, self.call(spatial.seed_pairs, r.positions, self.like, self.batch))
             return (yield from ask(READOUT_POOLS[r.pool][1], self))
         if u == READOUT or w == READOUT:
             return None
@@ -405,7 +414,7 @@ class Planner(HVarExpectations):
         """``E[x_L x_L']`` as the readout sees it (pooled or flattened positions)."""
         r = self.p.readout
         core = yield from self.cov(r.vec, r.vec, "x")
-        if r.pool is None or core is None:
+        if r.pool in (None, "steps") or core is None:
             return core
         return (yield from ask(READOUT_POOLS[r.pool][0], self, core))
 
@@ -427,12 +436,15 @@ class Planner(HVarExpectations):
         if isinstance(term, float):      # a constant summed over the stored position pairs
             return term * math.prod(positions) ** (1 if self.diag else 2)
         sp = tuple(positions) if self.diag else tuple(positions) * 2
-        return self.call(spatial.spatial_sum, term, self.batch, sp)
+        return self.call(spatial.spatial_sum, term, self.dbatch, sp)
 
     def ntk(self):
         r = self.p.readout
         core = yield from self.readout_cov()
-        terms = [self.plan.mul(r.W_std ** 2, core), r.b_std ** 2 if r.has_bias else None]
+        readout = self.plan.mul(r.W_std ** 2, core)
+        if self.steps and readout is not None:       # (*batch, *P, *P) -> the backward's (*P, *P, *batch)
+            readout = self.call(spatial.to_seeds, self.tensor(readout), self.batch, len(self.plan.seeds))
+        terms = [readout, r.b_std ** 2 if r.has_bias else None]
         uses: dict = {}
         for node in self.p.nodes:
             p = getattr(node, "param", None)
@@ -443,7 +455,10 @@ class Planner(HVarExpectations):
             if rule is None:
                 raise NotImplementedError(f"the NTK terms of a {type(param).__name__} parameter")
             terms += (yield from ask(rule, self, param, uses.get(param, [])))
-        return self.plan.mul(r.scale ** 2, self.plan.add(terms))
+        total = self.plan.add(terms)
+        if self.steps and total is not None and not isinstance(total, float):
+            total = self.call(spatial.from_seeds, total, self.dbatch, len(self.plan.seeds))
+        return self.plan.mul(r.scale ** 2, total)
 
     def pairs_of_uses(self, atoms, positions_of):
         """``sum_{u, w} D(u, w) * E[u w']`` over every pair of uses of one parameter

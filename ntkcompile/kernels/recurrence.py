@@ -144,7 +144,9 @@ def put(buf, t, v, like, reverse):
 def put_row(buf, s, v, like, reverse):
     """Write row ``s`` ``(*lead, T)`` into the stack ``buf`` shaped like ``like``
     ``(*lead, T, T)`` (allocated on first use)."""
-    buf = torch.zeros_like(like) if buf is None else buf
+    if buf is None:      # a backward row may carry the output pairs' leading axes (a per-step readout)
+        lead = torch.broadcast_shapes(like.shape[:-2], v.shape[:-1]) if torch.is_tensor(v) else like.shape[:-2]
+        buf = like.new_zeros((*lead, *like.shape[-2:]))
     buf[..., like.shape[-2] - 1 - s if reverse else s, :] = v
     return buf
 
@@ -219,14 +221,20 @@ def _zero(v):
 
 def _unpack(packed, pairs):
     """Packed pairs ``(Np, T, T)`` (``i <= j``) -> ``(N, N, T, T)``; ``E[x_j,s x_i,t]`` is
-    the ``(i, j)`` entry at ``(t, s)``."""
+    the ``(i, j)`` entry at ``(t, s)``.  With leading axes of output pairs (a per-step
+    readout's backward, ``(*P, *P, Np, T, T)`` -> ``(R, R, N, N, T, T)``, ``R = |P|``),
+    those swap too."""
     if pairs is None:
         raise RuntimeError("internal error: the joint Monte Carlo evaluator runs against itself only")
     I, J = pairs
     n = int(J[-1]) + 1 if J.numel() else 0
-    full = packed.new_empty(n, n, *packed.shape[1:])
-    full[I, J] = packed
-    full[J, I] = packed.transpose(-1, -2)
+    k = packed.ndim - 3
+    if k:
+        R = math.prod(packed.shape[:k // 2])
+        packed = packed.reshape(R, R, *packed.shape[k:])
+    full = packed.new_empty(*packed.shape[:-3], n, n, *packed.shape[-2:])
+    full[..., I, J, :, :] = packed
+    full[..., J, I, :, :] = packed.transpose(-1, -2).transpose(0, 1) if k else packed.transpose(-1, -2)
     return full
 
 
@@ -257,17 +265,21 @@ def mc_backward(sim, dh, pairs):
     backward pass of ``mc_forward``'s samples ``sim`` (the same draws, not sampled again)."""
     from .scan_mc import scan_mc_backward
     n, T = sim["f"].shape[0], sim["f"].shape[-1]
+    seeds = ()
     if not torch.is_tensor(dh) or dh.ndim < 3:
         like = sim["f"]
         d = torch.broadcast_to(torch.as_tensor(dh, dtype=like.dtype, device=like.device), (n, n, T, T)).clone()
     else:
+        seeds = tuple(dh.shape[:dh.ndim - 3])          # a per-step readout's output pairs
         d = _unpack(dh, pairs)
     if sim["forward"] is None or not bool(torch.isfinite(d).all()):
-        nan = sim["f"].new_full((n, n, T, T), math.nan)
-        out = {"ntk": nan[:, :, 0, 0], "dx": nan}
+        nan = d.new_full(d.shape, math.nan)
+        out = {"ntk": nan[..., 0, 0], "dx": nan}
     else:
         out = scan_mc_backward(sim["forward"], d)
-    return {"ntk": out["ntk"][pairs[0], pairs[1]], "dx": out["dx"][pairs[0], pairs[1]]}
+    I, J = pairs
+    return {"ntk": out["ntk"][..., I, J].reshape(*seeds, -1),
+            "dx": out["dx"][..., I, J, :, :].reshape(*seeds, -1, T, T)}
 
 
 def pick(d, key):

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -63,6 +63,7 @@ from torch import Tensor
 from ..errors import KernelMemoryError
 from ..resources import available_memory
 from .quadrature import _RANK_RTOL, _eigh, _rank_from_eigenvalues
+from .scan_cells import _RULES, CELL_KINDS, _Rule
 
 __all__ = ["CELL_KINDS", "CellSpec", "ScanPlan", "plan", "scan_mc", "scan_mc_backward", "scan_mc_forward"]
 
@@ -74,88 +75,6 @@ _BASIS_RTOL = 1e-10
 # Rough cost of one normal draw relative to one multiply-add of a float64 matmul
 # (measured: randn is ~25x slower per number than a large GEMM's flop on 2 cores).
 _RANDN_FLOPS = 25
-
-
-# --------------------------------------------------------------------- cells
-#
-# One rule per cell: its gates (PyTorch's order), its step, and the step's
-# backward.  ``a`` and ``g`` are (gates, S, B): input- and hidden-side
-# pre-activations (biases included); states are (S, B).
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """``step(a, g, h_prev, c_prev) -> (h, c, saved)``;
-    ``back(saved, h_prev, c_prev, dh, dc) -> (dpre_in, hid, dh_direct, dc_prev)``: the
-    gradients of the gates' input-side pre-activations (gates, S, B), that of gate
-    ``gated``'s hidden part where it differs (else ``None``), the part of ``dh_{t-1}``
-    that is not ``W_hh^T (...)``, and ``dc_{t-1}``."""
-
-    gates: tuple[str, ...]
-    saved: int                      # (S, B) arrays kept per step for the backward
-    step: Callable
-    back: Callable
-    gated: Optional[int] = None     # the gate whose hidden part is multiplied (GRU's n)
-
-
-def _rnn_step(phi, dphi):
-    def step(a, g, h_prev, c_prev):
-        pre = a[0] + g[0]
-        h = phi(pre)
-        return h, None, (dphi(pre, h),)
-
-    def back(saved, h_prev, c_prev, dh, dc):
-        return (dh * saved[0]).unsqueeze(0), None, None, None
-
-    return step, back
-
-
-def _gru_step(a, g, h_prev, c_prev):
-    r = torch.sigmoid(a[0] + g[0])
-    z = torch.sigmoid(a[1] + g[1])
-    n = torch.tanh(a[2] + r * g[2])
-    return torch.lerp(n, h_prev, z), None, (r, z, n, g[2].clone())   # (1 - z) n + z h_prev
-
-
-def _gru_back(saved, h_prev, c_prev, dh, dc):
-    r, z, n, gn = saved
-    dpn = dh * (1 - z) * (1 - n * n)
-    dpz = dh * (h_prev - n) * z * (1 - z)
-    dpr = dpn * gn * r * (1 - r)
-    return torch.stack((dpr, dpz, dpn)), r * dpn, dh * z, None
-
-
-def _lstm_step(a, g, h_prev, c_prev):
-    i, f, o = (torch.sigmoid(a[k] + g[k]) for k in (0, 1, 3))
-    gg = torch.tanh(a[2] + g[2])
-    c = f * c_prev + i * gg
-    tc = torch.tanh(c)
-    return o * tc, c, (i, f, gg, o, tc)
-
-
-def _lstm_back(saved, h_prev, c_prev, dh, dc):
-    i, f, gg, o, tc = saved
-    dc = dh * o * (1 - tc * tc) if dc is None else dc + dh * o * (1 - tc * tc)
-    d = torch.stack((dc * gg * i * (1 - i), dc * c_prev * f * (1 - f),
-                     dc * i * (1 - gg * gg), dh * tc * o * (1 - o)))
-    return d, None, None, dc * f
-
-
-_RULES: dict[str, _Rule] = {}
-
-
-def _register(kind: str, rule: _Rule) -> None:
-    if kind in _RULES:
-        raise ValueError(f"cell kind {kind!r} is already registered")
-    _RULES[kind] = rule
-
-
-_register("rnn_tanh", _Rule(("h",), 1, *_rnn_step(torch.tanh, lambda pre, h: 1 - h * h)))
-_register("rnn_relu", _Rule(("h",), 1, *_rnn_step(torch.relu, lambda pre, h: (pre > 0).to(pre.dtype))))
-_register("gru", _Rule(("r", "z", "n"), 4, _gru_step, _gru_back, gated=2))
-_register("lstm", _Rule(("i", "f", "g", "o"), 5 + 1, _lstm_step, _lstm_back))   # + the cell state c
-
-CELL_KINDS = tuple(_RULES)
 
 
 # ---------------------------------------------------------------------- spec
@@ -489,17 +408,36 @@ def scan_mc_forward(cell: CellSpec, k_in: Tensor, *, samples: int, seed: int = 0
 def scan_mc_backward(handle, dh_cov: Tensor) -> dict[str, Tensor]:
     """``"ntk"`` ``(B, B)`` and ``"dx"`` ``(B, B, T, T)`` of the forward pass ``handle``
     (from ``scan_mc_forward``; each handle feeds one backward pass) for the gradient
-    covariance ``dh_cov`` ``(B, B, T, T)``, indexed by input position as in ``scan_mc``."""
+    covariance ``dh_cov`` ``(B, B, T, T)``, indexed by input position as in ``scan_mc``.
+
+    Several backward passes of one network (a readout at every step: one per output
+    step) are run together when ``dh_cov`` is ``(R, R, B, B, T, T)``, the joint covariance
+    of the ``R`` gradients: ``dh_cov[r, r', b, b', s, t] = E[dh^r_{b,s} dh^r'_{b',t}]``.  Then
+    ``"ntk"`` is ``(R, R, B, B)``, ``sum_{s,t}`` over the layer's parameters of the products
+    of the two passes' gradients, and ``"dx"`` ``(R, R, B, B, T, T)``."""
     if not isinstance(handle, _Forward):
         raise TypeError(f"scan_mc_backward: expected the handle of scan_mc_forward, got {type(handle).__name__}")
     B, T = handle.B, handle.T
-    _check("dh_cov", dh_cov, (B, B, T, T))
+    seeded = torch.is_tensor(dh_cov) and dh_cov.ndim == 6
+    R = dh_cov.shape[0] if seeded else 1
+    _check("dh_cov", dh_cov, (R, R, B, B, T, T) if seeded else (B, B, T, T))
     dh_cov = dh_cov.to(_F64)
+    if not seeded:
+        dh_cov = dh_cov[None, None]
+    need = 8 * _BYTES * (R * B * T) ** 2
+    budget = (available_memory() or 2**34) // 2
+    if R > 1 and need > budget:
+        raise KernelMemoryError(
+            f"scan_mc's backward for {R} outputs per input over {B} inputs x {T} steps needs about "
+            f"{need / 2**30:.2f} GiB of Gram matrices, more than the {budget / 2**30:.2f} GiB budget; "
+            "use fewer inputs per tile (tile_size=) or fewer output positions")
     if handle.cell.reverse:
-        dh_cov = dh_cov.flip(2, 3)
+        dh_cov = dh_cov.flip(-2, -1)
     out = _backward(handle, dh_cov)
     if handle.cell.reverse:
-        out["dx"] = out["dx"].flip(2, 3)
+        out["dx"] = out["dx"].flip(-2, -1)
+    if not seeded:
+        out = {k: v[0, 0] for k, v in out.items()}
     return out
 
 
@@ -558,10 +496,20 @@ def _backward(fwd: _Forward, dh_cov) -> dict[str, Tensor]:
     G, dev = len(rule.gates), gram.device
     fwd.states = fwd.saved = None
     out = {}
-    dh_ext = _gaussian(_factor(_flat(dh_cov)), S, T, B, gen)
-    Wt = Matrix(S, G * S, min(cap, G * S), 1.0 / S, gen, dev)   # W~_hh^T, independent of W_hh
-    d_in = torch.empty(G, S, T, B, dtype=_F64, device=dev)
-    d_gated = None if rule.gated is None else torch.empty(S, T, B, dtype=_F64, device=dev)
+    # R backward passes together (one per output step of a per-step readout): the
+    # passes are columns (r, b) next to each other, through the same W~_hh^T
+    R = dh_cov.shape[0]
+    if R > 1:
+        tile = lambda x: None if x is None else x.repeat(*([1] * (x.ndim - 1)), R)  # noqa: E731
+        states = [tuple(map(tile, st)) for st in states]
+        saved = [tuple(map(tile, sv)) for sv in saved]
+    RB = R * B
+    joint = dh_cov.permute(4, 0, 2, 5, 1, 3).reshape(T * RB, T * RB)      # [(t, r, b), (t', r', b')]
+    dh_ext = _gaussian(_factor(joint), S, T, RB, gen)
+    del joint
+    Wt = Matrix(S, G * S, min(R * cap, G * S), 1.0 / S, gen, dev)   # W~_hh^T, independent of W_hh
+    d_in = torch.empty(G, S, T, RB, dtype=_F64, device=dev)
+    d_gated = None if rule.gated is None else torch.empty(S, T, RB, dtype=_F64, device=dev)
     rec, dc = None, None
     for t in reversed(range(T)):
         dh = dh_ext[:, t] if rec is None else dh_ext[:, t] + rec
@@ -574,17 +522,19 @@ def _backward(fwd: _Forward, dh_cov) -> dict[str, Tensor]:
                 d_gated[:, t] = gated
                 d_hid = din.clone()
                 d_hid[rule.gated] = gated
-            rec = Wt((d_hid * W_hh).reshape(G * S, B))
+            rec = Wt((d_hid * W_hh).reshape(G * S, RB))
             if direct is not None:
                 rec += direct
         elif gated is not None:
             d_gated[:, t] = gated
     del saved, states, Wt, dh_ext
 
-    # Per-gate Grams (T B, T B) of dpre; the W_ih terms sum into sum(dx * k_in).
-    Hp = torch.zeros_like(gram).view(T, B, T, B)
-    Hp[1:, :, 1:] = gram.view(T, B, T, B)[:-1, :, :-1]          # E[h_{s-1} h'_{t-1}], h_{-1} = 0
-    dx, hid, bias = torch.zeros_like(gram), torch.zeros_like(gram), torch.zeros_like(gram)
+    # Per-gate Grams (T R B, T R B) of dpre; the W_ih terms sum into sum(dx * k_in).
+    Hp = torch.zeros_like(gram).view(T, 1, B, T, 1, B)
+    Hp[1:, :, :, 1:] = gram.view(T, 1, B, T, 1, B)[:-1, :, :, :-1]     # E[h_{s-1} h'_{t-1}], h_{-1} = 0
+    K = K.view(T, 1, B, T, 1, B)
+    n = T * RB
+    dx, hid, bias = (torch.zeros(n, n, dtype=_F64, device=dev) for _ in range(3))
     for k in range(G):
         m = _gram(d_in[k])
         dx += cell.W_ih[k] ** 2 * m
@@ -593,7 +543,8 @@ def _backward(fwd: _Forward, dh_cov) -> dict[str, Tensor]:
             m = _gram(d_gated)
         hid += cell.W_hh[k] ** 2 * m
         bias += cell.b_hh[k] ** 2 * m
-    pair = lambda m: m.view(T, B, T, B).sum((0, 2))
-    out["ntk"] = pair(dx * K + hid * Hp.view_as(hid) + bias)
-    out["dx"] = _unflat(dx, B, T)
+    six = lambda m: m.view(T, R, B, T, R, B)  # noqa: E731
+    terms = six(dx) * K + six(hid) * Hp + six(bias)
+    out["ntk"] = terms.sum((0, 3)).permute(0, 2, 1, 3)                       # (R, R, B, B)
+    out["dx"] = six(dx).permute(1, 4, 2, 5, 0, 3)                            # (R, R, B, B, T, T)
     return out

@@ -183,6 +183,46 @@ def identity_pairs(spatial, like):
     return torch.eye(n, dtype=like.dtype, device=like.device).reshape(*spatial, *spatial)
 
 
+# A readout at every position: the backward arrays carry the pair of output positions
+# (s, s') as leading axes, ``(*P, *P, *batch, ...)`` (broadcasting against the forward's
+# ``(*batch, ...)``); the kernels are ``(*batch, *P, *P)``.
+
+def seed_pairs(spatial, like, batch):
+    """``[p = s][q = s']`` as ``(*P, *P, *1s of batch, *P, *P)``: the readout's backward
+    covariance for the output pair (s, s') (both vectors are the readout ``v``)."""
+    n = math.prod(spatial)
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    seeds = eye[:, None, :, None] * eye[None, :, None, :]          # [s, s', p, q]
+    return seeds.reshape(*spatial, *spatial, *([1] * len(batch)), *spatial, *spatial)
+
+
+def to_seeds(a, batch, k):
+    """``(*batch, *P, *P)`` (``k`` axes of output positions) -> ``(*P, *P, *batch)``."""
+    nb = len(batch)
+    a = torch.broadcast_to(a, (*batch, *a.shape[a.ndim - k:])) if a.ndim < nb + k else a
+    return a.permute(*range(nb, nb + k), *range(nb))
+
+
+def from_seeds(a, dbatch, k):
+    """``(*P, *P, *batch)`` (``dbatch = (*P, *P, *batch)``) -> ``(*batch, *P, *P)``."""
+    a = torch.broadcast_to(a, tuple(dbatch))
+    nb = a.ndim - k
+    return a.permute(*range(k, k + nb), *range(k))
+
+
+def unpack_seeds(packed, i, j, n, k):
+    """Packed pairs ``(T, *P, *P)`` -> ``(N, N, *P, *P)``, the entry ``(j, i)`` the
+    transpose over positions of ``(i, j)``: ``K[j, i, s, s'] = K[i, j, s', s]``."""
+    h = k // 2
+    swapped = packed.permute(0, *range(1 + h, 1 + k), *range(1, 1 + h))
+    out = packed.new_empty((n, n, *packed.shape[1:]))
+    out[i, j] = packed
+    out[j, i] = swapped
+    d = i == j          # an input with itself: symmetric over the pair of positions, exactly
+    out[i[d], i[d]] = (packed[d] + swapped[d]) / 2
+    return out
+
+
 def stencil_same_adjoint(d, g: ConvGeometry, batch_shape):
     """Adjoint of ``stencil_same``: ``(*batch, *P) -> (*batch, *S)`` (scatter-add)."""
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d

@@ -176,4 +176,4 @@ def _conv_adjoint(pl, u, w):
         return None
     how = spatial.stencil_same_adjoint if pl.diag else spatial.stencil_pair_adjoint
     return pl.plan.mul(u.param.W_std ** 2,
-                       pl.call(how, pl.tensor(d), pl.static(u.param.geometry, "geom"), pl.batch))
+                       pl.call(how, pl.tensor(d), pl.static(u.param.geometry, "geom"), pl.dbatch))

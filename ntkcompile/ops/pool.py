@@ -145,7 +145,7 @@ def _pool_adjoint(pl, u, w):
         raise NotImplementedError("two different average poolings of one vector")
     d = yield from pl.D(u, w)
     return None if d is None else pl.call(spatial.pool_pair_adjoint, pl.tensor(d),
-                                          pl.static(u.geom, "geom"), pl.batch)
+                                          pl.static(u.geom, "geom"), pl.dbatch)
 
 
 def _gap_cov(pl, core):

@@ -429,12 +429,19 @@ class Lowering:
                              "(Simple GIA Check: the readout must be a fresh matrix used nowhere else)",
                              GIACheckError)
         W_std, b_std = self.std_for(name)
+        pool, positions = x.pool, x.pooled
         if x.positions:
-            raise self.error(node, "the readout Linear is applied to a feature map with positions; "
-                             "flatten or pool them first", WidthInferenceError)
+            if x.axes[-1] != "w":
+                raise self.error(node, "the readout Linear is applied to a feature map with channels before "
+                                 "its positions; flatten or pool the positions first, or move the channels "
+                                 "last (x.permute(0, 2, 3, 1)) for an output at every position",
+                                 WidthInferenceError)
+            # an output at every position (a per-step readout of a sequence): kernels over
+            # pairs of positions, (N1, N2, *P, *P)
+            pool, positions = "steps", x.positions
         self.readout = ir.Readout(name=name, W_std=W_std, b_std=b_std, has_bias=has_bias and b_std != 0,
                                   out_features=out, vec=x.vec, scale=self.out_scale,
-                                  pool=x.pool, positions=x.pooled)
+                                  pool=pool, positions=positions)
         return Output()
 
 

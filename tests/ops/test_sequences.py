@@ -276,9 +276,48 @@ class ReadoutOnSequence(nn.Module):
         return self.out(torch.relu(self.l(x)))
 
 
-def test_a_readout_of_every_position_is_refused():
+class PointMLP(nn.Module):
+    """``ReadoutOnSequence`` on one vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.out = nn.Linear(D, N), nn.Linear(N, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.l(x)))
+
+
+def test_a_readout_of_every_position_is_the_mlp_on_every_pair_of_positions():
+    """A readout at every position: kernels ``(N1, N2, T, T)``.  The network applies one
+    MLP at every position, so entry ``[a, b, s, t]`` is the MLP's kernel of the vectors
+    ``x[a, s]`` and ``x[b, t]`` (weights shared by positions: the NTK sums over them),
+    computed here by the plain MLP on the ``N T`` vectors."""
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.randn(n, 4, D, generator=g, dtype=torch.float64) for n in (3, 2))
+    kfn = ntkcompile.compile(ReadoutOnSequence(), W_std=1.2, b_std=0.3, input_shape=(4, D))
+    assert kfn.output_positions == (4,)
+    mlp = ntkcompile.compile(PointMLP(), W_std=1.2, b_std=0.3)
+    for a, b in ((x1, None), (x1, x2)):
+        got = kfn(a, b)
+        want = mlp(a.reshape(-1, D), None if b is None else b.reshape(-1, D))
+        nb = a.shape[0] if b is None else b.shape[0]
+        for name in ("nngp", "ntk"):
+            w = getattr(want, name).reshape(a.shape[0], 4, nb, 4).permute(0, 2, 1, 3)
+            assert getattr(got, name).shape == (a.shape[0], nb, 4, 4)
+            torch.testing.assert_close(getattr(got, name), w, rtol=1e-12, atol=1e-12)
+
+
+def test_a_readout_of_channels_before_positions_is_refused():
+    class ChannelsFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.out = nn.Conv1d(D, N, 1), nn.Linear(N, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.c(x)))      # (N, C, T): the Linear would act on T
+
     with pytest.raises(WidthInferenceError, match="positions"):
-        ntkcompile.compile(ReadoutOnSequence(), input_shape=(4, D))
+        ntkcompile.compile(ChannelsFirst(), input_shape=(D, N))     # T = N: the shapes fit
 
 
 class VectorThenSequence(nn.Module):
