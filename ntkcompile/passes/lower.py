@@ -436,6 +436,11 @@ class Lowering:
                                  "its positions; flatten or pool the positions first, or move the channels "
                                  "last (x.permute(0, 2, 3, 1)) for an output at every position",
                                  WidthInferenceError)
+            if x.axes[0] != "n":
+                raise self.error(node, "the readout Linear at every position of a time-first sequence gives "
+                                 "outputs (T, N, out); make it batch first before the readout "
+                                 "(h.transpose(0, 1)), so that kernels and targets are (N, T, ...)",
+                                 WidthInferenceError)
             # an output at every position (a per-step readout of a sequence): kernels over
             # pairs of positions, (N1, N2, *P, *P)
             pool, positions = "steps", x.positions

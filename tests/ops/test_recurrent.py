@@ -77,6 +77,23 @@ def elman_oracle(x1, x2, act, readout, bias=True):
             prev = C[:, :, s - 1, t - 1] if s and t else 0.0
             P[:, :, s, t] = W ** 2 * X[:, :, s, t] + b2 + W ** 2 * prev
             C[:, :, s, t], G[:, :, s, t] = moments(P1[:, s, None], P[:, :, s, t], P2[None, :, t])
+    def backward(O):
+        D = np.zeros_like(X)
+        for s in reversed(range(T)):
+            for t in reversed(range(T)):
+                nxt = D[:, :, s + 1, t + 1] if s + 1 < T and t + 1 < T else 0.0
+                D[:, :, s, t] = G[:, :, s, t] * (O[:, :, s, t] + W ** 2 * nxt)
+        return (D * P).sum(axis=(2, 3))
+
+    if readout == "steps":     # an output at every step: one backward pass per pair of output steps
+        nngp = W ** 2 * C + B ** 2
+        ntk = nngp.copy()
+        for s in range(T):
+            for t in range(T):
+                O = np.zeros_like(X)
+                O[:, :, s, t] = W ** 2
+                ntk[:, :, s, t] += backward(O)
+        return nngp, ntk
     if readout == "last":
         nngp_core = C[:, :, -1, -1]
         O = np.zeros_like(X)
@@ -84,13 +101,8 @@ def elman_oracle(x1, x2, act, readout, bias=True):
     else:
         nngp_core = C.mean(axis=(2, 3))
         O = np.full_like(X, W ** 2 / T ** 2)
-    D = np.zeros_like(X)
-    for s in reversed(range(T)):
-        for t in reversed(range(T)):
-            nxt = D[:, :, s + 1, t + 1] if s + 1 < T and t + 1 < T else 0.0
-            D[:, :, s, t] = G[:, :, s, t] * (O[:, :, s, t] + W ** 2 * nxt)
     nngp = W ** 2 * nngp_core + B ** 2
-    return nngp, nngp + (D * P).sum(axis=(2, 3))
+    return nngp, nngp + backward(O)
 
 
 class RNNModel(nn.Module):
@@ -110,6 +122,8 @@ class RNNModel(nn.Module):
             return self.out(out[:, -1] if self.batch_first else out[-1])
         if self.readout == "h_n":
             return self.out(h_n[-1])
+        if self.readout == "steps":
+            return self.out(out)            # (N, T, 1): an output at every step
         return self.out(out.mean(t))
 
 
@@ -121,7 +135,7 @@ def seqs():
 
 
 @pytest.mark.parametrize("act,tol", [("relu", 1e-12), ("tanh", 1e-9)])
-@pytest.mark.parametrize("readout", ["last", "mean"])
+@pytest.mark.parametrize("readout", ["last", "mean", "steps"])
 def test_rnn_against_numpy_recursion(seqs, act, tol, readout):
     """tanh at 192 nodes (estimated error ~1e-11; the default 96 nodes refined to
     ``quadrature_tol`` = 1e-6 leave ~1e-7 after six steps)."""
