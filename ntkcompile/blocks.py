@@ -85,7 +85,11 @@ def kernel_blocks(kfn, x_train, x_test=None, *, get: Sequence[str] = ("ntk",)) -
 
     ``get`` is ``("ntk",)`` or ``("nngp", "ntk")``. Calls
     ``kfn(x_train, get=get)``, ``kfn(x_test, x_train, get=get)`` and, when
-    ``"nngp"`` is asked for, ``kfn(x_test, get=("nngp",))``.
+    ``"nngp"`` is asked for, ``kfn(x_test, get=("nngp",))``; a kernel sampled jointly
+    (``kfn._joint``: gated recurrent layers) is one call on train and test points
+    together.  A readout at every position gives blocks over rows ``(input,
+    position)``, input-major (``N |P|`` rows): the closed forms then take targets
+    flattened the same way, ``y.reshape(N * |P|, out)``.
     """
     get = tuple(get)
     unknown = set(get) - {"nngp", "ntk"}

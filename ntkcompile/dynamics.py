@@ -179,6 +179,13 @@ def simulate(
     NaN or inf (value or gradient) at finite outputs; a loss that grows above
     ``1e6`` times its value at ``f_0`` (or above ``1e300``) warns once.
 
+    A readout at every position (``kfn.output_positions``, e.g. an output per step of
+    a sequence) makes every (input, position) a row of the recursion: ``y_train`` is
+    ``(N, *P, out)`` (class indices ``(N, *P)``, the cross-entropy's mean over every
+    position), a batch holds every position of its inputs, ``f0`` is
+    ``(N + M, *P, out)``, a callable loss sees ``(B, *P, out)`` as the network gives it,
+    and the trajectory is ``(steps + 1, N, *P, out)``.
+
     Returns a :class:`Trajectory` with ``steps + 1`` entries, index 0 being ``f_0``.
     """
     name, loss_rule = resolve_loss(loss)

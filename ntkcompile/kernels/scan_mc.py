@@ -346,7 +346,8 @@ def scan_mc(cell: CellSpec, k_in: Tensor, dh_cov: Optional[Tensor] = None, *, sa
             for a fixed input; a lower layer's ``h`` when stacked).  PSD, maybe singular.
         dh_cov: ``(B, B, T, T)``, the covariance of the scaled outside gradient into
             the state sequence (a readout of the last step: ``W_std_out^2`` at
-            ``[:, :, T-1, T-1]``, zero elsewhere).  ``None``: forward only.
+            ``[:, :, T-1, T-1]``, zero elsewhere), or ``(R, R, B, B, T, T)`` for ``R``
+            backward passes together (``scan_mc_backward``).  ``None``: forward only.
         samples: ``S``, the number of coordinates sampled (the width of the program).
         seed: seeds the ``torch.Generator`` of every draw; results are
             deterministic for a given ``(samples, seed, strategy)``.
@@ -370,7 +371,8 @@ def scan_mc(cell: CellSpec, k_in: Tensor, dh_cov: Optional[Tensor] = None, *, sa
         raise ValueError("scan_mc: k_in must be a (B, B, T, T) tensor")
     if dh_cov is not None:           # before the forward pass is sampled, not after
         B, T = k_in.shape[0], k_in.shape[2]
-        _check("dh_cov", dh_cov, (B, B, T, T))
+        R = dh_cov.shape[0] if torch.is_tensor(dh_cov) and dh_cov.ndim == 6 else None
+        _check("dh_cov", dh_cov, (B, B, T, T) if R is None else (R, R, B, B, T, T))
     out, fwd = scan_mc_forward(cell, k_in, samples=samples, seed=seed, strategy=strategy, max_bytes=max_bytes,
                                backward=dh_cov is not None)
     if dh_cov is not None:

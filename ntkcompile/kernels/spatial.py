@@ -199,6 +199,8 @@ def seed_pairs(spatial, like, batch):
 def to_seeds(a, batch, k):
     """``(*batch, *P, *P)`` (``k`` axes of output positions) -> ``(*P, *P, *batch)``."""
     nb = len(batch)
+    if a.ndim == 0:          # a constant broadcasts to any layout
+        return a
     a = torch.broadcast_to(a, (*batch, *a.shape[a.ndim - k:])) if a.ndim < nb + k else a
     return a.permute(*range(nb, nb + k), *range(nb))
 

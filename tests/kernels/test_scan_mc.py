@@ -468,6 +468,36 @@ def test_forward_and_backward_halves_are_scan_mc(kind, reverse):
         scan_mc_backward(scan_mc_forward(cell, k, samples=8, seed=0)[1], dh[:, :, :2])
 
 
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu"])
+def test_backward_passes_together_match_the_exact_recursion_per_pair(kind):
+    """A readout at every step: ``R = T`` backward passes (the gradient of output ``r`` is
+    ``v`` at step ``r``), sampled together through one ``W~_hh^T``.  Each pair
+    ``(r, r')`` of the seeded ``ntk`` and ``dx`` is the exact recursion seeded by
+    ``[s = r][t = r']`` (computed pair by pair by the numpy oracle).  Also: one seed,
+    ``(1, 1, B, B, T, T)``, is the unseeded call exactly."""
+    B, T, S, R = 2, 3, 1024, 16
+    _, k = _inputs(B, T, 2)
+    W_ih, W_hh, b_ih, b_hh = 1.1, 0.9, 0.4, 0.3
+    seeds = torch.zeros(T, T, B, B, T, T, dtype=F64)
+    for r in range(T):
+        for q in range(T):
+            seeds[r, q, :, :, r, q] = 1.5 ** 2
+    cell = CellSpec(kind, W_ih=W_ih, W_hh=W_hh, b_ih=b_ih, b_hh=b_hh)
+    mc = _replicates(cell, k, seeds, S, R)
+    assert mc["ntk"].shape[1:] == (T, T, B, B) and mc["dx"].shape[1:] == (T, T, B, B, T, T)
+    ntk, dx = np.zeros((T, T, B, B)), np.zeros((T, T, B, B, T, T))
+    for r in range(T):
+        for q in range(T):
+            _, _, ntk[r, q], dx[r, q] = exact_rnn(kind, k.numpy(), seeds[r, q].numpy(), W_ih, W_hh, b_ih, b_hh)
+    worst = {name: _agree(mc[name], ref, S) for name, ref in (("ntk", ntk), ("dx", dx))}
+    print(kind, "worst |MC - exact| in SEs:", {k: round(v, 2) for k, v in worst.items()})
+    dh = _last_step(B, T, 1.3)
+    one = scan_mc(cell, k, dh[None, None], samples=64, seed=5)
+    plain = scan_mc(cell, k, dh, samples=64, seed=5)
+    for key in plain:
+        assert torch.equal(one[key].reshape(plain[key].shape), plain[key]), key
+
+
 @pytest.mark.parametrize("rank", [0, 1, 7, 300])
 def test_covariance_factor_reproduces_the_covariance(rank):
     """``L L^T = cov`` for PSD covariances of any rank, with zero rows (a last-step
