@@ -67,6 +67,30 @@ def _convolution(lw, node, x, weight, bias, stride, padding, dilation, transpose
     return FUNCTION_RULES[F.conv2d](lw, node, x, weight, bias, stride, padding, dilation, groups)
 
 
+# -- padding and resampling (ops/resample.py) ----------------------------------------------
+
+_same_as(F.pad, "pad")
+
+
+@rule(*_ops("constant_pad_nd"))
+def _constant_pad_nd(lw, node, x, pad, value=0):
+    return FUNCTION_RULES[F.pad](lw, node, x, pad, "constant", value)
+
+
+@rule(*_ops("upsample_nearest1d.vec", "upsample_nearest2d.vec"))
+def _upsample_nearest(lw, node, x, output_size, scale_factors):
+    return FUNCTION_RULES[F.interpolate](lw, node, x, None if scale_factors else output_size, scale_factors,
+                                         "nearest")
+
+
+@rule(*_ops("upsample_linear1d.vec", "upsample_bilinear2d.vec", "upsample_bicubic2d.vec"))
+def _upsample_linear(lw, node, x, output_size, align_corners, scale_factors):
+    mode = {"upsample_linear1d": "linear", "upsample_bilinear2d": "bilinear"}.get(
+        node.target._overloadpacket.__name__, "bicubic")
+    return FUNCTION_RULES[F.interpolate](lw, node, x, None if scale_factors else output_size, scale_factors,
+                                         mode, align_corners)
+
+
 # -- arithmetic, pooling, reductions, concatenation -----------------------------------------
 
 _same_as(torch.add, "add.Tensor", "add.Scalar")

@@ -25,9 +25,10 @@ from torch import nn
 from ..errors import WidthInferenceError
 from ..ir import ConvGeometry, GBias, GInput, GMatMul
 from ..kernels.planner import ADJOINT, COVARIANCE, NOMINAL, register
-from ..passes.lower import Fixed, Width, module_of, rule
+from ..passes.lower import FLATTEN_READERS, Fixed, Width, module_of, rule
 from ..plan import Contract, SetDiagonal, ToPairs
 from .conv import GConv, GConvInput, input_sides
+from .positions import map_positions
 
 _aten = torch.ops.aten
 _ZEROS = {torch.zeros, torch.zeros_like, _aten.zeros.default, _aten.zeros_like.default,
@@ -58,11 +59,34 @@ def _positions(lw, node, x):
     return positions, ("n", *range(len(positions)), "w") if positions else None
 
 
+def _flattened(lw, node, x, name, in_features, out_features, bias_name):
+    """A hidden Linear on ``flatten(1)`` of a feature map ``(N, C, *P)``: every position has
+    its own block of the matrix, which is a convolution whose kernel covers the whole map
+    (fan-in ``C |P|``, no padding, one output position) -- then read as a vector."""
+    fmap = Width(x.vec, x.size, x.pooled)
+    geom = ConvGeometry.make(x.pooled, 1, 0, 1, x.pooled)
+    mat = lw.matrix(node, name, "hidden", in_features, geom)
+    terms = [(lw.b.sconst(1.0), lw.b.make(GConv, mat, fmap.vec))]
+    conv = lw.width(node, lw.b.single(lw.b.var(terms)), out_features, geom.out_shape)
+    out = map_positions(lw, node, conv, {}, "the one position of a full-map convolution",
+                        {k: False for k in range(len(geom.out_shape))})
+    if bias_name is not None:
+        atom = lw.bias_atom(bias_name, name, (), node)
+        if atom is not None:
+            vec = lw.b.lincomb([(lw.b.sconst(1.0), out.vec), (lw.b.sconst(1.0), lw.b.single(lw.b.atom_var(atom)))])
+            out = lw.width(node, vec, out_features, ())
+    return out
+
+
 def linear(lw, node, x, name, in_features, out_features, bias_name):
     """``W x + b`` of module ``name`` (its bias parameter ``bias_name``, or None)."""
     one = lw.b.sconst(1.0)
     if not isinstance(x, (Fixed, Width)):
         raise lw.error(node, "Linear applied to a per-input scalar", WidthInferenceError)
+    if isinstance(x, Width) and x.pool == "flatten":
+        return _flattened(lw, node, x, name, in_features, out_features, bias_name)
+    if isinstance(x, Width) and x.pool:
+        raise RuntimeError(f"internal error: a Linear got positions pooled for the readout ({x.pool})")
     positions, layout = _positions(lw, node, x)
     nd = len(positions)
     geom = ConvGeometry.make((1,) * nd, 1, 0, 1, positions) if positions else None
@@ -82,6 +106,9 @@ def linear(lw, node, x, name, in_features, out_features, bias_name):
         if atom is not None:
             terms.append((one, atom))
     return lw.width(node, lw.b.single(lw.b.var(terms)), out_features, positions, layout=layout)
+
+
+FLATTEN_READERS.update({nn.Linear, F.linear})
 
 
 @rule(nn.Linear, input_layer=True)

@@ -41,7 +41,7 @@ from ..ir import ANY, HAtom, PositionMap, node
 from ..ir.nodes import Atom
 from ..kernels import spatial
 from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, SAME_INPUT, SIDES, register
-from ..passes.lower import Width, rule
+from ..passes.lower import UNPOOL, Width, rule
 from ..plan import Input
 from .blocks import block_rule, map_arg_block, slice_width
 from .pool import GPool, global_pool
@@ -289,6 +289,18 @@ def reshape_unit_axes(lw, node, x: Width, before, after):
         raise lw.unsupported(node, f"a width vector whose batch axis is not first (layout {layout})")
     pmap = PositionMap.make(x.positions, positions, np.eye(math.prod(positions)), f"reshape to {positions}")
     return lw.width(node, map_vec(lw, pmap, x.vec), x.size, positions, layout=layout if positions else None)
+
+
+def _unpool_gap(lw, node, x: Width) -> Width:
+    """A feature map's global average pooling used by an op other than the readout (an
+    MLP head: ``fc(relu(fc(x.mean((2, 3)))))``): the mean over all positions as a map, a
+    vector without positions."""
+    fmap = Width(x.vec, x.size, x.pooled)
+    per_axis = {k: np.full((1, n), 1.0 / n) for k, n in enumerate(x.pooled)}
+    return map_positions(lw, node, fmap, per_axis, "mean over all positions", {k: False for k in per_axis})
+
+
+UNPOOL["gap"] = _unpool_gap
 
 
 def mean_positions(lw, node, x: Width, dims, keepdim):

@@ -88,6 +88,10 @@ INPUT_LAYERS: set = set()      # keys of ops whose parameters make a fixed input
 CONCRETE: set = set()          # keys of ops whose value is a Python value (a size), also of fixed tensors
 INTEGER_INPUTS: set = set()    # keys of ops that read integer inputs (token ids: an embedding)
 PROGRAM_CHECKS: list = []      # check(lowering, program) of the pruned program, registered by ops
+# pool -> unpool(lowering, node, x): a globally pooled feature map (kept for the readout, which
+# reads it more cheaply) as an ordinary vector, when another op uses it (an MLP head)
+UNPOOL: dict = {}
+FLATTEN_READERS: set = set()   # keys of ops that read a flattened feature map themselves (a hidden Linear)
 
 
 def table_for(key) -> dict:
@@ -343,9 +347,16 @@ class Lowering:
         if not tensors and node.op == "call_function" and _python_op(key):
             return key(*args, **kwargs)       # arithmetic on sizes: n = x.size(1) // 3
         if any(isinstance(v, Width) and v.pool for v in flat) and key not in SHAPE_ONLY:
-            raise self.unsupported(
-                node, f"{describe(node)} after global average pooling or flattening of positions "
-                "(only a readout Linear may follow them so far)")
+            # positions pooled for the readout, used by another op: a global average becomes an
+            # ordinary vector; a flatten only a Linear reads (FLATTEN_READERS)
+            unpool = lambda v: UNPOOL[v.pool](self, node, v) if isinstance(v, Width) and v.pool in UNPOOL else v  # noqa: E731
+            args, kwargs = fx.node.map_aggregate(args, unpool), fx.node.map_aggregate(kwargs, unpool)
+            flat = list(_flatten((args, kwargs)))
+            tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment))]
+            if any(isinstance(v, Width) and v.pool for v in flat) and key not in FLATTEN_READERS:
+                raise self.unsupported(
+                    node, f"{describe(node)} after flattening the positions of a feature map (only a Linear "
+                    "may follow a flatten)")
         if node.op == "call_module":
             m = self.modules[node.target]
             if tensors and all(isinstance(v, Fixed) for v in tensors) and key not in INPUT_LAYERS:
