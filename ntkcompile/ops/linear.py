@@ -50,9 +50,11 @@ def _positions(lw, node, x):
     batch and the last axis, which the matrix acts on."""
     if isinstance(x, Width):
         if x.positions and x.axes[-1] != "w":
-            raise lw.error(node, "nn.Linear applied to a feature map with positions acts on the last "
-                           "spatial axis, not on channels; flatten or pool the positions first, or move the "
-                           "channels last (x.permute(0, 2, 3, 1))", WidthInferenceError)
+            raise lw.error(node, "nn.Linear applied to a width vector whose last axis is a fixed axis (positions) "
+                           "acts on that axis, not on the width: a Linear over a fixed axis (MLP-Mixer's token "
+                           "mixing) is a finite random matrix, with no deterministic infinite-width kernel. For "
+                           "a map of channels, flatten or pool the positions first, or move the channels last "
+                           "(x.permute(0, 2, 3, 1))", WidthInferenceError)
         return x.positions, x.layout
     shape = tuple(lw.shape(x.node))
     positions = shape[1:-1]

