@@ -314,14 +314,12 @@ class CompiledKernel:
         """Inputs sampled together by the joint Monte Carlo (gated recurrent layers): the
         most, up to ``n``, whose rows stay under ``_JOINT_ROWS`` and whose sampled arrays
         fit the memory ``scan_mc.plan`` allows (halved until they do)."""
-        from .kernels.scan_mc import plan
-        from .ops.recurrent import cell_spec
-        scans = [a for a in self._program.nodes if getattr(a, "joint", False)]
-        side = max(1, min(n, self._JOINT_ROWS // max(s.param.length for s in scans)))
+        joint = [a for a in self._program.nodes if getattr(a, "joint", False)]
+        side = max(1, min(n, self._JOINT_ROWS // max(a.joint_rows for a in joint)))
         while side > 1:
             try:
-                for s in scans:
-                    plan(cell_spec(s.param), side, s.param.length, self.joint_samples)
+                for a in joint:
+                    a.joint_plan(side, self.joint_samples)
                 return side
             except KernelMemoryError:
                 side //= 2

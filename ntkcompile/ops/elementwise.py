@@ -63,12 +63,21 @@ def from_callable(fn: Callable[[Tensor], Tensor], name: str, *, smooth: bool = T
 
 # ------------------------------------------------------------------ lowering
 
+# atom kind -> rule(lw, node, fn, x, atom): ``fn`` of a width vector that is one such
+# (non-Gaussian) atom, where the kind has its own way (a max pooling absorbs a monotone fn)
+OF_ATOM: dict = {}
+
+
 def apply(lw, node, fn: Elementwise, x):
     """The lowering of ``fn(x)``: fixed tensors stay fixed, width vectors get an H-atom."""
     if isinstance(x, Fixed):
         return Fixed(node)
     if not isinstance(x, Width):
         raise lw.unsupported(node, f"elementwise {fn.name} of a per-input scalar")
+    if len(x.vec.pieces) == 1 and len(x.vec.pieces[0][1].terms) == 1:
+        coef, atom = x.vec.pieces[0][1].terms[0]
+        if type(atom) in OF_ATOM and getattr(coef, "value", None) == 1.0:
+            return OF_ATOM[type(atom)](lw, node, fn, x, atom)
     of = lambda v: lw.b.apply(lambda es: lw.b.ecall(fn, es[0]), [v])  # noqa: E731
     vec = through_placements(lw, x.vec, of) if x.positions else None     # phi(stack(h)) = stack(phi(h))
     return lw.width(node, of(x.vec) if vec is None else vec, x.size, x.positions)

@@ -72,6 +72,16 @@ class _ScanBase(Atom):
         of the kernel of both batches together."""
         return self.param.kind in ("gru", "lstm")
 
+    @property
+    def joint_rows(self) -> int:
+        """Rows of one input in a joint sample (its time steps)."""
+        return self.param.length
+
+    def joint_plan(self, inputs: int, samples: int) -> None:
+        """Raise ``KernelMemoryError`` if ``inputs`` sampled together do not fit (``scan_mc.plan``)."""
+        from ..kernels.scan_mc import plan
+        plan(cell_spec(self.param), inputs, self.param.length, samples)
+
     def positions(self, positions_of):
         return (self.param.length,)
 

@@ -102,7 +102,7 @@ class ConvThenLinear(nn.Module):
 
 
 def test_linear_on_a_feature_map_acts_on_positions_and_is_refused():
-    with pytest.raises(WidthInferenceError, match="last spatial axis"):
+    with pytest.raises(WidthInferenceError, match="acts on that axis, not on the width"):
         ntkcompile.compile(ConvThenLinear(), input_shape=(D, 6))
 
 
