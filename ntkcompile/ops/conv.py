@@ -76,9 +76,28 @@ class GConv(GMatMul):
         return []
 
 
+def _check_groups(lw, node, x, groups, channels):
+    """A grouped convolution with a fixed number of groups: each group is an independent
+    matrix on its own ``1/groups`` of the channels of an exchangeable width vector, so in
+    the limit it has the law (and the NTK) of one convolution with fan-in ``C/groups |K|``
+    (its coordinates' averages over a group are the averages over the width).  Refused
+    where that does not hold."""
+    if isinstance(x, Fixed):
+        raise lw.error(node, f"a grouped convolution (groups={groups}) of the input: its groups read "
+                       "different input channels, so their outputs differ in law; not supported")
+    if groups == channels:
+        raise lw.error(node, f"a depthwise convolution (groups = channels = {channels}): each output "
+                       "channel is a fixed-size filter of one input channel, not a sum over the width, so "
+                       "its output is not Gaussian in the limit and has no Tensor Program G-var. A grouped "
+                       "convolution with a fixed number of groups (groups=2, 4, ...) is supported")
+    if isinstance(x, Width) and len(x.vec.pieces) != 1:
+        raise lw.error(node, f"a grouped convolution (groups={groups}) of a concatenation: its groups "
+                       "would read different vectors; not supported")
+
+
 def _conv(lw, node, x, name, weight_shape, has_bias, stride, padding, dilation, groups, padding_mode="zeros"):
     if groups != 1:
-        raise lw.unsupported(node, f"a grouped convolution (groups={groups})")
+        _check_groups(lw, node, x, groups, weight_shape[1] * groups)
     if padding_mode != "zeros":
         raise lw.unsupported(node, f"a convolution with padding_mode={padding_mode!r} (only zeros)")
     out_c, in_c, *kernel = weight_shape
