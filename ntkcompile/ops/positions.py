@@ -147,6 +147,11 @@ def _selected(lw, pmap, terms):
     """The terms of ``M x`` for a selection ``M`` (each output reads one input position), which
     commutes with nonlinearities: ``M phi(g) = phi(M g)``, an H-atom of selected G-vars."""
     b = lw.b
+    if any(getattr(a, "is_zero", False) for _, a in terms):
+        # a normalization's probe (its gain and shift, read off at every position): the map
+        # stays outside, where the backward reads the probe off at the positions it keeps
+        # (pushing the selection into the normalized H-atoms beside it gave a wrong NTK)
+        return _mapped(b, pmap, b.single(b.var(terms)), b.sconst(1.0))
     gauss = [(c, a) for c, a in terms if a.gaussian]
     out = _mapped(b, pmap, b.single(b.var(gauss)), b.sconst(1.0)) if gauss else []
     for c, a in terms:
