@@ -217,7 +217,8 @@ class CompiledKernel:
 
     # ---------------------------------------------------------------- call
     def __call__(self, x1, x2=None, get=_GETS, *, tile_size: Optional[int] = None,
-                 progress: Optional[bool] = None, out=None, batch_size: Optional[int] = None) -> Kernels:
+                 progress: Optional[bool] = None, out=None, batch_size: Optional[int] = None,
+                 resume: bool = False) -> Kernels:
         """Kernels of ``x1`` against ``x2`` (``x2=None``: against itself).
 
         ``tile_size`` computes the ``N1 x N2`` result in tiles of at most
@@ -228,6 +229,11 @@ class CompiledKernel:
         ``out``: arrays to write the kernels into (``{"nngp": a, "ntk": b}``, or one
         array when one kernel is asked for): torch tensors or numpy arrays of shape
         ``(N1, N2)``, a ``numpy.memmap`` included, for kernels larger than memory.
+        With memmaps, a journal ``<file>.tiles.json`` beside the first one records the
+        tiles written (flushed to disk first, every 10 s); ``resume=True`` skips them, so an
+        interrupted computation continues where it stopped (same inputs, same
+        ``tile_size``; a journal of another computation raises ``ValueError``; tiles
+        of an earlier run have NaN standard errors).
         Every value returned is finite: a NaN or inf raises ``NonFiniteKernelError``
         naming the model node it comes from; kernels or work that would not fit in
         memory raise ``KernelMemoryError`` before anything is allocated.
@@ -242,6 +248,9 @@ class CompiledKernel:
             warnings.warn("kfn(..., batch_size=B) is deprecated: the tile size is tile_size=B",
                           DeprecationWarning, stacklevel=2)
             tile_size = batch_size
+        if not isinstance(resume, bool) or (resume and out is None):
+            raise ValueError(f"resume must be True or False, and True only with out= arrays on disk; got "
+                             f"resume={resume!r}{' without out=' if out is None else ''}")
         get = (get,) if isinstance(get, str) else tuple(get)
         bad = [g for g in get if g not in _GETS]
         if bad or not get:
@@ -275,7 +284,7 @@ class CompiledKernel:
                 return Kernels(nngp=outputs.get("nngp"), ntk=outputs.get("ntk"), mc_stderr=k.mc_stderr,
                                quad_error=k.quad_error, nngp_stderr=pick(k.nngp_stderr),
                                ntk_stderr=pick(k.ntk_stderr))
-        outputs, stderr, worst = tiling.evaluate(self, x1, x2, get, tile_size, progress, out)
+        outputs, stderr, worst = tiling.evaluate(self, x1, x2, get, tile_size, progress, out, resume)
         tiling.warn_about(worst, self.quadrature_degree, self.nd_degree)
         quad = max([worst[k] for k in ("quad", "quad_nd") if k in worst], default=None)
         mc = max(float(v.max()) for v in stderr.values()) if stderr else None

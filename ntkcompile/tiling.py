@@ -18,10 +18,13 @@
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -142,7 +145,81 @@ def _joint_cross(kfn, x1, x2, get, progress, outputs):
     return outputs, {name: se[:n, n:] for name, se in stderr.items()}, worst
 
 
-def evaluate(kfn, x1, x2, get, tile_size, progress, out):
+class _Journal:
+    """The tiles already written into disk-backed outputs (``out=`` numpy memmaps): a file
+    ``<the first output's file>.tiles.json`` beside them with the layout (sizes, tile side,
+    kernels) and the finished tiles, rewritten atomically after each tile is flushed to
+    disk (every ``EVERY`` seconds, and at the end).  ``resume=True`` skips the tiles it
+    lists (an interrupted run continues where it stopped); a journal of another layout is
+    an error, not silently mixed."""
+
+    def __init__(self, outputs, layout: dict, resume: bool):
+        arrays = [outputs[name] for name in sorted(outputs)]
+        files = [getattr(a, "filename", None) for a in arrays]
+        self.path = None
+        self.arrays, self.layout, self.done = arrays, dict(layout), set()
+        self.pending, self.saved_at = [], time.monotonic()
+        if not all(isinstance(a, np.memmap) and f for a, f in zip(arrays, files)):
+            if resume:
+                raise ValueError("resume=True needs out= arrays that are numpy memmaps (files on disk, e.g. "
+                                 "numpy.lib.format.open_memmap(path, 'w+' or 'r+', ...)): tiles of other arrays "
+                                 "do not survive an interruption")
+            return
+        self.path = str(files[0]) + ".tiles.json"
+        if resume and os.path.exists(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+            if saved.get("layout") != self.layout:
+                raise ValueError(f"resume=True: the journal {self.path} was written for another computation "
+                                 f"({saved.get('layout')}), not this one ({self.layout}); delete it to start over")
+            self.done = {tuple(t) for t in saved.get("done", [])}
+        else:
+            self._save()
+
+    @staticmethod
+    def saved_tile(outputs) -> Optional[int]:
+        """The tile side of an existing journal of ``outputs`` (so a resumed run tiles alike)."""
+        filename = getattr(outputs[sorted(outputs)[0]], "filename", None)
+        path = None if filename is None else str(filename) + ".tiles.json"
+        if path is None or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f).get("layout", {}).get("tile")
+
+    # Seconds between journal updates: each flushes the whole mapped files to disk (an
+    # msync that scans them, 0.5 s for two 12.8 GB files), so it is not done per tile; an
+    # interruption loses at most this much work.
+    EVERY = 10.0
+
+    def finished(self, tile) -> bool:
+        return tile in self.done
+
+    def mark(self, tile, force=False):
+        if self.path is None:
+            return
+        self.pending.append(tile)
+        if force or time.monotonic() - self.saved_at >= self.EVERY:
+            self.close()
+
+    def close(self):
+        """Flush the outputs, then record the tiles written since the last update."""
+        if self.path is None or not self.pending:
+            return
+        for a in self.arrays:
+            a.flush()
+        self.done.update(self.pending)
+        self.pending = []
+        self._save()
+
+    def _save(self):
+        self.saved_at = time.monotonic()
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"layout": self.layout, "done": sorted(self.done)}, f)
+        os.replace(tmp, self.path)
+
+
+def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False):
     """The kernels of ``x1`` against ``x2`` (``x2 is None``: against itself), their
     Monte Carlo standard errors (empty when none was used), and the worst error
     estimate of each kind; see the module."""
@@ -169,9 +246,15 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
         x2 = None if x2 is None else torch.ldexp(x2, torch.tensor(-e))
     want_ntk = "ntk" in get
     live = max(kfn._function(mode, want_ntk)[0].live_arrays for mode in (True, False))
+    if resume and bs is None and out is not None:
+        bs = _Journal.saved_tile(outputs)           # resume with the interrupted run's tiles
     bs = bs or kfn._auto_tile(max(n1, n2), x1.device)
     bs = _fit_memory(kfn, bs, live, tile_size is not None)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
+    journal = _Journal(outputs, {"n1": n1, "n2": n2, "tile": bs, "get": sorted(get), "self": x2 is None},
+                       resume) if out is not None else None
+    skipped = [t for t in tiles if journal is not None and journal.finished(t)]
+    tiles = [t for t in tiles if t not in skipped]
     errors = []
     bar = _Progress(len(tiles), progress)
     with torch.no_grad():
@@ -209,8 +292,16 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out):
                 _write(outputs[name], slice(i, i + bs), slice(j, j + bs), block)
                 if x2 is None and i != j:
                     _write(outputs[name], slice(j, j + bs), slice(i, i + bs), _transposed(block, len(extra)))
+            if journal is not None:
+                journal.mark((i, j))
             bar.step()
     bar.close()
+    if journal is not None:
+        journal.close()
+    for name in stderr:             # tiles written by an earlier run: their errors are not known here
+        for i, j in skipped:
+            stderr[name][i:i + bs, j:j + bs] = math.nan
+            stderr[name][j:j + bs, i:i + bs] = math.nan
     worst = {}
     for kind, err in errors:
         err = float(err)
