@@ -218,7 +218,7 @@ class CompiledKernel:
     # ---------------------------------------------------------------- call
     def __call__(self, x1, x2=None, get=_GETS, *, tile_size: Optional[int] = None,
                  progress: Optional[bool] = None, out=None, batch_size: Optional[int] = None,
-                 resume: bool = False) -> Kernels:
+                 resume: bool = False, distributed: bool = False) -> Kernels:
         """Kernels of ``x1`` against ``x2`` (``x2=None``: against itself).
 
         ``tile_size`` computes the ``N1 x N2`` result in tiles of at most
@@ -234,6 +234,11 @@ class CompiledKernel:
         interrupted computation continues where it stopped (same inputs, same
         ``tile_size``; a journal of another computation raises ``ValueError``; tiles
         of an earlier run have NaN standard errors).
+        ``distributed=True`` spreads the tiles over the processes of an initialized
+        ``torch.distributed`` group (``torchrun``; gloo on CPUs, NCCL on GPUs): every rank
+        calls with the same arguments, computes every ``world_size``-th tile, and gets the
+        whole kernel (summed over ranks in memory, or written into shared ``out=`` memmap
+        files, then a barrier).
         Every value returned is finite: a NaN or inf raises ``NonFiniteKernelError``
         naming the model node it comes from; kernels or work that would not fit in
         memory raise ``KernelMemoryError`` before anything is allocated.
@@ -248,6 +253,8 @@ class CompiledKernel:
             warnings.warn("kfn(..., batch_size=B) is deprecated: the tile size is tile_size=B",
                           DeprecationWarning, stacklevel=2)
             tile_size = batch_size
+        if not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be True or False, got {distributed!r}")
         if not isinstance(resume, bool) or (resume and out is None):
             raise ValueError(f"resume must be True or False, and True only with out= arrays on disk; got "
                              f"resume={resume!r}{' without out=' if out is None else ''}")
@@ -275,7 +282,7 @@ class CompiledKernel:
             # arccos-type closed forms amplify eps into ~1e-8 errors that break PSD-ness)
             uniq, inverse = torch.unique(x1, dim=0, return_inverse=True)
             if uniq.shape[0] < x1.shape[0]:
-                k = self(uniq, None, get, tile_size=tile_size, progress=progress)
+                k = self(uniq, None, get, tile_size=tile_size, progress=progress, distributed=distributed)
                 outputs = tiling._outputs(out, get, x1.shape[0], x1.shape[0], self.dtype, x1.device,
                                           tuple(self.output_positions or ()) * 2)
                 pick = lambda m: None if m is None else m[inverse][:, inverse]  # noqa: E731
@@ -284,7 +291,7 @@ class CompiledKernel:
                 return Kernels(nngp=outputs.get("nngp"), ntk=outputs.get("ntk"), mc_stderr=k.mc_stderr,
                                quad_error=k.quad_error, nngp_stderr=pick(k.nngp_stderr),
                                ntk_stderr=pick(k.ntk_stderr))
-        outputs, stderr, worst = tiling.evaluate(self, x1, x2, get, tile_size, progress, out, resume)
+        outputs, stderr, worst = tiling.evaluate(self, x1, x2, get, tile_size, progress, out, resume, distributed)
         tiling.warn_about(worst, self.quadrature_degree, self.nd_degree)
         quad = max([worst[k] for k in ("quad", "quad_nd") if k in worst], default=None)
         mc = max(float(v.max()) for v in stderr.values()) if stderr else None

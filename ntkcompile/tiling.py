@@ -219,10 +219,49 @@ class _Journal:
         os.replace(tmp, self.path)
 
 
-def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False):
+def _ranks(distributed):
+    """``(rank, world size)`` of the ``torch.distributed`` process group the tiles are
+    spread over, or ``(0, 1)``."""
+    if not distributed:
+        return 0, 1
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs an initialized torch.distributed process group "
+                           "(torchrun, then torch.distributed.init_process_group('gloo' or 'nccl'))")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(outputs, stderr, out, world):
+    """Every rank's tiles into every rank's result: a sum of the disjoint tiles written into
+    zeros (in memory), or a barrier after each rank flushed its tiles into the shared files."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    if out is not None and all(isinstance(a, np.memmap) for a in outputs.values()):
+        for a in outputs.values():
+            a.flush()
+        dist.barrier()
+    else:
+        for a in list(outputs.values()):
+            if not torch.is_tensor(a):
+                raise ValueError("distributed=True writes into torch tensors or numpy memmaps (a file every "
+                                 "rank shares), not into other numpy arrays")
+            dist.all_reduce(a)
+    flag = torch.tensor([float(bool(stderr))])          # a rank without Monte Carlo tiles has none yet
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not stderr:
+        like = next(iter(outputs.values()))
+        for name in outputs:
+            stderr[name] = torch.zeros(tuple(like.shape), dtype=torch.float64)
+    for name in sorted(stderr):
+        dist.all_reduce(stderr[name])
+
+
+def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distributed=False):
     """The kernels of ``x1`` against ``x2`` (``x2 is None``: against itself), their
     Monte Carlo standard errors (empty when none was used), and the worst error
-    estimate of each kind; see the module."""
+    estimate of each kind; see the module.  ``distributed``: this process computes every
+    ``world``-th tile of the same list (``torch.distributed``), and all get the whole result."""
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     dtype = kfn.dtype
@@ -251,10 +290,18 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False):
     bs = bs or kfn._auto_tile(max(n1, n2), x1.device)
     bs = _fit_memory(kfn, bs, live, tile_size is not None)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
+    rank, world = _ranks(distributed)
+    if world > 1 and resume:
+        raise ValueError("resume=True with distributed=True: resume an interrupted computation in one process")
     journal = _Journal(outputs, {"n1": n1, "n2": n2, "tile": bs, "get": sorted(get), "self": x2 is None},
-                       resume) if out is not None else None
+                       resume) if out is not None and world == 1 else None
     skipped = [t for t in tiles if journal is not None and journal.finished(t)]
     tiles = [t for t in tiles if t not in skipped]
+    if world > 1:
+        for a in outputs.values():       # each rank's tiles are summed into the others' zeros
+            if torch.is_tensor(a):
+                a.zero_()
+        tiles = tiles[rank::world]
     errors = []
     bar = _Progress(len(tiles), progress)
     with torch.no_grad():
@@ -298,6 +345,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False):
     bar.close()
     if journal is not None:
         journal.close()
+    _gather(outputs, stderr, out, world)
     for name in stderr:             # tiles written by an earlier run: their errors are not known here
         for i, j in skipped:
             stderr[name][i:i + bs, j:j + bs] = math.nan
