@@ -70,7 +70,12 @@ if int(sys.argv[1]) > 10:
     k = kfn(x, get="ntk", tile_size=1000, progress=False)
     idx = torch.tensor([0, 7777, 19999])
     torch.testing.assert_close(k.ntk[idx][:, idx], kfn(x[idx], get="ntk").ntk, rtol=1e-12, atol=0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM is this process's own high-water mark (a new address space at exec); ru_maxrss on Linux
+# also counts the parent's at fork, so a pytest process that was already large hid the run
+try:
+    print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
@@ -93,14 +98,20 @@ def test_20000_inputs_in_tiles_memory_bounded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, shape", [
-    (nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)), (5,)),
-    (ConvResNet(2, 4), (2, 6, 6)),
+@pytest.mark.parametrize("model, shape, rtol", [
+    (nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)), (5,), 2e-6),
+    (ConvResNet(2, 4), (2, 6, 6), 1e-12),
 ], ids=["mlp", "conv_resnet"])
-def test_jit_matches_eager(model, shape):
-    """torch.compile of the generated code (needs a C++ compiler) gives the same kernels."""
+def test_jit_matches_eager(model, shape, rtol):
+    """torch.compile of the generated code (needs a C++ compiler) gives the same kernels.
+
+    The tanh MLP's quadrature refines every entry whose error estimate exceeds
+    ``quadrature_tol`` (1e-6); rounding differences between the fused and the eager code
+    can put an entry on the other side of that test, and the two values then differ by
+    up to the estimate (measured: one entry of 144 at 2.9e-7), so it is compared within
+    twice the tolerance; the ResNet (closed forms only) to 1e-12."""
     x = torch.randn(12, *shape, dtype=torch.float64)
     a = ntkcompile.compile(model, W_std=1.3, b_std=0.1)(x)
     b = ntkcompile.compile(model, W_std=1.3, b_std=0.1, jit=True)(x)
-    torch.testing.assert_close(a.ntk, b.ntk, rtol=1e-12, atol=0)
-    torch.testing.assert_close(a.nngp, b.nngp, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.ntk, b.ntk, rtol=rtol, atol=0)
+    torch.testing.assert_close(a.nngp, b.nngp, rtol=rtol, atol=0)

@@ -9,17 +9,14 @@ Oracles:
   where the head's path maps the pooled features by a ``GPosMap``;
 * slow: empirical NTKs of wide networks (torch.func).
 """
-import math
 
 import pytest
 import torch
 from torch import nn
 
 import ntkcompile
-from helpers.convergence import fit_loglog_slope, relative_frobenius
-from ntkcompile.empirical import empirical_ntk
+from helpers.convergence import convergence_sweep
 from ntkcompile.errors import UnsupportedOpError
-from ntkcompile.parametrize import ntk_parametrize
 
 W_STD, B_STD = 1.4, 0.2
 
@@ -138,14 +135,7 @@ def test_cnn_with_mlp_head_empirical_ntk_converges(head):
     x = _x(4, 3)
     model = Head if head == "pooled" else (lambda n: FlattenHead(n, 4))
     limit = ntkcompile.compile(model(16), W_std=W_STD, b_std=B_STD)(x).ntk
-    widths, errors = [64, 128, 256, 512, 1024], []
-    for width in widths:
-        logs = []
-        for seed in range(6):
-            torch.manual_seed(seed)
-            net = ntk_parametrize(model(width), W_STD, B_STD).double()
-            logs.append(math.log(relative_frobenius(empirical_ntk(net, x), limit)))
-        errors.append(math.exp(sum(logs) / len(logs)))
-    slope = fit_loglog_slope(widths, errors)
+    errors, slope = convergence_sweep(model, [64, 128, 256, 512, 1024], range(6), x, None,
+                                      limit, W_STD, B_STD)
     print("errors", [round(e, 4) for e in errors], "slope", round(slope, 3))
     assert -0.7 <= slope <= -0.3, (errors, slope)

@@ -44,10 +44,11 @@ def _pool(z, spec):
     return pool(z, spec.kernel, spec.stride, spec.padding, return_indices=True)
 
 
-def forward(k_in, spec, pairs, mc, samples, errors):
+def forward(k_in, spec, pairs, mc, samples, errors, stream=0):
     """The pooled map's covariances: a dict of ``"x"`` (packed ``(Np, *Q, *Q)``), ``"f"``
     ``(N, *Q, *Q)``, ``"d"`` ``(N, *Q)``, ``"mean"`` ``(N, *Q)`` and the samples the
-    backward continues (``spec``: an ``ops.maxpool.MaxPoolSpec``)."""
+    backward continues (``spec``: an ``ops.maxpool.MaxPoolSpec``; ``stream`` separates the
+    draws of different poolings of one model)."""
     P, Q = spec.in_shape, spec.out_shape
     nP, nQ = math.prod(P), math.prod(Q)
     full = _unpack(k_in, pairs, len(P))
@@ -58,7 +59,7 @@ def forward(k_in, spec, pairs, mc, samples, errors):
         return _outputs(nan, nan.new_full((N, nQ), math.nan), pairs, Q, None)
     cov = full.permute(0, 2, 1, 3).reshape(N * nP, N * nP).to(_F64)
     L = _factor(cov)
-    gen = torch.Generator(device=cov.device).manual_seed(int(mc[1]))
+    gen = torch.Generator(device=cov.device).manual_seed(int(mc[1]) * 7919 + int(stream))
     S = int(samples)
     z = (torch.randn(S, L.shape[1], generator=gen, dtype=_F64, device=cov.device) @ L.T).reshape(S * N, 1, *P)
     top, idx = _pool(z, spec)

@@ -277,7 +277,7 @@ def _forward(pl, a):
     if a not in memo:
         k_in = yield from pl.cov(a.arg, a.arg, "x")
         memo[a] = pl.call(maxpool_mc.forward, pl.tensor(k_in), pl.static(a.spec, "maxpool"), pl.pairs, pl.mc,
-                          pl.joint_samples, pl.errors,
+                          pl.joint_samples, pl.errors, len(memo),
                           note=(f"E[y y'] of {pl.label(a)}", f"joint Monte Carlo over the tile "
                                 f"({pl.joint_samples} coordinates per replicate)"))
     return memo[a]

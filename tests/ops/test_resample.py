@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ntkcompile
-from helpers.convergence import fit_loglog_slope, relative_frobenius
-from ntkcompile.empirical import empirical_ntk
+from helpers.convergence import convergence_sweep
 from ntkcompile.errors import UnsupportedOpError
-from ntkcompile.parametrize import ntk_parametrize
 
 W_STD, B_STD = 1.3, 0.2
 
@@ -159,15 +157,8 @@ def test_upsampling_cnn_empirical_ntk_converges():
 
     x = _x(3, 5)
     limit = ntkcompile.compile(Net(16), W_std=W_STD, b_std=B_STD)(x).ntk
-    widths, errors = [64, 128, 256, 512, 1024], []
-    for width in widths:
-        logs = []
-        for seed in range(6):
-            torch.manual_seed(seed)
-            net = ntk_parametrize(Net(width), W_STD, B_STD).double()
-            logs.append(math.log(relative_frobenius(empirical_ntk(net, x), limit)))
-        errors.append(math.exp(sum(logs) / len(logs)))
-    slope = fit_loglog_slope(widths, errors)
+    errors, slope = convergence_sweep(Net, [64, 128, 256, 512, 1024], range(6), x, None,
+                                      limit, W_STD, B_STD)
     print("errors", [round(e, 4) for e in errors], "slope", round(slope, 3))
     assert -0.7 <= slope <= -0.3, (errors, slope)
 
@@ -211,14 +202,7 @@ def test_grouped_cnn_empirical_ntk_converges():
     errors 0.085, 0.085, 0.040, 0.024, 0.031, slope -0.47."""
     x = _x(3, 8)
     limit = ntkcompile.compile(Grouped(16, 4), W_std=W_STD, b_std=B_STD)(x).ntk
-    widths, errors = [64, 128, 256, 512, 1024], []
-    for width in widths:
-        logs = []
-        for seed in range(6):
-            torch.manual_seed(seed)
-            net = ntk_parametrize(Grouped(width, 4), W_STD, B_STD).double()
-            logs.append(math.log(relative_frobenius(empirical_ntk(net, x), limit)))
-        errors.append(math.exp(sum(logs) / len(logs)))
-    slope = fit_loglog_slope(widths, errors)
+    errors, slope = convergence_sweep(lambda n: Grouped(n, 4), [64, 128, 256, 512, 1024], range(6), x, None,
+                                      limit, W_STD, B_STD)
     print("errors", [round(e, 4) for e in errors], "slope", round(slope, 3))
     assert -0.7 <= slope <= -0.3, (errors, slope)
