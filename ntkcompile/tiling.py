@@ -247,12 +247,13 @@ def _gather(outputs, stderr, out, world):
                 raise ValueError("distributed=True writes into torch tensors or numpy memmaps (a file every "
                                  "rank shares), not into other numpy arrays")
             dist.all_reduce(a)
-    flag = torch.tensor([float(bool(stderr))])          # a rank without Monte Carlo tiles has none yet
+    like = next(iter(outputs.values()))
+    device = like.device if torch.is_tensor(like) else torch.device("cpu")      # NCCL reduces on the GPU
+    flag = torch.tensor([float(bool(stderr))], device=device)     # a rank without Monte Carlo tiles has none yet
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() and not stderr:
-        like = next(iter(outputs.values()))
         for name in outputs:
-            stderr[name] = torch.zeros(tuple(like.shape), dtype=torch.float64)
+            stderr[name] = torch.zeros(tuple(like.shape), dtype=torch.float64, device=device)
     for name in sorted(stderr):
         dist.all_reduce(stderr[name])
 
@@ -296,7 +297,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
     journal = _Journal(outputs, {"n1": n1, "n2": n2, "tile": bs, "get": sorted(get), "self": x2 is None},
                        resume) if out is not None and world == 1 else None
     skipped = [t for t in tiles if journal is not None and journal.finished(t)]
-    tiles = [t for t in tiles if t not in skipped]
+    tiles = [t for t in tiles if journal is None or not journal.finished(t)]
     if world > 1:
         for a in outputs.values():       # each rank's tiles are summed into the others' zeros
             if torch.is_tensor(a):
