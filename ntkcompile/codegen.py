@@ -420,7 +420,7 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
         head += ["I, J, DIAG = pair_indices(x1.shape[0], like.device)", "BATCH = (I.shape[0],)"]
     else:
         head += ["BATCH = (F1[0].shape[0], F2[0].shape[0])"]
-    seeds = tuple(getattr(plan, "seeds", ()))      # a readout at every position: (*P, *P)
+    seeds = plan.seeds      # a readout at every position: (*P, *P)
     if seeds:
         head.append(f"DBATCH = {seeds!r} + BATCH")
     head.append("_err = []")

@@ -32,6 +32,7 @@ import torch
 from . import diagnose
 from .codegen import NonFiniteValue
 from .errors import KernelMemoryError, NonFiniteKernelError
+from .kernels.spatial import swap_position_pairs
 from .resources import available_memory
 
 _GETS = ("nngp", "ntk")
@@ -46,8 +47,7 @@ def _transposed(block, k):
     """The ``(j, i)`` block of a kernel against itself from its ``(i, j)`` block: with ``k``
     output-position axes (a per-position readout, ``(n1, n2, *P, *P)``) the position pairs
     swap too."""
-    h = k // 2
-    return block.permute(1, 0, *range(2 + h, 2 + k), *range(2, 2 + h))
+    return swap_position_pairs(block.transpose(0, 1), k)
 
 
 def _outputs(out, get, n1, n2, dtype, device, extra=()):

@@ -480,8 +480,8 @@ def _forward(rule: _Rule, cell: CellSpec, k_in, S, seed, Matrix):
 
 
 class _Forward:
-    """What the backward pass of ``_run`` needs from its forward pass: the generator (its
-    draws continue), the states and the rule's saved arrays per step, the Grams."""
+    """What ``_backward`` needs from ``_forward``: the generator (its draws continue), the
+    states and the rule's saved arrays per step, the Grams."""
 
     def __init__(self, rule, cell, gen, Matrix, K, gram, states, saved, S, B, T, cap, W_hh):
         self.rule, self.cell, self.gen, self.Matrix, self.K, self.gram = rule, cell, gen, Matrix, K, gram

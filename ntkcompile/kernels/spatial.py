@@ -212,11 +212,17 @@ def from_seeds(a, dbatch, k):
     return a.permute(*range(k, k + nb), *range(k))
 
 
+def swap_position_pairs(a, k):
+    """``a[..., s, s']`` -> ``a[..., s', s]`` over its last ``k`` axes (two groups of ``k/2``
+    output positions): the entry of the other input of a pair."""
+    nb, h = a.ndim - k, k // 2
+    return a.permute(*range(nb), *range(nb + h, nb + k), *range(nb, nb + h))
+
+
 def unpack_seeds(packed, i, j, n, k):
     """Packed pairs ``(T, *P, *P)`` -> ``(N, N, *P, *P)``, the entry ``(j, i)`` the
     transpose over positions of ``(i, j)``: ``K[j, i, s, s'] = K[i, j, s', s]``."""
-    h = k // 2
-    swapped = packed.permute(0, *range(1 + h, 1 + k), *range(1, 1 + h))
+    swapped = swap_position_pairs(packed, k)
     out = packed.new_empty((n, n, *packed.shape[1:]))
     out[i, j] = packed
     out[j, i] = swapped

@@ -31,6 +31,7 @@ from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, register
 from ..passes.lower import Width, rule
 from ..resources import available_memory
 from .elementwise import OF_ATOM
+from .positions import map_positions
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,6 @@ def _max_pool_function(lw, node, x, kernel_size, stride=None, padding=0, dilatio
 
 def global_max(lw, node, x, label):
     """The max over every position: one window covering the map, then no positions."""
-    from .positions import map_positions
     y = max_pool(lw, node, x, tuple(x.positions), 1, 0, label=label)
     return map_positions(lw, node, y, {}, "the one position of a global max", {k: False for k in range(len(y.positions))})
 
@@ -233,13 +233,8 @@ def _adaptive(lw, node, x, output_size, return_indices):
     size = output_size if isinstance(output_size, (tuple, list)) else (output_size,)
     if return_indices or any(s not in (1, None) for s in size) or not isinstance(x, Width):
         raise lw.unsupported(node, f"adaptive max pooling to {output_size} (only to size 1)")
-    from .positions import reshape_unit_axes
-    y = global_max(lw, node, x, "adaptive max pooling")
-    shape = tuple(lw.shape(node))
-    out = reshape_unit_axes(lw, node, y, shape[:2], shape)     # torch's (N, C, 1, 1)
-    if out is None:
-        raise RuntimeError(f"internal error: adaptive max pooling to {shape}")
-    return out
+    # one window covering the map: torch's (N, C, 1, 1) as it is
+    return max_pool(lw, node, x, tuple(x.positions), 1, 0, label="adaptive max pooling")
 
 
 @rule(torch.amax, "amax")
@@ -247,12 +242,12 @@ def _amax(lw, node, x, dim=(), keepdim=False):
     if not isinstance(x, Width):
         raise lw.unsupported(node, "amax of a value that is not a width vector")
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    roles = sorted(x.axes[d % len(x.axes)] for d in dims) if dims else None
-    if "w" in (roles or ["w"]) or "n" in (roles or []):
+    roles = [x.axes[d % len(x.axes)] for d in dims] if dims else list(x.axes)     # no dims: every axis
+    if "w" in roles or "n" in roles:
         raise lw.error(node, "a max over the width (or batch) axis of a width vector: the largest of n "
                        "coordinates grows like sqrt(2 log n) and has no finite infinite-width limit",
                        WidthInferenceError)
-    if roles != list(range(len(x.positions))) or keepdim:
+    if sorted(roles) != list(range(len(x.positions))) or keepdim:
         raise lw.unsupported(node, "amax over some of the positions, or with keepdim (only over all of them)")
     return global_max(lw, node, x, "amax over positions")
 

@@ -67,9 +67,8 @@ def _pad_function(lw, node, x, pad_, mode="constant", value=None):
       nn.ReplicationPad1d, nn.ReplicationPad2d, *([nn.CircularPad1d, nn.CircularPad2d]
                                                   if hasattr(nn, "CircularPad2d") else []))
 def _pad_module(lw, node, m, x):
-    mode = {"Reflection": "reflect", "Replication": "replicate", "Circular": "circular"}.get(
-        next((k for k in ("Reflection", "Replication", "Circular") if type(m).__name__.startswith(k)), None),
-        "constant")
+    modes = (("Reflection", "reflect"), ("Replication", "replicate"), ("Circular", "circular"))
+    mode = next((mode for prefix, mode in modes if type(m).__name__.startswith(prefix)), "constant")
     return pad(lw, node, x, m.padding, mode, getattr(m, "value", None))
 
 

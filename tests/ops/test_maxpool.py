@@ -143,6 +143,17 @@ def test_a_max_over_the_width_is_refused():
     with pytest.raises(WidthInferenceError, match="sqrt\\(2 log n\\)"):
         ntkcompile.compile(WidthMax())(torch.randn(2, 3))
 
+    class ChannelsAndPositions(nn.Module):      # the width axis among the axes: the same reason
+        def __init__(self):
+            super().__init__()
+            self.c, self.out = nn.Conv2d(2, 8, 3, padding=1), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.c(x)).amax((1, 2)))
+
+    with pytest.raises(WidthInferenceError, match="sqrt\\(2 log n\\)"):
+        ntkcompile.compile(ChannelsAndPositions())(_x(2, 0, (2, 4, 4)))
+
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
