@@ -18,7 +18,7 @@ from fractions import Fraction
 
 from ..errors import IRError
 from . import walk
-from .nodes import (ECall, EConst, ELin, EMul, ESlot, HAtom, Node, Param, SConst, SMoment, SOp,
+from .nodes import (ECall, EConst, ELin, EMul, ESlot, HAtom, Node, Param, SConst, SMoment, SOp, SSelect,
                     Var, Vec)
 
 
@@ -39,6 +39,17 @@ def _expr_children(e):
     if isinstance(e, ELin):
         return tuple(x for _, x in e.terms)
     return e.children()
+
+
+def holds_probe(atom) -> bool:
+    """True if a linear map's argument holds a zero probe (``Atom.is_zero``: a normalization's
+    gain and shift).  Such a map is not a G-var for nonlinearities: the gain's NTK term
+    ``E[(dy xhat)(dy' xhat')]`` reads ``xhat`` where the probe is, and a nonlinearity after
+    the map makes ``dy`` depend on ``xhat`` through the map (``planner.D``'s weight cannot
+    follow it), so a nonlinearity of it is refused."""
+    arg = getattr(atom, "arg", None)
+    return arg is not None and hasattr(arg, "pieces") and any(
+        getattr(t, "is_zero", False) for _, v in arg.pieces for _, t in v.terms)
 
 
 class Builder:
@@ -135,6 +146,11 @@ class Builder:
 
     def spow(self, a, p):
         return self.make(SOp, "pow", (a,), float(p))
+
+    def sselect(self, pmap, a):
+        """``a`` read at the positions the selection ``pmap`` keeps (``a`` has its input
+        positions; a constant is itself)."""
+        return a if isinstance(a, SConst) else self.make(SSelect, pmap, a)
 
     def smoment(self, which, vec):
         if which == "mean" and all(v.gaussian for _, v in vec.pieces):
@@ -305,9 +321,12 @@ class Builder:
                 if a.gaussian:
                     continue
                 if not isinstance(a, HAtom):
+                    why = ("; it holds a normalization's trainable gain/shift, whose NTK term would need "
+                           "that map inside the nonlinearity's derivative: apply the nonlinearity before "
+                           "the map, or use elementwise_affine=False" if holds_probe(a) else "")
                     raise NotImplementedError(
                         f"a nonlinearity of {type(a).__name__} of a non-Gaussian vector (e.g. average "
-                        "pooling of a nonlinearity, then another nonlinearity)")
+                        f"pooling of a nonlinearity, then another nonlinearity){why}")
                 remap = {i: slot_of(g) for i, g in enumerate(a.gargs)}
                 terms.append((c, self.substitute(a.expr, remap)))
             return self.elin(terms) if terms else self.econst(0.0)
@@ -320,13 +339,14 @@ class Builder:
             return slots[expr.index]
         return self.atom_var(self.hatom(expr, slots))
 
-    def substitute(self, expr, remap):
-        """Rename slots: ``ESlot(i) -> remap[i]`` (an Expr)."""
+    def substitute(self, expr, remap, scalar=None):
+        """Rename slots: ``ESlot(i) -> remap[i]`` (an Expr); ``scalar`` maps the coefficients."""
+        scalar = scalar or (lambda c: c)
         rule = walk.by_type({
             ESlot: lambda e, _: remap[e.index],
             EConst: lambda e, _: e,
             ECall: lambda e, xs: self.ecall(e.fn, xs[0]),
-            ELin: lambda e, xs: self.elin([(c, x) for (c, _), x in zip(e.terms, xs)]),
+            ELin: lambda e, xs: self.elin([(scalar(c), x) for (c, _), x in zip(e.terms, xs)]),
             EMul: lambda e, xs: self.emul(xs),
         })
         return walk.fold(expr, rule, children=_expr_children)

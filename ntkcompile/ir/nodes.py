@@ -160,6 +160,19 @@ class SOp(Scalar):
         return self.args
 
 
+@node
+class SSelect(Scalar):
+    """A per-position scalar ``arg`` (a moment of a vector with positions: a per-token
+    LayerNorm's statistics) read at the positions a selection ``map`` keeps
+    (``ir.PositionMap`` with ``select``): ``out_s = arg_{select[s]}``."""
+    map: Any
+    arg: Any
+    uid: int = _uid()
+
+    def children(self):
+        return (self.arg,)
+
+
 # Expressions inside H-atoms ------------------------------------------------------
 
 class Expr(Node):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import walk
-from .nodes import Atom, ECall, EConst, ELin, EMul, ESlot, GBias, HAtom, SConst, SMoment, SOp, Var, Vec
+from .nodes import Atom, ECall, EConst, ELin, EMul, ESlot, GBias, HAtom, SConst, SMoment, SOp, SSelect, Var, Vec
 from .program import READOUT
 
 
@@ -23,6 +23,7 @@ def _scalar_rule():
         SConst: lambda s, _: f"{s.value:g}",
         SMoment: lambda s, xs: f"{'mean' if s.which == 'mean' else 'meansq'}({xs[0]})",
         SOp: sop,
+        SSelect: lambda s, xs: f"{xs[0]}{s.map.label}",
     }
 
 
@@ -42,7 +43,7 @@ class Printer:
 
     @staticmethod
     def _children(n):
-        if isinstance(n, (Var, Vec, SConst, SMoment, SOp)):
+        if isinstance(n, (Var, Vec, SConst, SMoment, SOp, SSelect)):
             return n.children()
         return ()          # atoms print by label; their own line shows their insides
 

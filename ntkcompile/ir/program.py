@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from . import walk
 from .builder import Builder
-from .nodes import Atom, Var, Vec
+from .nodes import Atom, SMoment, SOp, SSelect, Var, Vec
 
 READOUT = "readout"      # the backward atom of the readout: ``v`` itself
 
@@ -34,19 +34,27 @@ class Positions:
 
 def _shape_children(n):
     if isinstance(n, Var):
-        return tuple(a for _, a in n.terms)
+        return tuple(x for term in n.terms for x in term)
     if isinstance(n, (Vec, Atom)):
         return tuple(c for c in n.children() if isinstance(c, (Var, Vec, Atom)))
+    if isinstance(n, (SMoment, SOp, SSelect)):
+        return n.children()
     return ()
 
 
 def _positions_of(n, get) -> tuple:
+    """Positions of a node; a scalar coefficient has those of the vector whose moment it is
+    (a per-token LayerNorm's statistics), and a Var those of its atoms and coefficients."""
     if isinstance(n, Var):
-        return max((get(a) for _, a in n.terms), key=len, default=())
+        return max((get(x) for term in n.terms for x in term), key=len, default=())
     if isinstance(n, Vec):
         return max((get(v) for _, v in n.pieces), key=len, default=())
     if isinstance(n, Atom):
         return n.positions(get)
+    if isinstance(n, SSelect):
+        return n.map.out_shape
+    if isinstance(n, (SMoment, SOp)):
+        return max((get(c) for c in n.children()), key=len, default=())
     return ()
 
 

@@ -35,7 +35,7 @@ from ..errors import IRError
 from . import walk
 from .elementwise import Elementwise
 from .nodes import (Atom, ECall, EConst, ELin, EMul, ESlot, Expr, GBias, GInput, GMatMul, HAtom, Matrix, Param,
-                    Scalar, SConst, SMoment, SOp, Var, Vec, Bias)
+                    Scalar, SConst, SMoment, SOp, SSelect, Var, Vec, Bias)
 from .program import READOUT
 
 _MAX_SHOWN = 20
@@ -181,6 +181,11 @@ def _check_sop(v, s):
         v.bad(s, f"op {s.op!r} with {len(s.args)} argument(s)")
 
 
+def _check_sselect(v, s):
+    if getattr(s.map, "select", None) is None or not _scalar_ok(s.arg):
+        v.bad(s, "a selected scalar reads a scalar at the positions of a selection")
+
+
 def _check_expr(v, e):
     if isinstance(e, ESlot):
         ok = isinstance(e.index, int) and e.index >= 0
@@ -265,5 +270,5 @@ def _check_vec(v, vec):
         v.bad(vec, "the fractions of its pieces do not sum to 1")
 
 
-_CHECKS = {SConst: _check_sconst, SMoment: _check_smoment, SOp: _check_sop, Expr: _check_expr,
+_CHECKS = {SConst: _check_sconst, SMoment: _check_smoment, SOp: _check_sop, SSelect: _check_sselect, Expr: _check_expr,
            Atom: _check_atom, Var: _check_var, Vec: _check_vec}

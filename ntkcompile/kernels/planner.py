@@ -243,6 +243,9 @@ class Planner(HVarExpectations):
             else:
                 v = yield from self.cov(s.vec, s.vec, f"d{side}")
             return 0.0 if v is None else v
+        if isinstance(s, irn.SSelect):
+            v = yield from self.scalar(s.arg, side)
+            return v if isinstance(v, float) else self.call(spatial.map_same, v, self.static(s.map, "posmap"))
         args = []
         for a in s.args:
             args.append((yield from self.scalar(a, side)))

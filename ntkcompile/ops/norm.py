@@ -2,7 +2,9 @@
 
 * LayerNorm (tensor_programs.md Sec. 5) tracks first moments:
   ``y = (x - mu) / sqrt(Var + eps)`` with ``mu = E[Z^x]`` and ``Var = E[(Z^x)^2] - mu^2``
-  per input, both moments (constants in the limit); RMSNorm divides by
+  per input, both moments (constants in the limit); on a sequence or a channels-last
+  map (width last) per input *and position* (a Transformer's per-token LayerNorm),
+  scalars with the vector's positions (``ir.Positions``); RMSNorm divides by
   ``sqrt(E[(Z^x)^2] + eps)``.  Their backward is ``dy / sqrt(Var + eps)``: the
   moments' own derivatives contribute ``E[dy] = 0`` (``passes.backward``).
 * BatchNorm in eval mode with the initial running statistics is the affine map
@@ -62,7 +64,7 @@ class GProbe(Atom):
         return (self.param.xhat,)
 
     def positions(self, positions_of):
-        return ()
+        return positions_of(self.param.xhat)       # read off at every position it normalizes
 
     def describe(self, show):
         return f"0 (probe for {self.param.name} gain/shift)    # G"
@@ -115,7 +117,7 @@ def _affine(lw, node, x, vec, name, gain_param, shift_param):
                        xhat=vec.pieces[0][1])
         probe = bb.single(bb.atom_var(bb.make(GProbe, aff)))
         vec = bb.lincomb([(bb.sconst(1.0), vec), (bb.sconst(1.0), probe)])
-    return lw.width(node, vec, x.size, x.positions)
+    return lw.width(node, vec, x.size, x.positions, layout=x.layout)
 
 
 def _check_eps(lw, node, eps):
@@ -126,12 +128,15 @@ def _check_eps(lw, node, eps):
 def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normalized_shape):
     bb = lw.b
     _check_eps(lw, node, eps)
-    if not isinstance(x, Width) or x.positions:
-        raise lw.unsupported(node, "normalization of a non-width tensor or of a feature map with positions")
+    if not isinstance(x, Width):
+        raise lw.unsupported(node, "normalization of a non-width tensor")
     ns = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
-    if len(ns) != 1 or ns[0] != x.size:
+    if len(ns) != 1 or ns[0] != x.size or x.axes[-1] != "w":
+        where = "" if x.axes[-1] == "w" else (
+            " (the last axis of this tensor is a fixed axis, positions: LayerNorm normalizes the last "
+            "axis, so move the channels last first, e.g. x.permute(0, 2, 3, 1), or use GroupNorm)")
         raise lw.error(node, f"normalization over shape {ns}: only the width axis (size {x.size}) is "
-                       "supported", WidthInferenceError)
+                       f"supported{where}", WidthInferenceError)
     sq = bb.smoment("sq", x.vec)
     if center:
         mu = bb.smoment("mean", x.vec)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ir import ANY, ConvGeometry, node
+from ..ir.builder import holds_probe
 from ..ir.nodes import Atom
 from ..kernels import spatial
 from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, READOUT_POOLS, SAME_INPUT, register
@@ -35,8 +36,8 @@ class GPool(Atom):
     homogeneous = True
 
     @property
-    def gaussian(self):
-        return all(v.gaussian for _, v in self.arg.pieces)
+    def gaussian(self):      # of a normalization's probe: not for nonlinearities (ir.builder.holds_probe)
+        return all(v.gaussian for _, v in self.arg.pieces) and not holds_probe(self)
 
     @property
     def cov_group(self):

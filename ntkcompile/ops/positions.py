@@ -38,6 +38,7 @@ import torch
 
 from ..errors import WidthInferenceError
 from ..ir import ANY, HAtom, PositionMap, node
+from ..ir.builder import holds_probe
 from ..ir.nodes import Atom
 from ..kernels import spatial
 from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, SAME_INPUT, SIDES, register
@@ -59,8 +60,8 @@ class GPosMap(Atom):
     homogeneous = True
 
     @property
-    def gaussian(self):
-        return all(v.gaussian for _, v in self.arg.pieces)
+    def gaussian(self):      # of a normalization's probe: not for nonlinearities (ir.builder.holds_probe)
+        return all(v.gaussian for _, v in self.arg.pieces) and not holds_probe(self)
 
     @property
     def cov_group(self):
@@ -157,11 +158,16 @@ def _selected(lw, pmap, terms):
     for c, a in terms:
         if a.gaussian:
             continue
+        # a coefficient with positions (a per-token LayerNorm's statistics) is selected with
+        # the atom it multiplies
+        def select(s):
+            return b.sselect(pmap, s) if lw.positions(s) else s
+        c = select(c)
         if isinstance(a, HAtom) and not a.gargs:          # the constant 1
             out.append((c, a))
         elif isinstance(a, HAtom):
             slots = [map_vec(lw, pmap, b.single(g)).pieces[0][1] for g in a.gargs]
-            var = b.compose(lambda es, a=a: b.substitute(a.expr, dict(enumerate(es))), slots)
+            var = b.compose(lambda es, a=a: b.substitute(a.expr, dict(enumerate(es)), select), slots)
             out += [(b.smul(c, c2), a2) for c2, a2 in var.terms]
         else:
             out += _mapped(b, pmap, b.single(b.atom_var(a)), c)
