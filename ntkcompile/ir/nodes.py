@@ -127,7 +127,16 @@ def _uid():
 # Scalars (one number per input) ----------------------------------------------
 
 class Scalar(Node):
+    """Base of scalars.  Ops may add kinds (attention weights: ``ops/attention.py``), with a
+    planning rule in ``kernels.planner.SCALARS`` and their own ``check`` and ``describe``."""
     __slots__ = ()
+
+    def check(self, program) -> list:
+        return []
+
+    def describe(self, shown) -> str:
+        """Text of the scalar, given the text of its children."""
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 @node

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from . import walk
-from .nodes import Atom, ECall, EConst, ELin, EMul, ESlot, GBias, HAtom, SConst, SMoment, SOp, SSelect, Var, Vec
+from .nodes import (Atom, ECall, EConst, ELin, EMul, ESlot, GBias, HAtom, Scalar, SConst, SMoment, SOp, SSelect,
+                    Var, Vec)
 from .program import READOUT
 
 
@@ -24,6 +25,7 @@ def _scalar_rule():
         SMoment: lambda s, xs: f"{'mean' if s.which == 'mean' else 'meansq'}({xs[0]})",
         SOp: sop,
         SSelect: lambda s, xs: f"{xs[0]}{s.map.label}",
+        Scalar: lambda s, xs: s.describe(xs),
     }
 
 
@@ -43,7 +45,7 @@ class Printer:
 
     @staticmethod
     def _children(n):
-        if isinstance(n, (Var, Vec, SConst, SMoment, SOp, SSelect)):
+        if isinstance(n, (Var, Vec, Scalar)):
             return n.children()
         return ()          # atoms print by label; their own line shows their insides
 

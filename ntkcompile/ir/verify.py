@@ -270,5 +270,10 @@ def _check_vec(v, vec):
         v.bad(vec, "the fractions of its pieces do not sum to 1")
 
 
-_CHECKS = {SConst: _check_sconst, SMoment: _check_smoment, SOp: _check_sop, SSelect: _check_sselect, Expr: _check_expr,
+def _check_scalar(v, s):
+    for problem in s.check(v.p):
+        v.bad(s, problem)
+
+
+_CHECKS = {Scalar: _check_scalar, SConst: _check_sconst, SMoment: _check_smoment, SOp: _check_sop, SSelect: _check_sselect, Expr: _check_expr,
            Atom: _check_atom, Var: _check_var, Vec: _check_vec}

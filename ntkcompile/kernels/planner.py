@@ -55,6 +55,7 @@ COVARIANCE: dict = {}      # atom class -> rule(planner, a, b, pair): E[a b'] fo
 MEAN: dict = {}            # atom class -> rule(planner, a, side): E[a] for a non-Gaussian linear atom
 ADJOINT: dict = {}         # atom class -> rule(planner, u, w): Cov(B_u, B_w') of two consumers
 NTK_TERMS: dict = {}       # parameter class -> rule(planner, param, atoms): its NTK terms (a list)
+SCALARS: dict = {}         # scalar class -> rule(planner, s, side): its per-input array on side (1 or 2)
 READOUT_POOLS: dict = {}   # readout.pool -> (cov(planner, core), adjoint(planner)) of a pooled readout
 
 
@@ -243,6 +244,9 @@ class Planner(HVarExpectations):
             else:
                 v = yield from self.cov(s.vec, s.vec, f"d{side}")
             return 0.0 if v is None else v
+        rule = SCALARS.get(type(s))
+        if rule is not None:
+            return (yield from ask(rule, self, s, side))
         if isinstance(s, irn.SSelect):
             v = yield from self.scalar(s.arg, side)
             return v if isinstance(v, float) else self.call(spatial.map_same, v, self.static(s.map, "posmap"))

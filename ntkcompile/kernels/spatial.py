@@ -145,6 +145,24 @@ def lift2(t, k):
     return t.reshape(1, t.shape[0], *([1] * k), *sp) if sp else t.reshape(1, t.shape[0], *([1] * 2 * k))
 
 
+def eye_pairs(c, positions, like):
+    """``c [s = t]`` over all pairs of positions ``(*P, *P)`` (no batch axes: the same for all inputs)."""
+    n = math.prod(positions)
+    return (c * torch.eye(n, dtype=like.dtype, device=like.device)).reshape((*positions, *positions))
+
+
+def same_position_sum(d, batch, positions, aligned):
+    """``sum_s d[..., s, s]`` of an all-pairs array ``(*batch, *P, *P)`` (aligned: ``(*batch, *P)``)."""
+    n = math.prod(positions)
+    if not torch.is_tensor(d) or d.ndim == 0:
+        return d * n
+    k = len(positions)
+    d = torch.broadcast_to(d, (*batch, *positions) if aligned else (*batch, *positions, *positions))
+    if aligned:
+        return d.reshape((*batch, n)).sum(-1)
+    return torch.diagonal(d.reshape((*batch, n, n)), dim1=-2, dim2=-1).sum(-1) if k else d
+
+
 def spatial_sum(t, batch, spatial):
     """Sum of ``t`` broadcast to ``(*batch, *spatial)`` over the position axes ``spatial``."""
     shape = tuple(batch) + tuple(spatial)

@@ -20,9 +20,11 @@ from ..ir import SOp
 from ..passes.lower import Moment, Width, rule
 from ..passes.readout import POST_READOUT_SCALE
 from ..trace import describe
+from .attention import Logits, add_mask, scale
 from .elementwise import apply, from_callable
 from .linear import is_zeros
 from .params import bare_parameter, parameter_bias, parameter_gain
+from .posemb import add_positional, positional_parameter
 from .stack import align_maps
 
 
@@ -39,8 +41,14 @@ def _as_scalar(lw, v):
 
 
 def _add(lw, node, a, b, sign=1.0, alpha=1.0):
-    """``a + sign*alpha*b``: width vectors, numbers and moments."""
+    """``a + sign*alpha*b``: width vectors, numbers and moments; attention logits plus a mask."""
     bb = lw.b
+    if isinstance(a, Logits) and sign == 1.0 and alpha == 1.0:
+        return add_mask(lw, node, a, b)
+    if isinstance(b, Logits) and sign == 1.0 and alpha == 1.0:
+        return add_mask(lw, node, b, a)
+    if isinstance(a, Logits) or isinstance(b, Logits):
+        raise lw.unsupported(node, "subtracting from attention logits (add a mask instead)")
     if isinstance(a, Width) and isinstance(b, Width):
         if a.size != b.size or a.positions != b.positions:
             raise lw.error(node, f"adding width vectors of sizes {a.size}{a.positions} and {b.size}{b.positions}")
@@ -52,6 +60,9 @@ def _add(lw, node, a, b, sign=1.0, alpha=1.0):
         if s is None and is_zeros(other):          # a hand-written RNN's initial state
             return lw.width(node, bb.lincomb([(bb.sconst(cw), w.vec)]), w.size, w.positions)
         name = bare_parameter(lw, node, w, other) if s is None else None
+        pos = positional_parameter(lw, node, w, other) if s is None and name is None else None
+        if pos is not None:
+            return add_positional(lw, node, w, pos, cw, co)
         if name is not None:
             atom = parameter_bias(lw, node, w, name)
             if atom is None:
@@ -88,6 +99,11 @@ def _neg_rule(lw, node, a):
 def mul(lw, node, a, b):
     """``a * b``: an H-var for two width vectors, a scaling for a number or moment."""
     bb = lw.b
+    if isinstance(a, Logits) or isinstance(b, Logits):
+        lg, other = (a, b) if isinstance(a, Logits) else (b, a)
+        if not _is_number(other):
+            raise lw.unsupported(node, "attention logits times something other than a number")
+        return scale(lw, node, lg, other)
     if isinstance(a, Width) and isinstance(b, Width):
         if a.positions != b.positions:
             raise lw.error(node, "multiplying feature maps with different positions", WidthInferenceError)

@@ -1,32 +1,56 @@
-"""Attention and softmax: what has no Gaussian limit is refused, saying why and what does.
+"""Attention: the Tensor Program limit with logits scaled by 1/n, and refusals of what has none.
 
-* Logits scaled by ``1/sqrt(d)`` (``nn.MultiheadAttention``, the ``nn.Transformer*``
-  layers, ``F.scaled_dot_product_attention``'s default): ``q.k / sqrt(d)`` is a sum of
-  ``d`` products of O(1) coordinates over ``sqrt(d)``, an O(1) *random* number at any
-  width, so with a fixed number of heads the attention weights never become
-  deterministic and the network has no Gaussian infinite-width limit (the NTK limit
-  needs infinitely many heads, Hron et al. 2020).
-* Logits scaled by ``1/n`` (Tensor Programs): ``q.k / n`` converges to ``E[Z^q Z^k]``,
-  attention becomes a deterministic average over positions.  Not compiled yet: refused
-  with that explanation, so that no kernel ignores the op.
-* ``softmax`` over the width axis is not coordinatewise: every coordinate is O(1/n).
-  Over positions it is attention's weights (above).
+* Logits scaled by ``1/n`` (Tensor Programs; ``n`` the width the logits sum over):
+  ``L_st = q_s . k_t / n`` converges to the deterministic ``E[Z^{q_s} Z^{k_t}]`` of each
+  input, so the attention weights ``A = softmax_t(c L + mask)`` are a fixed ``(Tq, Tk)``
+  matrix per input and the output ``o_s = sum_t A_st v_t`` is a linear map of the value
+  vectors' positions (``GAttend``): Gaussian when ``v`` is, with covariances
+  ``E[o_s o'_u] = sum_{t,r} A_st A'_ur E[v_t v'_r]`` (``kernels/attention.py``).  Query and
+  key from one matrix (``q = k``) give logits ``E[Z^{q_s} Z^{q_t}]``, the covariance of the
+  input's own positions; from independent matrices the limit logits are 0 and attention
+  is uniform (over the positions a mask allows).
+* The NTK: the logits' dependence on the parameters vanishes.  ``dL_st/dW^q_ij =
+  q-side input_j k_t,i / (n sqrt(n))`` with ``df/dL_st = O(1)``, so the query and key
+  matrices' NTK term is ``n^2`` entries of ``O(n^-3)``: ``O(1/n)``; the logits' gradient
+  reaching earlier vectors is ``O(1/n)`` per coordinate against ``O(1/sqrt(n))`` through
+  the values, a cross term ``O(1/sqrt(n))``.  So in the limit ``A`` is a constant in the
+  backward (as NTK4A treats it): ``dv = A^T do``, and ``W^q, W^k`` add nothing to the NTK
+  (they appear only inside the weights' scalar ``SAttn``, which the backward pass treats
+  like every moment).  Finite-width NTKs converge to this at rate ``n^-1/2``.
+* ``c = scale * n`` is the temperature, held fixed as the width grows.  Logits without any
+  scaling (``c = n``) are refused as an unknown scale; ``1/sqrt(n)`` (``nn.MultiheadAttention``,
+  ``nn.Transformer*``, SDPA's default) is refused: ``q.k / sqrt(d)`` stays an O(1) *random*
+  number at any width, so with a fixed number of heads the attention weights never become
+  deterministic and there is no Gaussian limit (it needs infinitely many heads, Hron et al.
+  2020).
+* ``softmax`` over the width axis is not coordinatewise (every coordinate is O(1/n)).
 """
 from __future__ import annotations
 
+import math
 import operator
+from dataclasses import dataclass
+from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedOpError
-from ..passes.lower import Width, rule
+from ..errors import UnsupportedOpError, WidthInferenceError
+from ..ir import ANY, READOUT, BackwardProgram, Scalar, node
+from ..ir.builder import holds_probe
+from ..ir.nodes import Atom
+from ..kernels import attention as ka
+from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, SAME_INPUT, SCALARS, register
+from ..passes.backward import read_off_atoms
+from ..passes.lower import PROGRAM_CHECKS, Derived, Width, rule
+from ..plan import Input
 
-_ONE_OVER_N = ("Tensor Programs' limit scales the logits by 1/n instead (n the width: "
+_ONE_OVER_N = ("Tensor Programs' limit scales the logits by 1/n instead (n the width the logits sum over: "
                "torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1], -1) @ v, or "
                "F.scaled_dot_product_attention(q, k, v, scale=1 / q.shape[-1])), where they converge to "
-               "deterministic numbers; ntkcompile does not compile attention in that form yet either")
+               "deterministic numbers and ntkcompile compiles attention")
 
 _SQRT = ("{what} scales the attention logits by 1/sqrt(head_dim): q.k/sqrt(d) stays an O(1) random number "
          "at any width, so with a fixed number of heads the attention weights never become deterministic "
@@ -36,6 +60,183 @@ _SQRT = ("{what} scales the attention logits by 1/sqrt(head_dim): q.k/sqrt(d) st
 
 def _refuse(lw, node, what):
     raise lw.error(node, _SQRT.format(what=what), UnsupportedOpError)
+
+
+# -- IR ------------------------------------------------------------------------------
+
+@node
+class SAttn(Scalar):
+    """The attention weights of each input, ``(Tq, Tk)``: ``softmax_t(c E[Z^{q_s} Z^{k_t}] + mask)``
+    (``softmax=False``: linear attention ``c E[...] + mask``)."""
+    q: Any                 # Vec with positions (Tq,)
+    k: Any                 # Vec with positions (Tk,)
+    c: float
+    mask: Any              # kernels.attention.Mask or None
+    softmax: bool
+    shape: tuple           # (Tq, Tk)
+    uid: int = -1
+
+    def children(self):
+        return (self.q, self.k)
+
+    def describe(self, shown):
+        mask = f" + {self.mask.label}" if self.mask is not None else ""
+        inner = f"{self.c:g} <{shown[0]}, {shown[1]}>/n{mask}"
+        return f"softmax({inner})" if self.softmax else f"({inner})"
+
+    def check(self, program):
+        pq, pk = program.positions(self.q), program.positions(self.k)
+        if (tuple(pq), tuple(pk)) != tuple((s,) for s in self.shape):
+            return [f"attention weights of shape {self.shape} from a query with positions {pq} and a key "
+                    f"with positions {pk}"]
+        return []
+
+
+@node
+class GAttend(Atom):
+    """``o_s = sum_t A_st v_t``: the per-input attention weights ``weights`` (an ``SAttn``)
+    applied to the positions of the value vector ``arg``."""
+    weights: Any
+    arg: Any
+    uid: int = -1
+    consumes = True
+    read_off = True
+    mixes_positions = True
+
+    @property
+    def gaussian(self):
+        return all(v.gaussian for _, v in self.arg.pieces) and not holds_probe(self)
+
+    @property
+    def cov_group(self):
+        groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
+        return groups.pop() if len(groups) == 1 else ANY
+
+    def children(self):
+        return (self.weights, self.arg)
+
+    def positions(self, positions_of):
+        return self.weights.shape[:1]
+
+    def describe(self, show):
+        kind = "G" if self.gaussian else "linear in H-vars"
+        return f"attend#{self.weights.uid} ({show(self.arg)})    # {kind}"
+
+    def backward_label(self, show):
+        return f"attend#{self.weights.uid}^T d{show(self)}"
+
+    def check(self, program):
+        pos = program.positions(self.arg)
+        if tuple(pos) not in (self.weights.shape[1:], ()):
+            return [f"attends over a vector with positions {pos} with weights of shape {self.weights.shape}"]
+        return []
+
+
+# -- lowering ------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Logits(Derived):
+    """``coef * q k^T`` of a query and a key with one position axis each (``k`` as the
+    transposed tensor), then an additive ``mask``; ``softmax``: the weights after
+    ``softmax`` over the key positions."""
+    q: Width
+    k: Width
+    coef: float = 1.0
+    mask: Optional[np.ndarray] = None
+    softmax: bool = False
+
+    @property
+    def shape(self):
+        return (self.q.positions[0], self.k.positions[0])
+
+    def but(self, **changes):
+        fields = dict(q=self.q, k=self.k, coef=self.coef, mask=self.mask, softmax=self.softmax)
+        fields.update(changes)
+        return Logits(**fields)
+
+
+def _sequence(x: Width, axes) -> bool:
+    return isinstance(x, Width) and len(x.positions) == 1 and tuple(x.axes) == axes
+
+
+def logits(lw, node, q, k) -> Logits:
+    """``q @ k^T`` for a query ``(N, Tq, n)`` and a transposed key ``(N, n, Tk)``."""
+    if not (_sequence(q, ("n", 0, "w")) and _sequence(k, ("n", "w", 0))):
+        raise lw.unsupported(node, "a product of width vectors other than attention logits q @ k.transpose(-1, "
+                             "-2) of two sequences (N, T, n) (several heads: not compiled yet; one head of width "
+                             "n)")
+    if q.size != k.size:
+        raise lw.error(node, f"attention logits of a query of width {q.size} and a key of width {k.size}",
+                       WidthInferenceError)
+    return Logits(q, k)
+
+
+def _mask_of(lw, node, mask, shape, bool_fill=None):
+    """An additive mask ``(Tq, Tk)`` from a fixed tensor that does not depend on the input."""
+    value = lw.constant(mask)
+    if value is None:
+        raise lw.unsupported(node, "an attention mask that depends on the input or is not a fixed tensor (use a "
+                             "buffer or a tensor built from sizes, e.g. torch.ones(T, T).triu(1).bool())")
+    value = value.detach().to("cpu")
+    if value.ndim > 2 and all(s == 1 for s in value.shape[:-2]):
+        value = value.reshape(value.shape[-2:])
+    if value.ndim > 2 or torch.broadcast_shapes(tuple(value.shape), shape) != shape:
+        raise lw.error(node, f"an attention mask of shape {tuple(value.shape)} for logits of shape (N, {shape[0]}, "
+                       f"{shape[1]}): only one mask shared by all inputs ((T, T), broadcastable) is supported",
+                       WidthInferenceError)
+    value = torch.broadcast_to(value, shape)
+    if bool_fill is not None:         # masked_fill(mask, value): value where mask is True
+        return torch.where(value.bool(), torch.tensor(float(bool_fill), dtype=torch.float64),
+                           torch.tensor(0.0, dtype=torch.float64)).numpy()
+    if value.dtype == torch.bool:     # SDPA's boolean mask: True where attention is allowed
+        return torch.where(value, 0.0, float("-inf")).double().numpy()
+    return value.double().numpy()
+
+
+def add_mask(lw, node, lg: Logits, mask) -> Logits:
+    if lg.softmax:
+        raise lw.unsupported(node, "arithmetic on attention weights after the softmax")
+    m = _mask_of(lw, node, mask, lg.shape)
+    return lg.but(mask=m if lg.mask is None else lg.mask + m)
+
+
+def scale(lw, node, lg: Logits, factor) -> Logits:
+    if lg.softmax:
+        raise lw.unsupported(node, "arithmetic on attention weights after the softmax")
+    if lg.mask is not None:
+        raise lw.unsupported(node, "scaling attention logits after a mask was added (scale first, then mask)")
+    return lg.but(coef=lg.coef * float(factor))
+
+
+def _temperature(lw, node, lg: Logits, what) -> float:
+    """``c`` of logits scaled by ``c/n`` (``n`` the width they sum over), checked."""
+    n = lg.q.size
+    if lg.coef == 1.0:
+        raise lw.error(node, f"{what}: the logits q.k are not scaled, so their scale is unknown (a sum over the "
+                       "width grows like n). " + _ONE_OVER_N + ".", UnsupportedOpError)
+    if abs(lg.coef * math.sqrt(n) - 1.0) < 1e-9 and n > 1:
+        _refuse(lw, node, what + f" (logits scaled by 1/sqrt({n}))")
+    return lg.coef * n
+
+
+def _attend(lw, node, lg: Logits, v, what):
+    if not lg.softmax and lg.mask is not None and np.isinf(lg.mask).any():
+        raise lw.unsupported(node, "linear attention (no softmax) with a -inf mask")
+    if not _sequence(v, ("n", 0, "w")):
+        raise lw.unsupported(node, "attention weights applied to a value that is not a sequence (N, T, n) of "
+                             "width vectors")
+    if v.positions[0] != lg.shape[1]:
+        raise lw.error(node, f"attention weights of shape {lg.shape} applied to values with {v.positions[0]} "
+                       "positions", WidthInferenceError)
+    if lg.mask is not None and lg.softmax and np.isinf(lg.mask).all(axis=1).any():
+        raise lw.error(node, "the attention mask masks every key of some query: its softmax is undefined",
+                       WidthInferenceError)
+    c = _temperature(lw, node, lg, what)
+    b = lw.b
+    mask = None if lg.mask is None else ka.Mask.make(lg.mask, "mask")
+    w = b.make(SAttn, lg.q.vec, lg.k.vec, float(c), mask, bool(lg.softmax), lg.shape)
+    atom = b.make(GAttend, w, v.vec)
+    return lw.width(node, b.single(b.atom_var(atom)), v.size, lg.shape[:1], layout=("n", 0, "w"))
 
 
 @rule(nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
@@ -53,13 +254,39 @@ def _mha_function(lw, node, *args, **kwargs):
 def _sdpa(lw, node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     if scale is None:
         _refuse(lw, node, "F.scaled_dot_product_attention without scale=")
-    raise lw.error(node, f"F.scaled_dot_product_attention with scale={scale}: attention is not compiled yet. "
-                   "With scale=1/n (n the width) its limit is deterministic (Tensor Programs), with any "
-                   "other scale it has no Gaussian limit at a fixed number of heads.", UnsupportedOpError)
+    if kw.get("enable_gqa"):
+        raise lw.unsupported(node, "F.scaled_dot_product_attention with enable_gqa")
+    if dropout_p:
+        raise lw.unsupported(node, "attention dropout (dropout_p > 0): the kernel of random dropout masks is not "
+                             "computed; pass dropout_p=0 (eval)")
+    if not _sequence(k, ("n", 0, "w")):
+        raise lw.unsupported(node, "F.scaled_dot_product_attention of tensors other than sequences (N, T, n) "
+                             "(several heads: not compiled yet)")
+    lg = logits(lw, node, q, _transposed(k))
+    lg = lg.but(coef=float(scale))
+    if is_causal:
+        tq, tk = lg.shape
+        lg = lg.but(mask=np.where(np.tril(np.ones((tq, tk), dtype=bool)), 0.0, -np.inf))
+    if attn_mask is not None:
+        m = _mask_of(lw, node, attn_mask, lg.shape)
+        lg = lg.but(mask=m if lg.mask is None else lg.mask + m)
+    return _attend(lw, node, lg.but(softmax=True), v, f"F.scaled_dot_product_attention(scale={scale:g})")
+
+
+def _transposed(k: Width) -> Width:
+    return Width(k.vec, k.size, k.positions, layout=("n", "w", 0))
 
 
 @rule(torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax")
 def _softmax(lw, node, x, dim=None, *args, **kwargs):
+    log = "log" in getattr(node.target, "__name__", str(node.target))
+    if isinstance(x, Logits):
+        if dim is None or dim % 3 != 2:
+            raise lw.unsupported(node, "a softmax of attention logits over the query axis (softmax over the keys, "
+                                 "dim=-1)")
+        if log or x.softmax:
+            raise lw.unsupported(node, "log_softmax or a second softmax of attention logits")
+        return x.but(softmax=True)
     if not isinstance(x, Width) or dim is None:
         raise lw.unsupported(node, "a softmax of a value that is not a width vector")
     role = x.axes[dim % len(x.axes)]
@@ -69,16 +296,138 @@ def _softmax(lw, node, x, dim=None, *args, **kwargs):
                        "written. Apply softmax to the model's outputs instead (after the readout, e.g. in "
                        "the loss: simulate(loss='cross_entropy')).", UnsupportedOpError)
     raise lw.error(node, "a softmax over positions of a width vector (a nonlinearity of each coordinate's "
-                   "values at every position) is not compiled yet. If these are attention logits: attention "
-                   "logits are per-input numbers q.k/n, not width vectors. " + _ONE_OVER_N + ".",
+                   "values at every position) has no Tensor Program rule. If these are attention logits: they "
+                   "are per-input numbers q @ k.transpose(-1, -2) / n, not width vectors. " + _ONE_OVER_N + ".",
                    UnsupportedOpError)
 
 
 @rule(torch.matmul, "matmul", torch.bmm, "bmm", operator.matmul)
 def _matmul(lw, node, a, b, *args, **kwargs):
     if isinstance(a, Width) and isinstance(b, Width):
-        raise lw.error(node, "a product of two width vectors over the width axis (attention logits q @ k^T): "
-                       "its entries are sums over n coordinates. " + _ONE_OVER_N + ".", UnsupportedOpError)
+        return logits(lw, node, a, b)
+    if isinstance(a, Logits) and isinstance(b, Width):
+        if not a.softmax:
+            return _attend(lw, node, a, b, "linear attention (q @ k^T) @ v")
+        return _attend(lw, node, a, b, "attention")
     raise lw.unsupported(node, "a matrix product with a width vector (use nn.Linear for a learned map; a "
                          "fixed matrix over positions, e.g. MLP-Mixer's token mixing as a Linear over a "
                          "fixed axis, is a finite random matrix with no deterministic limit)")
+
+
+@rule("masked_fill", torch.masked_fill)
+def _masked_fill(lw, node, x, mask, value):
+    if not isinstance(x, Logits) or x.softmax:
+        raise lw.unsupported(node, "masked_fill of a value other than attention logits")
+    if not isinstance(value, (int, float)):
+        raise lw.unsupported(node, "masked_fill with a value that is not a number")
+    m = _mask_of(lw, node, mask, x.shape, bool_fill=value)
+    if np.isfinite(value) and value != 0.0:
+        raise lw.unsupported(node, "masked_fill of attention logits with a finite value (use -inf, or add a mask)")
+    return x.but(mask=m if x.mask is None else x.mask + m)
+
+
+def _check_values(lw, program):
+    """A value vector attended and also read by another linear map: the backward then needs the
+    covariance of ``A^T do`` with that map's gradient, which is not computed: refused."""
+    users = [a for a in program.nodes if getattr(type(a), "consumes", False)] + [READOUT]
+    kinds: dict = {}
+    for u in users:
+        for _, var in BackwardProgram.arg(program, u).pieces:
+            for g in read_off_atoms(var):
+                kinds.setdefault(g, set()).add(type(u) is GAttend)
+    for g, k in kinds.items():
+        if len(k) > 1:
+            raise UnsupportedOpError(
+                "a vector is both attended (as the values of an attention) and read by another linear map or "
+                "the readout: the covariance of their gradients is not computed. Use a separate Linear for "
+                "the values.")
+
+
+PROGRAM_CHECKS.append(_check_values)
+
+
+# -- planning ------------------------------------------------------------------------
+
+def _ref(pl, side):
+    return pl.plan.make(Input, side, 0)
+
+
+@register(SCALARS, SAttn)
+def _weights(pl, s, side):
+    lg = yield from pl.cov(s.q, s.k, f"f{side}")
+    mask = pl.static(s.mask, "mask") if s.mask is not None else None
+    return pl.call(ka.weights, pl.tensor(lg) if lg is not None else 0.0, s.c, s.softmax, _ref(pl, side), s.shape,
+                   options=(mask,))
+
+
+def _lifted(pl, w, side):
+    a = yield from pl.scalar(w, side)
+    return pl.lift(a, side, "x", 0)
+
+
+@register(COVARIANCE, GAttend)
+def _attend_cov(pl, a, b, pair):
+    if not (isinstance(a, GAttend) and isinstance(b, GAttend)):
+        return (yield from _other_cov(pl, a, b, pair))
+    if pair in SAME_INPUT:
+        side = int(pair[1])
+        inner = yield from pl.cov(a.arg, b.arg, "f" + pair[1])
+        if inner is None:
+            return None
+        wa = yield from pl.scalar(a.weights, side)
+        wb = yield from pl.scalar(b.weights, side)
+        return pl.call(ka.same, wa, wb, inner)
+    inner = yield from pl.cov(a.arg, b.arg, pair)
+    if inner is None:
+        return None
+    if pair == "x":
+        wa = yield from _lifted(pl, a.weights, 1)
+        wb = yield from _lifted(pl, b.weights, 2)
+    else:                                   # f1, f2: one input, all pairs of positions
+        side = int(pair[1])
+        wa = yield from pl.scalar(a.weights, side)
+        wb = yield from pl.scalar(b.weights, side)
+    return pl.call(ka.pair, wa, wb, inner)
+
+
+def _other_cov(pl, a, b, pair):
+    """``E[(A x)_s y'_u]`` for ``y`` not attended (a residual beside the attention)."""
+    att, other = (a, b) if isinstance(a, GAttend) else (b, a)
+    group = other.cov_group
+    if group is not ANY and all(t.cov_group is not ANY and t.cov_group is not group
+                                for _, v in att.arg.pieces for _, t in v.terms):
+        return None
+    if tuple(pl.p.positions(other)) != tuple(pl.p.positions(att.arg)):
+        raise NotImplementedError("an attention's output combined with a vector of other positions")
+    y = pl.b.single(pl.b.atom_var(other))
+    inner_pair = "f" + pair[1] if pair in SAME_INPUT else pair
+    inner = yield from (pl.cov(att.arg, y, inner_pair) if att is a else pl.cov(y, att.arg, inner_pair))
+    if inner is None:
+        return None
+    if pair == "x":
+        w = yield from _lifted(pl, att.weights, 1 if att is a else 2)
+    else:
+        w = yield from pl.scalar(att.weights, int(pair[1]))
+    if pair in SAME_INPUT:
+        return pl.call(ka.left_same if att is a else ka.right_same, w, inner)
+    return pl.call(ka.left if att is a else ka.right, w, inner)
+
+
+@register(MEAN, GAttend)
+def _attend_mean(pl, a, side):
+    m = yield from pl.mean(a.arg, side)
+    if m is None:
+        return None
+    w = yield from pl.scalar(a.weights, side)
+    return pl.call(ka.mean, w, m)
+
+
+@register(ADJOINT, GAttend)
+def _attend_adjoint(pl, u, w):
+    """``Cov(A^T do, B^T do') = A^T D B`` per pair of inputs (A, B constants in the backward)."""
+    d = yield from pl.D(u, w)
+    if d is None:
+        return None
+    wu = yield from _lifted(pl, u.weights, 1)
+    ww = yield from _lifted(pl, w.weights, 2)
+    return pl.call(ka.adjoint, pl.tensor(d), wu, ww)

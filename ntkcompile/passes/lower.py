@@ -7,6 +7,7 @@ An interpreter walks the traced graph.  Each node's value is one of
   there as long as it has no trainable parameter;
 * ``Width``   a width vector in canonical form (``ir.Vec``);
 * ``Moment``  a per-input scalar such as ``x.mean(-1, keepdim=True)``;
+* ``Derived`` another value computed from width vectors (attention logits ``q k^T / n``);
 * ``Output``  the readout and what follows it;
 * a plain Python value (ints, floats, shapes).
 
@@ -19,7 +20,6 @@ whose parameters turn a fixed input into a width vector.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,10 +28,11 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
-from ..errors import GIACheckError, InputShapeError, UnsupportedOpError, WidthInferenceError
+from ..errors import GIACheckError, UnsupportedOpError, WidthInferenceError
 from ..trace import describe, origin, source_line
 from .prune import prune
 from .readout import SHAPE_ONLY, find_readout
+from .run import make_prep as _make_prep, propagate_shapes as _propagate_shapes
 
 
 # --------------------------------------------------------------------------- #
@@ -68,6 +69,11 @@ class Moment:
 @dataclass(frozen=True)
 class Output:
     pass
+
+
+class Derived:
+    """Base of other values derived from width vectors, defined by their ops (attention
+    logits and weights: ``ops/attention.py``); ops without a rule for them refuse them."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ class Lowering:
                 f"({', '.join(n.name for n in placeholders)}); ntkcompile supports models of exactly one "
                 "input tensor. Wrap the model so that its forward takes one tensor (concatenate the "
                 "inputs, or fix the other arguments in a wrapper module).")
-        self._shapes, self._dtypes = _propagate_shapes(gm, example_input)
+        self._shapes, self._dtypes, self._values = _propagate_shapes(gm, example_input)
         self._derived: dict = {}
 
     # ------------------------------------------------------------------ utils
@@ -180,6 +186,23 @@ class Lowering:
 
     def shape(self, node):
         return self._shapes[node.name]
+
+    def constant(self, v):
+        """The value of a fixed tensor ``v`` that does not depend on the input (a buffer, an
+        attention mask built from sizes), as computed on the example input; None if it
+        depends on the input or was too large to keep."""
+        if not isinstance(v, Fixed):
+            return None
+        seen, stack = set(), [v.node]
+        while stack:
+            n = stack.pop()
+            if n in seen or (n is not v.node and n.name not in self._shapes):
+                continue           # a Python value (a size) cuts the dependence
+            if n.op == "placeholder":
+                return None
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return self._values.get(v.node.name)
 
     def dtype(self, node):
         """The dtype of ``node``'s value in the finite model run on the example input."""
@@ -342,7 +365,7 @@ class Lowering:
         if any(isinstance(v, Output) for v in flat):
             raise self.error(node, "only shapes and scaling by a number may follow the readout",
                              GIACheckError)
-        tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment))]
+        tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment, Derived))]
         key = type(self.modules[node.target]) if node.op == "call_module" else node.target
         if not tensors and node.op == "call_function" and _python_op(key):
             return key(*args, **kwargs)       # arithmetic on sizes: n = x.size(1) // 3
@@ -352,7 +375,7 @@ class Lowering:
             unpool = lambda v: UNPOOL[v.pool](self, node, v) if isinstance(v, Width) and v.pool in UNPOOL else v  # noqa: E731
             args, kwargs = fx.node.map_aggregate(args, unpool), fx.node.map_aggregate(kwargs, unpool)
             flat = list(_flatten((args, kwargs)))
-            tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment))]
+            tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment, Derived))]
             if any(isinstance(v, Width) and v.pool for v in flat) and key not in FLATTEN_READERS:
                 raise self.unsupported(
                     node, f"{describe(node)} after flattening the positions of a feature map (only a Linear "
@@ -370,7 +393,7 @@ class Lowering:
                 raise self.unsupported(node, f"module {type(m).__module__}.{type(m).__name__}")
             return r(self, node, m, *args, **kwargs)
         if node.op in ("call_function", "call_method"):
-            if not any(isinstance(v, (Width, Moment)) for v in flat) and key not in INPUT_LAYERS and \
+            if not any(isinstance(v, (Width, Moment, Derived)) for v in flat) and key not in INPUT_LAYERS and \
                     not _in(key, CONCRETE):
                 if any(isinstance(v, Fixed) and v.node.op == "get_attr" and
                        _is_trainable_attr(self.gm, v.node.target) for v in flat):
@@ -521,59 +544,6 @@ def reads_integers(gm) -> bool:
                 seen.add(user)
                 stack.append(user)
     return False
-
-
-def _propagate_shapes(gm, example):
-    """Run the module once on ``example`` and record every node's output shape and dtype."""
-    shapes, dtypes = {}, {}
-
-    class _Rec(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                shapes[n.name] = tuple(out.shape)
-                dtypes[n.name] = out.dtype
-            return out
-
-    # on a copy: a training-mode BatchNorm would update the user's running statistics
-    try:
-        with torch.no_grad():
-            _Rec(copy.deepcopy(gm)).run(example)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        raise InputShapeError(
-            f"the model does not run on inputs of shape (N, {', '.join(map(str, example.shape[1:]))}) "
-            f"and dtype {example.dtype}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. The kernel's input shape is "
-            "fixed by compile(..., input_shape=...) or by the first call; inputs are (N, *shape), batch "
-            "axis first") from e
-    return shapes, dtypes
-
-
-def _make_prep(gm: fx.GraphModule, fixed_nodes, perms=None):
-    """A GraphModule computing the fixed inputs of the input layers from the input, each
-    permuted by its ``perms`` entry and in the input's dtype (the kernel's: a cast to
-    float32 or to integers inside the model does not reach the kernel's arithmetic)."""
-    graph = fx.Graph()
-    env = {}
-    needed = set()
-    stack = list(fixed_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in needed:
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
-    x = None
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or n in needed:
-            env[n] = graph.node_copy(n, lambda a: env[a])
-            x = env[n] if n.op == "placeholder" else x
-    dtype = graph.call_function(getattr, (x, "dtype"))
-    outs = []
-    for n, perm in zip(fixed_nodes, perms or [None] * len(fixed_nodes)):
-        out = env[n] if perm is None else graph.call_method("permute", (env[n], *perm))
-        outs.append(graph.call_method("to", (out, dtype)))
-    graph.output(tuple(outs))
-    return fx.GraphModule(gm, graph)
 
 
 def lower(gm: fx.GraphModule, example_input, W_std, b_std, std) -> ir.Program:

@@ -1,6 +1,6 @@
-"""Attention, softmax and token mixing without a Gaussian limit (or not compiled yet) are
-refused with the reason and the form that has one (ops/attention.py, ops/linear.py):
-never a kernel that ignores them."""
+"""Attention, softmax and token mixing without a Gaussian limit are refused with the reason
+and the form that has one (ops/attention.py, ops/linear.py): never a kernel that ignores
+them.  The 1/n form compiles (tests/ops/test_attention.py has its oracle)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,8 +87,6 @@ class Mixer(nn.Module):
     (MHA, "nn.MultiheadAttention scales the attention logits by 1/sqrt"),
     (EncoderLayer, "nn.TransformerEncoderLayer scales the attention logits by 1/sqrt"),
     (SDPA, "without scale= scales the attention logits by 1/sqrt"),
-    (lambda: SDPA(1 / N), "attention is not compiled yet"),
-    (ByHand, "product of two width vectors"),
     (lambda: Softmax(-1), "softmax over the width axis"),
     (lambda: Softmax(1), "softmax over positions"),
 ])
@@ -99,6 +97,26 @@ def test_attention_and_softmax_are_refused_with_the_reason(model, match):
     assert "source:" in text                                   # the user's line is named
     if "sqrt" in match:
         assert "1/n" in text and "Hron" in text                # the form that has a limit, and why not
+
+
+class MeanOfValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(D, N), nn.Linear(D, N), nn.Linear(D, N), nn.Linear(N, 1)
+
+    def forward(self, x):
+        return self.out(self.v(x).mean(1))
+
+
+@pytest.mark.parametrize("model", [ByHand, lambda: SDPA(1 / N)])
+def test_the_one_over_n_form_compiles_untied_queries_attend_uniformly(model):
+    """Query and key of independent matrices: limit logits 0, uniform attention, so the
+    output averaged over positions is the values' average."""
+    x = torch.randn(3, T, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = ntkcompile.compile(model(), W_std=1.3, b_std=0.2)(x)
+    want = ntkcompile.compile(MeanOfValues(), W_std=1.3, b_std=0.2)(x)
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-13, atol=1e-13)
 
 
 def test_token_mixing_is_refused_as_a_finite_random_matrix():
