@@ -9,6 +9,7 @@ with width inference and the Simple GIA Check) -> the backward program
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -16,10 +17,12 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import codegen, ops  # noqa: F401  (ops: registers every rule)
-from .errors import InputShapeError, KernelMemoryError, NonFiniteInputError, TraceError, UnsupportedOpError
+from .errors import (InputShapeError, KernelMemoryError, NonFiniteInputError, NTKCompileError, TraceError,
+                     UnsupportedOpError)
 from .export import graph_of, is_exported_program
 from .ir.graph import render, to_dot
 from .ir.printer import format_program
@@ -99,6 +102,12 @@ class CompiledKernel:
                     self._provisional = True
                 except InputShapeError:
                     pass      # a Linear that reads the last axis of inputs with more axes: the first call tells
+                except NTKCompileError:
+                    # refused as vectors, but an attention (q @ k^T) needs positions: the first
+                    # Linear reads the last axis of a sequence, and the first call's shape
+                    # decides (a call with vectors raises the error again)
+                    if not _attends(gm):
+                        raise
         elif input_shape is not None:
             self._specialize(tuple(input_shape))
 
@@ -391,6 +400,23 @@ _INDUCTOR = {"realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 30}
 def _inductor_options():
     from torch._inductor import config
     return {k: v for k, v in _INDUCTOR.items() if hasattr(config, k)}   # keys vary across torch versions
+
+
+_ATTENTION_OPS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", torch.softmax, "softmax",
+                  F.softmax, F.scaled_dot_product_attention}
+
+
+def _attends(gm: fx.GraphModule) -> bool:
+    """True if the graph has an attention-like op (a product of two tensors, a softmax)."""
+    return any(n.op in ("call_function", "call_method") and _hashable_in(n.target, _ATTENTION_OPS)
+               for n in gm.graph.nodes)
+
+
+def _hashable_in(key, table) -> bool:
+    try:
+        return key in table
+    except TypeError:
+        return False
 
 
 def _infer_input_shape(gm: fx.GraphModule):
