@@ -108,6 +108,17 @@ _same_as(F.adaptive_avg_pool2d, "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_
 _same_as(F.dropout, "dropout")
 
 
+_same_as(torch.matmul, "matmul", "bmm")
+_same_as(torch.masked_fill, "masked_fill.Scalar", "masked_fill.Tensor")
+_same_as(F.scaled_dot_product_attention, "scaled_dot_product_attention")
+
+
+@rule(*_ops("softmax.int", "_softmax", "_safe_softmax", "log_softmax.int", "_log_softmax"))
+def _softmax(lw, node, x, dim, *rest):
+    """``aten.softmax(x, dim, dtype)`` / ``aten._softmax(x, dim, half_to_float)``: the torch rule."""
+    return FUNCTION_RULES[torch.softmax](lw, node, x, dim)
+
+
 _same_as(torch.sqrt, "sqrt")
 _same_as(torch.rsqrt, "rsqrt")
 

@@ -17,6 +17,12 @@
   backward (as NTK4A treats it): ``dv = A^T do``, and ``W^q, W^k`` add nothing to the NTK
   (they appear only inside the weights' scalar ``SAttn``, which the backward pass treats
   like every moment).  Finite-width NTKs converge to this at rate ``n^-1/2``.
+* Several heads: the width reshaped to ``(H, n / H)`` (``q.view(N, T, H, -1).transpose(1, 2)``)
+  is ``H`` blocks of the width stacked along a position axis (``ops/stack.py``), each head's
+  logits are those of its own blocks (``n`` is then the head's width), and the weights act
+  on the flattened positions ``(H, T)`` with ``-inf`` between different heads.  With one
+  mask for all heads the heads' limit logits are equal (independent copies of one law), so
+  they attend alike; a mask per head (``(H, T, T)``) makes them differ.
 * ``c = scale * n`` is the temperature, held fixed as the width grows.  Logits without any
   scaling (``c = n``) are refused as an unknown scale; ``1/sqrt(n)`` (``nn.MultiheadAttention``,
   ``nn.Transformer*``, SDPA's default) is refused: ``q.k / sqrt(d)`` stays an O(1) *random*
@@ -44,7 +50,7 @@ from ..ir.nodes import Atom
 from ..kernels import attention as ka
 from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, SAME_INPUT, SCALARS, register
 from ..passes.backward import read_off_atoms
-from ..passes.lower import PROGRAM_CHECKS, Derived, Width, rule
+from ..passes.lower import PROGRAM_CHECKS, Derived, Fixed, Width, rule
 from ..plan import Input
 
 _ONE_OVER_N = ("Tensor Programs' limit scales the logits by 1/n instead (n the width the logits sum over: "
@@ -66,35 +72,37 @@ def _refuse(lw, node, what):
 
 @node
 class SAttn(Scalar):
-    """The attention weights of each input, ``(Tq, Tk)``: ``softmax_t(c E[Z^{q_s} Z^{k_t}] + mask)``
-    (``softmax=False``: linear attention ``c E[...] + mask``)."""
-    q: Any                 # Vec with positions (Tq,)
-    k: Any                 # Vec with positions (Tk,)
+    """The attention weights of each input, a ``(|Pq|, |Pk|)`` matrix over the flattened
+    positions of the query and the key: ``softmax_b(c E[Z^{q_a} Z^{k_b}] + mask_ab)``
+    (``softmax=False``: linear attention ``(c E[...] + mask) keep``); heads are position
+    axes that the mask keeps apart."""
+    q: Any                 # Vec with positions pq
+    k: Any                 # Vec with positions pk
     c: float
-    mask: Any              # kernels.attention.Mask or None
+    mask: Any              # kernels.attention.Mask over (|pq|, |pk|)
     softmax: bool
-    shape: tuple           # (Tq, Tk)
+    pq: tuple
+    pk: tuple
     uid: int = -1
 
     def children(self):
         return (self.q, self.k)
 
     def describe(self, shown):
-        mask = f" + {self.mask.label}" if self.mask is not None else ""
-        inner = f"{self.c:g} <{shown[0]}, {shown[1]}>/n{mask}"
+        inner = f"{self.c:g} <{shown[0]}, {shown[1]}>/n + {self.mask.label}"
         return f"softmax({inner})" if self.softmax else f"({inner})"
 
     def check(self, program):
-        pq, pk = program.positions(self.q), program.positions(self.k)
-        if (tuple(pq), tuple(pk)) != tuple((s,) for s in self.shape):
-            return [f"attention weights of shape {self.shape} from a query with positions {pq} and a key "
-                    f"with positions {pk}"]
+        pq, pk = tuple(program.positions(self.q)), tuple(program.positions(self.k))
+        if (pq, pk) != (self.pq, self.pk) or self.mask.array.shape != (math.prod(pq), math.prod(pk)):
+            return [f"attention weights for positions {self.pq} x {self.pk} from a query with positions {pq}, "
+                    f"a key with positions {pk} and a mask of shape {self.mask.array.shape}"]
         return []
 
 
 @node
 class GAttend(Atom):
-    """``o_s = sum_t A_st v_t``: the per-input attention weights ``weights`` (an ``SAttn``)
+    """``o_a = sum_b A_ab v_b``: the per-input attention weights ``weights`` (an ``SAttn``)
     applied to the positions of the value vector ``arg``."""
     weights: Any
     arg: Any
@@ -116,7 +124,7 @@ class GAttend(Atom):
         return (self.weights, self.arg)
 
     def positions(self, positions_of):
-        return self.weights.shape[:1]
+        return self.weights.pq
 
     def describe(self, show):
         kind = "G" if self.gaussian else "linear in H-vars"
@@ -126,9 +134,9 @@ class GAttend(Atom):
         return f"attend#{self.weights.uid}^T d{show(self)}"
 
     def check(self, program):
-        pos = program.positions(self.arg)
-        if tuple(pos) not in (self.weights.shape[1:], ()):
-            return [f"attends over a vector with positions {pos} with weights of shape {self.weights.shape}"]
+        pos = tuple(program.positions(self.arg))
+        if pos not in (self.weights.pk, ()):
+            return [f"attends over a vector with positions {pos} with weights for {self.weights.pk}"]
         return []
 
 
@@ -136,9 +144,10 @@ class GAttend(Atom):
 
 @dataclass(frozen=True, eq=False)
 class Logits(Derived):
-    """``coef * q k^T`` of a query and a key with one position axis each (``k`` as the
-    transposed tensor), then an additive ``mask``; ``softmax``: the weights after
-    ``softmax`` over the key positions."""
+    """``coef * q k^T`` of a query ``(N, *lead, Tq, n)`` and a transposed key ``(N, *lead, n, Tk)``
+    (``lead``: heads, position axes of independent width blocks, paired axis by axis), then
+    an additive ``mask`` of shape ``(*lead, Tq, Tk)``; ``softmax``: the weights after a
+    softmax over the keys."""
     q: Width
     k: Width
     coef: float = 1.0
@@ -147,7 +156,8 @@ class Logits(Derived):
 
     @property
     def shape(self):
-        return (self.q.positions[0], self.k.positions[0])
+        """The logits tensor's shape without the batch axis."""
+        return tuple(self.q.positions[r] for r in self.q.axes[1:-1]) + (self.k.positions[self.k.axes[-1]],)
 
     def but(self, **changes):
         fields = dict(q=self.q, k=self.k, coef=self.coef, mask=self.mask, softmax=self.softmax)
@@ -155,41 +165,49 @@ class Logits(Derived):
         return Logits(**fields)
 
 
-def _sequence(x: Width, axes) -> bool:
-    return isinstance(x, Width) and len(x.positions) == 1 and tuple(x.axes) == axes
+def _sequence_like(x) -> bool:
+    """A width vector ``(N, *lead, T, n)``: batch first, width last, positions between."""
+    return (isinstance(x, Width) and len(x.positions) >= 1 and x.axes[0] == "n" and x.axes[-1] == "w"
+            and len(x.axes) == len(x.positions) + 2)
 
 
 def logits(lw, node, q, k) -> Logits:
-    """``q @ k^T`` for a query ``(N, Tq, n)`` and a transposed key ``(N, n, Tk)``."""
-    if not (_sequence(q, ("n", 0, "w")) and _sequence(k, ("n", "w", 0))):
+    """``q @ k^T`` for a query ``(N, *lead, Tq, n)`` and a transposed key ``(N, *lead, n, Tk)``."""
+    kt_ok = (isinstance(k, Width) and len(k.positions) >= 1 and k.axes[0] == "n" and k.axes[-2] == "w"
+             and len(k.axes) == len(k.positions) + 2)
+    if not (_sequence_like(q) and kt_ok):
         raise lw.unsupported(node, "a product of width vectors other than attention logits q @ k.transpose(-1, "
-                             "-2) of two sequences (N, T, n) (several heads: not compiled yet; one head of width "
-                             "n)")
+                             "-2) of sequences (N, T, n) or (N, heads, T, head_dim)")
     if q.size != k.size:
         raise lw.error(node, f"attention logits of a query of width {q.size} and a key of width {k.size}",
                        WidthInferenceError)
+    qlead, klead = q.axes[1:-2], k.axes[1:-2]
+    if len(qlead) != len(klead) or any(q.positions[a] != k.positions[b] for a, b in zip(qlead, klead)):
+        raise lw.error(node, f"attention logits of a query {q.positions} and a key {k.positions} whose leading "
+                       "axes (heads) do not match", WidthInferenceError)
     return Logits(q, k)
 
 
 def _mask_of(lw, node, mask, shape, bool_fill=None):
-    """An additive mask ``(Tq, Tk)`` from a fixed tensor that does not depend on the input."""
+    """An additive mask of the logits' ``shape`` (no batch axis) from a fixed tensor that does
+    not depend on the input."""
     value = lw.constant(mask)
     if value is None:
         raise lw.unsupported(node, "an attention mask that depends on the input or is not a fixed tensor (use a "
                              "buffer or a tensor built from sizes, e.g. torch.ones(T, T).triu(1).bool())")
     value = value.detach().to("cpu")
-    if value.ndim > 2 and all(s == 1 for s in value.shape[:-2]):
-        value = value.reshape(value.shape[-2:])
-    if value.ndim > 2 or torch.broadcast_shapes(tuple(value.shape), shape) != shape:
-        raise lw.error(node, f"an attention mask of shape {tuple(value.shape)} for logits of shape (N, {shape[0]}, "
-                       f"{shape[1]}): only one mask shared by all inputs ((T, T), broadcastable) is supported",
-                       WidthInferenceError)
-    value = torch.broadcast_to(value, shape)
+    while value.ndim > len(shape) and value.shape[0] == 1:
+        value = value[0]
+    try:
+        value = torch.broadcast_to(value, shape)
+    except RuntimeError:
+        raise lw.error(node, f"an attention mask of shape {tuple(value.shape)} for logits of shape (N, "
+                       f"{', '.join(map(str, shape))}): the mask must be the same for every input and broadcast "
+                       "to the logits without their batch axis", WidthInferenceError) from None
     if bool_fill is not None:         # masked_fill(mask, value): value where mask is True
-        return torch.where(value.bool(), torch.tensor(float(bool_fill), dtype=torch.float64),
-                           torch.tensor(0.0, dtype=torch.float64)).numpy()
+        return np.where(value.bool().numpy(), float(bool_fill), 0.0)
     if value.dtype == torch.bool:     # SDPA's boolean mask: True where attention is allowed
-        return torch.where(value, 0.0, float("-inf")).double().numpy()
+        return np.where(value.numpy(), 0.0, -np.inf)
     return value.double().numpy()
 
 
@@ -209,7 +227,7 @@ def scale(lw, node, lg: Logits, factor) -> Logits:
 
 
 def _temperature(lw, node, lg: Logits, what) -> float:
-    """``c`` of logits scaled by ``c/n`` (``n`` the width they sum over), checked."""
+    """``c`` of logits scaled by ``c/n`` (``n`` the width they sum over: a head's), checked."""
     n = lg.q.size
     if lg.coef == 1.0:
         raise lw.error(node, f"{what}: the logits q.k are not scaled, so their scale is unknown (a sum over the "
@@ -219,24 +237,39 @@ def _temperature(lw, node, lg: Logits, what) -> float:
     return lg.coef * n
 
 
+def _flat_mask(lg: Logits) -> np.ndarray:
+    """The mask over the flattened positions of the query and the key, in the IR's order of
+    positions: the user's mask where the heads agree, ``-inf`` between different heads."""
+    q, k = lg.q, lg.k
+    user = lg.mask if lg.mask is not None else np.zeros(lg.shape)
+    qi = np.indices(q.positions).reshape(len(q.positions), -1)        # (rank, Q): each query position
+    ki = np.indices(k.positions).reshape(len(k.positions), -1)
+    same = np.ones((qi.shape[1], ki.shape[1]), dtype=bool)
+    for a, b in zip(q.axes[1:-2], k.axes[1:-2]):
+        same &= qi[a][:, None] == ki[b][None, :]
+    lead = tuple(qi[a][:, None] * np.ones_like(ki[0])[None, :] for a in q.axes[1:-2])
+    vals = user[(*lead, qi[q.axes[-2]][:, None], ki[k.axes[-1]][None, :])]
+    return np.where(same, vals, -np.inf)
+
+
 def _attend(lw, node, lg: Logits, v, what):
+    k = lg.k
     if not lg.softmax and lg.mask is not None and np.isinf(lg.mask).any():
         raise lw.unsupported(node, "linear attention (no softmax) with a -inf mask")
-    if not _sequence(v, ("n", 0, "w")):
-        raise lw.unsupported(node, "attention weights applied to a value that is not a sequence (N, T, n) of "
-                             "width vectors")
-    if v.positions[0] != lg.shape[1]:
-        raise lw.error(node, f"attention weights of shape {lg.shape} applied to values with {v.positions[0]} "
-                       "positions", WidthInferenceError)
-    if lg.mask is not None and lg.softmax and np.isinf(lg.mask).all(axis=1).any():
+    if not _sequence_like(v) or tuple(v.positions) != tuple(k.positions) or \
+            tuple(v.axes) != tuple(k.axes[:-2]) + (k.axes[-1], "w"):
+        raise lw.unsupported(node, "attention weights applied to a value that is not laid out like the key "
+                             "(N, *heads, T, n)")
+    flat = _flat_mask(lg)
+    if lg.softmax and np.isinf(flat).all(axis=1).any():
         raise lw.error(node, "the attention mask masks every key of some query: its softmax is undefined",
                        WidthInferenceError)
     c = _temperature(lw, node, lg, what)
     b = lw.b
-    mask = None if lg.mask is None else ka.Mask.make(lg.mask, "mask")
-    w = b.make(SAttn, lg.q.vec, lg.k.vec, float(c), mask, bool(lg.softmax), lg.shape)
+    w = b.make(SAttn, lg.q.vec, k.vec, float(c), ka.Mask.make(flat, "mask" if lg.mask is not None else "heads"),
+               bool(lg.softmax), tuple(lg.q.positions), tuple(k.positions))
     atom = b.make(GAttend, w, v.vec)
-    return lw.width(node, b.single(b.atom_var(atom)), v.size, lg.shape[:1], layout=("n", 0, "w"))
+    return lw.width(node, b.single(b.atom_var(atom)), v.size, lg.q.positions, layout=lg.q.axes)
 
 
 @rule(nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
@@ -259,29 +292,25 @@ def _sdpa(lw, node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if dropout_p:
         raise lw.unsupported(node, "attention dropout (dropout_p > 0): the kernel of random dropout masks is not "
                              "computed; pass dropout_p=0 (eval)")
-    if not _sequence(k, ("n", 0, "w")):
-        raise lw.unsupported(node, "F.scaled_dot_product_attention of tensors other than sequences (N, T, n) "
-                             "(several heads: not compiled yet)")
-    lg = logits(lw, node, q, _transposed(k))
-    lg = lg.but(coef=float(scale))
+    if not _sequence_like(k):
+        raise lw.unsupported(node, "F.scaled_dot_product_attention of tensors other than sequences (N, T, n) or "
+                             "(N, heads, T, head_dim)")
+    kt = Width(k.vec, k.size, k.positions, layout=k.axes[:-2] + ("w", k.axes[-2]))
+    lg = logits(lw, node, q, kt).but(coef=float(scale))
     if is_causal:
-        tq, tk = lg.shape
-        lg = lg.but(mask=np.where(np.tril(np.ones((tq, tk), dtype=bool)), 0.0, -np.inf))
+        tq, tk = lg.shape[-2:]
+        lg = lg.but(mask=np.broadcast_to(np.where(np.tril(np.ones((tq, tk), dtype=bool)), 0.0, -np.inf), lg.shape))
     if attn_mask is not None:
         m = _mask_of(lw, node, attn_mask, lg.shape)
         lg = lg.but(mask=m if lg.mask is None else lg.mask + m)
     return _attend(lw, node, lg.but(softmax=True), v, f"F.scaled_dot_product_attention(scale={scale:g})")
 
 
-def _transposed(k: Width) -> Width:
-    return Width(k.vec, k.size, k.positions, layout=("n", "w", 0))
-
-
 @rule(torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax")
 def _softmax(lw, node, x, dim=None, *args, **kwargs):
     log = "log" in getattr(node.target, "__name__", str(node.target))
     if isinstance(x, Logits):
-        if dim is None or dim % 3 != 2:
+        if dim is None or dim % (len(x.shape) + 1) != len(x.shape):
             raise lw.unsupported(node, "a softmax of attention logits over the query axis (softmax over the keys, "
                                  "dim=-1)")
         if log or x.softmax:
@@ -318,6 +347,8 @@ def _matmul(lw, node, a, b, *args, **kwargs):
 def _masked_fill(lw, node, x, mask, value):
     if not isinstance(x, Logits) or x.softmax:
         raise lw.unsupported(node, "masked_fill of a value other than attention logits")
+    if isinstance(value, Fixed) and lw.constant(value) is not None and lw.constant(value).numel() == 1:
+        value = float(lw.constant(value))          # ATen's masked_fill.Tensor: a 0-d tensor
     if not isinstance(value, (int, float)):
         raise lw.unsupported(node, "masked_fill with a value that is not a number")
     m = _mask_of(lw, node, mask, x.shape, bool_fill=value)
@@ -355,9 +386,17 @@ def _ref(pl, side):
 @register(SCALARS, SAttn)
 def _weights(pl, s, side):
     lg = yield from pl.cov(s.q, s.k, f"f{side}")
-    mask = pl.static(s.mask, "mask") if s.mask is not None else None
-    return pl.call(ka.weights, pl.tensor(lg) if lg is not None else 0.0, s.c, s.softmax, _ref(pl, side), s.shape,
-                   options=(mask,))
+    shape = (math.prod(s.pq), math.prod(s.pk))
+    return pl.call(ka.weights, pl.tensor(lg) if lg is not None else 0.0, s.c, s.softmax, _ref(pl, side), shape,
+                   pl.static(s.mask, "mask"))
+
+
+def _shapes(*atoms):
+    """``(pk, pq)`` of attentions that must agree on them."""
+    shapes = {(a.weights.pk, a.weights.pq) for a in atoms}
+    if len(shapes) != 1:
+        raise NotImplementedError("two attentions over different positions combined")
+    return shapes.pop()
 
 
 def _lifted(pl, w, side):
@@ -376,7 +415,7 @@ def _attend_cov(pl, a, b, pair):
             return None
         wa = yield from pl.scalar(a.weights, side)
         wb = yield from pl.scalar(b.weights, side)
-        return pl.call(ka.same, wa, wb, inner)
+        return pl.call(ka.same, wa, wb, inner, options=_shapes(a, b))
     inner = yield from pl.cov(a.arg, b.arg, pair)
     if inner is None:
         return None
@@ -387,7 +426,7 @@ def _attend_cov(pl, a, b, pair):
         side = int(pair[1])
         wa = yield from pl.scalar(a.weights, side)
         wb = yield from pl.scalar(b.weights, side)
-    return pl.call(ka.pair, wa, wb, inner)
+    return pl.call(ka.pair, wa, wb, inner, options=_shapes(a, b))
 
 
 def _other_cov(pl, a, b, pair):
@@ -409,8 +448,8 @@ def _other_cov(pl, a, b, pair):
     else:
         w = yield from pl.scalar(att.weights, int(pair[1]))
     if pair in SAME_INPUT:
-        return pl.call(ka.left_same if att is a else ka.right_same, w, inner)
-    return pl.call(ka.left if att is a else ka.right, w, inner)
+        return pl.call(ka.left_same if att is a else ka.right_same, w, inner, options=_shapes(att))
+    return pl.call(ka.left if att is a else ka.right, w, inner, options=_shapes(att))
 
 
 @register(MEAN, GAttend)
@@ -419,7 +458,7 @@ def _attend_mean(pl, a, side):
     if m is None:
         return None
     w = yield from pl.scalar(a.weights, side)
-    return pl.call(ka.mean, w, m)
+    return pl.call(ka.mean, w, m, options=_shapes(a))
 
 
 @register(ADJOINT, GAttend)
@@ -430,4 +469,4 @@ def _attend_adjoint(pl, u, w):
         return None
     wu = yield from _lifted(pl, u.weights, 1)
     ww = yield from _lifted(pl, w.weights, 2)
-    return pl.call(ka.adjoint, pl.tensor(d), wu, ww)
+    return pl.call(ka.adjoint, pl.tensor(d), wu, ww, options=_shapes(u, w))

@@ -5,7 +5,8 @@ Oracle: an NTK4A-style recursion written here in numpy, independently of the com
 attention weights of each input from its own query-key covariance, the attention output
 ``A K_v A^T`` and the backward ``A^T D A``, the weights of query and key absent from the
 NTK (``ops/attention.py`` derives why).  The model: a ReLU embedding with a learned
-positional embedding, one attention with a residual, mean over positions, readout.
+positional embedding, one attention with a residual, mean over positions, readout; with
+several heads (the width reshaped to ``(H, n / H)``), one mask per head.
 """
 import math
 
@@ -55,8 +56,9 @@ def _relu(K):
     return np.outer(d, d) / (2 * np.pi) * (np.sin(th) + (np.pi - th) * c), (np.pi - th) / (2 * np.pi)
 
 
-def oracle(x, tied, causal, softmax=True, pos=True):
-    """NNGP and NTK of ``OneLayer`` (numpy, float64)."""
+def oracle(x, tied, causal, softmax=True, pos=True, head_masks=None):
+    """NNGP and NTK of ``OneLayer`` (numpy, float64); ``head_masks``: one additive ``(T, T)``
+    mask per head, the heads equal blocks of the width (each attends with its own mask)."""
     n = x.shape[0]
     X = x.reshape(n * T, D).numpy()
     same_pos = np.tile(np.eye(T), (n, n)) if pos else 0.0
@@ -64,17 +66,20 @@ def oracle(x, tied, causal, softmax=True, pos=True):
     Ch, Dr = _relu(K0)
     Kv = W ** 2 * Ch + B ** 2                                       # q, k, v: same form
     mask = np.where(np.triu(np.ones((T, T)), 1) > 0, -np.inf, 0.0) if causal else np.zeros((T, T))
-    A = np.zeros((n * T, n * T))
-    for a in range(n):
-        blk = slice(a * T, (a + 1) * T)
-        L = Kv[blk, blk] if tied else np.zeros((T, T))              # E[q_s k_t] of input a
-        if softmax:
-            z = L + mask
-            e = np.exp(z - z.max(1, keepdims=True))
-            A[blk, blk] = e / e.sum(1, keepdims=True)
-        else:
-            A[blk, blk] = L
-    Ko = A @ Kv @ A.T
+    heads = []
+    for m in head_masks if head_masks is not None else [mask]:
+        A = np.zeros((n * T, n * T))
+        for a in range(n):
+            blk = slice(a * T, (a + 1) * T)
+            L = Kv[blk, blk] if tied else np.zeros((T, T))          # E[q_s k_t] of input a (every head)
+            if softmax:
+                z = L + m
+                e = np.exp(z - z.max(1, keepdims=True))
+                A[blk, blk] = e / e.sum(1, keepdims=True)
+            else:
+                A[blk, blk] = L
+        heads.append(A)
+    Ko = sum(A @ Kv @ A.T for A in heads) / len(heads)              # a fraction 1/H of the width each
     P = np.kron(np.eye(n), np.ones((1, T)) / T)
     nngp = W ** 2 * P @ (Ch + W ** 2 * Ko + B ** 2) @ P.T + B ** 2
 
@@ -84,7 +89,7 @@ def oracle(x, tied, causal, softmax=True, pos=True):
     Dh1 = np.full((n * T, n * T), W ** 2 / T ** 2)                # readout vector / T at every position
     ntk = nngp.copy()
     ntk += W ** 2 * S(Dh1 * Ko) + B ** 2 * S(Dh1)                  # output projection o
-    Dv = A.T @ (W ** 2 * Dh1) @ A                                   # dv = A^T W_o^T dh1
+    Dv = sum(A.T @ (W ** 2 * Dh1) @ A for A in heads) / len(heads)  # dv = A^T W_o^T dh1, head by head
     ntk += W ** 2 * S(Dv * Ch) + B ** 2 * S(Dv)                     # values v
     Dg0 = Dr * (Dh1 + W ** 2 * Dv)                                  # residual + through v
     ntk += W ** 2 * S(Dg0 * (X @ X.T / D)) + B ** 2 * S(Dg0)        # embedding
@@ -198,3 +203,60 @@ def test_multihead_attention_modules_are_refused():
 
     with pytest.raises(UnsupportedOpError, match="nn.MultiheadAttention.*infinitely many heads"):
         ntkcompile.compile(MHA())(torch.randn(2, T, D))
+
+
+class MultiHead(nn.Module):
+    """``H`` heads: the width reshaped to ``(H, n / H)``, each head attending with the
+    logits of its own block scaled by ``1 / head_dim``; ``per_head``: head 0 causal, the
+    others not (an additive mask of shape ``(H, T, T)``)."""
+
+    def __init__(self, H, tied=True, how="hand", per_head=False):
+        super().__init__()
+        self.H, self.tied, self.how, self.per_head = H, tied, how, per_head
+        self.emb = nn.Linear(D, N)
+        self.q, self.k, self.v, self.o, self.out = (nn.Linear(N, N) for _ in range(5))
+        causal = torch.zeros(T, T).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+        self.register_buffer("masks", torch.stack([causal] + [torch.zeros(T, T)] * (H - 1)))
+
+    def forward(self, x):
+        h = torch.relu(self.emb(x))
+        if self.how == "export":                  # tuple unpacking of a shape: traced by torch.export (ATen)
+            b, t, n = h.shape
+            split = lambda z: z.view(b, t, self.H, n // self.H).transpose(1, 2)  # noqa: E731
+        else:
+            split = lambda z: z.view(z.shape[0], z.shape[1], self.H, -1).transpose(1, 2)  # noqa: E731
+        q, v = split(self.q(h)), split(self.v(h))
+        k = q if self.tied else split(self.k(h))
+        if self.how == "sdpa":
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / q.shape[-1])
+        else:
+            s = q @ k.transpose(-1, -2) / q.shape[-1]
+            if self.per_head:
+                s = s + self.masks
+            else:
+                s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            a = torch.softmax(s, dim=-1) @ v
+        a = a.transpose(1, 2).reshape(x.shape[0], T, N)
+        return self.out((h + self.o(a)).mean(1))
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+@pytest.mark.parametrize("how", ["hand", "sdpa", "export"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_several_heads(heads, how, tied):
+    """In the limit every head's logits are the same (its blocks of W_q, W_k are independent
+    copies), so with one mask for all heads several heads are one head: the oracle's."""
+    x = torch.randn(3, T, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = ntkcompile.compile(MultiHead(heads, tied, how), W_std=W, b_std=B)(x)
+    nngp, ntk = oracle(x, tied, True, pos=False)
+    np.testing.assert_allclose(got.nngp.numpy(), nngp, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.ntk.numpy(), ntk, rtol=NTK_RTOL)
+
+
+def test_a_mask_per_head():
+    x = torch.randn(3, T, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = ntkcompile.compile(MultiHead(2, per_head=True), W_std=W, b_std=B)(x)
+    causal = np.where(np.triu(np.ones((T, T)), 1) > 0, -np.inf, 0.0)
+    nngp, ntk = oracle(x, True, False, pos=False, head_masks=[causal, np.zeros((T, T))])
+    np.testing.assert_allclose(got.nngp.numpy(), nngp, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.ntk.numpy(), ntk, rtol=NTK_RTOL)
