@@ -152,6 +152,10 @@ class Builder:
         positions; a constant is itself)."""
         return a if isinstance(a, SConst) else self.make(SSelect, pmap, a)
 
+    def sposmean(self, a):
+        """The mean of the per-position scalar ``a`` over its positions."""
+        return a if isinstance(a, SConst) else self.make(SOp, "posmean", (a,), 0.0)
+
     def smoment(self, which, vec):
         if which == "mean" and all(v.gaussian for _, v in vec.pieces):
             return self.sconst(0.0)          # G-vars have mean zero

@@ -159,7 +159,8 @@ class SMoment(Scalar):
 @node
 class SOp(Scalar):
     """``op`` applied to scalar nodes: ``add``, ``mul``, ``rsqrt`` (of ``x + param``),
-    ``pow`` (``x ** param``)."""
+    ``pow`` (``x ** param``), ``posmean`` (the mean over the argument's positions: a
+    GroupNorm's statistics over channels and positions)."""
     op: str
     args: tuple
     param: float = 0.0

@@ -18,6 +18,8 @@ def _scalar_rule():
             return f"rsqrt({xs[0]} + {s.param:g})"
         if s.op == "pow":
             return f"({xs[0]})^{s.param:g}"
+        if s.op == "posmean":
+            return f"posmean({xs[0]})"
         return "(" + (" * " if s.op == "mul" else " + ").join(xs) + ")"
 
     return {

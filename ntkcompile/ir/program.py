@@ -53,6 +53,8 @@ def _positions_of(n, get) -> tuple:
         return n.positions(get)
     if isinstance(n, SSelect):
         return n.map.out_shape
+    if isinstance(n, SOp) and n.op == "posmean":
+        return ()
     if isinstance(n, (SMoment, SOp)):
         return max((get(c) for c in n.children()), key=len, default=())
     return ()

@@ -176,7 +176,7 @@ def _check_smoment(v, s):
 
 
 def _check_sop(v, s):
-    arity = {"add": 2, "mul": 2, "rsqrt": 1, "pow": 1}.get(s.op)
+    arity = {"add": 2, "mul": 2, "rsqrt": 1, "pow": 1, "posmean": 1}.get(s.op)
     if arity is None or len(s.args) != arity or not all(_scalar_ok(a) for a in s.args):
         v.bad(s, f"op {s.op!r} with {len(s.args)} argument(s)")
 

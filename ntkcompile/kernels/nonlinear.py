@@ -265,7 +265,8 @@ class HVarExpectations:
             if isinstance(e, irn.ELin):
                 for c, _ in e.terms:
                     if c not in coefs:
-                        coefs[c] = self.lift((yield from self.scalar(c, side)), side, pair, k)
+                        coefs[c] = self.lift((yield from self.scalar(c, side)), side, pair, k,
+                                             len(self.p.positions(c)))
         plan = self.plan
 
         def lin(e, xs):

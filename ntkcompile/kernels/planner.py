@@ -166,13 +166,19 @@ class Planner(HVarExpectations):
         return self.plan
 
     # ------------------------------------------------------------ plumbing
-    def lift(self, x, side, pair, k=0):
+    def lift(self, x, side, pair, k=0, own=None):
         """A per-input array of ``side`` broadcast into the layout of ``pair``.
 
         ``k`` is the number of position axes of the context: same-input arrays are
-        ``(N, *P)``, cross arrays ``(N1, N2, *P, *P)`` (kernels.spatial).
+        ``(N, *P)``, cross arrays ``(N1, N2, *P, *P)`` (kernels.spatial).  ``own``: the
+        array's own number of position axes when it may have none in a context with
+        positions (a per-input scalar ``(N,)`` beside a feature map: a GroupNorm's).
         """
-        if x is None or isinstance(x, float) or pair in SAME_INPUT:
+        if x is None or isinstance(x, float):
+            return x
+        if own == 0 and k:
+            x = self.call(spatial.unit_positions, x, k)
+        if pair in SAME_INPUT:
             return x
         if pair in ("f1", "f2"):
             return self.plan.make(LiftAll, x, side < 0, k) if k else x
@@ -262,6 +268,9 @@ class Planner(HVarExpectations):
             return (x + s.param) ** -0.5 if isinstance(x, float) else self.plan.make(Rsqrt, x, s.param)
         if s.op == "pow":
             return x ** s.param if isinstance(x, float) else self.plan.make(Pow, x, s.param)
+        if s.op == "posmean":
+            k = len(self.p.positions(s.args[0]))
+            return x if isinstance(x, float) or not k else self.call(spatial.position_mean, x, k)
         raise NotImplementedError(s.op)
 
     # ------------------------------------------------------------ first moments
@@ -276,6 +285,9 @@ class Planner(HVarExpectations):
             terms = []
             for c, a in x.terms:
                 cs = yield from self.scalar(c, side)
+                k = len(self.p.positions(a))
+                if k and not self.p.positions(c) and not isinstance(cs, float):
+                    cs = self.call(spatial.unit_positions, cs, k)
                 terms.append(self.plan.mul(cs, (yield from self.mean(a, side))))
             return self.plan.add(terms)
         side = abs(side)
@@ -319,7 +331,8 @@ class Planner(HVarExpectations):
                     continue
                 su = yield from self.scalar(cu, left)
                 sv = yield from self.scalar(cv, right)
-                terms.append(self.plan.mul(self.lift(su, left, pair, k), self.lift(sv, right, pair, k), e))
+                terms.append(self.plan.mul(self.lift(su, left, pair, k, len(self.p.positions(cu))),
+                                           self.lift(sv, right, pair, k, len(self.p.positions(cv))), e))
         return self.plan.add(terms)
 
     def _Eatom(self, a, b, pair):

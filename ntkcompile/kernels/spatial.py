@@ -145,6 +145,16 @@ def lift2(t, k):
     return t.reshape(1, t.shape[0], *([1] * k), *sp) if sp else t.reshape(1, t.shape[0], *([1] * 2 * k))
 
 
+def unit_positions(x, k):
+    """A per-input array without positions ``(N,)`` as ``(N, 1, ..., 1)`` (``k`` unit axes)."""
+    return x.reshape(x.shape[0], *([1] * k)) if torch.is_tensor(x) and x.ndim == 1 else x
+
+
+def position_mean(x, k):
+    """The mean of a per-input array ``(N, *P)`` over its ``k`` position axes."""
+    return x.mean(dim=tuple(range(x.ndim - k, x.ndim))) if torch.is_tensor(x) and x.ndim >= k else x
+
+
 def eye_pairs(c, positions, like):
     """``c [s = t]`` over all pairs of positions ``(*P, *P)`` (no batch axes: the same for all inputs)."""
     n = math.prod(positions)

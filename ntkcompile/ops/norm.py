@@ -1,4 +1,4 @@
-"""Normalization: LayerNorm and RMSNorm over the width axis, BatchNorm in eval mode.
+"""Normalization: LayerNorm and RMSNorm over the width axis, GroupNorm, BatchNorm in eval mode.
 
 * LayerNorm (tensor_programs.md Sec. 5) tracks first moments:
   ``y = (x - mu) / sqrt(Var + eps)`` with ``mu = E[Z^x]`` and ``Var = E[(Z^x)^2] - mu^2``
@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidModelError, WidthInferenceError
+from ..errors import InvalidModelError, UnsupportedOpError, WidthInferenceError
 from ..ir import Param, Var, node
 from ..ir.nodes import Atom
 from ..kernels.planner import COVARIANCE, NTK_TERMS, register
@@ -179,6 +179,51 @@ if hasattr(F, "rms_norm"):
             raise lw.unsupported(node, "F.rms_norm with a weight (use nn.RMSNorm)")
         eps = eps if eps is not None else torch.finfo(torch.get_default_dtype()).eps
         return _normalize(lw, node, x, node.name, eps, False, None, None, normalized_shape)
+
+
+def group_norm(lw, node, x, name, groups, eps, weight, bias):
+    """GroupNorm with a fixed number of groups: each group is a block of the channels, of
+    width ``n / G``, normalized by its moments over its channels and every position.  A
+    vector's coordinates are exchangeable, so in the limit every group has the same moments,
+    ``mu = mean_s E[Z^{x_s}]`` and ``E[(Z^x)^2]`` averaged over positions: per input, without
+    positions (``SOp posmean``)."""
+    _check_eps(lw, node, eps)
+    if not isinstance(x, Width) or (x.positions and x.axes[1] != "w"):
+        raise lw.unsupported(node, "GroupNorm of a tensor that is not a width vector or a channels-first map")
+    if len(x.vec.pieces) != 1:
+        raise lw.unsupported(node, "GroupNorm of a concatenation along the channels (its groups may hold vectors of "
+                             "different laws)")
+    if groups >= x.size:
+        raise lw.error(node, f"GroupNorm with {groups} groups of {x.size} channels: a group of one channel is "
+                       "InstanceNorm, refused (its statistics are over the positions of one channel, a finite "
+                       "number of coordinates, so they stay random: no width average)", UnsupportedOpError)
+    bb = lw.b
+    mu = bb.sposmean(bb.smoment("mean", x.vec))
+    var = bb.sadd(bb.sposmean(bb.smoment("sq", x.vec)), bb.sneg(bb.smul(mu, mu)))
+    r = bb.srsqrt(var, eps)
+    vec = bb.lincomb([(r, x.vec), (bb.sneg(bb.smul(r, mu)), bb.one_vec())])
+    return _affine(lw, node, x, vec, name, weight, bias)
+
+
+@rule(nn.GroupNorm)
+def _groupnorm_module(lw, node, m, x):
+    return group_norm(lw, node, x, node.target, m.num_groups, m.eps, m.weight if m.affine else None,
+                      m.bias if m.affine else None)
+
+
+@rule(F.group_norm)
+def _groupnorm_function(lw, node, x, num_groups, weight=None, bias=None, eps=1e-5):
+    if weight is not None or bias is not None:
+        raise lw.unsupported(node, "F.group_norm with a weight or bias (use nn.GroupNorm)")
+    return group_norm(lw, node, x, node.name, num_groups, eps, None, None)
+
+
+@rule(nn.InstanceNorm1d, nn.InstanceNorm2d, F.instance_norm)
+def _instancenorm(lw, node, *args, **kwargs):
+    raise lw.error(node, "InstanceNorm normalizes each channel by its own statistics over the positions: a "
+                   "finite number of coordinates, so the statistics stay random at any width (no width average) "
+                   "and the output is a nonlinearity of all the channel's positions, not compiled. GroupNorm with "
+                   "a fixed number of groups has a deterministic limit.", UnsupportedOpError)
 
 
 @rule(nn.BatchNorm1d, nn.BatchNorm2d)
