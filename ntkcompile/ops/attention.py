@@ -128,7 +128,9 @@ class GAttend(Atom):
 
     def describe(self, show):
         kind = "G" if self.gaussian else "linear in H-vars"
-        return f"attend#{self.weights.uid} ({show(self.arg)})    # {kind}"
+        w = self.weights
+        inner = f"{w.c:g} <{show(w.q)}, {show(w.k)}>/n + {w.mask.label}"
+        return f"attend[{'softmax' if w.softmax else 'linear'}({inner})] ({show(self.arg)})    # {kind}"
 
     def backward_label(self, show):
         return f"attend#{self.weights.uid}^T d{show(self)}"
