@@ -275,5 +275,6 @@ def _check_scalar(v, s):
         v.bad(s, problem)
 
 
-_CHECKS = {Scalar: _check_scalar, SConst: _check_sconst, SMoment: _check_smoment, SOp: _check_sop, SSelect: _check_sselect, Expr: _check_expr,
+_CHECKS = {Scalar: _check_scalar, SConst: _check_sconst, SMoment: _check_smoment, SOp: _check_sop,
+           SSelect: _check_sselect, Expr: _check_expr,
            Atom: _check_atom, Var: _check_var, Vec: _check_vec}

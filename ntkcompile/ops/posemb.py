@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..ir import Param, node
 from ..ir.nodes import Atom
 from ..kernels import spatial

@@ -195,7 +195,8 @@ def test_multihead_attention_modules_are_refused():
     class MHA(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb, self.att, self.out = nn.Linear(D, N), nn.MultiheadAttention(N, 2, batch_first=True), nn.Linear(N, 1)
+            self.emb, self.out = nn.Linear(D, N), nn.Linear(N, 1)
+            self.att = nn.MultiheadAttention(N, 2, batch_first=True)
 
         def forward(self, x):
             h = self.emb(x)

@@ -36,7 +36,8 @@ class TokenMLP(nn.Module):
     def __init__(self, norm, read=None, d=D):
         super().__init__()
         self.read = read
-        self.l1, self.n1, self.l2, self.n2, self.out = nn.Linear(d, N), norm(N), nn.Linear(N, N), norm(N), nn.Linear(N, 1)
+        self.l1, self.n1, self.l2, self.n2 = nn.Linear(d, N), norm(N), nn.Linear(N, N), norm(N)
+        self.out = nn.Linear(N, 1)
 
     def forward(self, x):
         h = self.n2(self.l2(torch.relu(self.n1(self.l1(x)))))
@@ -105,7 +106,8 @@ class ChannelsLastCNN(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.c1, self.n, self.c2, self.out = nn.Conv2d(2, N, 3, padding=1), nn.LayerNorm(N), nn.Conv2d(N, N, 1), nn.Linear(N, 1)
+        self.c1, self.n = nn.Conv2d(2, N, 3, padding=1), nn.LayerNorm(N)
+        self.c2, self.out = nn.Conv2d(N, N, 1), nn.Linear(N, 1)
 
     def forward(self, x):
         h = torch.relu(self.n(self.c1(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
