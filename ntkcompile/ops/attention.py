@@ -45,13 +45,12 @@ from torch import nn
 
 from ..errors import UnsupportedOpError, WidthInferenceError
 from ..ir import ANY, READOUT, BackwardProgram, Scalar, node
-from ..ir.builder import holds_probe
-from ..ir.nodes import Atom
 from ..kernels import attention as ka
 from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, SAME_INPUT, SCALARS, register
 from ..passes.backward import read_off_atoms
 from ..passes.lower import PROGRAM_CHECKS, Derived, Fixed, Width, rule
 from ..plan import Input
+from .positions import MapOfPositions
 
 _ONE_OVER_N = ("Tensor Programs' limit scales the logits by 1/n instead (n the width the logits sum over: "
                "torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1], -1) @ v, or "
@@ -101,24 +100,12 @@ class SAttn(Scalar):
 
 
 @node
-class GAttend(Atom):
+class GAttend(MapOfPositions):
     """``o_a = sum_b A_ab v_b``: the per-input attention weights ``weights`` (an ``SAttn``)
     applied to the positions of the value vector ``arg``."""
     weights: Any
     arg: Any
     uid: int = -1
-    consumes = True
-    read_off = True
-    mixes_positions = True
-
-    @property
-    def gaussian(self):
-        return all(v.gaussian for _, v in self.arg.pieces) and not holds_probe(self)
-
-    @property
-    def cov_group(self):
-        groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
-        return groups.pop() if len(groups) == 1 else ANY
 
     def children(self):
         return (self.weights, self.arg)

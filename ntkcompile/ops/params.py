@@ -26,9 +26,10 @@ from ..passes.lower import Fixed, Width, module_of
 from .norm import Affine, GProbe
 
 
-def bare_parameter(lw, node, w: Width, other) -> Optional[str]:
-    """The qualified name of ``other`` when it is a trainable parameter that broadcasts along
-    the width axis of ``w`` only (a vector of the width), else None."""
+def trainable_shape(lw, node, w: Width, other):
+    """``(qualified name, shape)`` of ``other`` when it is a trainable parameter used directly
+    with ``w``, its shape padded with leading 1s to the rank of ``node``'s value (which has
+    ``w``'s axes), else None."""
     if not (isinstance(other, Fixed) and other.node.op == "get_attr"):
         return None
     try:
@@ -38,10 +39,16 @@ def bare_parameter(lw, node, w: Width, other) -> Optional[str]:
     out = tuple(lw.shape(node))
     if not p.requires_grad or p.dim() > len(out) or len(w.axes) != len(out):
         return None
-    padded = (1,) * (len(out) - p.dim()) + tuple(p.shape)
-    if any(size != (w.size if role == "w" else 1) for size, role in zip(padded, w.axes)):
+    return other.node.target, (1,) * (len(out) - p.dim()) + tuple(p.shape)
+
+
+def bare_parameter(lw, node, w: Width, other) -> Optional[str]:
+    """The qualified name of ``other`` when it is a trainable parameter that broadcasts along
+    the width axis of ``w`` only (a vector of the width), else None."""
+    found = trainable_shape(lw, node, w, other)
+    if found is None or any(size != (w.size if role == "w" else 1) for size, role in zip(found[1], w.axes)):
         return None
-    return other.node.target
+    return found[0]
 
 
 def _use(lw, node, name, how):

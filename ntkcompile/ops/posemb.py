@@ -16,7 +16,8 @@ from ..ir import Param, node
 from ..ir.nodes import Atom
 from ..kernels import spatial
 from ..kernels.planner import COVARIANCE, NTK_TERMS, SAME_INPUT, register
-from ..passes.lower import Fixed, Width, module_of
+from ..passes.lower import Width, module_of
+from .params import trainable_shape
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,18 +48,9 @@ class GPosEmb(Atom):
 def positional_parameter(lw, node, w: Width, other):
     """The qualified name of ``other`` when it is a trainable parameter with a width vector per
     position of ``w`` (shape ``(*P, n)`` in ``w``'s layout without the batch axis), else None."""
-    if not (isinstance(other, Fixed) and other.node.op == "get_attr") or not w.positions:
-        return None
-    try:
-        p = lw.gm.get_parameter(other.node.target)
-    except AttributeError:
-        return None
-    out = tuple(lw.shape(node))
-    if not p.requires_grad or p.dim() > len(out) or len(w.axes) != len(out):
-        return None
-    padded = (1,) * (len(out) - p.dim()) + tuple(p.shape)
+    found = trainable_shape(lw, node, w, other) if w.positions else None
     want = [1 if r == "n" else w.size if r == "w" else w.positions[r] for r in w.axes]
-    return other.node.target if list(padded) == want else None
+    return found[0] if found is not None and list(found[1]) == want else None
 
 
 def add_positional(lw, node, w: Width, name: str, cw: float, cp: float) -> Width:

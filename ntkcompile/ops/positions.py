@@ -48,16 +48,14 @@ from .blocks import block_rule, map_arg_block, slice_width
 from .pool import GPool, global_pool
 
 
-@node
-class GPosMap(Atom):
-    """``M x``: the fixed map ``map`` (an ``ir.PositionMap``) of the positions of ``arg``."""
-    map: object
-    arg: object
-    uid: int = -1
+class MapOfPositions(Atom):
+    """Base of atoms that are a linear map of the positions of the vector ``arg`` (a fixed
+    one here, attention's per-input weights in ``ops/attention.py``): Gaussian when ``arg``
+    is, in the covariance group of ``arg``'s atoms; the backward reads ``arg`` off through it."""
+    __slots__ = ()
     consumes = True
     read_off = True
     mixes_positions = True
-    homogeneous = True
 
     @property
     def gaussian(self):      # of a normalization's probe: not for nonlinearities (ir.builder.holds_probe)
@@ -67,6 +65,15 @@ class GPosMap(Atom):
     def cov_group(self):
         groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
         return groups.pop() if len(groups) == 1 else ANY
+
+
+@node
+class GPosMap(MapOfPositions):
+    """``M x``: the fixed map ``map`` (an ``ir.PositionMap``) of the positions of ``arg``."""
+    map: object
+    arg: object
+    uid: int = -1
+    homogeneous = True
 
     def children(self):
         return (self.arg,)
