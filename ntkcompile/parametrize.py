@@ -167,8 +167,9 @@ def _label(name: str) -> str:
     return repr(name) if name else "<root module>"
 
 
-def _check_module(name: str, module: nn.Module) -> bool:
-    """Return whether ``module`` gets reparametrized; raise if it cannot be handled."""
+def _check_module(name: str, module: nn.Module, biases=frozenset()) -> bool:
+    """Return whether ``module`` gets reparametrized; raise if it cannot be handled
+    (parameters named in ``biases`` are drawn and scaled by ``ntk_parametrize`` itself)."""
     if _P.is_parametrized(module) or isinstance(module, _P.ParametrizationList):
         raise ValueError(
             f"module {_label(name)} ({type(module).__name__}) is already parametrized "
@@ -204,7 +205,7 @@ def _check_module(name: str, module: nn.Module) -> bool:
         return True
     if isinstance(module, _NORMS):
         return False
-    own = [n for n, _ in module.named_parameters(recurse=False)]
+    own = [n for n, _ in module.named_parameters(recurse=False) if (f"{name}.{n}" if name else n) not in biases]
     if own:
         raise UnsupportedOpError(
             f"ntk_parametrize does not support module {_label(name)} of type "
@@ -221,6 +222,7 @@ def ntk_parametrize(
     *,
     std: Mapping[str, tuple[float, float]] | None = None,
     generator: torch.Generator | None = None,
+    biases=(),
 ) -> nn.Module:
     """Return a deep copy of ``model`` in NTK parametrization (TP II Sec. 1).
 
@@ -247,6 +249,10 @@ def ntk_parametrize(
             entry. For recurrent weights ``W_std`` and ``b_std`` may also be
             sequences with one value per gate, in torch's gate order (GRU r, z, n;
             LSTM i, f, g, o).
+        biases: qualified names of parameters used directly as biases (``h + self.offset``,
+            a positional embedding ``h + self.pos``), as ``compile`` takes them: each
+            redrawn N(0, 1) and used as ``b_std * beta``, ``b_std`` from ``std[name]``, else
+            ``std[its module]``, else the default (drawn after the modules).
         generator: source of the N(0, 1) draws; the global RNG if ``None``.
             Draws are taken module by module in ``named_modules()`` order,
             weight before bias (a recurrent module's in its own parameter order).
@@ -260,11 +266,18 @@ def ntk_parametrize(
 
     net = copy.deepcopy(model)
     modules = dict(net.named_modules())
-    targets = {name: m for name, m in modules.items() if _check_module(name, m)}
+    biases = tuple(biases)
+    for b in biases:
+        try:
+            net.get_parameter(b)
+        except AttributeError:
+            raise ValueError(f"biases: {b!r} names no parameter of the model") from None
+    targets = {name: m for name, m in modules.items() if _check_module(name, m, frozenset(biases))}
     entries = {key: e for name, m in targets.items() for key, e in _entries(name, m).items()}
     valid = sorted(set(targets) | set(entries))
     for name in std or {}:
-        if name in entries or name in targets:
+        owners = {b.rpartition(".")[0] for b in biases}
+        if name in entries or name in targets or name in biases or name in owners:
             continue
         if name not in modules:
             raise ValueError(f"std key {name!r} names no module of the model; valid keys: {valid}")
@@ -300,6 +313,15 @@ def ntk_parametrize(
     for m in targets.values():
         if isinstance(m, nn.RNNBase):
             m._init_flat_weights()      # its forward refreshes them too (module docstring)
+    for qual in biases:
+        owner, _, pname = qual.rpartition(".")
+        pair = (std or {}).get(qual, (std or {}).get(owner))
+        _, bias_std = default if pair is None else _check_std(qual, pair)
+        p = net.get_parameter(qual)
+        with torch.no_grad():
+            dev = p.device if generator is None else generator.device
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype, device=dev))
+        _P.register_parametrization(net.get_submodule(owner), pname, _Scale(bias_std))
     net.ntk_scales = scales
     return net
 

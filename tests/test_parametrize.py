@@ -18,6 +18,7 @@ from torch.func import functional_call, jacrev
 
 from ntkcompile.empirical import empirical_ntk
 
+from ntkcompile.errors import UnsupportedOpError
 from ntkcompile.parametrize import NTKScale, ntk_parametrize, ntk_scales
 
 
@@ -456,3 +457,28 @@ def test_recurrent_result_survives_deepcopy_and_state_dict():
     fresh.load_state_dict(net.state_dict())
     torch.testing.assert_close(fresh(x)[0], net(x)[0])
     torch.testing.assert_close(net.double()(x.double())[0], before.double(), rtol=1e-5, atol=1e-6)
+
+
+class _BarePos(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.pos, self.out = nn.Linear(3, 8), nn.Parameter(torch.full((4, 8), 7.0)), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(self.l(x) + self.pos)
+
+
+def test_bare_parameters_named_as_biases_are_drawn_and_scaled():
+    """``biases=``: a bare parameter is a bias, ``b_std * beta`` with a fresh N(0, 1) ``beta``
+    (``std[name]`` over ``std[owner]`` over the default), as compile() takes it."""
+    with pytest.raises(UnsupportedOpError, match="owns parameters"):
+        ntk_parametrize(_BarePos(), 1.0, 0.1)
+    with pytest.raises(ValueError, match="names no parameter"):
+        ntk_parametrize(_BarePos(), 1.0, 0.1, biases=("nope",))
+    torch.manual_seed(0)
+    net = ntk_parametrize(_BarePos(), 1.0, 0.1, std={"pos": (1.0, 0.5)}, biases=("pos",))
+    beta = net.parametrizations.pos.original.detach()
+    assert not torch.all(beta == 7.0) and abs(float(beta.std()) - 1.0) < 0.35     # redrawn N(0, 1), 32 draws
+    torch.testing.assert_close(net.pos.detach(), 0.5 * beta)
+    net = ntk_parametrize(_BarePos(), 1.0, 0.1, biases=("pos",))
+    torch.testing.assert_close(net.pos, 0.1 * net.parametrizations.pos.original)

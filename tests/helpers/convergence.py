@@ -44,6 +44,7 @@ def convergence_sweep(
     std: Mapping[str, tuple[float, float]] | None = None,
     per_example: bool = True,
     log: Callable[[str], None] | None = None,
+    biases: Sequence[str] = (),
 ) -> tuple[np.ndarray, float]:
     """Relative error of finite-width empirical NTKs against ``limit_ntk``.
 
@@ -58,7 +59,8 @@ def convergence_sweep(
 
     ``per_example=False`` differentiates whole batches (torch's fused RNN ops have
     no ``vmap`` rule, see ``empirical_ntk``); ``log`` is called with one line per
-    width (the per-seed errors), which slow tests print for their docstrings.
+    width (the per-seed errors), which slow tests print for their docstrings; ``biases``:
+    bare parameters used as biases (``ntk_parametrize``).
 
     Returns:
         ``(mean_errors, slope)``: one geometric-mean error per width (in the
@@ -72,7 +74,7 @@ def convergence_sweep(
         logs = []
         for seed in seeds:
             torch.manual_seed(seed)
-            net = ntk_parametrize(factory(width), W_std, b_std, std=std)
+            net = ntk_parametrize(factory(width), W_std, b_std, std=std, biases=biases)
             ntk = empirical_ntk(net, x1, x2, per_example=per_example)
             logs.append(math.log(relative_frobenius(ntk, limit)))
         means.append(math.exp(sum(logs) / len(logs)))
