@@ -89,7 +89,7 @@ class SAttn(Scalar):
 
     def describe(self, shown):
         inner = f"{self.c:g} <{shown[0]}, {shown[1]}>/n + {self.mask.label}"
-        return f"softmax({inner})" if self.softmax else f"({inner})"
+        return f"softmax({inner})" if self.softmax else f"linear({inner})"
 
     def check(self, program):
         pq, pk = tuple(program.positions(self.q)), tuple(program.positions(self.k))
@@ -116,8 +116,7 @@ class GAttend(MapOfPositions):
     def describe(self, show):
         kind = "G" if self.gaussian else "linear in H-vars"
         w = self.weights
-        inner = f"{w.c:g} <{show(w.q)}, {show(w.k)}>/n + {w.mask.label}"
-        return f"attend[{'softmax' if w.softmax else 'linear'}({inner})] ({show(self.arg)})    # {kind}"
+        return f"attend[{w.describe((show(w.q), show(w.k)))}] ({show(self.arg)})    # {kind}"
 
     def backward_label(self, show):
         return f"attend#{self.weights.uid}^T d{show(self)}"
