@@ -16,6 +16,8 @@ import math
 import numpy as np
 import torch
 
+from .expect import const
+
 
 class Mask:
     """An additive mask over the flattened query and key positions ``(Q, K)`` (0 where
@@ -57,10 +59,6 @@ def weights(logits, c, softmax, ref, shape, mask):
     return (z + torch.nan_to_num(m, neginf=0.0)) * torch.tensor(mask.keep, dtype=z.dtype, device=z.device)
 
 
-def _t(x, like):
-    return x if torch.is_tensor(x) else torch.as_tensor(float(x), dtype=like.dtype, device=like.device)
-
-
 def _flat(x, groups):
     """``(..., *P1, *P2, ...)`` with the position groups ``groups`` flattened (broadcast to
     their full sizes first), and the lead."""
@@ -72,7 +70,7 @@ def _flat(x, groups):
 
 def pair(a, b, cov, pk, pq):
     """``E[(A x)_s (B y)'_u] = sum_{t,r} A_st B_ur E[x_t y'_r]``: ``(..., *Pq, *Pq)``."""
-    cov = _t(cov, a)
+    cov = const(cov, a)
     if cov.ndim == 0:             # constant over positions and inputs
         y = cov * a.sum(-1)[..., :, None] * b.sum(-1)[..., None, :]
     else:
@@ -82,7 +80,7 @@ def pair(a, b, cov, pk, pq):
 
 def same(a, b, cov, pk, pq):
     """Same input, same position: ``sum_{t,r} A_st B_sr E[x_t y_r]`` from all pairs ``(N, *Pk, *Pk)``."""
-    cov = _t(cov, a)
+    cov = const(cov, a)
     if cov.ndim == 0:
         y = cov * a.sum(-1) * b.sum(-1)
     else:
@@ -92,24 +90,24 @@ def same(a, b, cov, pk, pq):
 
 def left(a, cov, pk, pq):
     """``E[(A x)_s y'_u] = sum_t A_st E[x_t y'_u]`` (``y`` not attended, positions ``Pk``)."""
-    y = torch.einsum("...st,...tu->...su", a, _flat(_t(cov, a), (pk, pk))[0])
+    y = torch.einsum("...st,...tu->...su", a, _flat(const(cov, a), (pk, pk))[0])
     return y.reshape((*y.shape[:-2], *pq, *pk))
 
 
 def right(b, cov, pk, pq):
     """``E[y_s (B x)'_u] = sum_r B_ur E[y_s x'_r]``."""
-    y = torch.einsum("...ur,...sr->...su", b, _flat(_t(cov, b), (pk, pk))[0])
+    y = torch.einsum("...ur,...sr->...su", b, _flat(const(cov, b), (pk, pk))[0])
     return y.reshape((*y.shape[:-2], *pk, *pq))
 
 
 def left_same(a, cov, pk, pq):
     """``E[(A x)_s y_s]`` from all pairs of one input (``Pq == Pk``)."""
-    y = torch.einsum("...st,...ts->...s", a, _flat(_t(cov, a), (pk, pk))[0])
+    y = torch.einsum("...st,...ts->...s", a, _flat(const(cov, a), (pk, pk))[0])
     return y.reshape((*y.shape[:-1], *pq))
 
 
 def right_same(b, cov, pk, pq):
-    y = torch.einsum("...sr,...sr->...s", b, _flat(_t(cov, b), (pk, pk))[0])
+    y = torch.einsum("...sr,...sr->...s", b, _flat(const(cov, b), (pk, pk))[0])
     return y.reshape((*y.shape[:-1], *pq))
 
 
@@ -126,7 +124,7 @@ def adjoint(d, a, b, pk, pq):
     """The backward covariance through two attentions: ``Cov(A^T do, B^T do')_{tr} =
     sum_{s,u} A_st B_ur D_su``, ``D`` of shape ``(..., *Pq, *Pq)`` (leading axes: the
     backward's seeds and the pairs); ``(..., *Pk, *Pk)``."""
-    d = _t(d, a)
+    d = const(d, a)
     if d.ndim == 0:
         y = d * a.sum(-2)[..., :, None] * b.sum(-2)[..., None, :]
     else:

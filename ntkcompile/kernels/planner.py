@@ -285,9 +285,7 @@ class Planner(HVarExpectations):
             terms = []
             for c, a in x.terms:
                 cs = yield from self.scalar(c, side)
-                k = len(self.p.positions(a))
-                if k and not self.p.positions(c) and not isinstance(cs, float):
-                    cs = self.call(spatial.unit_positions, cs, k)
+                cs = self.lift(cs, side, f"d{abs(side)}", len(self.p.positions(a)), len(self.p.positions(c)))
                 terms.append(self.plan.mul(cs, (yield from self.mean(a, side))))
             return self.plan.add(terms)
         side = abs(side)

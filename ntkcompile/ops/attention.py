@@ -44,13 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedOpError, WidthInferenceError
-from ..ir import ANY, READOUT, BackwardProgram, Scalar, node
+from ..ir import Scalar, node
 from ..kernels import attention as ka
 from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, SAME_INPUT, SCALARS, register
-from ..passes.backward import read_off_atoms
+from ..passes.backward import consumers
 from ..passes.lower import PROGRAM_CHECKS, Derived, Fixed, Width, rule
-from ..plan import Input
-from .positions import MapOfPositions
+from .positions import MapOfPositions, side_inputs
 
 _ONE_OVER_N = ("Tensor Programs' limit scales the logits by 1/n instead (n the width the logits sum over: "
                "torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1], -1) @ v, or "
@@ -152,18 +151,21 @@ class Logits(Derived):
         fields.update(changes)
         return Logits(**fields)
 
+    def with_mask(self, m) -> "Logits":
+        """The logits plus the additive mask ``m`` (of ``shape``)."""
+        return self.but(mask=m if self.mask is None else self.mask + m)
 
-def _sequence_like(x) -> bool:
-    """A width vector ``(N, *lead, T, n)``: batch first, width last, positions between."""
-    return (isinstance(x, Width) and len(x.positions) >= 1 and x.axes[0] == "n" and x.axes[-1] == "w"
+
+def _sequence_like(x, width_at=-1) -> bool:
+    """A width vector ``(N, *lead, T, n)``: batch first, positions, the width at ``width_at``
+    (last; a transposed key ``(N, *lead, n, T)``: -2)."""
+    return (isinstance(x, Width) and len(x.positions) >= 1 and x.axes[0] == "n" and x.axes[width_at] == "w"
             and len(x.axes) == len(x.positions) + 2)
 
 
 def logits(lw, node, q, k) -> Logits:
     """``q @ k^T`` for a query ``(N, *lead, Tq, n)`` and a transposed key ``(N, *lead, n, Tk)``."""
-    kt_ok = (isinstance(k, Width) and len(k.positions) >= 1 and k.axes[0] == "n" and k.axes[-2] == "w"
-             and len(k.axes) == len(k.positions) + 2)
-    if not (_sequence_like(q) and kt_ok):
+    if not (_sequence_like(q) and _sequence_like(k, width_at=-2)):
         raise lw.unsupported(node, "a product of width vectors other than attention logits q @ k.transpose(-1, "
                              "-2) of sequences (N, T, n) or (N, heads, T, head_dim)")
     if q.size != k.size:
@@ -202,8 +204,7 @@ def _mask_of(lw, node, mask, shape, bool_fill=None):
 def add_mask(lw, node, lg: Logits, mask) -> Logits:
     if lg.softmax:
         raise lw.unsupported(node, "arithmetic on attention weights after the softmax")
-    m = _mask_of(lw, node, mask, lg.shape)
-    return lg.but(mask=m if lg.mask is None else lg.mask + m)
+    return lg.with_mask(_mask_of(lw, node, mask, lg.shape))
 
 
 def scale(lw, node, lg: Logits, factor) -> Logits:
@@ -287,10 +288,9 @@ def _sdpa(lw, node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     lg = logits(lw, node, q, kt).but(coef=float(scale))
     if is_causal:
         tq, tk = lg.shape[-2:]
-        lg = lg.but(mask=np.broadcast_to(np.where(np.tril(np.ones((tq, tk), dtype=bool)), 0.0, -np.inf), lg.shape))
+        lg = lg.with_mask(np.broadcast_to(np.where(np.tril(np.ones((tq, tk), dtype=bool)), 0.0, -np.inf), lg.shape))
     if attn_mask is not None:
-        m = _mask_of(lw, node, attn_mask, lg.shape)
-        lg = lg.but(mask=m if lg.mask is None else lg.mask + m)
+        lg = add_mask(lw, node, lg, attn_mask)
     return _attend(lw, node, lg.but(softmax=True), v, f"F.scaled_dot_product_attention(scale={scale:g})")
 
 
@@ -335,27 +335,22 @@ def _matmul(lw, node, a, b, *args, **kwargs):
 def _masked_fill(lw, node, x, mask, value):
     if not isinstance(x, Logits) or x.softmax:
         raise lw.unsupported(node, "masked_fill of a value other than attention logits")
-    if isinstance(value, Fixed) and lw.constant(value) is not None and lw.constant(value).numel() == 1:
-        value = float(lw.constant(value))          # ATen's masked_fill.Tensor: a 0-d tensor
+    number = lw.constant(value) if isinstance(value, Fixed) else None
+    if number is not None and number.numel() == 1:
+        value = float(number)                      # ATen's masked_fill.Tensor: a 0-d tensor
     if not isinstance(value, (int, float)):
         raise lw.unsupported(node, "masked_fill with a value that is not a number")
     m = _mask_of(lw, node, mask, x.shape, bool_fill=value)
     if np.isfinite(value) and value != 0.0:
         raise lw.unsupported(node, "masked_fill of attention logits with a finite value (use -inf, or add a mask)")
-    return x.but(mask=m if x.mask is None else x.mask + m)
+    return x.with_mask(m)
 
 
 def _check_values(lw, program):
     """A value vector attended and also read by another linear map: the backward then needs the
     covariance of ``A^T do`` with that map's gradient, which is not computed: refused."""
-    users = [a for a in program.nodes if getattr(type(a), "consumes", False)] + [READOUT]
-    kinds: dict = {}
-    for u in users:
-        for _, var in BackwardProgram.arg(program, u).pieces:
-            for g in read_off_atoms(var):
-                kinds.setdefault(g, set()).add(type(u) is GAttend)
-    for g, k in kinds.items():
-        if len(k) > 1:
+    for us in consumers(program).values():
+        if len({type(u) is GAttend for u in us}) > 1:
             raise UnsupportedOpError(
                 "a vector is both attended (as the values of an attention) and read by another linear map or "
                 "the readout: the covariance of their gradients is not computed. Use a separate Linear for "
@@ -367,16 +362,11 @@ PROGRAM_CHECKS.append(_check_values)
 
 # -- planning ------------------------------------------------------------------------
 
-def _ref(pl, side):
-    return pl.plan.make(Input, side, 0)
-
-
 @register(SCALARS, SAttn)
 def _weights(pl, s, side):
     lg = yield from pl.cov(s.q, s.k, f"f{side}")
     shape = (math.prod(s.pq), math.prod(s.pk))
-    return pl.call(ka.weights, pl.tensor(lg) if lg is not None else 0.0, s.c, s.softmax, _ref(pl, side), shape,
-                   pl.static(s.mask, "mask"))
+    return pl.call(ka.weights, lg, s.c, s.softmax, side_inputs(pl, f"d{side}"), shape, pl.static(s.mask, "mask"))
 
 
 def _shapes(*atoms):
@@ -420,9 +410,7 @@ def _attend_cov(pl, a, b, pair):
 def _other_cov(pl, a, b, pair):
     """``E[(A x)_s y'_u]`` for ``y`` not attended (a residual beside the attention)."""
     att, other = (a, b) if isinstance(a, GAttend) else (b, a)
-    group = other.cov_group
-    if group is not ANY and all(t.cov_group is not ANY and t.cov_group is not group
-                                for _, v in att.arg.pieces for _, t in v.terms):
+    if att.independent_of(other):
         return None
     if tuple(pl.p.positions(other)) != tuple(pl.p.positions(att.arg)):
         raise NotImplementedError("an attention's output combined with a vector of other positions")

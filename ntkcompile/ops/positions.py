@@ -66,6 +66,13 @@ class MapOfPositions(Atom):
         groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
         return groups.pop() if len(groups) == 1 else ANY
 
+    def independent_of(self, other) -> bool:
+        """True if the atom ``other`` (not such a map) is independent of every atom of ``arg``
+        by construction (parameters of other covariance groups)."""
+        group = other.cov_group
+        return group is not ANY and all(t.cov_group is not ANY and t.cov_group is not group
+                                        for _, v in self.arg.pieces for _, t in v.terms)
+
 
 @node
 class GPosMap(MapOfPositions):
@@ -396,7 +403,7 @@ def _posmap_cov(pl, a, b, pair):
         raise NotImplementedError("a stack or concatenation of vectors with different numbers of position axes")
     ma, mb = pl.static(a.map, "posmap"), pl.static(b.map, "posmap")
     if pair in SAME_INPUT:
-        ref = _inputs(pl, pair)
+        ref = side_inputs(pl, pair)
         if a.map is b.map and a.map.select is not None:
             inner = yield from pl.cov(a.arg, b.arg, pair)
             if inner is None or isinstance(inner, float):
@@ -418,9 +425,7 @@ def _posmap_other_cov(pl, a, b, pair):
     """``E[(M x)_s y'_t]`` for ``y`` not a map (a bias added to a stack, an H-atom beside a
     pooled sequence): ``y`` is the identity map of its positions (constant: none)."""
     mapped, other = (a, b) if isinstance(a, GPosMap) else (b, a)
-    group = other.cov_group
-    if group is not ANY and all(t.cov_group is not ANY and t.cov_group is not group
-                                for _, v in mapped.arg.pieces for _, t in v.terms):
+    if mapped.independent_of(other):
         return None                                   # independent parameters
     pos = tuple(pl.p.positions(other))
     if pos and len(mapped.map.in_shape) not in (0, len(pos)):
@@ -430,7 +435,7 @@ def _posmap_other_cov(pl, a, b, pair):
     m, ident = pl.static(mapped.map, "posmap"), pl.static(same, "posmap")
     maps = (m, ident) if mapped is a else (ident, m)
     x, y = mapped.arg, pl.b.single(pl.b.atom_var(other))
-    ref = _inputs(pl, pair) if pair in SAME_INPUT else None
+    ref = side_inputs(pl, pair) if pair in SAME_INPUT else None
     if pair in SAME_INPUT and not pos:
         inner = yield from (pl.cov(x, y, pair) if mapped is a else pl.cov(y, x, pair))
         return None if inner is None else pl.call(spatial.map_mean, inner, m, ref)
@@ -446,10 +451,10 @@ def _posmap_other_cov(pl, a, b, pair):
 @register(MEAN, GPosMap)
 def _posmap_mean(pl, a, side):
     m = yield from pl.mean(a.arg, side)
-    return None if m is None else pl.call(spatial.map_mean, m, pl.static(a.map, "posmap"), _inputs(pl, f"d{side}"))
+    return None if m is None else pl.call(spatial.map_mean, m, pl.static(a.map, "posmap"), side_inputs(pl, f"d{side}"))
 
 
-def _inputs(pl, pair):
+def side_inputs(pl, pair):
     """An array of the inputs of a same-input pair's side (a constant's batch axis comes from it)."""
     return pl.plan.make(Input, abs(SIDES[pair][0]), 0)
 

@@ -60,22 +60,29 @@ def derivative(b: Builder, var: Var, g) -> "Var | None":
     return out
 
 
-def backward(program):
-    """The program with its backward program: consumers and every multiplier."""
-    b = Builder(parent=program.builder)
-    consumers: dict = {}
+def consumers(program) -> dict:
+    """``{atom: [consumers]}``: for every atom read off in the backward, the linear maps that
+    read it (``Atom.consumes``) and the readout, in program order."""
+    out: dict = {}
     users = [a for a in program.nodes if getattr(type(a), "consumes", False)] + [READOUT]
     for u in users:
         for _, var in BackwardProgram.arg(program, u).pieces:
             for g in read_off_atoms(var):
-                lst = consumers.setdefault(g, [])
+                lst = out.setdefault(g, [])
                 if u not in lst:
                     lst.append(u)
+    return out
+
+
+def backward(program):
+    """The program with its backward program: consumers and every multiplier."""
+    b = Builder(parent=program.builder)
+    found = consumers(program)
     multipliers: dict = {}
-    for g, us in consumers.items():
+    for g, us in found.items():
         for u in us:
             for _, piece in BackwardProgram.arg(program, u).pieces:
                 if (piece, g) not in multipliers:
                     multipliers[(piece, g)] = derivative(b, piece, g)
     return program.with_backward(BackwardProgram(
-        builder=b, consumers={g: tuple(us) for g, us in consumers.items()}, multipliers=multipliers))
+        builder=b, consumers={g: tuple(us) for g, us in found.items()}, multipliers=multipliers))
