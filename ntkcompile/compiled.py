@@ -32,7 +32,7 @@ from . import tiling
 from .passes.backward import backward
 from .passes.homogeneity import is_homogeneous
 from .ir import Atom
-from .passes.lower import is_rule_module, lower, reads_integers
+from .passes.lower import in_table, is_rule_module, lower, reads_integers
 from .plan import expectations
 
 _GETS = ("nngp", "ntk")
@@ -408,15 +408,8 @@ _ATTENTION_OPS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", tor
 
 def _attends(gm: fx.GraphModule) -> bool:
     """True if the graph has an attention-like op (a product of two tensors, a softmax)."""
-    return any(n.op in ("call_function", "call_method") and _hashable_in(n.target, _ATTENTION_OPS)
+    return any(n.op in ("call_function", "call_method") and in_table(n.target, _ATTENTION_OPS)
                for n in gm.graph.nodes)
-
-
-def _hashable_in(key, table) -> bool:
-    try:
-        return key in table
-    except TypeError:
-        return False
 
 
 def _infer_input_shape(gm: fx.GraphModule):

@@ -166,11 +166,10 @@ def same_position_sum(d, batch, positions, aligned):
     n = math.prod(positions)
     if not torch.is_tensor(d) or d.ndim == 0:
         return d * n
-    k = len(positions)
     d = torch.broadcast_to(d, (*batch, *positions) if aligned else (*batch, *positions, *positions))
     if aligned:
         return d.reshape((*batch, n)).sum(-1)
-    return torch.diagonal(d.reshape((*batch, n, n)), dim1=-2, dim2=-1).sum(-1) if k else d
+    return torch.diagonal(d.reshape((*batch, n, n)), dim1=-2, dim2=-1).sum(-1)
 
 
 def spatial_sum(t, batch, spatial):

@@ -71,8 +71,8 @@ def add_positional(lw, node, w: Width, name: str, cw: float, cp: float) -> Width
 
 @register(COVARIANCE, GPosEmb)
 def _posemb_cov(pl, a, b, pair):
-    if not (isinstance(a, GPosEmb) and isinstance(b, GPosEmb)) or a.param is not b.param:
-        return None
+    if not (isinstance(a, GPosEmb) and isinstance(b, GPosEmb)):      # other parameters are independent
+        raise NotImplementedError(f"the covariance of a positional embedding and a {type(b).__name__}")
     b2 = a.param.b_std ** 2
     if pair in SAME_INPUT or (pair == "x" and pl.diag):
         return b2                        # the same position: b_std^2 at every one

@@ -394,7 +394,7 @@ class Lowering:
             return r(self, node, m, *args, **kwargs)
         if node.op in ("call_function", "call_method"):
             if not any(isinstance(v, (Width, Moment, Derived)) for v in flat) and key not in INPUT_LAYERS and \
-                    not _in(key, CONCRETE):
+                    not in_table(key, CONCRETE):
                 if any(isinstance(v, Fixed) and v.node.op == "get_attr" and
                        _is_trainable_attr(self.gm, v.node.target) for v in flat):
                     raise self.unsupported(node, f"trainable parameter used directly in {describe(node)}")
@@ -495,7 +495,7 @@ def _flatten(x):
         yield x
 
 
-def _in(key, table) -> bool:
+def in_table(key, table) -> bool:
     try:
         return key in table
     except TypeError:       # an unhashable target
@@ -538,9 +538,9 @@ def reads_integers(gm) -> bool:
         n = stack.pop()
         for user in n.users:
             key = type(modules[user.target]) if user.op == "call_module" else user.target
-            if _in(key, INTEGER_INPUTS):
+            if in_table(key, INTEGER_INPUTS):
                 return True
-            if user not in seen and not _in(key, INPUT_LAYERS):
+            if user not in seen and not in_table(key, INPUT_LAYERS):
                 seen.add(user)
                 stack.append(user)
     return False
