@@ -356,8 +356,12 @@ class Planner(HVarExpectations):
         if linear_a and linear_b:
             ga, gb = a.cov_group, b.cov_group
             kind = type(a) if ga is irn.ANY or type(a) is type(b) else type(b)
+            # a kind whose rule covaries it with any other atom (a fixed map of positions)
+            mixed = [type(t) for t in (a, b) if getattr(t, "covaries_with_others", False)]
+            if type(a) is not type(b) and mixed:
+                kind = mixed[0]
             rule = COVARIANCE.get(kind)
-            if rule is None or (type(a) is not type(b) and ga is not irn.ANY and gb is not irn.ANY):
+            if rule is None or (type(a) is not type(b) and not mixed and ga is not irn.ANY and gb is not irn.ANY):
                 raise NotImplementedError(f"the covariance of a {type(a).__name__} and a {type(b).__name__}")
             return (yield from ask(rule, self, a, b, pair))
         if linear_a or linear_b:
@@ -393,19 +397,56 @@ class Planner(HVarExpectations):
         terms = []
         for u in self.bw.consumers.get(k, ()):
             for w in self.bw.consumers.get(l, ()):
-                bc = yield from self.bcov(u, w)
-                if bc is None:
-                    continue
-                pu, pw = Builder.refine(self.bw.arg(self.p, u), self.bw.arg(self.p, w))
-                for (alpha, vu), (_, vw) in zip(pu, pw):
-                    mk, ml = self.bw.multipliers[(vu, k)], self.bw.multipliers[(vw, l)]
-                    if mk is None or ml is None:
-                        continue
-                    if weight is not None:
-                        mk, ml = self.times(mk, weight), self.times(ml, weight)
-                    e = yield from self.cov(mk, ml, "x")
-                    terms.append(self.plan.mul(float(alpha), e, bc))
+                terms.append((yield from self._Dpair(k, u, l, w, weight)))
         return self.plan.add(terms)
+
+    def _Dpair(self, k, u, l, w, weight):
+        """The covariance of consumer ``u``'s part of ``dG_k`` and ``w``'s part of ``dG_l``.
+
+        A fixed map of positions ``u`` (``covaries_with_others``: ``M_u^T dG_u``) beside
+        another kind of consumer ``w`` (``h + roll(h)``, ``h - h.mean(0)``): ``dG_u`` holds
+        backward atoms of ``w``'s kind, with forward multipliers that covary with ``w``'s, so
+        this is ``M_u^T`` of the parts of ``dG_u`` paired with ``w`` (recursively), not a
+        covariance of independent backward atoms."""
+        map_u, map_w = (getattr(type(a), "covaries_with_others", False) for a in (u, w))
+        if map_u != map_w:
+            if weight is not None:
+                raise NotImplementedError("a normalization's gain on a vector read both through a map of "
+                                          "positions and directly")
+            return (yield from (self._Dmap(k, u, l, w, 1) if map_u else self._Dmap(l, w, k, u, 2)))
+        bc = yield from self.bcov(u, w)
+        if bc is None:
+            return None
+        terms = []
+        pu, pw = Builder.refine(self.bw.arg(self.p, u), self.bw.arg(self.p, w))
+        for (alpha, vu), (_, vw) in zip(pu, pw):
+            mk, ml = self.bw.multipliers[(vu, k)], self.bw.multipliers[(vw, l)]
+            if mk is None or ml is None:
+                continue
+            if weight is not None:
+                mk, ml = self.times(mk, weight), self.times(ml, weight)
+            e = yield from self.cov(mk, ml, "x")
+            terms.append(self.plan.mul(float(alpha), e, bc))
+        return self.plan.add(terms)
+
+    def _Dmap(self, k, u, l, w, side):
+        """``_Dpair`` for a map ``u`` of ``k`` on ``side`` (1: ``k`` of the first input) and a
+        consumer ``w`` of ``l`` of another kind: ``c_k M_u^T sum_c Cov(c's part of dG_u, w's part
+        of dG_l)``, ``c_k`` the coefficient of ``k`` in the map's argument."""
+        pieces = self.bw.arg(self.p, u).pieces
+        if len(pieces) != 1:
+            raise NotImplementedError("a map of positions of a concatenation read beside another layer")
+        coef = self.bw.multipliers[(pieces[0][1], k)]
+        parts = []
+        for c in self.bw.consumers.get(u, ()):
+            parts.append((yield from (self._Dpair(u, c, l, w, None) if side == 1 else self._Dpair(l, w, u, c, None))))
+        inner = self.plan.add(parts)
+        if inner is None or coef is None:
+            return None
+        out = self.call(spatial.map_adjoint_side, self.tensor(inner), self.static(u.map, "posmap"), side,
+                        len(self.plan.seeds) + 1)
+        c = yield from self.mean(coef, side)
+        return self.plan.mul(self.lift(c, side, "x", self.k(k, l)), out)
 
     def times(self, m: Var, w: Var) -> Var:
         """The elementwise product ``m * w`` of two Vars in the same coordinates."""

@@ -455,6 +455,25 @@ def map_adjoint(d, mu, mw):
     return y.reshape((*lead, *[n for s in _padded((mu.in_shape, mw.in_shape)) for n in s]))
 
 
+def map_adjoint_side(d, m, side, lead):
+    """``M^T`` on one side's positions of a cross array, the other side's positions as they
+    are: ``(*lead, *Q, *R) -> (*lead, *P, *R)`` (``side`` 1) or ``(*lead, *R, *Q) -> (*lead, *R,
+    *P)`` (2), with ``lead`` leading axes (seeds, pairs); a vector read off beside a map of
+    positions (``h + roll(h)``, a bias read at every position)."""
+    k = len(m.out_shape)
+    if d.ndim < lead + k:                       # constant: broadcast over both sides
+        d = d.reshape(*([1] * lead), *([1] * 2 * k)) if d.ndim == 0 else d
+        d = torch.broadcast_to(d, (*d.shape[:lead], *m.out_shape, *d.shape[lead + k:]))
+    rest = d.shape[lead + k:] if side == 1 else d.shape[lead:d.ndim - k]
+    if side == 1:
+        x = d.reshape(*d.shape[:lead], math.prod(m.out_shape), -1)
+        y = _matrix(m, x).T @ x
+        return y.reshape(*d.shape[:lead], *m.in_shape, *rest)
+    x = d.reshape(*d.shape[:lead], -1, math.prod(m.out_shape))
+    y = x @ _matrix(m, x)
+    return y.reshape(*d.shape[:lead], *rest, *m.in_shape)
+
+
 def map_place_same(d, ma, mb, ref):
     """Same-input variances ``E[(M_a x)_s (M_b y)_s]`` of two maps that read the same input
     position wherever both are nonzero (``PositionMap.place``): ``(*lead, *P) -> (*lead, *Q)``,

@@ -81,6 +81,7 @@ class GPosMap(MapOfPositions):
     arg: object
     uid: int = -1
     homogeneous = True
+    covaries_with_others = True     # its COVARIANCE rule pairs it with any atom (h - h.mean(0))
 
     def children(self):
         return (self.arg,)
