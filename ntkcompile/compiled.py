@@ -28,11 +28,11 @@ from .ir.graph import render, to_dot
 from .ir.printer import format_program
 from .ir.verify import verify
 from .kernels.planner import aligned_positions, plan_kernels
-from . import tiling
+from . import batched, tiling
 from .passes.backward import backward
 from .passes.homogeneity import is_homogeneous
 from .ir import Atom
-from .passes.lower import in_table, is_rule_module, lower, reads_integers
+from .passes.lower import BatchCoupled, in_table, is_rule_module, lower, reads_integers
 from .plan import expectations
 
 _GETS = ("nngp", "ntk")
@@ -90,6 +90,11 @@ class CompiledKernel:
         self._fns: dict = {}
         self._homogeneous = False
         self._joint = False
+        # a batch-coupled model (BatchNorm in training mode): lowered per call's batch sizes
+        # with the batch as a fixed axis; sizes -> (program, plan, homogeneous, functions)
+        self._batched = False
+        self._batch_sizes = None
+        self._by_sizes: dict = {}
         self.input_shape = None
         self._provisional = False     # an inferred input shape, until the first call confirms it
         if input_shape is None and frontend is not None:
@@ -121,15 +126,30 @@ class CompiledKernel:
             self.input_shape, self._program, self._plan = None, None, None
             raise
 
-    def _lower(self):
+    # The batch a batch-coupled model is lowered for at compile time (for errors and printouts)
+    _SHOWN_BATCH = (8,)
+
+    def _lower(self, sizes=None):
+        """Lower, differentiate and plan; ``sizes``: the batches of a batch-coupled model."""
         # a model that reads token ids is run on integer examples when floats fail
         dtypes = [self._model_dtype] + ([torch.long] if self._reads_tokens() else [])
         for i, dtype in enumerate(dtypes):
-            example = torch.zeros((2,) + self.input_shape, dtype=dtype)
+            example = torch.zeros((sum(sizes) if sizes else 2,) + self.input_shape, dtype=dtype)
             try:
                 gm = self._gm if self._gm is not None else self._frontend.export(example)
-                program = lower(gm, example, self.W_std, self.b_std, self.std)
+                program = lower(gm, example, self.W_std, self.b_std, self.std, batch=sizes)
                 break
+            except BatchCoupled as coupled:
+                if sizes is not None:
+                    raise
+                self._gm = gm
+                self._batched = True
+                try:
+                    return self._lower(self._SHOWN_BATCH)
+                except UnsupportedOpError as e:
+                    raise UnsupportedOpError(
+                        f"{self.model_name}: {coupled}\nso the batch is one unit and the model is lowered with the "
+                        f"batch as a fixed axis (kfn(x) the kernel of the batch x), where:\n{e}") from e
             except (InputShapeError, TraceError):
                 if i == len(dtypes) - 1:
                     raise
@@ -151,6 +171,19 @@ class CompiledKernel:
         # sampled jointly over a tile's inputs (gated recurrent layers): cross tiles are
         # computed as blocks of the kernel of both batches together (tiling)
         self._joint = any(getattr(n, "joint", False) for n in program.nodes)
+        if sizes is not None:
+            self._fns = {}
+            self._batch_sizes = tuple(sizes)
+            self._by_sizes[self._batch_sizes] = (program, self._plan, self._fns)
+
+    def _use_sizes(self, sizes):
+        """Make the program of a batch-coupled model for batches ``sizes`` the current one."""
+        if sizes != self._batch_sizes:
+            if sizes in self._by_sizes:
+                self._program, self._plan, self._fns = self._by_sizes[sizes]
+                self._batch_sizes = sizes
+            else:
+                self._lower(sizes)
 
     def _function(self, self_mode: bool, want_ntk: bool, check: bool = False):
         """The kernel function of one call mode, rendered from the plan on first use
@@ -173,7 +206,12 @@ class CompiledKernel:
         """The forward and backward Tensor Program, with the evaluator of every expectation."""
         if self._program is None:
             return f"<{self._no_program('print(kfn.program)')}>"
-        return format_program(self._program, expectations(self._plan))
+        text = format_program(self._program, expectations(self._plan))
+        if self._batched:
+            text = (f"batch-coupled: the batch is one unit, one input whose positions are its examples (here "
+                    f"batches of {list(self._batch_sizes)}; kfn(x1, x2) puts both batches side by side, each "
+                    f"normalized by its own statistics)\n{text}")
+        return text
 
     @property
     def code(self) -> str:
@@ -218,7 +256,7 @@ class CompiledKernel:
         if self._program is None:
             return None
         r = self._program.readout
-        return tuple(r.positions) if r.pool == "steps" else ()
+        return tuple(r.positions) if r.pool == "steps" and not self._batched else ()
 
     def __repr__(self):
         shape = self.input_shape if self.input_shape is not None else "?"
@@ -285,6 +323,8 @@ class CompiledKernel:
             self._specialize(tuple(x1.shape[1:]))
             x1 = self._check(x1, "x1")
             x2 = None if x2 is None else self._check(x2, "x2")
+        if self._batched:
+            return Kernels(**batched.evaluate(self, x1, x2, get, tile_size, out, resume, distributed))
         if x2 is None and x1.shape[0] > 1:
             # duplicate inputs: compute each distinct input once and copy, so the kernel
             # is exactly singular there (duplicates otherwise see c = 1 - eps, and the

@@ -192,6 +192,14 @@ def simulate(
     x_train = as_input(x_train, "x_train")
     if x_test is not None:
         x_test = as_input(x_test, "x_test")
+    n = x_train.shape[0]
+    if getattr(kfn, "_batched", False) and ((batch_size is not None and batch_size < n) or (
+            batches is not None and any(torch.unique(torch.as_tensor(b)).numel() != n for b in batches))):
+        raise ValueError(
+            "simulate: the model couples the examples of a batch (BatchNorm in training mode, or batch "
+            "statistics), so its NTK depends on which examples form a minibatch and minibatch steps are not "
+            "blocks of the full-batch kernel. Simulate full-batch training (no batch_size/batches): x_train is "
+            "one batch, x_test another, each normalized by its own statistics")
     positions = _positions_for(kfn, x_train)
     if positions:
         return _simulate_positions(kfn, positions, x_train, y_train, x_test, name, loss_rule, lr=lr, steps=steps,

@@ -73,9 +73,10 @@ def fit_loglog_slope(widths: Sequence[float], values: Sequence[float]) -> float:
 _ROWS = 32
 
 
-def _outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # One row per example, outputs of any shape flattened (as empirical_ntk does).
-    if x.shape[0] <= _ROWS:
+def _outputs(net: nn.Module, x: torch.Tensor, whole: bool = False) -> torch.Tensor:
+    # One row per example, outputs of any shape flattened (as empirical_ntk does); ``whole``:
+    # one pass, for models that couple the examples of a batch.
+    if x.shape[0] <= _ROWS or whole:
         return net(x).reshape(x.shape[0], -1)
     return torch.cat([net(x[i:i + _ROWS]).reshape(len(x[i:i + _ROWS]), -1) for i in range(0, x.shape[0], _ROWS)])
 
@@ -95,6 +96,7 @@ def train_finite(
     batches: Optional[Sequence] = None,
     seed: int = 0,
     std: Optional[Mapping[str, tuple[float, float]]] = None,
+    batch_coupled: Optional[bool] = None,
 ) -> Trajectory:
     """Train ``ntk_parametrize(factory(width))`` with ``torch.optim.SGD(lr=lr)``.
 
@@ -116,6 +118,11 @@ def train_finite(
     (outputs "at step t" are those after ``t`` steps), lr and batch size, or
     :class:`~ntkcompile.errors.NonFiniteLossError` when a callable loss fails
     at finite outputs.
+
+    ``batch_coupled``: the model couples the examples of a batch (BatchNorm in training
+    mode): the train points and the test points are then each evaluated as one batch, as
+    ``kfn(x_train)`` and ``kfn(x_test, x_train)`` define them (default: True when a module
+    is a BatchNorm that uses batch statistics).
     """
     name, loss_rule = resolve_loss(loss)
     x_train = as_input(x_train, "x_train").to(_DTYPE)
@@ -133,11 +140,19 @@ def train_finite(
     watch = _FiniteWatch(width=width, seed=seed, lr=lr, n=n, steps=steps, loss_name=name)
     # floating targets (N, *P, out): a readout at every position, outputs kept in that shape
     shape = tuple(y.shape[1:]) if y.is_floating_point() and y.ndim > 2 else None
-    outputs = lambda x: _outputs(net, x) if shape is None else _outputs(net, x).reshape(x.shape[0], *shape)  # noqa: E731
+    if batch_coupled is None:
+        batch_coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+                            for m in net.modules())
+    whole = bool(batch_coupled)
+    outputs = lambda x: _outputs(net, x, whole) if shape is None else _outputs(net, x, whole).reshape(  # noqa: E731
+        x.shape[0], *shape)
+    # batch-coupled: train and test points each as one batch (else x_all's rows are independent)
+    every = (lambda: torch.cat([outputs(x_train), outputs(x_all[n:])]) if x_all.shape[0] > n  # noqa: E731
+             else outputs(x_train)) if whole else (lambda: outputs(x_all))
     fs = []
     for t, idx in enumerate(schedule):
         with torch.no_grad():
-            fs.append(outputs(x_all))
+            fs.append(every())
         watch.outputs(t, fs[-1], schedule[t - 1] if t else None)
         opt.zero_grad(set_to_none=True)
         f_batch = outputs(x_train[idx])
@@ -148,7 +163,7 @@ def train_finite(
             watch.gradients(t + 1, net, f_batch.detach(), idx)
         opt.step()
     with torch.no_grad():
-        fs.append(outputs(x_all))
+        fs.append(every())
     watch.outputs(len(schedule), fs[-1], schedule[-1] if schedule else None)
     traj = torch.stack(fs)
     losses = torch.stack([loss_value(loss_rule.value, f[:n], y) for f in traj])
@@ -407,6 +422,7 @@ def compare_widths(
                 fin = train_finite(
                     factory, width, x_train, y_train, x_test, W_std=W_std, b_std=b_std,
                     loss=loss, lr=lr, steps=steps, batches=schedules[seed], seed=seed, std=std,
+                    batch_coupled=getattr(kfn, "_batched", None),
                 )
             except DivergenceError as err:
                 hint = _mse_bound_hint(kfn, x_train, y_train, schedules[seed]) if loss == "mse" else ""

@@ -25,7 +25,7 @@ STAGES = [
     {"kernels"},
     {"codegen"},
     {"ops"},
-    {"compiled", "diagnose", "tiling"},
+    {"compiled", "diagnose", "tiling", "batched"},
     {"parametrize", "empirical", "training", "stability"},
     {"blocks", "dynamics"},
     {"harness"},

@@ -262,10 +262,10 @@ def test_ordinary_models_do_not_warn_at_default_settings(model, shape):
     assert k.quad_error is None or k.quad_error < 1e-4
 
 
-# -- batch statistics before the first layer ------------------------------------------------
+# -- per-example statistics before the first layer (batch statistics: tests/ops/test_batchnorm_train.py) --
 
 class Centered(nn.Module):
-    """Centers its input, over the batch (dim 0: couples the examples) or per example."""
+    """Centers its input per example (``dim=1``)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -273,13 +273,6 @@ class Centered(nn.Module):
 
     def forward(self, x):
         return self.o(torch.relu(self.a(x - x.mean(self.dim, keepdim=True))))
-
-
-def test_batch_statistics_before_the_first_layer_are_refused():
-    """``x - x.mean(0)`` made the kernel depend on the tiling (a difference of ~2 on an O(1)
-    kernel, issue 10); it is refused, naming the node and the source line."""
-    with pytest.raises(UnsupportedOpError, match=r"(?s)mixes the examples of a batch.*test_bad_input.py"):
-        ntkcompile.compile(Centered(0), input_shape=(D,))
 
 
 def test_per_example_statistics_before_the_first_layer_are_fine():

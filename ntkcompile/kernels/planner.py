@@ -410,10 +410,12 @@ class Planner(HVarExpectations):
         covariance of independent backward atoms."""
         map_u, map_w = (getattr(type(a), "covaries_with_others", False) for a in (u, w))
         if map_u != map_w:
-            if weight is not None:
+            d = yield from (self._Dmap(k, u, l, w, 1) if map_u else self._Dmap(l, w, k, u, 2))
+            if d is not None and weight is not None:
+                # the gain's weight at k's positions times multipliers at the map's: not a pair expectation
                 raise NotImplementedError("a normalization's gain on a vector read both through a map of "
-                                          "positions and directly")
-            return (yield from (self._Dmap(k, u, l, w, 1) if map_u else self._Dmap(l, w, k, u, 2)))
+                                          "positions and directly by layers whose gradients covary")
+            return d      # (planned nodes no output reaches are not rendered)
         bc = yield from self.bcov(u, w)
         if bc is None:
             return None

@@ -15,6 +15,6 @@ Importing this package registers everything; docs/architecture.md walks through
 adding an op.
 """
 from . import activations, arith, attention, compare, concat, conv, linear, maximum, norm, pool, positions, recurrent, reduce, shape  # noqa: F401
-from . import blocks, embedding, maxpool, params, posemb, resample, split, stack  # noqa: F401
+from . import batchnorm, blocks, embedding, maxpool, params, posemb, resample, split, stack  # noqa: F401
 from . import aten  # noqa: F401  (last: it registers the rules above under their ATen names)
 from .elementwise import register_elementwise  # noqa: F401

@@ -57,6 +57,8 @@ def _positions(lw, node, x):
                            "(x.permute(0, 2, 3, 1))", WidthInferenceError)
         return x.positions, x.layout
     shape = tuple(lw.shape(x.node))
+    if lw.batch is not None:         # a batch-coupled model: the examples are positions
+        return shape[:1], (0, "w")
     positions = shape[1:-1]
     return positions, ("n", *range(len(positions)), "w") if positions else None
 

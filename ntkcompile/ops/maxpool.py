@@ -159,8 +159,9 @@ def _monotone(e) -> bool:
     return bool(torch.isfinite(v).all()) and bool((v[1:] - v[:-1] >= -1e-12 * (1 + v.abs().max())).all())
 
 
-def _gaussian_and_phi(lw, node, x):
-    """``(g, phi)`` with ``x = phi(g)``, ``g`` a Gaussian Vec (``phi = ()``: ``x = g``)."""
+def gaussian_and_phi(lw, node, x, label="max pooling", monotone=True):
+    """``(g, phi)`` with ``x = phi(g)``, ``g`` a Gaussian Vec (``phi = ()``: ``x = g``) and ``phi``
+    one nonlinearity (nondecreasing with ``monotone``); ``label`` names the op for errors."""
     b = lw.b
     if all(v.gaussian for _, v in x.vec.pieces):
         return x.vec, ()
@@ -170,12 +171,12 @@ def _gaussian_and_phi(lw, node, x):
         one = getattr(c, "value", None) == 1.0
         if one and isinstance(a, HAtom) and len(a.gargs) == 1 and isinstance(a.expr, ECall) \
                 and isinstance(a.expr.arg, ESlot):
-            if not _monotone(a.expr.fn):
-                raise lw.unsupported(node, f"max pooling after {a.expr.fn.name}, which is not monotone "
+            if monotone and not _monotone(a.expr.fn):
+                raise lw.unsupported(node, f"{label} after {a.expr.fn.name}, which is not monotone "
                                      "(the max of phi(g) is then not phi of the max)")
             return b.single(a.gargs[0]), (a.expr.fn,)
-    raise lw.unsupported(node, "max pooling of a vector that is not a convolution's output or a monotone "
-                         "nonlinearity of one (pool right after conv or conv -> relu)")
+    raise lw.unsupported(node, f"{label} of a vector that is not a layer's output or one nonlinearity of one "
+                         "(e.g. right after conv/linear or conv/linear -> relu)")
 
 
 def max_pool(lw, node, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, label="max pooling"):
@@ -192,7 +193,7 @@ def max_pool(lw, node, x, kernel_size, stride=None, padding=0, dilation=1, ceil_
     with torch.no_grad():
         pool = F.max_pool1d if nd == 1 else F.max_pool2d
         out_shape = tuple(pool(torch.zeros(1, 1, *x.positions), kernel, stride, padding).shape[2:])
-    g, phi = _gaussian_and_phi(lw, node, x)
+    g, phi = gaussian_and_phi(lw, node, x)
     spec = MaxPoolSpec(kernel, stride, padding, tuple(x.positions), out_shape, phi)
     atom = lw.b.make(GMaxPool, spec, g)
     return lw.width(node, lw.b.single(lw.b.atom_var(atom)), x.size, out_shape)

@@ -1,4 +1,4 @@
-"""Normalization: LayerNorm and RMSNorm over the width axis, GroupNorm, BatchNorm in eval mode.
+"""Normalization: LayerNorm and RMSNorm over the width axis, GroupNorm, BatchNorm.
 
 * LayerNorm (tensor_programs.md Sec. 5) tracks first moments:
   ``y = (x - mu) / sqrt(Var + eps)`` with ``mu = E[Z^x]`` and ``Var = E[(Z^x)^2] - mu^2``
@@ -8,7 +8,7 @@
   ``sqrt(E[(Z^x)^2] + eps)``.  Their backward is ``dy / sqrt(Var + eps)``: the
   moments' own derivatives contribute ``E[dy] = 0`` (``passes.backward``).
 * BatchNorm in eval mode with the initial running statistics is the affine map
-  ``x / sqrt(1 + eps)``; training mode couples the examples of a batch and is refused.
+  ``x / sqrt(1 + eps)``; training mode couples the examples of a batch (``ops/batchnorm.py``).
 * Elementwise affine parameters (gain 1, shift 0 at PyTorch's init) are trained as
   stored (no NTK rescaling): an ``Affine`` parameter, read off at a ``GProbe`` (a
   zero vector added to ``y``).  The shift adds ``D(y, y')`` to the NTK, the gain
@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,8 @@ from ..errors import InvalidModelError, UnsupportedOpError, WidthInferenceError
 from ..ir import Param, Var, node
 from ..ir.nodes import Atom
 from ..kernels.planner import COVARIANCE, NTK_TERMS, register
-from ..passes.lower import Width, module_of, rule
+from ..passes.lower import Fixed, Width, module_of, rule
+from .batchnorm import batch_norm_train
 from .blocks import block_rule
 
 
@@ -233,23 +235,31 @@ def _batchnorm_module(lw, node, m, x):
 
 
 def batchnorm(lw, node, x, name, training, has_stats, running_mean, running_var, eps, weight, bias):
-    """BatchNorm in eval mode with its initial running statistics: ``x / sqrt(1 + eps)``.
-
-    In training mode BatchNorm couples the examples of a batch and the kernel depends
-    on the batch composition (TP II App. D); that is not compiled.  (Shared by the
-    module and ATen's ``batch_norm``, ``ops/aten.py``.)
-    """
-    if training and has_stats is not False:
-        raise lw.unsupported(
-            node, "BatchNorm in training mode (it couples the examples of a batch: TP II App. D). "
-            "Call model.eval() for the eval-mode kernel with the initial running statistics")
+    """BatchNorm: in eval mode with its initial running statistics ``x / sqrt(1 + eps)``; with
+    batch statistics (training mode, or no running statistics) it couples the examples of a
+    batch (``ops/batchnorm.py``).  (Shared by the module, ``F.batch_norm`` and ATen's.)"""
+    _check_eps(lw, node, eps)
     if training or not has_stats or running_mean is None or running_var is None:
-        raise lw.unsupported(node, "BatchNorm without running statistics")
+        return batch_norm_train(lw, node, x, name, eps, weight, bias)
     if not isinstance(x, Width):
         raise lw.unsupported(node, "BatchNorm of a fixed (non-width) tensor")
-    _check_eps(lw, node, eps)
     if not (torch.all(running_mean == 0) and torch.all(running_var == 1)):
         raise lw.error(node, f"the running statistics of '{name}' are not at initialization "
                        "(mean 0, variance 1); the kernel at initialization assumes them")
     vec = lw.b.lincomb([(lw.b.sconst((1.0 + eps) ** -0.5), x.vec)])
     return _affine(lw, node, x, vec, name, weight, bias)
+
+
+@rule(F.batch_norm)
+def _batchnorm_function(lw, node, x, running_mean, running_var, weight=None, bias=None, training=False,
+                        momentum=0.1, eps=1e-5):
+    def tensor(v):
+        return operator.attrgetter(v.node.target)(lw.gm) if isinstance(v, Fixed) and v.node.op == "get_attr" else None
+    for v, what in ((weight, "weight"), (bias, "bias")):
+        if v is not None and tensor(v) is None:
+            raise lw.unsupported(node, f"F.batch_norm with a {what} that is not a module parameter")
+    name = next((module_of(v.node.target) for v in (weight, bias, running_mean, running_var)
+                 if isinstance(v, Fixed) and v.node.op == "get_attr"), node.name)
+    mean, var = tensor(running_mean), tensor(running_var)
+    return batchnorm(lw, node, x, name, bool(training), mean is not None, mean, var, eps, tensor(weight),
+                     tensor(bias))

@@ -3,13 +3,15 @@
 ``x.mean(-1, keepdim=True)`` of a width vector converges to the per-input
 number ``E[Z^x]`` and may scale or shift width vectors (hand-written
 normalizations); ``x.mean(dim=(2, 3))`` of a feature map is global average
-pooling before the readout (``ops/pool.py``).
+pooling before the readout (``ops/pool.py``); ``h.mean(0)`` over the batch couples the
+batch (``ops/batchnorm.py``).
 """
 from __future__ import annotations
 
 import torch
 
 from ..passes.lower import Moment, Width, rule
+from .batchnorm import batch_mean
 from .positions import mean_positions
 
 
@@ -18,6 +20,11 @@ def _mean(lw, node, x, dim, keepdim, which):
         raise lw.unsupported(node)
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     nd = len(lw.shape(node.args[0]))
+    roles = [x.axes[d % nd] for d in dims if isinstance(d, int)] if len(x.axes) == nd else []
+    if "n" in roles:
+        raise lw.batch_coupled(node, "a mean over the batch axis of a width vector")
+    if lw.batch is not None and roles == [0]:
+        return batch_mean(lw, node, x, keepdim)
     if x.positions and not any(x.axes[d % nd] == "w" for d in dims):
         return mean_positions(lw, node, x, dims, keepdim)
     if len(dims) != 1:

@@ -32,7 +32,7 @@ from ..errors import GIACheckError, UnsupportedOpError, WidthInferenceError
 from ..trace import describe, origin, source_line
 from .prune import prune
 from .readout import SHAPE_ONLY, find_readout
-from .run import make_prep as _make_prep, propagate_shapes as _propagate_shapes
+from .run import BatchPrep, make_prep as _make_prep, propagate_shapes as _propagate_shapes
 
 
 # --------------------------------------------------------------------------- #
@@ -74,6 +74,13 @@ class Output:
 class Derived:
     """Base of other values derived from width vectors, defined by their ops (attention
     logits and weights: ``ops/attention.py``); ops without a rule for them refuse them."""
+
+
+class BatchCoupled(UnsupportedOpError):
+    """Raised while lowering a model one input at a time when an op couples the inputs of a
+    batch (BatchNorm in training mode, ``h - h.mean(0)``): ``CompiledKernel`` then lowers it
+    again with the batch as a fixed axis (``Lowering(..., batch=sizes)``).  Outside that
+    retry it is the error the user sees."""
 
 
 @dataclass(frozen=True)
@@ -144,8 +151,13 @@ def is_rule_module(m: nn.Module) -> bool:
 class Lowering:
     """Walks the fx graph in order, producing an ``ir.Program``."""
 
-    def __init__(self, gm: fx.GraphModule, W_std, b_std, std, example_input):
+    def __init__(self, gm: fx.GraphModule, W_std, b_std, std, example_input, batch=None):
         self.gm = gm
+        # Batch-coupled models (``BatchCoupled``) are lowered with the batch as a fixed axis:
+        # the inputs of one call are one input whose position axis 0 runs over the examples of
+        # the batches ``batch`` (their sizes, e.g. ``(B1, B2)`` for a cross kernel), each batch
+        # normalized by its own statistics.  Tensors ``(B, n)`` have the layout ``(0, "w")``.
+        self.batch = None if batch is None else tuple(int(b) for b in batch)
         self.modules = dict(gm.named_modules())
         self.W_std, self.b_std = float(W_std), float(b_std)
         self.std = dict(std or {})
@@ -211,6 +223,14 @@ class Lowering:
     def error(self, node, msg, cls=UnsupportedOpError):
         return cls(f"{msg}\n  at {describe(node)}\n  source: {source_line(node)}")
 
+    def batch_coupled(self, node, what):
+        """The error (or the retry signal, ``BatchCoupled``) for an op that couples a batch."""
+        if self.batch is not None:
+            return self.error(node, f"{what} in a batch-coupled model: only MLPs on (N, features) inputs with "
+                              "BatchNorm1d in training mode, F.batch_norm(..., training=True), h - h.mean(0) "
+                              "and x - x.mean(0) are compiled so far")
+        return self.error(node, f"{what} couples the examples of a batch", BatchCoupled)
+
     def unsupported(self, node, what=None):
         what = what or f"op {describe(node)}"
         if self._pointwise_shaped(node):
@@ -263,6 +283,10 @@ class Lowering:
         first use); ``perm``: the axes permutation ``prep`` applies to it (a dense layer on
         ``(N, *P, d)`` reads it as ``(N, d, *P)``, like a convolution)."""
         shp = self.shape(node)
+        if self.batch is not None:
+            if len(shp) != 2:
+                raise self.batch_coupled(node, f"an input layer reading a fixed input of shape {tuple(shp)}")
+            shp = (1,) + tuple(shp)       # one input whose positions are the batch (``batch``)
         if len(shp) != ndim:
             raise self.error(
                 node, f"an input layer expects a fixed input with {ndim} axes, got shape {tuple(shp)}")
@@ -300,8 +324,11 @@ class Lowering:
             self.env[node] = self.lower_node(node)
         if self.readout is None:
             raise GIACheckError("the model has no readout Linear (see the Simple GIA Check)")
-        prep = _make_prep(self.gm, self.fixed_nodes, self.fixed_perms)
-        self._check_per_example(prep)
+        if self.batch is None:
+            prep = _make_prep(self.gm, self.fixed_nodes, self.fixed_perms)
+            self._check_per_example(prep)
+        else:
+            prep = BatchPrep(_make_prep(self.gm, self.fixed_nodes), self.batch, self.fixed_perms)
         program = ir.Program(
             builder=self.b, readout=self.readout,
             fixed_names=tuple("input" if n.op == "placeholder" else origin(n, self.modules)
@@ -337,9 +364,7 @@ class Lowering:
                 raise self.error(
                     node, "the input of this layer, computed from the model's input before its first "
                     "Linear/Conv, mixes the examples of a batch (e.g. x - x.mean(0), a BatchNorm in "
-                    "training mode): its kernel would depend on which inputs are evaluated together. "
-                    "Batch-coupled models are not supported yet; normalize the data beforehand, or put "
-                    "the model in eval mode")
+                    "training mode)", BatchCoupled)
 
     def lower_node(self, node):
         try:
@@ -470,7 +495,7 @@ class Lowering:
                                  "its positions; flatten or pool the positions first, or move the channels "
                                  "last (x.permute(0, 2, 3, 1)) for an output at every position",
                                  WidthInferenceError)
-            if x.axes[0] != "n":
+            if x.axes[0] != "n" and self.batch is None:
                 raise self.error(node, "the readout Linear at every position of a time-first sequence gives "
                                  "outputs (T, N, out); make it batch first before the readout "
                                  "(h.transpose(0, 1)), so that kernels and targets are (N, T, ...)",
@@ -546,6 +571,7 @@ def reads_integers(gm) -> bool:
     return False
 
 
-def lower(gm: fx.GraphModule, example_input, W_std, b_std, std) -> ir.Program:
-    """The forward Tensor Program of ``gm`` (pruned to what the readout uses, frozen)."""
-    return Lowering(gm, W_std, b_std, std, example_input).run()
+def lower(gm: fx.GraphModule, example_input, W_std, b_std, std, batch=None) -> ir.Program:
+    """The forward Tensor Program of ``gm`` (pruned to what the readout uses, frozen);
+    ``batch``: the batch sizes of a batch-coupled model (``Lowering``)."""
+    return Lowering(gm, W_std, b_std, std, example_input, batch).run()

@@ -68,3 +68,28 @@ def make_prep(gm: fx.GraphModule, fixed_nodes, perms=None):
         outs.append(graph.call_method("to", (out, dtype)))
     graph.output(tuple(outs))
     return fx.GraphModule(gm, graph)
+
+
+class BatchPrep:
+    """The fixed inputs of a batch-coupled model (``Lowering(..., batch=sizes)``): the kernel's
+    one input ``(1, B1 + B2 + ..., *shape)`` holds the batches side by side; ``prep`` (the
+    fixed graph, unpermuted) runs on each batch alone, so that statistics of the input
+    (``x - x.mean(0)``) are each batch's own, and each fixed tensor ``(B, d)`` becomes one input
+    with the examples as positions, permuted by its ``perms`` entry (``(1, d, B)`` for a Linear)."""
+
+    def __init__(self, prep, sizes, perms):
+        self.prep, self.sizes, self.perms = prep, tuple(sizes), list(perms)
+
+    def __call__(self, x):
+        if x.shape[0] != 1 or x.shape[1] != sum(self.sizes):
+            raise ValueError(f"internal error: a batch-coupled kernel got inputs {tuple(x.shape)} for batches "
+                             f"{self.sizes}")
+        parts, start = [], 0
+        for b in self.sizes:
+            parts.append(self.prep(x[0, start:start + b]))
+            start += b
+        outs = []
+        for k, perm in enumerate(self.perms):
+            t = torch.cat([p[k] for p in parts]).unsqueeze(0)
+            outs.append(t if perm is None else t.permute(*perm))
+        return tuple(outs)
