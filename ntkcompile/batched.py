@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import tiling
+from .errors import KernelMemoryError
 
 
 def evaluate(kfn, x1, x2, get, tile_size, out, resume, distributed):
@@ -32,7 +33,13 @@ def evaluate(kfn, x1, x2, get, tile_size, out, resume, distributed):
     kfn._use_sizes(sizes)
     want_ntk = "ntk" in get
     fn = kfn._function(True, want_ntk)[0]
-    tiling._fit_memory(kfn, 1, fn.live_arrays, False)
+    try:
+        tiling._fit_memory(kfn, 1, fn.live_arrays, False)
+    except KernelMemoryError as e:
+        raise KernelMemoryError(
+            f"a batch-coupled kernel of {' + '.join(map(str, sizes))} examples is one unit, whose work grows "
+            f"like (examples)^4 (every pair of output examples times every pair of examples): {e}. Use "
+            "smaller batches") from e
     x = (x1 if x2 is None else torch.cat([x1, x2])).unsqueeze(0)
     with torch.no_grad():
         values, stderr, errors = tiling._replicates(fn, (x,), kfn)

@@ -404,7 +404,8 @@ class CompiledKernel:
                                if getattr(p, "geometry", None) is not None
                                for shape in (p.geometry.in_shape, p.geometry.out_shape)]
                         + [math.prod(program.positions(n)) for n in program.nodes if isinstance(n, Atom)])
-        seeds = math.prod(self.output_positions) ** 2     # a per-position readout's backward arrays
+        r = program.readout     # a per-position readout's backward arrays (batch-coupled: the examples)
+        seeds = math.prod(r.positions) ** 2 if r.pool == "steps" else 1
         return positions * seeds if aligned_positions(self._program) else positions ** 2 * seeds
 
     def _check(self, x, name):
