@@ -58,7 +58,7 @@ class HVarExpectations:
                 return self.call(expect.pw1, self.static(p, "piecewise"), self.like, var,
                                  note=(desc, "closed form (piecewise polynomial)"))
             body = yield from self.integrand(a.expr, [self.plan.make(Slot, None)], side, d)
-            points = _split_points(a.expr)
+            points = None if expr_smooth(a.expr) else (yield from self.points(a.expr, side, d))
             if points is not None:
                 return self.call(split_q1, self.plan.make(Fn, body), var, self.like, points, self.deg1,
                                  self.errors, note=(desc, _split_note("1-D", points, self.deg1)))
@@ -151,11 +151,15 @@ class HVarExpectations:
             sa = yield from self.integrand(a.expr, [slot], left, pair, k)
             sb = yield from self.integrand(b.expr, [slot], right, pair, k)
             smooth = expr_smooth(a.expr) and expr_smooth(b.expr)
-            ta, tb = _points(a.expr), _points(b.expr)
+            ta = tb = None
+            if not smooth:
+                ta = yield from self.points(a.expr, left, pair, k)
+                tb = None if ta is None else (yield from self.points(b.expr, right, pair, k))
             if not smooth and ta is not None and tb is not None:
+                shown = tuple(sorted(set(ta + tb))) if isinstance(ta, tuple) and isinstance(tb, tuple) else None
                 return self.call(split_q2, self.plan.make(Fn, sa), self.plan.make(Fn, sb), self.like,
                                  k11, k12, k22, ta, tb, self.deg2, self.errors,
-                                 note=(desc, _split_note("2-D", tuple(sorted(set(ta + tb))), self.deg2)))
+                                 note=(desc, _split_note("2-D", shown, self.deg2)))
             return self.call(expect.q2, self.plan.make(Fn, sa), self.plan.make(Fn, sb), self.like, k11, k12, k22,
                              self.deg2, self.errors, smooth, options=(self.tol,),
                              note=(desc, self._quad_note(f"quadrature(2-D, deg={self.deg2})", a.expr, b.expr)))
@@ -258,8 +262,8 @@ class HVarExpectations:
     def _quad_note(self, what, *exprs):
         return what if all(expr_smooth(e) for e in exprs) else what + " [non-smooth integrand: approximate]"
 
-    def integrand(self, expr, slots, side, pair, k=0):
-        """The plan of ``expr`` at quadrature nodes ``slots`` (coefficients lifted to ``pair``)."""
+    def _coefs(self, expr, side, pair, k):
+        """The coefficients of ``expr``'s linear combinations, lifted to ``pair``."""
         coefs = {}
         for e in walk.postorder([expr], _expr_children):
             if isinstance(e, irn.ELin):
@@ -267,6 +271,11 @@ class HVarExpectations:
                     if c not in coefs:
                         coefs[c] = self.lift((yield from self.scalar(c, side)), side, pair, k,
                                              len(self.p.positions(c)))
+        return coefs
+
+    def integrand(self, expr, slots, side, pair, k=0):
+        """The plan of ``expr`` at quadrature nodes ``slots`` (coefficients lifted to ``pair``)."""
+        coefs = yield from self._coefs(expr, side, pair, k)
         plan = self.plan
 
         def lin(e, xs):
@@ -283,24 +292,119 @@ class HVarExpectations:
         return walk.fold(expr, rule, children=_expr_children)
 
 
+    def points(self, expr, side, pair, k=0):
+        """Where the one-slot ``expr`` may fail to be smooth, in the slot's units: its static
+        breaks (a tuple of numbers), or, when per-input coefficients place them
+        (``relu(LayerNorm(relu(h)))``: ``relu(a relu(z) + b)`` breaks at 0 and ``-b/a``), a plan
+        value holding a list of per-input points lifted to ``pair``; None if unknown.
+
+        The per-input points over-approximate the breaks: every nonlinearity's breaks
+        pulled back through every affine form its argument takes on some piece
+        (``_RuntimeBreaks``); a cut where the integrand is smooth costs nodes, not accuracy."""
+        static = _points(expr)
+        if static is not None:
+            return static
+        coefs = yield from self._coefs(expr, side, pair, k)
+        found = _RuntimeBreaks(self, coefs).of(expr)
+        if found is None:
+            return None
+        return self.call(_listed, self.like, *found) if found else ()
+
 def _points(expr):
     """The breaks of a one-slot expression (``()`` if smooth), or None if unknown."""
     breaks = expr_breaks(expr)
     return None if breaks is None else breaks.get(0, ())
 
 
-def _split_points(expr):
-    """The breaks to split the quadrature of a one-slot expression at; None: use the plain rule."""
-    return None if expr_smooth(expr) else _points(expr)
-
-
 def _fmt(points):
+    if not isinstance(points, tuple):
+        return "per-input breaks"
     return ", ".join(f"{t:g}" for t in points) or "none"
 
 
 def _split_note(dims, points, degree):
     return (f"quadrature({dims}, Gauss-Legendre, {_nodes(degree)} nodes per piece, "
             f"split at z = {_fmt(points)})")
+
+
+class _RuntimeBreaks:
+    """Candidate breaks of a one-slot expression with per-input coefficients, as plan values.
+
+    Bottom up, each node gets ``(forms, points)``: the affine functions ``alpha z + beta`` it
+    equals on some piece of the slot's line (None if it is not piecewise affine), and the
+    points where it may fail to be smooth (None if unknown).  A nonlinearity with breaks
+    ``t`` adds ``(t - beta) / alpha`` for every form of its argument; if its pieces are
+    affine (relu, hardtanh, clamp, leaky relu, step), its forms are theirs composed with the
+    argument's.  At most ``MAX_FORMS`` forms are tracked."""
+
+    MAX_FORMS = 16
+
+    def __init__(self, pl, coefs):
+        self.pl, self.coefs = pl, coefs
+
+    def of(self, expr):
+        info = {}
+        plan = self.pl.plan
+        for e in walk.postorder([expr], _expr_children):
+            if isinstance(e, irn.ESlot):
+                info[e] = ([(1.0, 0.0)], [])
+            elif isinstance(e, irn.EConst):
+                info[e] = ([(0.0, e.value)], [])
+            elif isinstance(e, irn.ELin):
+                kids = [info[x] for _, x in e.terms]
+                points = None if any(p is None for _, p in kids) else [t for _, p in kids for t in p]
+                forms = [(0.0, 0.0)]
+                for (c, _), (fs, _) in zip(e.terms, kids):
+                    if fs is None or forms is None or len(forms) * len(fs) > self.MAX_FORMS:
+                        forms = None
+                        break
+                    cc = self.coefs[c]
+                    forms = [(plan.add([a, plan.mul(cc, a2)]) or 0.0, plan.add([b, plan.mul(cc, b2)]) or 0.0)
+                             for a, b in forms for a2, b2 in fs]
+                info[e] = (forms, points)
+            elif isinstance(e, irn.EMul):
+                kids = [info[x] for x in e.args]
+                info[e] = (None, None if any(p is None for _, p in kids) else [t for _, p in kids for t in p])
+            elif isinstance(e, irn.ECall):
+                info[e] = self._call(e.fn, *info[e.arg])
+            else:
+                return None
+        return info[expr][1]
+
+    def _call(self, fn, forms, points):
+        if points is None:
+            return None, None
+        if fn.smooth:
+            return None, points
+        if fn.breaks is None or forms is None:
+            return None, None
+        pl = self.pl
+        new = [pl.call(_preimage, float(t), a, b, pl.like) for a, b in forms for t in fn.breaks]
+        pieces = getattr(fn.piecewise, "coeffs", None)
+        if pieces is None or any(len(q) > 2 for q in pieces) or len(forms) * len(pieces) > self.MAX_FORMS:
+            return None, points + new
+        plan = pl.plan
+        composed = []
+        for q in pieces:
+            q0, q1 = (tuple(q) + (0.0, 0.0))[:2]
+            composed += [(plan.mul(q1, a) or 0.0, plan.add([plan.mul(q1, b), q0]) or 0.0) for a, b in forms]
+        return composed, points + new
+
+
+def _preimage(t, a, b, like):
+    """``(t - b) / a``: where ``a z + b`` crosses a break ``t`` (far away where ``a = 0``)."""
+    a, b = expect.const(a, like), expect.const(b, like)
+    return _ratio(t - b, a)
+
+
+def _listed(like, *points):
+    """Per-input points as a list of tensors (for the split rules)."""
+    return [expect.const(t, like) for t in points]
+
+
+def _cut(t, s):
+    """A point ``t`` (a number or a per-input tensor) in units of ``s``."""
+    return _ratio(torch.broadcast_to(expect.const(t, s), s.shape), s)
 
 
 def _single_call(expr):
@@ -409,7 +513,7 @@ def split_q1(f, var, like, points, degree, errors):
     on the pieces between them; the error estimate is appended to ``errors``."""
     var = expect.const(var, like)
     sd = var.clamp_min(0.0).sqrt()
-    cuts = [_ratio(torch.full_like(sd, t), sd) for t in points]
+    cuts = [_cut(t, sd) for t in points]
 
     def rule(n, absolute):
         u, w = _pieces(_edges(sd, cuts), n)
@@ -435,9 +539,9 @@ def split_q2(f, g, like, k11, k12, k22, pf, pg, degree, errors):
     s1, s2 = k11.clamp_min(0.0).sqrt(), k22.clamp_min(0.0).sqrt()
     _, c = correlation(k11, k12, k22)
     s = (1.0 - c * c).clamp_min(0.0).sqrt()
-    tg = [_ratio(torch.full_like(s2, t), s2) for t in pg]          # g's breaks in units of s2
+    tg = [_cut(t, s2) for t in pg]                                 # g's breaks in units of s2
     ok = (c != 0) & (s2 > 0)
-    cut_u = [_ratio(torch.full_like(s1, t), s1) for t in pf]
+    cut_u = [_cut(t, s1) for t in pf]
     for t in tg:
         u0 = torch.where(ok, _ratio(torch.where(ok, t, 0.0), c), _L)
         eps = torch.where(ok, _ratio(s, c.abs()), 0.0)
