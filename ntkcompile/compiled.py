@@ -91,7 +91,7 @@ class CompiledKernel:
         self._homogeneous = False
         self._joint = False
         # a batch-coupled model (BatchNorm in training mode): lowered per call's batch sizes
-        # with the batch as a fixed axis; sizes -> (program, plan, homogeneous, functions)
+        # with the batch as a fixed axis; sizes -> (program, plan, functions)
         self._batched = False
         self._batch_sizes = None
         self._by_sizes: dict = {}

@@ -291,7 +291,6 @@ class HVarExpectations:
         })
         return walk.fold(expr, rule, children=_expr_children)
 
-
     def points(self, expr, side, pair, k=0):
         """Where the one-slot ``expr`` may fail to be smooth, in the slot's units: its static
         breaks (a tuple of numbers), or, when per-input coefficients place them
@@ -309,6 +308,7 @@ class HVarExpectations:
         if found is None:
             return None
         return self.call(_listed, self.like, *found) if found else ()
+
 
 def _points(expr):
     """The breaks of a one-slot expression (``()`` if smooth), or None if unknown."""

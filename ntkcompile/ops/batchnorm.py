@@ -141,8 +141,8 @@ class GBatchNorm(Atom):
 def _no_jumps(lw, node, fns, where):
     for e in fns:
         if getattr(e, "jumps", False):
-            raise lw.unsupported(node, f"{e.name} {where} a training-mode BatchNorm: it jumps, and the "
-                                 "backward through the batch statistics would need its jump terms")
+            raise lw.error(node, f"{e.name} {where} a training-mode BatchNorm is not compiled: it jumps, and the "
+                           "backward through the batch statistics would need its jump terms")
 
 
 def batch_norm_train(lw, node, x, name, eps, weight, bias):
@@ -150,9 +150,9 @@ def batch_norm_train(lw, node, x, name, eps, weight, bias):
     if lw.batch is None:
         raise lw.batch_coupled(node, "BatchNorm in training mode")
     if not isinstance(x, Width) or x.axes != (0, "w"):
-        raise lw.unsupported(node, "BatchNorm in training mode of a feature map or a sequence (BatchNorm2d, "
-                             "BatchNorm1d on (N, C, L)): only BatchNorm1d on (N, features) vectors is compiled "
-                             "so far; call model.eval() for the eval-mode kernel")
+        raise lw.error(node, "BatchNorm in training mode of a feature map or a sequence (BatchNorm2d, "
+                       "BatchNorm1d on (N, C, L)): only BatchNorm1d on (N, features) vectors is compiled "
+                       "so far; call model.eval() for the eval-mode kernel")
     if any(b < 2 for b in lw.batch):
         raise lw.error(node, f"BatchNorm in training mode needs batches of at least 2 examples (got "
                        f"{list(lw.batch)}): the variance of one example is 0")
