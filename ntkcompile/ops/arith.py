@@ -81,17 +81,17 @@ def _add(lw, node, a, b, sign=1.0, alpha=1.0):
     raise lw.unsupported(node, f"{describe(node)} mixing fixed tensors and width-derived values")
 
 
-@rule(operator.add, torch.add, "add")
+@rule(operator.add, torch.add, "add", batch_safe=True)
 def _add_rule(lw, node, a, b, alpha=1.0):
     return _add(lw, node, a, b, 1.0, alpha)
 
 
-@rule(operator.sub, torch.sub, "sub")
+@rule(operator.sub, torch.sub, "sub", batch_safe=True)
 def _sub_rule(lw, node, a, b, alpha=1.0):
     return _add(lw, node, a, b, -1.0, alpha)
 
 
-@rule(operator.neg, torch.neg, "neg")
+@rule(operator.neg, torch.neg, "neg", batch_safe=True)
 def _neg_rule(lw, node, a):
     return mul(lw, node, a, -1.0)
 
@@ -127,7 +127,7 @@ def mul(lw, node, a, b):
     raise lw.unsupported(node)
 
 
-@rule(operator.mul, torch.mul, "mul")
+@rule(operator.mul, torch.mul, "mul", batch_safe=True)
 def _mul_rule(lw, node, a, b):
     return mul(lw, node, a, b)
 
@@ -155,12 +155,12 @@ def _div(lw, node, a, b):
     raise lw.unsupported(node)
 
 
-@rule(operator.truediv, torch.div, "div")
+@rule(operator.truediv, torch.div, "div", batch_safe=True)
 def _div_rule(lw, node, a, b):
     return _div(lw, node, a, b)
 
 
-@rule(operator.pow, torch.pow, "pow")
+@rule(operator.pow, torch.pow, "pow", batch_safe=True)
 def _pow_rule(lw, node, a, p):
     if isinstance(a, Moment) and _is_number(p):
         return Moment(lw.b.spow(a.s, p))
@@ -176,12 +176,12 @@ def _root(lw, node, a, fn, p):
 
 
 # one rule each (not one reading node.target): ops/aten.py registers them under ATen names too
-@rule(torch.sqrt, "sqrt")
+@rule(torch.sqrt, "sqrt", batch_safe=True)
 def _sqrt_rule(lw, node, a):
     return _root(lw, node, a, torch.sqrt, 0.5)
 
 
-@rule(torch.rsqrt, "rsqrt")
+@rule(torch.rsqrt, "rsqrt", batch_safe=True)
 def _rsqrt_rule(lw, node, a):
     return _root(lw, node, a, torch.rsqrt, -0.5)
 

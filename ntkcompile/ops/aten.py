@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..passes.lower import FUNCTION_RULES, Fixed, module_of, rule
+from ..passes.lower import BATCH_SAFE, FUNCTION_RULES, Fixed, in_table, module_of, rule
 from ..passes.readout import LINEAR_FUNCTIONS, POST_READOUT_SCALE
 from . import activations  # noqa: F401  (registers the nonlinearities looked up below)
 from .elementwise import apply, from_function
@@ -50,6 +50,7 @@ def _ops(*names):
 
 def _same_as(torch_key, *names, **flags):
     """Register the torch-level rule of ``torch_key`` for ATen ops with its argument layout."""
+    flags.setdefault("batch_safe", in_table(torch_key, BATCH_SAFE))
     rule(*_ops(*names), **flags)(FUNCTION_RULES[torch_key])
 
 
@@ -60,7 +61,7 @@ LINEAR_FUNCTIONS.add(aten.linear.default)           # a readout, too
 _same_as(F.conv2d, "conv1d", "conv2d", "conv1d.padding", "conv2d.padding", input_layer=True)
 
 
-@rule(*_ops("convolution"), input_layer=True)
+@rule(*_ops("convolution"), input_layer=True, batch_safe=True)
 def _convolution(lw, node, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     if transposed:
         raise lw.unsupported(node, "a transposed convolution")
@@ -132,7 +133,7 @@ for _op in _ops("dropout"):
     POST_READOUT_SCALE[_op] = lambda node, m: 1.0 if (len(node.args) > 2 and not node.args[2]) else None
 
 
-@rule(*_ops("rsub.Scalar", "rsub.Tensor"))
+@rule(*_ops("rsub.Scalar", "rsub.Tensor"), batch_safe=True)
 def _rsub(lw, node, a, b, alpha=1.0):
     """``b - alpha * a`` (``1 - z`` in core ATen)."""
     return FUNCTION_RULES[torch.sub](lw, node, b, a, alpha)
@@ -188,12 +189,12 @@ def _embedding(lw, node, weight, indices, padding_idx=-1, scale_grad_by_freq=Fal
 
 # -- normalization -----------------------------------------------------------------
 
-@rule(*_ops("layer_norm"))
+@rule(*_ops("layer_norm"), batch_safe=True)
 def _layer_norm(lw, node, x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     return FUNCTION_RULES[F.layer_norm](lw, node, x, normalized_shape, weight, bias, eps)
 
 
-@rule(*_ops("native_layer_norm"))
+@rule(*_ops("native_layer_norm"), batch_safe=True)
 def _native_layer_norm(lw, node, x, normalized_shape, weight, bias, eps):
     """Returns ``(y, mean, rstd)``; only ``y`` (``getitem`` 0) has a meaning here."""
     return (_layer_norm(lw, node, x, normalized_shape, weight, bias, eps), None, None)
@@ -214,12 +215,12 @@ def _attr_name(node_arg):
     return module_of(node_arg.target) if isinstance(node_arg, fx.Node) and node_arg.op == "get_attr" else None
 
 
-@rule(*_ops("batch_norm"))
+@rule(*_ops("batch_norm"), batch_safe=True)
 def _batch_norm(lw, node, x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn=True):
     return _bn(lw, node, x, weight, bias, running_mean, running_var, training, eps)
 
 
-@rule(*_ops("_native_batch_norm_legit_no_training"))
+@rule(*_ops("_native_batch_norm_legit_no_training"), batch_safe=True)
 def _batch_norm_eval(lw, node, x, weight, bias, running_mean, running_var, momentum, eps):
     return (_bn(lw, node, x, weight, bias, running_mean, running_var, False, eps), None, None)
 
@@ -292,7 +293,7 @@ def _register_nonlinearities():
         op = getattr(getattr(aten, name, None), "default", None)
         fn = next((f for f in _torch_functions(name) if _known(f)), None)
         if op is not None and fn is not None and op not in FUNCTION_RULES:
-            rule(op)(_nonlinearity(fn))
+            rule(op, batch_safe=True)(_nonlinearity(fn))
 
 
 def _known(fn):

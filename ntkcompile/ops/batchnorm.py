@@ -27,10 +27,14 @@ position pairs of that input, ``(B1 + B2) x (B1 + B2)``, of which a call returns
   over each batch: exact, and Gaussian (``GPosMap``).  Statistics of the input itself
   (``x - x.mean(0)`` before the first layer) are computed per batch by ``BatchPrep``.
 
-Refused, each with its own message: BatchNorm2d (and BatchNorm1d of ``(N, C, L)``) in
-training mode, nonlinearities with jumps around it, a normalized vector combined with
-another vector before a nonlinearity, more than one nonlinearity before it, batches of one
-example.
+BatchNorm2d normalizes each channel over the examples and the positions of a feature map:
+the map's positions follow the examples' (``(B, H, W)``; convolutions act with kernel 1 along
+the examples, ``ops/conv.py``), and the batch's G-vars are those of every example and position.
+
+Refused, each with its own message: nonlinearities with jumps around it, a normalized
+vector combined with another vector before a nonlinearity, more than one nonlinearity
+before it, batches of one example; and, in a batch-coupled model, every op whose rule is
+not marked ``batch_safe`` (``passes.lower.BATCH_SAFE``).
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class BatchNormSpec:
     eps: float
     pre: tuple = ()
     post: tuple = ()
+    example_shape: tuple = ()    # the positions of each example (a feature map's (H, W))
 
     def chain(self, which):
         """``(f, f')`` of the ``pre`` or ``post`` chain as torch functions."""
@@ -129,7 +134,7 @@ class GBatchNorm(Atom):
     def check(self, program):
         problems = []
         pos = tuple(program.positions(self.arg))
-        if pos != (sum(self.spec.sizes),):
+        if pos != (sum(self.spec.sizes),) + tuple(self.spec.example_shape):
             problems.append(f"normalizes a vector with positions {pos} over batches {self.spec.sizes}")
         if not all(v.gaussian for _, v in self.arg.pieces):
             problems.append("normalizes a vector that is not Gaussian")
@@ -149,10 +154,9 @@ def batch_norm_train(lw, node, x, name, eps, weight, bias):
     """``BatchNorm(x)`` with batch statistics (shared by the module, ``F.batch_norm`` and ATen's)."""
     if lw.batch is None:
         raise lw.batch_coupled(node, "BatchNorm in training mode")
-    if not isinstance(x, Width) or x.axes != (0, "w"):
-        raise lw.error(node, "BatchNorm in training mode of a feature map or a sequence (BatchNorm2d, "
-                       "BatchNorm1d on (N, C, L)): only BatchNorm1d on (N, features) vectors is compiled "
-                       "so far; call model.eval() for the eval-mode kernel")
+    if not isinstance(x, Width) or x.axes != (0, "w") + tuple(range(1, len(x.positions))):
+        raise lw.error(node, "BatchNorm in training mode of a tensor whose channels are not its second axis "
+                       "(only (N, C) vectors and (N, C, *positions) feature maps are normalized per channel)")
     if any(b < 2 for b in lw.batch):
         raise lw.error(node, f"BatchNorm in training mode needs batches of at least 2 examples (got "
                        f"{list(lw.batch)}): the variance of one example is 0")
@@ -166,7 +170,7 @@ def batch_norm_train(lw, node, x, name, eps, weight, bias):
     param = None
     if weight is not None or bias is not None:
         param = b.param(BatchAffine, name=name, gain=weight is not None, shift=bias is not None)
-    atom = b.make(GBatchNorm, BatchNormSpec(lw.batch, float(eps), tuple(pre)), g, param)
+    atom = b.make(GBatchNorm, BatchNormSpec(lw.batch, float(eps), tuple(pre), (), tuple(x.positions[1:])), g, param)
     return lw.width(node, b.single(b.atom_var(atom)), x.size, x.positions, layout=x.layout)
 
 
@@ -237,7 +241,7 @@ def _batchnorm_adjoint(pl, u, w):
     if d is None:
         return None
     sim = yield from _forward(pl, u)
-    return pl.call(batchnorm_mc.backward, sim, pl.tensor(d), pl.static(u.spec, "batchnorm"),
+    return pl.call(batchnorm_mc.backward, sim, pl.tensor(d), pl.static(u.spec, "batchnorm"), len(pl.plan.seeds),
                    note=(f"backward of {pl.label(u)}", "E[J^T D J] over the forward's samples"))
 
 

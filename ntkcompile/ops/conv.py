@@ -101,24 +101,33 @@ def _conv(lw, node, x, name, weight_shape, has_bias, stride, padding, dilation, 
     if padding_mode != "zeros":
         raise lw.unsupported(node, f"a convolution with padding_mode={padding_mode!r} (only zeros)")
     out_c, in_c, *kernel = weight_shape
+    batched = lw.batch is not None       # a batch-coupled model: the examples are position axis 0
     if isinstance(x, Fixed):
-        in_shape = tuple(lw.shape(x.node)[2:])
+        shape = tuple(lw.shape(x.node))
+        in_shape = shape[:1] + shape[2:] if batched else shape[2:]
     elif isinstance(x, Width) and x.positions:
         in_shape = x.positions
+        if batched and x.axes != (0, "w") + tuple(range(1, len(in_shape))):
+            raise lw.batch_coupled(node, f"a convolution of a tensor laid out as {x.axes}")
     else:
         raise lw.error(node, "a convolution applied to a tensor without positions", WidthInferenceError)
     try:
-        geom = ConvGeometry.make(kernel, stride, padding, dilation, in_shape)
+        geom = ConvGeometry.make(kernel, stride, padding, dilation, in_shape[1:] if batched else in_shape)
+        if batched:       # the same windows in every example: kernel 1 along the examples
+            geom = ConvGeometry.make((1,) + geom.kernel, (1,) + geom.stride, (0,) + geom.padding,
+                                     (1,) + geom.dilation, in_shape)
     except ValueError as e:
         raise lw.unsupported(node, f"this convolution ({e})") from e
-    if geom.out_shape != tuple(lw.shape(node)[2:]):
+    torch_out = tuple(lw.shape(node))
+    if geom.out_shape != (torch_out[:1] + torch_out[2:] if batched else torch_out[2:]):
         raise lw.unsupported(node, f"a convolution whose output shape {lw.shape(node)} differs from the "
                              f"computed {geom.out_shape}")
     one = lw.b.sconst(1.0)
     fan_in = in_c * geom.size
     if isinstance(x, Fixed):
         mat = lw.matrix(node, name, "input", fan_in, geom)
-        atom = lw.b.make(GConvInput, mat, lw.fixed_index(x.node, 2 + len(in_shape)))
+        perm = (0, 2, 1, *range(3, 2 + len(in_shape))) if batched else None     # (1, C, B, *P)
+        atom = lw.b.make(GConvInput, mat, lw.fixed_index(x.node, 2 + len(in_shape), perm=perm))
     else:
         mat = lw.matrix(node, name, "hidden", fan_in, geom)
         atom = lw.b.make(GConv, mat, x.vec)
@@ -127,16 +136,17 @@ def _conv(lw, node, x, name, weight_shape, has_bias, stride, padding, dilation, 
         b = lw.bias_atom(name + ".bias", name, geom.out_shape, node)
         if b is not None:
             terms.append((one, b))
-    return lw.width(node, lw.b.single(lw.b.var(terms)), out_c, geom.out_shape)
+    layout = (0, "w") + tuple(range(1, len(geom.out_shape))) if batched else None
+    return lw.width(node, lw.b.single(lw.b.var(terms)), out_c, geom.out_shape, layout=layout)
 
 
-@rule(nn.Conv1d, nn.Conv2d, input_layer=True)
+@rule(nn.Conv1d, nn.Conv2d, input_layer=True, batch_safe=True)
 def _conv_module(lw, node, m, x):
     return _conv(lw, node, x, node.target, tuple(m.weight.shape), m.bias is not None, m.stride,
                  m.padding, m.dilation, m.groups, m.padding_mode)
 
 
-@rule(F.conv1d, F.conv2d, input_layer=True)
+@rule(F.conv1d, F.conv2d, input_layer=True, batch_safe=True)
 def _conv_function(lw, node, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     if wnode.op != "get_attr":

@@ -99,7 +99,7 @@ def _add(table: dict, key, resolver):
 def _register_function(target, resolver):
     _add(_FUNCTIONS, target, resolver)
 
-    @lowering_rule(target)
+    @lowering_rule(target, batch_safe=True)
     def _lower(lw, node, x, *args, **kwargs):
         return apply(lw, node, _resolved(lw, node, lambda: resolver(args, kwargs)), x)
 
@@ -107,7 +107,7 @@ def _register_function(target, resolver):
 def _register_method(name, resolver):
     _add(_METHODS, name, resolver)
 
-    @lowering_rule(name)
+    @lowering_rule(name, batch_safe=True)
     def _lower(lw, node, x, *args, **kwargs):
         return apply(lw, node, _resolved(lw, node, lambda: resolver(args, kwargs)), x)
 
@@ -115,7 +115,7 @@ def _register_method(name, resolver):
 def _register_module(cls, resolver):
     _add(_MODULES, cls, resolver)
 
-    @lowering_rule(cls)
+    @lowering_rule(cls, batch_safe=True)
     def _lower(lw, node, m, x):
         return apply(lw, node, _resolved(lw, node, lambda: resolver(m)), x)
 

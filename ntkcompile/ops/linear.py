@@ -115,13 +115,13 @@ def linear(lw, node, x, name, in_features, out_features, bias_name):
 FLATTEN_READERS.update({nn.Linear, F.linear})
 
 
-@rule(nn.Linear, input_layer=True)
+@rule(nn.Linear, input_layer=True, batch_safe=True)
 def _linear_module(lw, node, m, x):
     bias = node.target + ".bias" if m.bias is not None else None
     return linear(lw, node, x, node.target, m.in_features, m.out_features, bias)
 
 
-@rule(F.linear, input_layer=True)
+@rule(F.linear, input_layer=True, batch_safe=True)
 def _linear_function(lw, node, x, weight, bias=None):
     wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

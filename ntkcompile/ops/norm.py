@@ -150,13 +150,13 @@ def _normalize(lw, node, x, name, eps, center, gain_param, shift_param, normaliz
     return _affine(lw, node, x, vec, name, gain_param, shift_param)
 
 
-@rule(nn.LayerNorm)
+@rule(nn.LayerNorm, batch_safe=True)
 def _layernorm_module(lw, node, m, x):
     return _normalize(lw, node, x, node.target, m.eps, True, m.weight,
                       getattr(m, "bias", None), m.normalized_shape)
 
 
-@rule(F.layer_norm)
+@rule(F.layer_norm, batch_safe=True)
 def _layernorm_function(lw, node, x, normalized_shape, weight=None, bias=None, eps=1e-5):
     params = []
     for i, key in ((2, "weight"), (3, "bias")):
@@ -169,13 +169,13 @@ def _layernorm_function(lw, node, x, normalized_shape, weight=None, bias=None, e
 
 
 if hasattr(nn, "RMSNorm"):
-    @rule(nn.RMSNorm)
+    @rule(nn.RMSNorm, batch_safe=True)
     def _rmsnorm_module(lw, node, m, x):
         eps = m.eps if m.eps is not None else torch.finfo(torch.get_default_dtype()).eps
         return _normalize(lw, node, x, node.target, eps, False, m.weight, None, m.normalized_shape)
 
 if hasattr(F, "rms_norm"):
-    @rule(F.rms_norm)
+    @rule(F.rms_norm, batch_safe=True)
     def _rmsnorm_function(lw, node, x, normalized_shape, weight=None, eps=None):
         if weight is not None:
             raise lw.unsupported(node, "F.rms_norm with a weight (use nn.RMSNorm)")
@@ -228,7 +228,7 @@ def _instancenorm(lw, node, *args, **kwargs):
                    "a fixed number of groups has a deterministic limit.", UnsupportedOpError)
 
 
-@rule(nn.BatchNorm1d, nn.BatchNorm2d)
+@rule(nn.BatchNorm1d, nn.BatchNorm2d, batch_safe=True)
 def _batchnorm_module(lw, node, m, x):
     return batchnorm(lw, node, x, node.target, m.training, m.track_running_stats, m.running_mean,
                      m.running_var, m.eps, m.weight if m.affine else None, m.bias if m.affine else None)
@@ -250,7 +250,7 @@ def batchnorm(lw, node, x, name, training, has_stats, running_mean, running_var,
     return _affine(lw, node, x, vec, name, weight, bias)
 
 
-@rule(F.batch_norm)
+@rule(F.batch_norm, batch_safe=True)
 def _batchnorm_function(lw, node, x, running_mean, running_var, weight=None, bias=None, training=False,
                         momentum=0.1, eps=1e-5):
     def tensor(v):

@@ -36,6 +36,6 @@ def _mean(lw, node, x, dim, keepdim, which):
     return Moment(lw.b.smoment(which, x.vec))
 
 
-@rule("mean", torch.mean)
+@rule("mean", torch.mean, batch_safe=True)
 def _mean_rule(lw, node, x, dim=None, keepdim=False, dtype=None):
     return _mean(lw, node, x, dim, keepdim, "mean")

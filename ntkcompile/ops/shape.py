@@ -60,7 +60,7 @@ def _flatten_module(lw, node, m, x):
     return shape_identity(lw, node, x)
 
 
-@rule(nn.Identity, shape_only=True)
+@rule(nn.Identity, shape_only=True, batch_safe=True)
 def _identity(lw, node, m, x, *a, **k):
     return x
 
@@ -75,12 +75,12 @@ def _dropout(lw, node, p, training, x):
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 
 
-@rule(*_DROPOUTS)
+@rule(*_DROPOUTS, batch_safe=True)
 def _dropout_module(lw, node, m, x):
     return _dropout(lw, node, m.p, m.training, x)
 
 
-@rule(F.dropout)
+@rule(F.dropout, batch_safe=True)
 def _dropout_function(lw, node, x, p=0.5, training=True, inplace=False):
     return _dropout(lw, node, p, training, x)
 

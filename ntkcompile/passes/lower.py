@@ -100,6 +100,7 @@ METHOD_RULES: dict = {}
 INPUT_LAYERS: set = set()      # keys of ops whose parameters make a fixed input a width vector
 CONCRETE: set = set()          # keys of ops whose value is a Python value (a size), also of fixed tensors
 INTEGER_INPUTS: set = set()    # keys of ops that read integer inputs (token ids: an embedding)
+BATCH_SAFE: set = set()        # keys of ops whose rules handle a batch-coupled model's batch axis
 PROGRAM_CHECKS: list = []      # check(lowering, program) of the pruned program, registered by ops
 # pool -> unpool(lowering, node, x): a globally pooled feature map (kept for the readout, which
 # reads it more cheaply) as an ordinary vector, when another op uses it (an MLP head)
@@ -115,7 +116,7 @@ def table_for(key) -> dict:
     return FUNCTION_RULES
 
 
-def rule(*keys, shape_only=False, input_layer=False, concrete=False, integer_input=False):
+def rule(*keys, shape_only=False, input_layer=False, concrete=False, integer_input=False, batch_safe=False):
     """Register the decorated lowering rule for module types, callables and method names.
 
     A module rule is called ``rule(lowering, node, module, *args, **kwargs)``, a
@@ -123,7 +124,9 @@ def rule(*keys, shape_only=False, input_layer=False, concrete=False, integer_inp
     arguments' values (``Fixed``, ``Width``, ``Moment``, Python values).
     ``concrete=True``: the rule also runs on fixed tensors (it returns a Python value,
     such as a size); ``integer_input=True``: the op reads integer inputs (token ids), so
-    the model is run on integer examples when it reads its input directly.
+    the model is run on integer examples when it reads its input directly;
+    ``batch_safe=True``: the rule handles width vectors of a batch-coupled model, whose
+    position axis 0 is the batch (``Lowering.batch``); other ops refuse them there.
     """
     def deco(fn):
         for k in keys:
@@ -132,7 +135,7 @@ def rule(*keys, shape_only=False, input_layer=False, concrete=False, integer_inp
                 raise ValueError(f"a lowering rule for {k!r} is already registered")
             table[k] = fn
             for flag, where in ((shape_only, SHAPE_ONLY), (input_layer, INPUT_LAYERS), (concrete, CONCRETE),
-                                (integer_input, INTEGER_INPUTS)):
+                                (integer_input, INTEGER_INPUTS), (batch_safe, BATCH_SAFE)):
                 if flag:
                     where.add(k)
         return fn
@@ -226,9 +229,10 @@ class Lowering:
     def batch_coupled(self, node, what):
         """The error (or the retry signal, ``BatchCoupled``) for an op that couples a batch."""
         if self.batch is not None:
-            return self.error(node, f"{what} in a batch-coupled model: only MLPs on (N, features) inputs with "
-                              "BatchNorm1d in training mode, F.batch_norm(..., training=True), h - h.mean(0) "
-                              "and x - x.mean(0) are compiled so far")
+            return self.error(node, f"{what} in a batch-coupled model: only MLPs and CNNs made of Linear, Conv, "
+                              "nonlinearities, LayerNorm, BatchNorm in training mode, h - h.mean(0), x - x.mean(0) "
+                              "and a mean over a map's positions before the readout (global average pooling "
+                              "written h.mean((2, 3))) are compiled so far")
         return self.error(node, f"{what} couples the examples of a batch", BatchCoupled)
 
     def unsupported(self, node, what=None):
@@ -284,8 +288,6 @@ class Lowering:
         ``(N, *P, d)`` reads it as ``(N, d, *P)``, like a convolution)."""
         shp = self.shape(node)
         if self.batch is not None:
-            if len(shp) != 2:
-                raise self.batch_coupled(node, f"an input layer reading a fixed input of shape {tuple(shp)}")
             shp = (1,) + tuple(shp)       # one input whose positions are the batch (``batch``)
         if len(shp) != ndim:
             raise self.error(
@@ -392,6 +394,9 @@ class Lowering:
                              GIACheckError)
         tensors = [v for v in flat if isinstance(v, (Fixed, Width, Moment, Derived))]
         key = type(self.modules[node.target]) if node.op == "call_module" else node.target
+        if self.batch is not None and any(isinstance(v, Width) for v in flat) and not in_table(key, BATCH_SAFE):
+            # its rule would take the batch axis for a position of one example
+            raise self.batch_coupled(node, str(getattr(key, "__name__", key)))
         if not tensors and node.op == "call_function" and _python_op(key):
             return key(*args, **kwargs)       # arithmetic on sizes: n = x.size(1) // 3
         if any(isinstance(v, Width) and v.pool for v in flat) and key not in SHAPE_ONLY:
