@@ -378,6 +378,21 @@ def _gauss2_split(f, g, k11, k12, k22, kinks, n=64):
     return total
 
 
+def _one_layer_kernels(x, W, b, f, df, kinks):
+    """NNGP and NTK of ``Linear -> phi -> Linear`` (NTK parametrization, ``W``, ``b``) with the
+    oracle above: ``f(i)``, ``df(i)``: ``phi`` and the backward multiplier of input ``i``;
+    ``kinks(i, j)``: where they break."""
+    a = x.numpy()
+    kk = W**2 * a @ a.T / a.shape[1] + b**2
+    q, n = np.diag(kk), len(a)
+    with np.errstate(divide="ignore"):                   # c = 1 on the diagonal: cuts at infinity
+        nngp = np.array([[W**2 * _gauss2_split(f(i), f(j), q[i], kk[i, j], q[j], kinks(i, j)) + b**2
+                          for j in range(n)] for i in range(n)])
+        dd = np.array([[_gauss2_split(df(i), df(j), q[i], kk[i, j], q[j], kinks(i, j)) for j in range(n)]
+                       for i in range(n)])
+    return nngp, nngp + W**2 * dd * kk
+
+
 @pytest.mark.parametrize("act, fn, dfn, kinks", [
     (nn.Hardtanh(-0.5, 0.5), lambda z: np.clip(z, -0.5, 0.5), lambda z: ((z > -0.5) & (z < 0.5)) * 1.0, [-0.5, 0.5]),
     (nn.ReLU6(), lambda z: np.clip(z, 0, 6), lambda z: ((z > 0) & (z < 6)) * 1.0, [0.0, 6.0]),
@@ -393,13 +408,7 @@ def test_piecewise_activations_are_exact(act, fn, dfn, kinks):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         k = ntkcompile.compile(model, W_std=W, b_std=b)(x)
-    a = x.numpy()
-    kk = W**2 * a @ a.T / D + b**2
-    q = np.diag(kk)
-    nngp = np.array([[W**2 * _gauss2_split(fn, fn, q[i], kk[i, j], q[j], kinks) + b**2 for j in range(3)]
-                     for i in range(3)])
-    dd = np.array([[_gauss2_split(dfn, dfn, q[i], kk[i, j], q[j], kinks) for j in range(3)] for i in range(3)])
-    ntk = nngp + W**2 * dd * kk
+    nngp, ntk = _one_layer_kernels(x, W, b, lambda i: fn, lambda i: dfn, lambda i, j: kinks)
     np.testing.assert_allclose(k.nngp.numpy(), nngp, rtol=1e-9)
     np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-9)
 
@@ -424,13 +433,7 @@ def test_relu_of_layernorm_of_relu_is_split_at_per_input_breaks():
     t = mu                                               # relu(scale (relu(z) - mu)) kinks at 0 and mu
     f = [lambda z, i=i: np.maximum(scale[i] * (np.maximum(z, 0) - mu[i]), 0) for i in range(3)]
     df = [lambda z, i=i: (z > t[i]) * scale[i] for i in range(3)]   # relu'(LN) * LN's 1/sigma * relu'
-    kinks = lambda i, j: [0.0, t[i], t[j]]  # noqa: E731
-    with np.errstate(divide="ignore"):                   # c = 1 on the diagonal: cuts at infinity
-        nngp = np.array([[W**2 * _gauss2_split(f[i], f[j], q[i], kk[i, j], q[j], kinks(i, j)) + b**2
-                          for j in range(3)] for i in range(3)])
-        dd = np.array([[_gauss2_split(df[i], df[j], q[i], kk[i, j], q[j], kinks(i, j)) for j in range(3)]
-                       for i in range(3)])
-    ntk = nngp + W**2 * dd * kk
+    nngp, ntk = _one_layer_kernels(x, W, b, f.__getitem__, df.__getitem__, lambda i, j: [0.0, t[i], t[j]])
     np.testing.assert_allclose(k.nngp.numpy(), nngp, rtol=1e-9)
     np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-9)
     assert k.quad_error < 1e-8

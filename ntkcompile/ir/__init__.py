@@ -10,6 +10,6 @@ from .builder import Builder, expr_has_jump, expr_smooth, expr_uses_slot
 from .elementwise import Elementwise
 from .geometry import ConvGeometry, PositionMap
 from .nodes import (ANY, Atom, Bias, EConst, ECall, ELin, EMul, ESlot, Expr, GBias, GInput, GMatMul, HAtom,
-                    Matrix, Node, Param, Readout, Scalar, SConst, SMoment, SOp, SSelect, Var, Vec,
+                    Matrix, Node, OfArg, Param, Readout, Scalar, SConst, SMoment, SOp, SSelect, Var, Vec,
                     node)
 from .program import READOUT, BackwardProgram, Positions, Program

@@ -273,6 +273,25 @@ class Atom(Node):
 ANY = object()      # cov_group of atoms that may covary with anything
 
 
+class OfArg(Atom):
+    """Base of atoms computed from one vector ``arg`` across its positions (a map of positions,
+    a pooling, a batch normalization): the backward reads ``arg`` off through them
+    (``consumes``, ``read_off``), they mix positions, and they are in the covariance group of
+    ``arg``'s atoms when those share one."""
+    __slots__ = ()
+    consumes = True
+    read_off = True
+    mixes_positions = True
+
+    @property
+    def cov_group(self):
+        groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
+        return groups.pop() if len(groups) == 1 else ANY
+
+    def children(self):
+        return (self.arg,)
+
+
 @node
 class GInput(Atom):
     """``U xi``: input-layer matrix ``param`` times fixed input number ``fixed`` (dense;

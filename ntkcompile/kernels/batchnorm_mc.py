@@ -80,10 +80,6 @@ def forward(k_in, spec, mc, samples, errors, stream=0):
             "mean": shaped(y.mean(0), 1), "samples": handle}
 
 
-def pick(d, key):
-    return d[key]
-
-
 def _centered_rank(k, spec):
     """The smallest rank, over the batches, of the input covariance centered over the batch."""
     ranks = []

@@ -107,7 +107,3 @@ def backward(sim, dy, pairs, spec):
     A = spec.placement(d)                                                     # (nQ K, nP): window -> input
     dg = A.T @ G.reshape(N, N, nQ * K, nQ * K) @ A                            # (N, N, nP, nP)
     return dg[I, J].reshape(-1, *P, *P)
-
-
-def pick(d, key):
-    return d[key]

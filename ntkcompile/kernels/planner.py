@@ -77,6 +77,45 @@ def register(table: dict, key, rule=None):
     return deco(rule) if rule is not None else deco
 
 
+def pick(d, key):
+    """An entry of a sampler's result (called by the generated code)."""
+    return d[key]
+
+
+# the entry of a sampler's result (``"x"``, ``"d"``, ``"f"``) holding the moments of a pair
+SAMPLED_PAIRS = {"x": "x", "d1": "d", "d2": "d", "f1": "f", "f2": "f"}
+
+
+def register_sampled(kind, evaluate, combined: str):
+    """``COVARIANCE`` and ``MEAN`` of an atom ``kind`` whose moments come from one joint Monte
+    Carlo per atom (max pooling, training-mode BatchNorm): ``evaluate(pl, a, k_in, stream)``
+    plans the sampler's call on the covariance of the atom's argument, returning a dict with
+    ``"x"``, ``"d"``, ``"f"`` and ``"mean"``; ``stream`` numbers the atoms of the kind, to draw
+    each from its own samples; ``combined``: the error for two different such atoms in one
+    expectation.  Returns ``forward(pl, a)``, the memoized sampler (a rule generator), for the
+    kind's other rules."""
+    def forward(pl, a):
+        memo = pl.__dict__.setdefault(f"sampled_{kind.__name__}", {})
+        if a not in memo:
+            k_in = yield from pl.cov(a.arg, a.arg, "x")
+            memo[a] = evaluate(pl, a, pl.tensor(k_in), len(memo))
+        return memo[a]
+
+    @register(COVARIANCE, kind)
+    def _cov(pl, a, b, pair):
+        if a is not b:
+            raise NotImplementedError(combined)
+        sim = yield from forward(pl, a)
+        return pl.call(pick, sim, SAMPLED_PAIRS[pair])
+
+    @register(MEAN, kind)
+    def _mean(pl, a, side):
+        sim = yield from forward(pl, a)
+        return pl.call(pick, sim, "mean")
+
+    return forward
+
+
 class Planner(HVarExpectations):
     """Plans the NNGP and NTK of one lowered program (with its backward program)."""
 

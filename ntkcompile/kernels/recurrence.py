@@ -280,7 +280,3 @@ def mc_backward(sim, dh, pairs):
     I, J = pairs
     return {"ntk": out["ntk"][..., I, J].reshape(*seeds, -1),
             "dx": out["dx"][..., I, J, :, :].reshape(*seeds, -1, T, T)}
-
-
-def pick(d, key):
-    return d[key]

@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ir import ANY, Param, node
-from ..ir.nodes import Atom
+from ..ir import Param, node
+from ..ir.nodes import OfArg
 from ..kernels import batchnorm_mc
-from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, NTK_TERMS, register
+from ..kernels.planner import ADJOINT, NTK_TERMS, register, register_sampled
 from ..passes.lower import Width
 from .elementwise import OF_ATOM
 from .maxpool import gaussian_and_phi
@@ -95,28 +95,13 @@ class BatchAffine(Param):
 
 
 @node
-class GBatchNorm(Atom):
+class GBatchNorm(OfArg):
     """``post(BatchNorm(pre(arg)))`` over the batches on the positions of ``arg`` (``spec``)."""
     spec: Any
     arg: Any
     param: Any = None          # a BatchAffine, or None
     uid: int = -1
-    consumes = True
-    read_off = True
-    mixes_positions = True
     batch_statistics = True      # needs batches of 2 or more examples (CompiledKernel)
-
-    @property
-    def gaussian(self):
-        return False
-
-    @property
-    def cov_group(self):
-        groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
-        return groups.pop() if len(groups) == 1 else ANY
-
-    def children(self):
-        return (self.arg,)
 
     def positions(self, positions_of):
         return positions_of(self.arg)
@@ -207,30 +192,13 @@ def batch_mean(lw, node, x, keepdim):
 
 # -- planning ---------------------------------------------------------------------
 
-def _forward(pl, a):
-    memo = pl.__dict__.setdefault("batchnorms", {})
-    if a not in memo:
-        k_in = yield from pl.cov(a.arg, a.arg, "x")
-        memo[a] = pl.call(batchnorm_mc.forward, pl.tensor(k_in), pl.static(a.spec, "batchnorm"), pl.mc,
-                          pl.joint_samples, pl.errors, len(memo),
-                          note=(f"E[y y'] of {pl.label(a)}", f"joint Monte Carlo over the batch "
-                                f"({pl.joint_samples} coordinates per replicate)"))
-    return memo[a]
-
-
-@register(COVARIANCE, GBatchNorm)
-def _batchnorm_cov(pl, a, b, pair):
-    if a is not b:
-        raise NotImplementedError("two different training-mode BatchNorms combined (a residual sum), or one "
-                                  "combined with another vector")
-    sim = yield from _forward(pl, a)
-    return pl.call(batchnorm_mc.pick, sim, {"x": "x", "d1": "d", "d2": "d", "f1": "f", "f2": "f"}[pair])
-
-
-@register(MEAN, GBatchNorm)
-def _batchnorm_mean(pl, a, side):
-    sim = yield from _forward(pl, a)
-    return pl.call(batchnorm_mc.pick, sim, "mean")
+_forward = register_sampled(
+    GBatchNorm,
+    lambda pl, a, k_in, stream: pl.call(
+        batchnorm_mc.forward, k_in, pl.static(a.spec, "batchnorm"), pl.mc, pl.joint_samples, pl.errors, stream,
+        note=(f"E[y y'] of {pl.label(a)}", f"joint Monte Carlo over the batch ({pl.joint_samples} coordinates "
+              "per replicate)")),
+    "two different training-mode BatchNorms combined (a residual sum), or one combined with another vector")
 
 
 @register(ADJOINT, GBatchNorm)

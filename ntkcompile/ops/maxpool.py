@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KernelMemoryError, WidthInferenceError
-from ..ir import ANY, ECall, ESlot, HAtom, node
-from ..ir.nodes import Atom
+from ..ir import ECall, ESlot, HAtom, node
+from ..ir.nodes import OfArg
 from ..kernels import maxpool_mc
-from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, register
+from ..kernels.planner import ADJOINT, register, register_sampled
 from ..passes.lower import Width, rule
 from ..resources import available_memory
 from .elementwise import OF_ATOM
@@ -91,24 +91,12 @@ class MaxPoolSpec:
 
 
 @node
-class GMaxPool(Atom):
+class GMaxPool(OfArg):
     """``phi(maxpool(arg))`` of a Gaussian Vec ``arg`` with positions (``spec``)."""
     spec: object
     arg: object
     uid: int = -1
-    consumes = True
-    read_off = True
-    mixes_positions = True
     joint = True
-
-    @property
-    def gaussian(self):
-        return False
-
-    @property
-    def cov_group(self):
-        groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
-        return groups.pop() if len(groups) == 1 else ANY
 
     @property
     def joint_rows(self) -> int:
@@ -125,9 +113,6 @@ class GMaxPool(Atom):
         if need > have:
             raise KernelMemoryError(f"max pooling's joint Monte Carlo over {inputs} inputs needs about "
                                     f"{need / 2 ** 30:.2f} GiB, more than {have / 2 ** 30:.2f} GiB")
-
-    def children(self):
-        return (self.arg,)
 
     def positions(self, positions_of):
         return self.spec.out_shape
@@ -268,30 +253,13 @@ OF_ATOM[GMaxPool] = _of_maxpool
 
 # -- planning ---------------------------------------------------------------------
 
-def _forward(pl, a):
-    memo = pl.__dict__.setdefault("maxpools", {})
-    if a not in memo:
-        k_in = yield from pl.cov(a.arg, a.arg, "x")
-        memo[a] = pl.call(maxpool_mc.forward, pl.tensor(k_in), pl.static(a.spec, "maxpool"), pl.pairs, pl.mc,
-                          pl.joint_samples, pl.errors, len(memo),
-                          note=(f"E[y y'] of {pl.label(a)}", f"joint Monte Carlo over the tile "
-                                f"({pl.joint_samples} coordinates per replicate)"))
-    return memo[a]
-
-
-@register(COVARIANCE, GMaxPool)
-def _maxpool_cov(pl, a, b, pair):
-    if a is not b:
-        raise NotImplementedError("two different max poolings combined (a residual sum of poolings, or a "
-                                  "pooling combined with another vector)")
-    sim = yield from _forward(pl, a)
-    return pl.call(maxpool_mc.pick, sim, {"x": "x", "d1": "d", "d2": "d", "f1": "f", "f2": "f"}[pair])
-
-
-@register(MEAN, GMaxPool)
-def _maxpool_mean(pl, a, side):
-    sim = yield from _forward(pl, a)
-    return pl.call(maxpool_mc.pick, sim, "mean")
+_forward = register_sampled(
+    GMaxPool,
+    lambda pl, a, k_in, stream: pl.call(
+        maxpool_mc.forward, k_in, pl.static(a.spec, "maxpool"), pl.pairs, pl.mc, pl.joint_samples, pl.errors,
+        stream, note=(f"E[y y'] of {pl.label(a)}", f"joint Monte Carlo over the tile ({pl.joint_samples} "
+                      "coordinates per replicate)")),
+    "two different max poolings combined (a residual sum of poolings, or a pooling combined with another vector)")
 
 
 @register(ADJOINT, GMaxPool)

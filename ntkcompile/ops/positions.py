@@ -39,7 +39,7 @@ import torch
 from ..errors import WidthInferenceError
 from ..ir import ANY, HAtom, PositionMap, node
 from ..ir.builder import holds_probe
-from ..ir.nodes import Atom
+from ..ir.nodes import OfArg
 from ..kernels import spatial
 from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, SAME_INPUT, SIDES, register
 from ..passes.lower import UNPOOL, Width, rule
@@ -48,23 +48,15 @@ from .blocks import block_rule, map_arg_block, slice_width
 from .pool import GPool, global_pool
 
 
-class MapOfPositions(Atom):
+class MapOfPositions(OfArg):
     """Base of atoms that are a linear map of the positions of the vector ``arg`` (a fixed
     one here, attention's per-input weights in ``ops/attention.py``): Gaussian when ``arg``
     is, in the covariance group of ``arg``'s atoms; the backward reads ``arg`` off through it."""
     __slots__ = ()
-    consumes = True
-    read_off = True
-    mixes_positions = True
 
     @property
     def gaussian(self):      # of a normalization's probe: not for nonlinearities (ir.builder.holds_probe)
         return all(v.gaussian for _, v in self.arg.pieces) and not holds_probe(self)
-
-    @property
-    def cov_group(self):
-        groups = {a.cov_group for _, v in self.arg.pieces for _, a in v.terms}
-        return groups.pop() if len(groups) == 1 else ANY
 
     def independent_of(self, other) -> bool:
         """True if the atom ``other`` (not such a map) is independent of every atom of ``arg``

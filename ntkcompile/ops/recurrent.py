@@ -31,7 +31,7 @@ from ..errors import WidthInferenceError
 from ..ir import GInput, GMatMul, Param, node
 from ..ir.nodes import Atom
 from ..kernels import recurrence as rec
-from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, NOMINAL, NTK_TERMS, SIDES, register
+from ..kernels.planner import ADJOINT, COVARIANCE, MEAN, NOMINAL, NTK_TERMS, SAMPLED_PAIRS, SIDES, pick, register
 from ..passes.lower import Fixed, Refused, Width, rule
 from ..plan import Contract, SetDiagonal, ToPairs
 from .elementwise import ELEMENTWISE
@@ -432,7 +432,7 @@ def _scan_cov(pl, a, b, pair):
         raise NotImplementedError("two recurrent layers with the same parameters (a module applied twice)")
     if a.joint:
         sim = yield from mc_forward(pl, a)
-        return pl.call(rec.pick, sim, {"x": "x", "d1": "d", "d2": "d", "f1": "f", "f2": "f"}[pair])
+        return pl.call(pick, sim, SAMPLED_PAIRS[pair])
     _, c = yield from forward(pl, a, pair)
     return c
 
@@ -442,7 +442,7 @@ def _scan_cov(pl, a, b, pair):
 def _scan_mean(pl, a, side):
     if a.joint:
         sim = yield from mc_forward(pl, a)
-        return pl.call(rec.pick, sim, "mean")
+        return pl.call(pick, sim, "mean")
     p, _ = yield from forward(pl, a, f"d{side}")
     g = rec.bind(pl, (a, f"pre_t (means, side {side})", 0), {f"d{side}": p})
     return (yield from pl.mean(rec.of(pl, _fn(a.param), g), side))
@@ -455,7 +455,7 @@ def _scan_adjoint(pl, u, w):
         return None
     if u.joint:
         res = yield from mc_backward(pl, u)
-        return None if res is None else pl.call(rec.pick, res, "dx")
+        return None if res is None else pl.call(pick, res, "dx")
     delta = yield from backward(pl, u)
     return pl.plan.mul(u.param.W_ih[0] ** 2, delta)
 
@@ -469,7 +469,7 @@ def _cell_ntk(pl, cell, atoms):
         if scan.joint:
             res = yield from mc_backward(pl, scan)
             if res is not None:
-                terms.append(pl.call(rec.pick, res, "ntk"))
+                terms.append(pl.call(pick, res, "ntk"))
             continue
         delta = yield from backward(pl, scan)
         if delta is None:
