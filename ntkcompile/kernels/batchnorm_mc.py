@@ -1,7 +1,8 @@
 """Training-mode BatchNorm by joint Monte Carlo over a batch (``ops/batchnorm.py``).
 
 A batch-coupled model is evaluated as one input whose positions are the examples of its
-batches, side by side.  For one coordinate the batch's G-vars ``g`` are a Gaussian vector
+batches, side by side (then each example's own positions, for BatchNorm2d, which normalizes
+over both).  For one coordinate the batch's G-vars ``g`` are a Gaussian vector
 over the positions with the input covariance ``K``; they are sampled jointly, and per
 sample and per batch ``b`` (positions ``P_b``, ``B = |P_b|``)
 
@@ -14,8 +15,10 @@ sample and per batch ``b`` (positions ``P_b``, ``B = |P_b|``)
 * backward: ``J_pk = dy_p / dg_k = post'(xhat_p) (delta_pk - 1/B - xhat_p xhat_k / B) / s
   pre'(g_k)`` for ``p, k`` in one batch (0 across batches), and the gradient covariance
   into ``g`` for every pair of output examples (the leading axes of ``D``) is
-  ``sum_{p,q} D_pq E[J_pk J_ql]``: the fourth moments ``E[J_pk J_ql]`` are the Gram over the
-  samples of ``J`` flattened per pair of batches;
+  ``sum_{p,q} D_pq E[J_pk J_ql]``: for small batches from the fourth moments ``E[J_pk J_ql]``,
+  the Gram over the samples of ``J`` flattened per pair of batches (``_dense``); for feature
+  maps (a batch of ``B`` examples of ``|P|`` positions is ``B |P|`` G-vars) from the structure
+  of ``J`` (``_structured``);
 * the affine parameters: ``sum_{p,q} D_pq E[a_p a_q]`` with ``a = post'(xhat)`` (shift) or
   ``post'(xhat) xhat`` (gain).
 
