@@ -16,8 +16,9 @@ from .errors import KernelMemoryError
 
 
 def evaluate(kfn, x1, x2, get, tile_size, out, resume, distributed):
-    """The fields of ``Kernels`` for ``kfn(x1, x2)`` of a batch-coupled model: ``x1`` is one
-    batch (``x2`` another), each normalized by its own statistics."""
+    """``kfn(x1, x2)`` of a batch-coupled model (``x1`` one batch, ``x2`` another, each normalized
+    by its own statistics) as ``tiling.evaluate`` returns it: the kernels, their Monte Carlo
+    standard errors and the worst error estimate of each kind."""
     if tile_size is not None or out is not None or resume or distributed:
         raise ValueError(
             f"{kfn.model_name} couples the examples of a batch (BatchNorm in training mode, or batch "
@@ -44,21 +45,14 @@ def evaluate(kfn, x1, x2, get, tile_size, out, resume, distributed):
     with torch.no_grad():
         values, stderr, errors = tiling._replicates(fn, (x,), kfn)
     block = (lambda k: k[0, 0]) if x2 is None else (lambda k: k[0, 0, :n1, n1:])  # noqa: E731
-    result, se = {}, {}
+    outputs, se = {}, {}
     for name in get:
         k = block(values[name])
         if x2 is None:
             k = 0.5 * (k + k.T)       # a Gram over the same samples: symmetric up to rounding
         if not bool(torch.isfinite(k).all()):
             raise tiling._non_finite(kfn, name, True, want_ntk, (x,), 0, x1, x2)
-        result[name] = k.to(kfn.dtype)
+        outputs[name] = k.to(kfn.dtype)
         if name in stderr:
             se[name] = block(stderr[name])
-    worst = {}
-    for kind, err in errors:
-        worst[kind] = max(worst.get(kind, 0.0), float(err))
-    tiling.warn_about(worst, kfn.quadrature_degree, kfn.nd_degree)
-    quad = max([worst[k] for k in ("quad", "quad_nd") if k in worst], default=None)
-    return dict(nngp=result.get("nngp"), ntk=result.get("ntk"),
-                mc_stderr=max(float(v.max()) for v in se.values()) if se else None, quad_error=quad,
-                nngp_stderr=se.get("nngp"), ntk_stderr=se.get("ntk"))
+    return outputs, se, tiling.worst_errors(errors)

@@ -324,7 +324,7 @@ class CompiledKernel:
             x1 = self._check(x1, "x1")
             x2 = None if x2 is None else self._check(x2, "x2")
         if self._batched:
-            return Kernels(**batched.evaluate(self, x1, x2, get, tile_size, out, resume, distributed))
+            return self._kernels(*batched.evaluate(self, x1, x2, get, tile_size, out, resume, distributed))
         if x2 is None and x1.shape[0] > 1:
             # duplicate inputs: compute each distinct input once and copy, so the kernel
             # is exactly singular there (duplicates otherwise see c = 1 - eps, and the
@@ -340,7 +340,11 @@ class CompiledKernel:
                 return Kernels(nngp=outputs.get("nngp"), ntk=outputs.get("ntk"), mc_stderr=k.mc_stderr,
                                quad_error=k.quad_error, nngp_stderr=pick(k.nngp_stderr),
                                ntk_stderr=pick(k.ntk_stderr))
-        outputs, stderr, worst = tiling.evaluate(self, x1, x2, get, tile_size, progress, out, resume, distributed)
+        return self._kernels(*tiling.evaluate(self, x1, x2, get, tile_size, progress, out, resume, distributed))
+
+    def _kernels(self, outputs, stderr, worst) -> Kernels:
+        """The ``Kernels`` of a call from its outputs, standard errors and worst error estimates
+        (warning about large quadrature errors)."""
         tiling.warn_about(worst, self.quadrature_degree, self.nd_degree)
         quad = max([worst[k] for k in ("quad", "quad_nd") if k in worst], default=None)
         mc = max(float(v.max()) for v in stderr.values()) if stderr else None

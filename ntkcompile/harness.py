@@ -147,8 +147,8 @@ def train_finite(
     outputs = lambda x: _outputs(net, x, whole) if shape is None else _outputs(net, x, whole).reshape(  # noqa: E731
         x.shape[0], *shape)
     # batch-coupled: train and test points each as one batch (else x_all's rows are independent)
-    every = (lambda: torch.cat([outputs(x_train), outputs(x_all[n:])]) if x_all.shape[0] > n  # noqa: E731
-             else outputs(x_train)) if whole else (lambda: outputs(x_all))
+    sets = ([x_train, x_all[n:]] if x_all.shape[0] > n else [x_train]) if whole else [x_all]
+    every = lambda: torch.cat([outputs(x) for x in sets])  # noqa: E731
     fs = []
     for t, idx in enumerate(schedule):
         with torch.no_grad():

@@ -351,11 +351,17 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
         for i, j in skipped:
             stderr[name][i:i + bs, j:j + bs] = math.nan
             stderr[name][j:j + bs, i:i + bs] = math.nan
+    return outputs, stderr, worst_errors(errors)
+
+
+def worst_errors(errors) -> dict:
+    """The worst error estimate of each kind among ``(kind, 0-d tensor)`` pairs (a non-finite
+    one wins: it must be reported, not maxed away)."""
     worst = {}
     for kind, err in errors:
         err = float(err)
         worst[kind] = err if not math.isfinite(err) else max(worst.get(kind, 0.0), err)
-    return outputs, stderr, worst
+    return worst
 
 
 def _fit_memory(kfn, bs, live, given):

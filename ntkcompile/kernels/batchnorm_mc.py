@@ -185,20 +185,25 @@ def _structured(h, flat, batches, twins=None):
     return out
 
 
+def _at_output(sim, d):
+    """``d`` broadcast to ``(*lead, 1, *Q, *Q)`` (the output's position pairs), its ``lead`` axes,
+    and the number ``n`` of flattened positions."""
+    f = sim["f"]
+    nq = (f.ndim - 1) // 2
+    d = torch.as_tensor(d, dtype=_F64, device=f.device)
+    d = torch.broadcast_to(d, (*d.shape[:max(d.ndim - 2 * nq, 0)], *f.shape[1:]))
+    return d, d.shape[:d.ndim - 2 * nq], math.prod(f.shape[1:1 + nq])
+
+
 def backward(sim, d, spec, seeds=0):
     """The gradient covariance into the normalized G-var, ``(*lead, 1, *Q, *Q)``, from ``d``
     ``(*lead, 1, *Q, *Q)`` at its output (``lead``: the readout's pairs of output examples,
     ``seeds`` axes: two groups of output positions)."""
     h = sim["samples"]
-    f = sim["f"]
-    nq = (f.ndim - 1) // 2
-    n = math.prod(f.shape[1:1 + nq])
-    d = torch.as_tensor(d, dtype=_F64, device=f.device)
-    d = torch.broadcast_to(d, (*d.shape[:max(d.ndim - 2 * nq, 0)], *f.shape[1:]))
+    d, lead, n = _at_output(sim, d)
     if h is None or not bool(torch.isfinite(d).all()):
         return torch.full_like(d, math.nan)
     _check_rank(h["rank"])
-    lead = d.shape[:d.ndim - 2 * nq]
     flat = d.reshape(-1, n, n)
     batches = list(_batches(spec))
     S = h["xhat"].shape[0]
@@ -219,12 +224,9 @@ def affine(sim, d, kind):
     """``sum_{p,q} D_pq E[a_p a_q]`` over the last two axes of ``d`` (``kind``: ``"gain"``,
     ``a = post'(xhat) xhat``, or ``"shift"``, ``a = post'(xhat)``)."""
     h = sim["samples"]
-    d = torch.as_tensor(d, dtype=_F64, device=sim["f"].device)
+    d, lead, n = _at_output(sim, d)
     if h is None:
-        return torch.full(d.shape[:-2], math.nan, dtype=_F64, device=d.device)
+        return torch.full(lead, math.nan, dtype=_F64, device=d.device)
     a = h["dpost"] * h["xhat"] if kind == "gain" else h["dpost"]
     gram = a.T @ a / a.shape[0]
-    n = gram.shape[0]
-    nq = (sim["f"].ndim - 1) // 2
-    d = torch.broadcast_to(d, (*d.shape[:max(d.ndim - 2 * nq, 0)], *sim["f"].shape[1:]))
-    return (d.reshape(*d.shape[:d.ndim - 2 * nq], n * n) * gram.reshape(n * n)).sum(-1)
+    return (d.reshape(*lead, n * n) * gram.reshape(n * n)).sum(-1)
