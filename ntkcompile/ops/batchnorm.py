@@ -142,9 +142,6 @@ def batch_norm_train(lw, node, x, name, eps, weight, bias):
     if not isinstance(x, Width) or x.axes != (0, "w") + tuple(range(1, len(x.positions))):
         raise lw.error(node, "BatchNorm in training mode of a tensor whose channels are not its second axis "
                        "(only (N, C) vectors and (N, C, *positions) feature maps are normalized per channel)")
-    if any(b < 2 for b in lw.batch):
-        raise lw.error(node, f"BatchNorm in training mode needs batches of at least 2 examples (got "
-                       f"{list(lw.batch)}): the variance of one example is 0")
     for p, init in ((weight, 1.0), (bias, 0.0)):
         if p is not None and not torch.all(p.detach() == init):
             raise lw.error(node, f"the affine parameters of '{name}' are not at PyTorch's initialization "
