@@ -18,12 +18,15 @@
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
 import sys
 import time
 import warnings
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
 import numpy as np
@@ -303,18 +306,25 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
             if torch.is_tensor(a):
                 a.zero_()
         tiles = tiles[rank::world]
+    workers = _concurrent_tiles(kfn, bs, live, _tile_workers(kfn, x1.device, len(tiles)))
+
+    def compute(tile):
+        i, j = tile
+        a = x1[i:i + bs]
+        self_tile = x2 is None and i == j
+        b = None if self_tile else (x1 if x2 is None else x2)[j:j + bs]
+        args = (a,) if self_tile else (a, b)
+        fn = kfn._function(self_tile or kfn._joint, want_ntk)[0]
+        if kfn._joint and not self_tile:      # sampled jointly: a block of both batches' kernel
+            fn, args = _cross_block(fn, a.shape[0]), (torch.cat([a, b]),)
+        with torch.no_grad():                 # grad mode is per thread
+            return tile, self_tile, args, _replicates(fn, args, kfn)
+
     errors = []
     bar = _Progress(len(tiles), progress)
-    with torch.no_grad():
-        for i, j in tiles:
-            a = x1[i:i + bs]
-            self_tile = x2 is None and i == j
-            b = None if self_tile else (x1 if x2 is None else x2)[j:j + bs]
-            args = (a,) if self_tile else (a, b)
-            fn = kfn._function(self_tile or kfn._joint, want_ntk)[0]
-            if kfn._joint and not self_tile:      # sampled jointly: a block of both batches' kernel
-                fn, args = _cross_block(fn, a.shape[0]), (torch.cat([a, b]),)
-            blocks, errs_se, errs = _replicates(fn, args, kfn)
+    results = _in_parallel(compute, tiles, workers)
+    with torch.no_grad(), contextlib.closing(results):
+        for (i, j), self_tile, args, (blocks, errs_se, errs) in results:
             errors += errs     # (kind, 0-d tensor) pairs, converted once at the end
             for name, se in errs_se.items():
                 if name in outputs:
@@ -385,6 +395,60 @@ def _fit_memory(kfn, bs, live, given):
                 f"{_bytes(budget)}; use tile_size={fits} or less (or leave it unset)")
         bs = fits
     return bs
+
+
+def _tile_workers(kfn, device, n_tiles) -> int:
+    """How many tiles to compute at once: one per intra-op thread on a CPU, each tile
+    single-threaded (``_in_parallel``); one at a time on other devices, for ``jit=True``
+    (compiled functions are not called from several threads) and for joint Monte Carlo
+    models (whose tiles are sized to take the memory by themselves)."""
+    if device.type != "cpu" or kfn.jit or kfn._joint or n_tiles < 2:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_tiles))
+
+
+def _concurrent_tiles(kfn, bs, live, workers) -> int:
+    """At most ``workers`` tiles whose work fits at once in the memory ``_fit_memory``
+    allows itself (one always does)."""
+    have = available_memory()
+    if workers <= 1 or have is None:
+        return workers
+    per_tile = kfn._pair_entries() * _F64_BYTES * live * bs * bs
+    return int(max(1, min(workers, (have // 2) // max(per_tile, 1))))
+
+
+def _in_parallel(compute, tiles, workers):
+    """``compute(tile)`` for every tile, yielded as each finishes (in order when
+    ``workers == 1``).
+
+    With ``workers > 1`` that many tiles run at once in threads, and every torch op runs
+    on one thread (``torch.set_num_threads(1)``, restored afterwards).  The tiles' ops are
+    small (cache-sized arrays), so splitting each op over the cores costs a
+    synchronization per op; whole tiles per core need none.  Measured on the 2-core
+    machine (benchmarks/bench_threads.py): about 1.3x faster when idle, and when another
+    process keeps both cores half busy 2x faster than splitting each op, which then waits
+    at every op for its descheduled thread.  At most ``2 * workers`` tiles are in flight,
+    so the results waiting to be written stay a few tiles.
+    """
+    if workers <= 1:
+        for t in tiles:
+            yield compute(t)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="ntkcompile-tile")
+    try:
+        todo = iter(tiles)
+        pending = {pool.submit(compute, t) for t in itertools.islice(todo, 2 * workers)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for t in itertools.islice(todo, len(done)):
+                pending.add(pool.submit(compute, t))
+            for f in done:
+                yield f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2):

@@ -46,6 +46,64 @@ def test_default_tiles_are_balanced_and_exact():
         torch.testing.assert_close(getattr(auto, name), getattr(one, name), rtol=1e-12, atol=0)
 
 
+@pytest.fixture
+def two_threads():
+    """torch on 2 threads (CI's 2 cores) for the test, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiles_computed_one_per_thread_equal_one_at_a_time(two_threads, monkeypatch):
+    """On a CPU, tiles run one per thread, each single-threaded (tiling._in_parallel): the
+    kernels equal those of one tile at a time, and torch's thread count comes back."""
+    from ntkcompile import tiling
+    kfn = ntkcompile.compile(ConvResNet(2, 4), W_std=1.2, b_std=0.1)
+    x1, x2 = torch.randn(11, 2, 5, 5, dtype=torch.float64), torch.randn(7, 2, 5, 5, dtype=torch.float64)
+    seen, real = [], tiling._in_parallel
+
+    def spy(compute, tiles, workers):
+        seen.append(workers)
+        for r in real(compute, tiles, workers):
+            seen.append(torch.get_num_threads())
+            yield r
+
+    monkeypatch.setattr(tiling, "_in_parallel", spy)
+    for args in ((x1,), (x1, x2)):
+        seen.clear()
+        par = kfn(*args, tile_size=3, progress=False)
+        assert seen[0] == 2 and set(seen[1:]) == {1} and torch.get_num_threads() == 2
+        monkeypatch.setattr(tiling, "_tile_workers", lambda *a: 1)
+        one = kfn(*args, tile_size=3, progress=False)
+        monkeypatch.undo()
+        monkeypatch.setattr(tiling, "_in_parallel", spy)
+        for name in ("nngp", "ntk"):
+            torch.testing.assert_close(getattr(par, name), getattr(one, name), rtol=1e-13, atol=0)
+
+
+def test_a_failing_tile_in_a_thread_raises_and_restores_the_threads(two_threads):
+    """A tile whose kernel is not finite raises the usual error from the worker threads'
+    results; the remaining tiles are cancelled and torch's thread count is restored."""
+    from ntkcompile.errors import NonFiniteKernelError
+
+    class Normalized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x / x.norm(dim=1, keepdim=True))))
+
+    x = torch.randn(12, 3, dtype=torch.float64)
+    x[9] = 0.0                                  # 0/0 in the tiles of row 9
+    kfn = ntkcompile.compile(Normalized())
+    with pytest.raises(NonFiniteKernelError):
+        kfn(x, tile_size=2, progress=False)
+    assert torch.get_num_threads() == 2
+    assert torch.isfinite(kfn(x[:9], tile_size=2, progress=False).ntk).all()
+
+
 def test_bad_tile_size_and_the_deprecated_alias():
     kfn = ntkcompile.compile(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)))
     x = torch.randn(5, 3, dtype=torch.float64)

@@ -28,7 +28,7 @@ def test_an_interrupted_kernel_resumes_to_the_same_result(tmp_path, monkeypatch)
     out = _memmaps(tmp_path, 40)
     real, calls = tiling._write, []
 
-    def killed(arr, rows, cols, block):     # the process dies while writing the 4th tile
+    def killed(arr, rows, cols, block):     # the process dies while writing the 4th or 5th tile
         calls.append(1)
         if len(calls) == 14:
             raise KeyboardInterrupt
@@ -40,11 +40,13 @@ def test_an_interrupted_kernel_resumes_to_the_same_result(tmp_path, monkeypatch)
         kfn(x, out=out, tile_size=8)
     journal = json.loads((tmp_path / "nngp.npy.tiles.json").read_text())
     done = {tuple(t) for t in journal["done"]}
-    assert journal["layout"]["tile"] == 8 and done == {(0, 0), (0, 8), (0, 16)}     # of 15 tiles
+    tiles = {(i, j) for i in range(0, 40, 8) for j in range(i, 40, 8)}
+    # tiles finish in any order (one per core at a time): 3 or 4 of the 15 were written whole
+    assert journal["layout"]["tile"] == 8 and done < tiles and len(done) in (3, 4)
     computed = []
     monkeypatch.setattr(tiling, "_write", lambda *a: (computed.append(1), real(*a)))
     got = kfn(x, out=out, resume=True)                   # the journal's tile side, the rest of the tiles
-    rest = [(i, j) for i in range(0, 40, 8) for j in range(i, 40, 8) if (i, j) not in done]
+    rest = tiles - done
     assert len(computed) == sum(2 if i == j else 4 for i, j in rest)   # a tile off the diagonal: and its transpose
     for name in ("nngp", "ntk"):
         assert np.array_equal(np.asarray(out[name]), getattr(want, name).numpy())

@@ -1,0 +1,130 @@
+"""Tiles per core against ops split over the cores, on an idle and on a busy machine.
+
+ntkcompile's default CPU path computes one tile per core, each tile's ops on one
+thread (``tiling._in_parallel``).  The peer, in the same process on the same inputs,
+is the previous default: one tile at a time, every op split over all cores by torch.
+Each is timed with the machine idle and while other processes keep every core about
+half busy (one process per core, spinning ``--duty`` of every 10 ms), the condition
+under which splitting each op over the cores degraded worst (issue 12: 34x on
+cnn3_gap).  Both paths must give the same kernels; the script checks it.
+
+    python benchmarks/bench_threads.py [--repeats 3] [--duty 0.5] [--cases mlp8_relu,cnn3_gap,mlp4_tanh]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import ntkcompile
+from ntkcompile import tiling
+
+_SPIN = """
+import time, sys
+duty = float(sys.argv[1])
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.01 * duty:
+        pass
+    time.sleep(0.01 * (1 - duty))
+"""
+
+
+def cases(names):
+    torch.manual_seed(0)
+    out = {}
+    if "mlp8_relu" in names:
+        layers, d = [], 100
+        for _ in range(8):
+            layers += [nn.Linear(d, 64), nn.ReLU()]
+            d = 64
+        out["mlp8_relu"] = (nn.Sequential(*layers, nn.Linear(64, 1)), torch.randn(2000, 100, dtype=torch.float64),
+                            dict(W_std=1.5, b_std=0.05))
+    if "cnn3_gap" in names:
+        layers, c = [], 3
+        for _ in range(3):
+            layers += [nn.Conv2d(c, 16, 3, padding=1), nn.ReLU()]
+            c = 16
+        out["cnn3_gap"] = (nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 1)),
+                           torch.randn(64, 3, 8, 8, dtype=torch.float64), dict(W_std=1.4, b_std=0.1))
+    if "mlp4_tanh" in names:     # 2-D quadrature per pair of inputs
+        layers, d = [], 20
+        for _ in range(4):
+            layers += [nn.Linear(d, 64), nn.Tanh()]
+            d = 64
+        out["mlp4_tanh"] = (nn.Sequential(*layers, nn.Linear(64, 1)), torch.randn(300, 20, dtype=torch.float64),
+                            dict(W_std=1.5, b_std=0.1))
+    return out
+
+
+class Busy:
+    """One spinning process per core, each busy ``duty`` of the time."""
+
+    def __init__(self, duty):
+        self.duty = duty
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(self.duty)])
+                      for _ in range(os.cpu_count() or 1)]
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def timed(kfn, x, per_op):
+    """Seconds of one call ``kfn(x)``; ``per_op``: the peer path (one tile at a time)."""
+    original = tiling._tile_workers
+    if per_op:
+        tiling._tile_workers = lambda *args: 1
+    try:
+        t0 = time.perf_counter()
+        k = kfn(x, progress=False)
+        return time.perf_counter() - t0, k
+    finally:
+        tiling._tile_workers = original
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--duty", type=float, default=0.5)
+    ap.add_argument("--cases", default="mlp8_relu,cnn3_gap,mlp4_tanh")
+    args = ap.parse_args(argv)
+    print(f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores; best of {args.repeats} warm calls, "
+          f"the two paths interleaved; busy = {os.cpu_count()} processes each spinning {args.duty:.0%} of the time")
+    print(f"{'case':<10} {'condition':<6} {'ops split (old)':>16} {'tile per core':>14} {'speed-up':>9}")
+    for name, (model, x, kw) in cases(args.cases.split(",")).items():
+        kfn = ntkcompile.compile(model, **kw)
+        _, ref = timed(kfn, x, True)
+        _, new = timed(kfn, x, False)
+        diff = max(float((getattr(ref, k) - getattr(new, k)).abs().max() / getattr(ref, k).abs().max())
+                   for k in ("nngp", "ntk"))
+        best = {}
+        for cond in ("idle", "busy"):
+            times = {True: [], False: []}
+            ctx = Busy(args.duty) if cond == "busy" else None
+            if ctx:
+                ctx.__enter__()
+            try:
+                for _ in range(args.repeats):
+                    for per_op in (True, False):
+                        times[per_op].append(timed(kfn, x, per_op)[0])
+            finally:
+                if ctx:
+                    ctx.__exit__()
+            best[cond] = (min(times[True]), min(times[False]))
+            print(f"{name:<10} {cond:<6} {best[cond][0]:>14.3f} s {best[cond][1]:>12.3f} s "
+                  f"{best[cond][0] / best[cond][1]:>8.2f}x", flush=True)
+        print(f"{'':<10} busy/idle slow-down: ops split {best['busy'][0] / best['idle'][0]:.2f}x, tile per core "
+              f"{best['busy'][1] / best['idle'][1]:.2f}x; kernels differ by {diff:.1e} (relative max)")
+
+
+if __name__ == "__main__":
+    main()
