@@ -485,7 +485,7 @@ class Planner(HVarExpectations):
         if inner is None or coef is None:
             return None
         out = self.call(spatial.map_adjoint_side, self.tensor(inner), self.static(u.map, "posmap"), side,
-                        len(self.plan.seeds) + 1)
+                        self.dbatch)
         c = yield from self.mean(coef, side)
         return self.plan.mul(self.lift(c, side, "x", self.k(k, l)), out)
 

@@ -455,11 +455,13 @@ def map_adjoint(d, mu, mw):
     return y.reshape((*lead, *[n for s in _padded((mu.in_shape, mw.in_shape)) for n in s]))
 
 
-def map_adjoint_side(d, m, side, lead):
+def map_adjoint_side(d, m, side, batch):
     """``M^T`` on one side's positions of a cross array, the other side's positions as they
     are: ``(*lead, *Q, *R) -> (*lead, *P, *R)`` (``side`` 1) or ``(*lead, *R, *Q) -> (*lead, *R,
-    *P)`` (2), with ``lead`` leading axes (seeds, pairs); a vector read off beside a map of
-    positions (``h + roll(h)``, a bias read at every position)."""
+    *P)`` (2), the ``lead`` axes those of ``batch`` (seeds, then the packed pairs against
+    itself or the two inputs of a cross kernel); a vector read off beside a map of positions
+    (``h + roll(h)``, a bias read at every position)."""
+    lead = len(batch)
     k = len(m.out_shape)
     if d.ndim < lead + k:                       # constant: broadcast over both sides
         d = d.reshape(*([1] * lead), *([1] * 2 * k)) if d.ndim == 0 else d

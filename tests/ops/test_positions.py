@@ -184,3 +184,14 @@ def test_a_vector_read_directly_and_through_a_map_of_positions():
     want = kernels(Rolled(False), x + torch.cat([x[:, 1:], x[:, :1]], 1))
     close(got[:1], want[:1])
     close(got[1:], want[1:], tol=1e-7)
+
+
+def test_a_vector_read_directly_and_through_a_map_of_positions_cross_kernel():
+    """The same cross term in a cross kernel, whose arrays have two batch axes (N1, N2) where
+    a kernel against itself packs its pairs into one: the cross kernel raised a shape error
+    (the map's adjoint took one leading axis), which tiles made visible."""
+    x1, x2 = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
+    rolled = lambda x: x + torch.cat([x[:, 1:], x[:, :1]], 1)          # noqa: E731
+    got = ntkcompile.compile(Rolled(True), W_std=1.3, b_std=0.2)(x1, x2)
+    want = ntkcompile.compile(Rolled(False), W_std=1.3, b_std=0.2)(rolled(x1), rolled(x2))
+    close((got.nngp, got.ntk), (want.nngp, want.ntk))
