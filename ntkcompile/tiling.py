@@ -291,7 +291,9 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
     live = max(kfn._function(mode, want_ntk)[0].live_arrays for mode in (True, False))
     if resume and bs is None and out is not None:
         bs = _Journal.saved_tile(outputs)           # resume with the interrupted run's tiles
-    bs = bs or kfn._auto_tile(max(n1, n2), x1.device)
+    if not bs:
+        bs = _enough_tiles(kfn._auto_tile(max(n1, n2), x1.device), n1, n2, x2 is None,
+                           _tile_workers(kfn, x1.device, 2))
     bs = _fit_memory(kfn, bs, live, tile_size is not None)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
     rank, world = _ranks(distributed)
@@ -405,6 +407,22 @@ def _tile_workers(kfn, device, n_tiles) -> int:
     if device.type != "cpu" or kfn.jit or kfn._joint or n_tiles < 2:
         return 1
     return max(1, min(torch.get_num_threads(), n_tiles))
+
+
+def _count_tiles(bs, n1, n2, self_kernel) -> int:
+    k1, k2 = -(-n1 // bs), -(-n2 // bs)
+    return k1 * (k1 + 1) // 2 if self_kernel else k1 * k2
+
+
+def _enough_tiles(bs, n1, n2, self_kernel, workers) -> int:
+    """The automatic tile side, halved (and balanced) until there is a tile for each
+    worker: a kernel of few inputs whose pairs are expensive (quadrature, whose nodes
+    the tile size does not count) then still runs on every core."""
+    n = max(n1, n2)
+    while bs > 1 and _count_tiles(bs, n1, n2, self_kernel) < workers:
+        bs = -(-bs // 2)
+        bs = -(-n // -(-n // bs))
+    return bs
 
 
 def _concurrent_tiles(kfn, bs, live, workers) -> int:
