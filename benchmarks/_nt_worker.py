@@ -9,6 +9,9 @@ Request: one JSON object, given as the first command-line argument or on stdin::
     {"case": "mlp8_relu", "inputs": "/tmp/x.npz", "out": "/tmp/nt_k.npz",
      "repeats": 3}
 
+(``"deg": 25`` too for ``mlp4_tanh``: ``stax.ElementwiseNumerical``'s Gauss-Hermite
+degree per axis.)
+
 ``inputs`` is an .npz with an array ``x`` (PyTorch layout: (N, D) for the MLP,
 (N, C, H, W) for the CNN).  The worker writes ``nngp`` and ``ntk`` (float64,
 (N, N)) to ``out`` and prints one JSON object with the timings on the last
@@ -27,10 +30,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # neural_tangents imports TF
 CASES = {
     "mlp8_relu": {"W_std": 1.5, "b_std": 0.05, "depth": 8, "width": 512},
     "cnn3_gap": {"W_std": 1.4, "b_std": 0.1, "depth": 3, "width": 64},
+    "mlp4_tanh": {"W_std": 1.5, "b_std": 0.1, "depth": 4, "width": 512},
 }
 
 
-def build_model(case):
+def build_model(case, deg=None):
     from neural_tangents import stax
 
     spec = CASES[case]
@@ -48,6 +52,12 @@ def build_model(case):
                        stax.Relu()]
         layers += [stax.GlobalAvgPool(),
                    stax.Dense(1, W_std=w, b_std=b, parameterization="ntk")]
+    elif case == "mlp4_tanh":   # no closed form in neural-tangents: Gauss-Hermite with deg^2 nodes
+        import jax.numpy as jnp
+        for _ in range(spec["depth"]):
+            layers += [stax.Dense(spec["width"], W_std=w, b_std=b, parameterization="ntk"),
+                       stax.ElementwiseNumerical(jnp.tanh, deg=int(deg))]
+        layers += [stax.Dense(1, W_std=w, b_std=b, parameterization="ntk")]
     else:
         raise KeyError(f"unknown case {case!r}; known: {sorted(CASES)}")
     return stax.serial(*layers)
@@ -63,6 +73,7 @@ def read_request(argv):
         if key not in req:
             raise KeyError(f"request lacks {key!r}")
     req.setdefault("repeats", 3)
+    req.setdefault("deg", None)
     return req
 
 
@@ -84,7 +95,7 @@ def main(argv):
     if x_np.ndim == 4:  # PyTorch NCHW -> neural-tangents NHWC
         x_np = np.ascontiguousarray(x_np.transpose(0, 2, 3, 1))
 
-    _, _, kernel_fn = build_model(case)
+    _, _, kernel_fn = build_model(case, req["deg"])
     get = ("nngp", "ntk")
     f = jax.jit(lambda x: kernel_fn(x, None, get))
 
@@ -116,6 +127,7 @@ def main(argv):
 
     result = {
         "case": case,
+        "deg": req["deg"],
         "cold_s": cold,
         "warm_s": min(warm),
         "warm_all_s": warm,

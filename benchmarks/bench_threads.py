@@ -12,7 +12,6 @@ cnn3_gap).  Both paths must give the same kernels; the script checks it.
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -22,15 +21,8 @@ from torch import nn
 import ntkcompile
 from ntkcompile import tiling
 
-_SPIN = """
-import time, sys
-duty = float(sys.argv[1])
-while True:
-    t = time.perf_counter()
-    while time.perf_counter() - t < 0.01 * duty:
-        pass
-    time.sleep(0.01 * (1 - duty))
-"""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _load import Busy  # noqa: E402
 
 
 def cases(names):
@@ -50,32 +42,14 @@ def cases(names):
             c = 16
         out["cnn3_gap"] = (nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 1)),
                            torch.randn(64, 3, 8, 8, dtype=torch.float64), dict(W_std=1.4, b_std=0.1))
-    if "mlp4_tanh" in names:     # 2-D quadrature per pair of inputs
+    if "mlp4_tanh" in names:     # 2-D quadrature per pair of inputs; 100 inputs are one tile
         layers, d = [], 20
         for _ in range(4):
             layers += [nn.Linear(d, 64), nn.Tanh()]
             d = 64
-        out["mlp4_tanh"] = (nn.Sequential(*layers, nn.Linear(64, 1)), torch.randn(300, 20, dtype=torch.float64),
+        out["mlp4_tanh"] = (nn.Sequential(*layers, nn.Linear(64, 1)), torch.randn(100, 20, dtype=torch.float64),
                             dict(W_std=1.5, b_std=0.1))
     return out
-
-
-class Busy:
-    """One spinning process per core, each busy ``duty`` of the time."""
-
-    def __init__(self, duty):
-        self.duty = duty
-
-    def __enter__(self):
-        self.procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(self.duty)])
-                      for _ in range(os.cpu_count() or 1)]
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc):
-        for p in self.procs:
-            p.kill()
-            p.wait()
 
 
 def timed(kfn, x, per_op):
@@ -109,16 +83,10 @@ def main(argv=None):
         best = {}
         for cond in ("idle", "busy"):
             times = {True: [], False: []}
-            ctx = Busy(args.duty) if cond == "busy" else None
-            if ctx:
-                ctx.__enter__()
-            try:
+            with Busy(args.duty if cond == "busy" else 0.0):
                 for _ in range(args.repeats):
                     for per_op in (True, False):
                         times[per_op].append(timed(kfn, x, per_op)[0])
-            finally:
-                if ctx:
-                    ctx.__exit__()
             best[cond] = (min(times[True]), min(times[False]))
             print(f"{name:<10} {cond:<6} {best[cond][0]:>14.3f} s {best[cond][1]:>12.3f} s "
                   f"{best[cond][0] / best[cond][1]:>8.2f}x", flush=True)

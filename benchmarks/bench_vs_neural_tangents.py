@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _roofline  # noqa: E402
+from _load import Busy  # noqa: E402
 VENV_PYTHON = HERE / ".nt-venv" / "bin" / "python"
 WORKER = HERE / "_nt_worker.py"
 
@@ -38,7 +41,13 @@ CASES = {
                       desc="8 x [Linear, ReLU] + Linear(., 1)"),
     "cnn3_gap": dict(W_std=1.4, b_std=0.1, depth=3, width=64, n=64, shape=(3, 8, 8),
                      desc="3 x [Conv2d 3x3 pad 1, ReLU] + AdaptiveAvgPool2d(1) + Linear(., 1)"),
+    # No closed form on either side: neural-tangents' stax.ElementwiseNumerical (Gauss-Hermite,
+    # deg^2 nodes per pair) against ntkcompile's default 2-D quadrature, at equal accuracy.
+    "mlp4_tanh": dict(W_std=1.5, b_std=0.1, depth=4, width=512, n=100, shape=(20,),
+                      desc="4 x [Linear, Tanh] + Linear(., 1)"),
 }
+PEAKS: dict = {}        # the machine's bandwidth and matmul rate (_roofline.machine_peaks)
+_STREAM = {"cnn3_gap": 0, "mlp8_relu": 1, "mlp4_tanh": 2}     # the inputs' random stream per case
 
 
 # --------------------------------------------------------------------------- inputs
@@ -47,7 +56,7 @@ CASES = {
 def make_inputs(case: str, seed: int) -> np.ndarray:
     spec = CASES[case]
     # One independent stream per case, so --cases does not change the inputs.
-    rng = np.random.default_rng([seed, sorted(CASES).index(case)])
+    rng = np.random.default_rng([seed, _STREAM[case]])
     return rng.standard_normal((spec["n"], *spec["shape"]))
 
 
@@ -57,10 +66,10 @@ def build_torch_model(case: str, width: int | None = None):
     spec = CASES[case]
     w = width or spec["width"]
     layers: list = []
-    if case == "mlp8_relu":
+    if case in ("mlp8_relu", "mlp4_tanh"):
         d = spec["shape"][0]
         for _ in range(spec["depth"]):
-            layers += [nn.Linear(d, w), nn.ReLU()]
+            layers += [nn.Linear(d, w), nn.ReLU() if case == "mlp8_relu" else nn.Tanh()]
             d = w
         layers += [nn.Linear(d, 1)]
     elif case == "cnn3_gap":
@@ -118,14 +127,14 @@ def exact_diagonal(case: str, x_np: np.ndarray) -> dict | None:
 # --------------------------------------------------------------------------- neural-tangents
 
 
-def run_nt(case: str, x_path: str, out_path: str, repeats: int) -> tuple[dict, dict]:
+def run_nt(case: str, x_path: str, out_path: str, repeats: int, deg: int | None = None) -> tuple[dict, dict]:
     if not VENV_PYTHON.exists():
         sys.exit(
             f"error: the neural-tangents environment {VENV_PYTHON.parent.parent} does not exist.\n"
             f"Create it first (needs PyPI access, ~3 GB):\n\n    bash {HERE / 'setup_nt_env.sh'}\n\n"
             "or pass --skip-nt to time ntkcompile alone."
         )
-    req = {"case": case, "inputs": x_path, "out": out_path, "repeats": repeats}
+    req = {"case": case, "inputs": x_path, "out": out_path, "repeats": repeats, "deg": deg}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     env.pop("PYTHONPATH", None)  # nothing from this environment leaks into the venv
     proc = subprocess.run([str(VENV_PYTHON), str(WORKER), json.dumps(req)],
@@ -153,7 +162,10 @@ def _sync(device) -> None:
         torch.mps.synchronize()
 
 
-def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device, jit: bool = False) -> tuple[dict, dict]:
+def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device, jit: bool = False,
+                   roofline: bool = False, **options) -> tuple[dict, dict]:
+    """Compile and time in this process; ``cold_s`` here is the first call in a process
+    that has already compiled other cases (``run_cold`` measures a new process)."""
     import torch
 
     import ntkcompile
@@ -166,7 +178,7 @@ def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device, jit: bool 
 
     _sync(device)
     t0 = time.perf_counter()
-    kfn = ntkcompile.compile(model, W_std=spec["W_std"], b_std=spec["b_std"], jit=jit)
+    kfn = ntkcompile.compile(model, W_std=spec["W_std"], b_std=spec["b_std"], jit=jit, **options)
     t_compile = time.perf_counter() - t0
     out = kfn(x, None, get=get, progress=False)
     _sync(device)
@@ -177,15 +189,40 @@ def run_ntkcompile(case: str, x_np: np.ndarray, repeats: int, device, jit: bool 
         _sync(device)
         return o
 
-    call()  # warm-up
     warm = []
+    if repeats:
+        call()  # warm-up
     for _ in range(repeats):
         t0 = time.perf_counter()
         call()
         warm.append(time.perf_counter() - t0)
 
     kernels = {k: getattr(out, k).detach().to("cpu", torch.float64).numpy() for k in get}
-    return {"cold_s": cold, "compile_s": t_compile, "warm_s": min(warm), "warm_all_s": warm}, kernels
+    work = _roofline.traffic(kfn, x) if roofline and device.type == "cpu" and not jit else None
+    return {"cold_s": cold, "compile_s": t_compile, "warm_s": min(warm) if warm else None,
+            "warm_all_s": warm, "work": work, "quad_error": out.quad_error}, kernels
+
+
+def run_cold(case: str, x_path: str, device: str, jit: bool) -> dict:
+    """ntkcompile's cold time in a new process: ``compile`` plus the first call, after the
+    imports (as neural-tangents' cold time is its first jitted call, after its imports)."""
+    req = {"case": case, "inputs": x_path, "device": device, "jit": jit}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cold-worker", json.dumps(req)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: the ntkcompile cold-start worker failed on {case!r}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _cold_worker(text: str) -> int:
+    import torch
+
+    req = json.loads(text)
+    with np.load(req["inputs"]) as f:
+        x_np = f["x"]
+    res, _ = run_ntkcompile(req["case"], x_np, 0, torch.device(req["device"]), jit=req["jit"])
+    print(json.dumps({"cold_s": res["cold_s"], "compile_s": res["compile_s"]}))
+    return 0
 
 
 def run_empirical(case: str, x_np: np.ndarray, n: int, width: int, device) -> dict:
@@ -231,8 +268,12 @@ def _fmt_ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def _cold(nc: dict | None):
+    return None if nc is None else nc.get("cold_new_process_s", nc["cold_s"])
+
+
 def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: dict | None,
-               diffs: dict, entk: dict | None) -> None:
+               diffs: dict, entk: dict | None, busy: dict | None = None, duty: float = 0.0) -> None:
     spec = CASES[case]
     print()
     print(f"== {case}: {spec['desc']}, W_std={spec['W_std']}, b_std={spec['b_std']}")
@@ -240,14 +281,20 @@ def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: d
     rows = [("", "neural-tangents", "ntkcompile", "NT/ntkcompile")]
     nt_cold = nt["cold_s"] if nt else None
     nt_warm = nt["warm_s"] if nt else None
-    nc_cold = nc["cold_s"] if nc else None
+    nc_cold = _cold(nc)
     nc_warm = nc["warm_s"] if nc else None
-    cold_nc = _fmt_t(nc_cold) + (f" ({_fmt_t(nc['compile_s'])} compile)" if nc else "")
-    rows.append(("cold: first call incl. compile", _fmt_t(nt_cold), cold_nc, _fmt_ratio(nt_cold, nc_cold)))
+    rows.append(("cold: new process, first call", _fmt_t(nt_cold), _fmt_t(nc_cold), _fmt_ratio(nt_cold, nc_cold)))
     rows.append((f"warm: best of {repeats}", _fmt_t(nt_warm), _fmt_t(nc_warm), _fmt_ratio(nt_warm, nc_warm)))
+    if busy:
+        b_nt, b_nc = busy.get("nt"), busy.get("nc")
+        for label, a, b in (("cold", b_nt and b_nt["cold_s"], _cold(b_nc)),
+                            ("warm", b_nt and b_nt["warm_s"], b_nc and b_nc["warm_s"])):
+            rows.append((f"busy ({duty:.0%} of every core): {label}", _fmt_t(a), _fmt_t(b), _fmt_ratio(a, b)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("   " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if nc and nc.get("work") and PEAKS:
+        print(f"   ntkcompile warm: {_roofline.fractions(nc['work'], nc['warm_s'], PEAKS)}")
     for k in ("nngp", "ntk"):
         if k in diffs:
             mx, fro = diffs[k]
@@ -263,6 +310,68 @@ def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: d
               f"{_fmt_t(entk['time_s'])}")
         for ref, (mx, fro) in entk["diffs"].items():
             print(f"      vs {ref:15s}: max|a-b|/max|b| = {mx:.2e}   rel. Frobenius = {fro:.2e}")
+
+
+def tanh_case(args, x_np: np.ndarray, x_path: str, tmp: str, device) -> dict:
+    """mlp4_tanh: neural-tangents' ElementwiseNumerical at several degrees against
+    ntkcompile's default quadrature.  The reference is ntkcompile at quadrature degree 384
+    (its own error estimate is printed); neural-tangents' kernels converging to it as the
+    degree grows is the independent check.  The time ratio is taken at the lowest degree
+    whose error is at most ntkcompile's default error."""
+    case = "mlp4_tanh"
+    degs = [int(d) for d in args.nt_degs.split(",") if d.strip()]
+    ref_run, ref = run_ntkcompile(case, x_np, 0, device, quadrature_degree=384)
+
+    def err(k):
+        return max(rel_diffs(k[n], ref[n])[0] for n in ("nngp", "ntk"))
+
+    nc, nc_k = run_ntkcompile(case, x_np, args.repeats, device, roofline=True)
+    nc["cold_new_process_s"] = run_cold(case, x_path, args.device, False)["cold_s"]
+    nc["err"] = err(nc_k)
+    nts = []
+    for deg in degs:       # a degree-200 call takes about a minute here: one timed call above 100
+        r, k = run_nt(case, x_path, os.path.join(tmp, f"tanh_{deg}.npz"), args.repeats if deg <= 100 else 1,
+                      deg=deg)
+        r["err"] = err(k)
+        nts.append(r)
+    match = next((r for r in nts if r["err"] <= nc["err"]), None)
+    busy = None
+    if args.busy > 0:
+        busy = {}
+        with Busy(args.busy):
+            busy["nc"], _ = run_ntkcompile(case, x_np, args.repeats, device)
+            busy["nc"]["cold_new_process_s"] = run_cold(case, x_path, args.device, False)["cold_s"]
+            if match is not None:
+                busy["nt"], _ = run_nt(case, x_path, os.path.join(tmp, "tanh_busy.npz"), args.repeats,
+                                       deg=match["deg"])
+    spec = CASES[case]
+    print()
+    print(f"== {case}: {spec['desc']}, W_std={spec['W_std']}, b_std={spec['b_std']}")
+    print(f"   {x_np.shape[0]} inputs of shape {tuple(x_np.shape[1:])}, NNGP + NTK of x with itself, float64")
+    print(f"   reference: ntkcompile at quadrature_degree=384 (estimated quadrature error "
+          f"{ref_run['quad_error']:.1e}); neural-tangents converges to it as its degree grows")
+    print("   error = max over NNGP, NTK of max|k - ref| / max|ref|")
+    for r in nts:
+        print(f"   neural-tangents deg={r['deg']:<4d} cold {_fmt_t(r['cold_s']):>9}  warm {_fmt_t(r['warm_s']):>9}  "
+              f"error {r['err']:.1e}")
+    print(f"   ntkcompile (default)    cold {_fmt_t(_cold(nc)):>9}  warm {_fmt_t(nc['warm_s']):>9}  "
+          f"error {nc['err']:.1e}")
+    if nc.get("work") and PEAKS:
+        print(f"   ntkcompile warm: {_roofline.fractions(nc['work'], nc['warm_s'], PEAKS)}")
+    if match is None:
+        print(f"   no degree in {degs} reaches ntkcompile's error; pass larger --nt-degs")
+    else:
+        print(f"   at equal accuracy (deg={match['deg']}): NT/ntkcompile warm {_fmt_ratio(match['warm_s'], nc['warm_s'])}, "
+              f"cold {_fmt_ratio(match['cold_s'], _cold(nc))}")
+    if busy:
+        b_nt, b_nc = busy.get("nt"), busy["nc"]
+        print(f"   busy ({args.busy:.0%} of every core): ntkcompile cold {_fmt_t(_cold(b_nc))}, warm "
+              f"{_fmt_t(b_nc['warm_s'])}" + ("" if b_nt is None else
+                                            f"; neural-tangents deg={match['deg']} cold {_fmt_t(b_nt['cold_s'])}, "
+                                            f"warm {_fmt_t(b_nt['warm_s'])}; NT/ntkcompile warm "
+                                            f"{_fmt_ratio(b_nt['warm_s'], b_nc['warm_s'])}"))
+    return {"n": int(x_np.shape[0]), "reference": ref_run, "neural_tangents": nts, "ntkcompile": nc, "equal_accuracy_deg": match and match["deg"],
+            "busy": busy, "busy_duty": args.busy}
 
 
 # --------------------------------------------------------------------------- main
@@ -289,7 +398,15 @@ def main(argv=None) -> int:
     p.add_argument("--jit", action="store_true",
                    help="compile ntkcompile's generated kernel with torch.compile (fused C++ loops; "
                         "the cold time then includes that compilation)")
+    p.add_argument("--busy", type=float, default=0.0, metavar="DUTY",
+                   help="also time both libraries while one process per core spins DUTY of the time "
+                        "(e.g. 0.5: the machine half busy); default 0: idle only")
+    p.add_argument("--nt-degs", default="10,25,50,100,200",
+                   help="mlp4_tanh: neural-tangents ElementwiseNumerical degrees to time (default 10,25,50,100,200)")
+    p.add_argument("--cold-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cold_worker:
+        return _cold_worker(args.cold_worker)
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
@@ -308,19 +425,36 @@ def main(argv=None) -> int:
 
     print(f"ntkcompile vs neural-tangents 0.6.5 | {os.cpu_count()} CPUs | device {args.device} | "
           f"repeats {args.repeats} | seed {args.seed}")
+    if device is not None and device.type == "cpu" and not args.nt_only:
+        PEAKS.update(_roofline.machine_peaks())
+        print(f"machine: {PEAKS['bandwidth_Bps'] / 1e9:.1f} GB/s (float64 add, 256 MiB arrays), "
+              f"{PEAKS['flops_per_s'] / 1e9:.1f} GFLOP/s (float64 2048^2 matmul)")
     report = {}
     with tempfile.TemporaryDirectory(prefix="ntk-bench-") as tmp:
         for case in cases:
             x_np = make_inputs(case, args.seed)
             x_path = os.path.join(tmp, f"{case}_x.npz")
             np.savez(x_path, x=x_np)
+            if case == "mlp4_tanh":
+                report[case] = tanh_case(args, x_np, x_path, tmp, device)
+                continue
 
             nt = nt_k = None
             if not args.skip_nt:
                 nt, nt_k = run_nt(case, x_path, os.path.join(tmp, f"{case}_nt.npz"), args.repeats)
             nc = nc_k = None
             if not args.nt_only:
-                nc, nc_k = run_ntkcompile(case, x_np, args.repeats, device, jit=args.jit)
+                nc, nc_k = run_ntkcompile(case, x_np, args.repeats, device, jit=args.jit, roofline=True)
+                nc["cold_new_process_s"] = run_cold(case, x_path, args.device, args.jit)["cold_s"]
+            busy = None
+            if args.busy > 0:
+                busy = {}
+                with Busy(args.busy):
+                    if not args.skip_nt:
+                        busy["nt"], _ = run_nt(case, x_path, os.path.join(tmp, f"{case}_nt_busy.npz"), args.repeats)
+                    if not args.nt_only:
+                        busy["nc"], _ = run_ntkcompile(case, x_np, args.repeats, device, jit=args.jit)
+                        busy["nc"]["cold_new_process_s"] = run_cold(case, x_path, args.device, args.jit)["cold_s"]
             diffs = {}
             if nt_k is not None and nc_k is not None:
                 diffs = {k: rel_diffs(nc_k[k], nt_k[k]) for k in ("nngp", "ntk")}
@@ -341,8 +475,9 @@ def main(argv=None) -> int:
                 if nt_k is not None:
                     entk["diffs"]["neural-tangents"] = rel_diffs(entk["ntk"], nt_k["ntk"][:n_e, :n_e])
 
-            print_case(case, x_np, args.repeats, nt, nc, diffs, entk)
+            print_case(case, x_np, args.repeats, nt, nc, diffs, entk, busy, args.busy)
             report[case] = {
+                "busy": busy, "busy_duty": args.busy,
                 "n": int(x_np.shape[0]), "input_shape": list(x_np.shape[1:]),
                 "neural_tangents": nt, "ntkcompile": nc,
                 "diff_ntkcompile_vs_nt": {k: {"max_rel": v[0], "fro_rel": v[1]}
@@ -354,6 +489,7 @@ def main(argv=None) -> int:
             }
     print()
     print("Times are wall clock on a shared machine: treat them as approximate.")
+    report["machine"] = PEAKS
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=float))
         print(f"wrote {args.json}")
