@@ -412,6 +412,13 @@ class CompiledKernel:
         seeds = math.prod(r.positions) ** 2 if r.pool == "steps" else 1
         return positions * seeds if aligned_positions(self._program) else positions ** 2 * seeds
 
+    def _pair_work(self) -> int:
+        """Rough work per pair of inputs, in entries evaluated: the pair arrays' entries, times
+        ``quadrature_degree^2`` when some expectation is not a closed form (its nodes, which
+        the tile size does not count)."""
+        numeric = any(not how.startswith("closed form") for _, how in expectations(self._plan))
+        return self._pair_entries() * (self.quadrature_degree ** 2 if numeric else 1)
+
     def _check(self, x, name):
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)

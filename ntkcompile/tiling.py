@@ -292,8 +292,9 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
     if resume and bs is None and out is not None:
         bs = _Journal.saved_tile(outputs)           # resume with the interrupted run's tiles
     if not bs:
-        bs = _enough_tiles(kfn._auto_tile(max(n1, n2), x1.device), n1, n2, x2 is None,
-                           _tile_workers(kfn, x1.device, 2))
+        bs = kfn._auto_tile(max(n1, n2), x1.device)
+        if n1 * n2 * kfn._pair_work() >= _SPLIT_WORK:
+            bs = _enough_tiles(bs, n1, n2, x2 is None, _tile_workers(kfn, x1.device, 2))
     bs = _fit_memory(kfn, bs, live, tile_size is not None)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
     rank, world = _ranks(distributed)
@@ -412,6 +413,12 @@ def _tile_workers(kfn, device, n_tiles) -> int:
 def _count_tiles(bs, n1, n2, self_kernel) -> int:
     k1, k2 = -(-n1 // bs), -(-n2 // bs)
     return k1 * (k1 + 1) // 2 if self_kernel else k1 * k2
+
+
+# Entries a kernel must evaluate (``CompiledKernel._pair_work`` per pair) before it is
+# split into a tile per core: below it, tiles' Python overhead, which threads do not
+# share, costs more than a core gives (tens of milliseconds of work).
+_SPLIT_WORK = 2 ** 22
 
 
 def _enough_tiles(bs, n1, n2, self_kernel, workers) -> int:

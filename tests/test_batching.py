@@ -84,19 +84,21 @@ def test_tiles_computed_one_per_thread_equal_one_at_a_time(two_threads, monkeypa
 
 def test_few_expensive_pairs_are_split_into_a_tile_per_thread(two_threads, monkeypatch):
     """A tanh MLP's pairs cost 2-D quadrature, which the automatic tile size does not count:
-    12 inputs fit one tile, which would leave a core idle; the side is halved until every
-    thread has a tile, and the kernels equal those of one tile."""
+    40 inputs fit one tile, which would leave a core idle; the side is halved until every
+    thread has a tile, and the kernels equal those of one tile.  Cheap kernels stay whole
+    (per-tile Python overhead would cost more than the second core gives)."""
     from ntkcompile import tiling
-    kfn = ntkcompile.compile(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), W_std=1.5, b_std=0.1)
-    x = torch.randn(12, 3, dtype=torch.float64)
-    assert kfn._auto_tile(12, x.device) == 12
     sides, real = [], tiling._fit_memory
     monkeypatch.setattr(tiling, "_fit_memory", lambda k, bs, *a: (sides.append(bs), real(k, bs, *a))[1])
-    split = kfn(x, progress=False)
-    assert sides == [6]                      # 3 tiles on and above the diagonal
-    one = kfn(x, tile_size=12, progress=False)
-    for name in ("nngp", "ntk"):
-        torch.testing.assert_close(getattr(split, name), getattr(one, name), rtol=1e-13, atol=0)
+    x = torch.randn(40, 3, dtype=torch.float64)
+    for act, side in ((nn.Tanh, 20), (nn.ReLU, 40)):
+        kfn = ntkcompile.compile(nn.Sequential(nn.Linear(3, 8), act(), nn.Linear(8, 1)), W_std=1.5, b_std=0.1)
+        sides.clear()
+        auto = kfn(x, progress=False)
+        assert kfn._auto_tile(40, x.device) == 40 and sides == [side]      # tanh: 3 tiles on and above the diagonal
+        one = kfn(x, tile_size=40, progress=False)
+        for name in ("nngp", "ntk"):
+            torch.testing.assert_close(getattr(auto, name), getattr(one, name), rtol=1e-13, atol=0)
 
 
 def test_a_failing_tile_in_a_thread_raises_and_restores_the_threads(two_threads):
