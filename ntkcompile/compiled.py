@@ -419,6 +419,12 @@ class CompiledKernel:
         numeric = any(not how.startswith("closed form") for _, how in expectations(self._plan))
         return self._pair_entries() * (self.quadrature_degree ** 2 if numeric else 1)
 
+    def _nd_calls(self) -> int:
+        """N-D evaluations (``quadrature.expect_nd``) one call of the generated kernel makes,
+        times the Monte Carlo replicates that rerun it: the progress bar's unit inside a tile."""
+        nd = sum("N-D evaluator" in how for _, how in expectations(self._plan))
+        return nd * max(1, self.mc_replicates)
+
     def _check(self, x, name):
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -35,6 +36,7 @@ import torch
 from . import diagnose
 from .codegen import NonFiniteValue
 from .errors import KernelMemoryError, NonFiniteKernelError
+from .kernels import quadrature
 from .kernels.spatial import swap_position_pairs
 from .resources import available_memory
 
@@ -320,11 +322,15 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
         fn = kfn._function(self_tile or kfn._joint, want_ntk)[0]
         if kfn._joint and not self_tile:      # sampled jointly: a block of both batches' kernel
             fn, args = _cross_block(fn, a.shape[0]), (torch.cat([a, b]),)
-        with torch.no_grad():                 # grad mode is per thread
-            return tile, self_tile, args, _replicates(fn, args, kfn)
+        quadrature.PROGRESS.hook = bar.within(tile)
+        try:
+            with torch.no_grad():                 # grad mode is per thread
+                return tile, self_tile, args, _replicates(fn, args, kfn)
+        finally:
+            quadrature.PROGRESS.hook = None
 
     errors = []
-    bar = _Progress(len(tiles), progress)
+    bar = _Progress(len(tiles), progress, kfn._nd_calls())
     results = _in_parallel(compute, tiles, workers)
     with torch.no_grad(), contextlib.closing(results):
         for (i, j), self_tile, args, (blocks, errs_se, errs) in results:
@@ -355,7 +361,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
                     _write(outputs[name], slice(j, j + bs), slice(i, i + bs), _transposed(block, len(extra)))
             if journal is not None:
                 journal.mark((i, j))
-            bar.step()
+            bar.step((i, j))
     bar.close()
     if journal is not None:
         journal.close()
@@ -493,28 +499,54 @@ def _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2):
 
 
 class _Progress:
-    """A one-line progress bar on stderr for tiled kernel computations."""
+    """A one-line progress bar on stderr for tiled kernel computations.
+
+    Tiles that call N-D evaluators (``quadrature.expect_nd``: Monte Carlo or quadrature
+    over many slots, minutes for a post-activation residual network) also report their
+    chunks (``within``), so that the bar moves inside a tile: each tile counts for one,
+    split evenly over the ``nd_calls`` evaluations it is expected to make.  Automatic
+    bars appear after a second, for runs of 8 or more tiles or tiles that report."""
 
     _DELAY = 1.0    # seconds before an automatic bar appears: short runs stay quiet
 
-    def __init__(self, total, enabled):
-        self.total, self.done = total, 0
+    def __init__(self, total, enabled, nd_calls=0):
+        self.total, self.done, self.tiles = total, 0.0, 0
         self.auto = enabled is None
-        self.enabled = (total >= 8) if enabled is None else bool(enabled)
+        self.enabled = (total >= 8 or nd_calls > 0) if enabled is None else bool(enabled)
+        self.nd_calls = nd_calls
+        self.partial: dict = {}             # tile -> (fraction reported, calls finished)
+        self.lock = threading.Lock()
         self.shown = False
         self.t0 = self.last = time.perf_counter()
 
-    def step(self):
-        self.done += 1
+    def within(self, tile):
+        """A ``quadrature.PROGRESS.hook`` for the chunks of ``tile``'s N-D evaluations."""
+        def hook(done, total):
+            with self.lock:
+                frac, calls = self.partial.get(tile, (0.0, 0))
+                now = min(0.99, (calls + done / total) / self.nd_calls)
+                self.done += max(0.0, now - frac)
+                self.partial[tile] = (max(frac, now), calls + (done == total))
+                self._draw(False)
+        return hook if self.nd_calls else None
+
+    def step(self, tile=None):
+        with self.lock:
+            frac, _ = self.partial.pop(tile, (0.0, 0))
+            self.done += 1.0 - frac
+            self.tiles += 1
+            self._draw(self.tiles == self.total)
+
+    def _draw(self, last):
         el = time.perf_counter() - self.t0
-        due = self.done == self.total or el - (self.last - self.t0) >= 0.1   # <= 10 redraws/s
-        if self.enabled and due and (not self.auto or el >= self._DELAY):
+        due = last or el - (self.last - self.t0) >= 0.1   # <= 10 redraws/s
+        if self.enabled and due and (not self.auto or el >= self._DELAY) and self.done > 0:
             self.shown, self.last = True, self.t0 + el
-            eta = el / self.done * (self.total - self.done)
+            eta = el / self.done * max(0.0, self.total - self.done)
             width = 30
-            fill = int(width * self.done / self.total)
+            fill = int(width * min(self.done, self.total) / self.total)
             sys.stderr.write(f"\r[ntkcompile] [{'#' * fill}{'.' * (width - fill)}] "
-                             f"{self.done}/{self.total} tiles, {el:.1f}s elapsed, ~{eta:.1f}s left")
+                             f"{self.tiles}/{self.total} tiles, {el:.1f}s elapsed, ~{eta:.1f}s left")
             sys.stderr.flush()
 
     def close(self):

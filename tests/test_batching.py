@@ -123,6 +123,34 @@ def test_a_failing_tile_in_a_thread_raises_and_restores_the_threads(two_threads)
     assert torch.isfinite(kfn(x[:9], tile_size=2, progress=False).ntk).all()
 
 
+def test_the_progress_bar_moves_inside_a_tile_of_n_d_evaluations(monkeypatch, capsys):
+    """A post-activation residual ``relu(h + W h)`` needs the N-D evaluator (Monte Carlo over
+    4 slots), which can take minutes in one tile (a small ResNet v1: no output for 719 s).
+    Its chunks advance the bar: one tile, drawn part-way before it finishes, and whole at
+    the end."""
+    from ntkcompile import tiling
+
+    class PostRes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(3, 16), nn.Linear(16, 16), nn.Linear(16, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.o(torch.relu(h + self.b(h)))
+
+    kfn = ntkcompile.compile(PostRes())
+    drawn, real = [], tiling._Progress._draw
+    monkeypatch.setattr(tiling._Progress, "_draw", lambda bar, last: (drawn.append((bar.tiles, bar.done)),
+                                                                      real(bar, last)))
+    kfn(torch.randn(3, 3, dtype=torch.float64), tile_size=3, progress=True)
+    assert kfn._nd_calls() > 0
+    inside = [done for tiles, done in drawn if tiles == 0]
+    assert inside and 0 < min(inside) and max(inside) < 1 and inside == sorted(inside)
+    assert drawn[-1] == (1, pytest.approx(1.0))
+    assert "1/1 tiles" in capsys.readouterr().err
+
+
 def test_bad_tile_size_and_the_deprecated_alias():
     kfn = ntkcompile.compile(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)))
     x = torch.randn(5, 3, dtype=torch.float64)
