@@ -16,39 +16,23 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 import ntkcompile
 from ntkcompile import tiling
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _load import Busy  # noqa: E402
+from bench_vs_neural_tangents import CASES, build_torch_model, make_inputs  # noqa: E402
 
 
 def cases(names):
-    torch.manual_seed(0)
+    """The cases of bench_vs_neural_tangents.py (same models, inputs and W_std, b_std)."""
     out = {}
-    if "mlp8_relu" in names:
-        layers, d = [], 100
-        for _ in range(8):
-            layers += [nn.Linear(d, 64), nn.ReLU()]
-            d = 64
-        out["mlp8_relu"] = (nn.Sequential(*layers, nn.Linear(64, 1)), torch.randn(2000, 100, dtype=torch.float64),
-                            dict(W_std=1.5, b_std=0.05))
-    if "cnn3_gap" in names:
-        layers, c = [], 3
-        for _ in range(3):
-            layers += [nn.Conv2d(c, 16, 3, padding=1), nn.ReLU()]
-            c = 16
-        out["cnn3_gap"] = (nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 1)),
-                           torch.randn(64, 3, 8, 8, dtype=torch.float64), dict(W_std=1.4, b_std=0.1))
-    if "mlp4_tanh" in names:     # 2-D quadrature per pair of inputs; 100 inputs are one tile
-        layers, d = [], 20
-        for _ in range(4):
-            layers += [nn.Linear(d, 64), nn.Tanh()]
-            d = 64
-        out["mlp4_tanh"] = (nn.Sequential(*layers, nn.Linear(64, 1)), torch.randn(100, 20, dtype=torch.float64),
-                            dict(W_std=1.5, b_std=0.1))
+    for name in names:
+        spec = CASES[name]
+        torch.manual_seed(0)
+        x = torch.as_tensor(make_inputs(name, 0), dtype=torch.float64)
+        out[name] = (build_torch_model(name), x, dict(W_std=spec["W_std"], b_std=spec["b_std"]))
     return out
 
 
@@ -69,7 +53,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duty", type=float, default=0.5)
-    ap.add_argument("--cases", default="mlp8_relu,cnn3_gap,mlp4_tanh")
+    ap.add_argument("--cases", default=",".join(CASES))
     args = ap.parse_args(argv)
     print(f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores; best of {args.repeats} warm calls, "
           f"the two paths interleaved; busy = {os.cpu_count()} processes each spinning {args.duty:.0%} of the time")

@@ -230,9 +230,10 @@ class _Renderer:
             self.emit(n, indent)
 
     def emit(self, n, indent=""):
+        gather = isinstance(n, P.Lift) and self.self_mode and self.uses.get(n.uid, 0) > 1
         if isinstance(n, (P.Input, P.Env, P.Static, P.Lift, P.LiftAll, P.Slot, P.LoopVar, P.Fn, P.Apply,
-                          P.ToPairs)):
-            return                                  # written inline where used
+                          P.ToPairs)) and not gather:
+            return        # written inline where used (a lift against itself, a gather, once if reused)
         if isinstance(n, P.SetDiagonal) and not self.self_mode:
             self.names[n.uid] = self.value(n.x)
             return

@@ -151,6 +151,13 @@ def correlation(k11, k12, k22) -> Tuple[Tensor, Tensor]:
     uncorrelated with everything. All arguments broadcast; the result is float64.
     """
     k11, k12, k22 = _f64(k11, k12, k22)
+    if not compiling() and k11.device.type != "meta" and k11.numel() and k22.numel():
+        # The common case in one pass over each variance array (a self kernel's are as large
+        # as the pair arrays): all positive, and their products in float64's normal range.
+        lo1, hi1, lo2, hi2 = torch.stack([*torch.aminmax(k11), *torch.aminmax(k22)]).tolist()
+        if lo1 > 0 and lo2 > 0 and 1e-290 < lo1 * lo2 and hi1 * hi2 < 1e290:
+            scale = (k11 * k22).sqrt_()
+            return scale, (k12 / scale).clamp_(-1.0, 1.0)
     v1, v2 = k11.clamp_min(0.0), k22.clamp_min(0.0)
     if not compiling() and _product_leaves_range(v1, v2):
         scale = v1.sqrt() * v2.sqrt()        # variances beyond 1e+-154: k11 k22 would under/overflow

@@ -42,14 +42,14 @@ def _relu_kernel(scale: Tensor, c: Tensor, theta: Tensor) -> Tensor:
     """``E relu(z1) relu(z2) = sqrt(k11 k22) (sqrt(1-c^2) + (pi - theta) c) / (2 pi)``,
     ``theta = arccos c`` (not modified: it is shared with the derivative's kernel)."""
     # in place on fresh temporaries (each op rounds exactly as the out-of-place form)
-    out = (c * c).neg_().add_(1.0).clamp_min_(0.0).sqrt_()
-    out.add_(theta.neg().add_(PI).mul_(c))
+    out = torch.rsub(c * c, 1.0).clamp_min_(0.0).sqrt_()
+    out.add_(torch.rsub(theta, PI).mul_(c))
     return out.mul_(scale).div_(2.0 * PI)
 
 
 def _step_kernel(theta: Tensor) -> Tensor:
     """``E step(z1) step(z2) = (pi - theta) / (2 pi)`` (orthant probability)."""
-    return theta.neg().add_(PI).div_(2.0 * PI)
+    return torch.rsub(theta, PI).div_(2.0 * PI)
 
 
 def _combine(kernel, a: float, b: float):

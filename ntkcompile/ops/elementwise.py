@@ -394,6 +394,12 @@ def zeros_like_pairs(*ks) -> Tensor:
     return torch.zeros(torch.broadcast_shapes(*(t.shape for t in ts)), dtype=_F64, device=ts[0].device)
 
 
+def _may_be_zero(k) -> bool:
+    """Whether a variance array has a 0: one reduction, no boolean temporary (a self
+    kernel's variance arrays are as large as its pair arrays)."""
+    return k.numel() > 0 and not bool(k.amin() > 0)
+
+
 def pin_zero_variance(e: Elementwise) -> Elementwise:
     """Make a kinked entry's closed forms exact where a variance is exactly 0.
 
@@ -418,9 +424,9 @@ def pin_zero_variance(e: Elementwise) -> Elementwise:
             out = moment(k11, k12, k22, *rest)
             # the checks run on the (small) variance arrays; full-size work only if needed
             # (always, branch-free, under torch.compile)
-            if compiling() or bool((k11 == 0).any()):
+            if compiling() or _may_be_zero(k11):
                 out = torch.where(k11 == 0, at0 * pinned_mean(k22), out)
-            if compiling() or bool((k22 == 0).any()):
+            if compiling() or _may_be_zero(k22):
                 out = torch.where(k22 == 0, at0 * pinned_mean(k11), out)
             return out
 
