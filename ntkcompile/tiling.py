@@ -456,9 +456,9 @@ def _in_parallel(compute, tiles, workers):
     on one thread (``torch.set_num_threads(1)``, restored afterwards).  The tiles' ops are
     small (cache-sized arrays), so splitting each op over the cores costs a
     synchronization per op; whole tiles per core need none.  Measured on the 2-core
-    machine (benchmarks/bench_threads.py): 1.1-1.45x faster when idle, and 1.8-2.1x when
-    other processes keep both cores half busy (splitting each op then waits at every op
-    for its descheduled thread).  At most ``2 * workers`` tiles are in flight,
+    machine (benchmarks/bench_threads.py): as fast when idle (0.95-1.37x), and 1.5-2.2x
+    faster when other processes keep both cores half busy (splitting each op then waits
+    at every op for its descheduled thread).  At most ``2 * workers`` tiles are in flight,
     so the results waiting to be written stay a few tiles.
     """
     if workers <= 1:
