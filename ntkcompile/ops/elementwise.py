@@ -422,7 +422,7 @@ def pin_zero_variance(e: Elementwise) -> Elementwise:
         def pinned(k11, k12, k22, *rest):
             k11, k22 = f64(k11), f64(k22)
             out = moment(k11, k12, k22, *rest)
-            # the checks run on the (small) variance arrays; full-size work only if needed
+            # one reduction per variance array decides; full-size work only if needed
             # (always, branch-free, under torch.compile)
             if compiling() or _may_be_zero(k11):
                 out = torch.where(k11 == 0, at0 * pinned_mean(k22), out)
