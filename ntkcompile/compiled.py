@@ -90,6 +90,7 @@ class CompiledKernel:
         self._fns: dict = {}
         self._homogeneous = False
         self._joint = False
+        self._evaluators_of = None     # (plan, numeric, nd): CompiledKernel._evaluators
         # a batch-coupled model (BatchNorm in training mode): lowered per call's batch sizes
         # with the batch as a fixed axis; sizes -> (program, plan, functions)
         self._batched = False
@@ -372,7 +373,7 @@ class CompiledKernel:
         per_pair = self._pair_entries()
         entries = self._TILE_ENTRIES if device.type == "cpu" else self._TILE_ENTRIES_GPU
         side = max(1, min(n, int(math.sqrt(entries / per_pair))))
-        return -(-n // -(-n // side))
+        return tiling.balanced(n, side)
 
     # Rows (inputs x time steps) one joint Monte Carlo sample covers at most: its Gram
     # matrices have _JOINT_ROWS^2 entries (about 1.3 GB for the ten a backward keeps),
@@ -412,18 +413,25 @@ class CompiledKernel:
         seeds = math.prod(r.positions) ** 2 if r.pool == "steps" else 1
         return positions * seeds if aligned_positions(self._program) else positions ** 2 * seeds
 
+    def _evaluators(self):
+        """``(numeric, nd)``: whether some expectation is not a closed form, how many use the N-D
+        evaluator; one walk of the plan (tens of ms when deep), kept with the plan it describes."""
+        if self._evaluators_of is None or self._evaluators_of[0] is not self._plan:
+            hows = [how for _, how in expectations(self._plan)]
+            self._evaluators_of = (self._plan, any(not h.startswith("closed form") for h in hows),
+                                   sum("N-D evaluator" in h for h in hows))
+        return self._evaluators_of[1:]
+
     def _pair_work(self) -> int:
         """Rough work per pair of inputs, in entries evaluated: the pair arrays' entries, times
         ``quadrature_degree^2`` when some expectation is not a closed form (its nodes, which
         the tile size does not count)."""
-        numeric = any(not how.startswith("closed form") for _, how in expectations(self._plan))
-        return self._pair_entries() * (self.quadrature_degree ** 2 if numeric else 1)
+        return self._pair_entries() * (self.quadrature_degree ** 2 if self._evaluators()[0] else 1)
 
     def _nd_calls(self) -> int:
         """N-D evaluations (``quadrature.expect_nd``) one call of the generated kernel makes,
         times the Monte Carlo replicates that rerun it: the progress bar's unit inside a tile."""
-        nd = sum("N-D evaluator" in how for _, how in expectations(self._plan))
-        return nd * max(1, self.mc_replicates)
+        return self._evaluators()[1] * max(1, self.mc_replicates)
 
     def _check(self, x, name):
         if isinstance(x, np.ndarray):

@@ -293,11 +293,12 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
     live = max(kfn._function(mode, want_ntk)[0].live_arrays for mode in (True, False))
     if resume and bs is None and out is not None:
         bs = _Journal.saved_tile(outputs)           # resume with the interrupted run's tiles
+    cores = _tile_workers(kfn, x1.device)
     if not bs:
         bs = kfn._auto_tile(max(n1, n2), x1.device)
         if n1 * n2 * kfn._pair_work() >= _SPLIT_WORK:
-            bs = _enough_tiles(bs, n1, n2, x2 is None, _tile_workers(kfn, x1.device, 2))
-    bs = _fit_memory(kfn, bs, live, tile_size is not None)
+            bs = _enough_tiles(bs, n1, n2, x2 is None, cores)
+    bs, fit = _fit_memory(kfn, bs, live, tile_size is not None, cores)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
     rank, world = _ranks(distributed)
     if world > 1 and resume:
@@ -311,7 +312,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
             if torch.is_tensor(a):
                 a.zero_()
         tiles = tiles[rank::world]
-    workers = _concurrent_tiles(kfn, bs, live, _tile_workers(kfn, x1.device, len(tiles)))
+    workers = min(fit, len(tiles))
 
     def compute(tile):
         i, j = tile
@@ -383,11 +384,12 @@ def worst_errors(errors) -> dict:
     return worst
 
 
-def _fit_memory(kfn, bs, live, given):
-    """A tile side whose work (``live`` pair arrays) fits in the memory available."""
+def _fit_memory(kfn, bs, live, given, workers=1):
+    """A tile side whose work (``live`` pair arrays) fits in the memory available, and how
+    many of up to ``workers`` such tiles fit at once (one always does)."""
     have = available_memory()
     if have is None:
-        return bs
+        return bs, workers
     per_pair = kfn._pair_entries() * _F64_BYTES * live
     budget = have // 2                      # leave room for the output, quadrature grids, torch
     if per_pair > budget:
@@ -403,17 +405,17 @@ def _fit_memory(kfn, bs, live, given):
                 f"tile_size={bs} needs about {_bytes(per_pair * bs * bs)} of work per tile, more than "
                 f"{_bytes(budget)}; use tile_size={fits} or less (or leave it unset)")
         bs = fits
-    return bs
+    return bs, int(max(1, min(workers, budget // (per_pair * bs * bs))))
 
 
-def _tile_workers(kfn, device, n_tiles) -> int:
+def _tile_workers(kfn, device) -> int:
     """How many tiles to compute at once: one per intra-op thread on a CPU, each tile
     single-threaded (``_in_parallel``); one at a time on other devices, for ``jit=True``
     (compiled functions are not called from several threads) and for joint Monte Carlo
     models (whose tiles are sized to take the memory by themselves)."""
-    if device.type != "cpu" or kfn.jit or kfn._joint or n_tiles < 2:
+    if device.type != "cpu" or kfn.jit or kfn._joint:
         return 1
-    return max(1, min(torch.get_num_threads(), n_tiles))
+    return max(1, torch.get_num_threads())
 
 
 def _count_tiles(bs, n1, n2, self_kernel) -> int:
@@ -427,25 +429,19 @@ def _count_tiles(bs, n1, n2, self_kernel) -> int:
 _SPLIT_WORK = 2 ** 22
 
 
+def balanced(n, side) -> int:
+    """The side of equal tiles, at most ``side``, covering ``n`` inputs in as few tiles
+    (2000 inputs at side 512 -> 4 x 500 rather than 3 x 512 + 464)."""
+    return -(-n // -(-n // side))
+
+
 def _enough_tiles(bs, n1, n2, self_kernel, workers) -> int:
     """The automatic tile side, halved (and balanced) until there is a tile for each
     worker: a kernel of few inputs whose pairs are expensive (quadrature, whose nodes
     the tile size does not count) then still runs on every core."""
-    n = max(n1, n2)
     while bs > 1 and _count_tiles(bs, n1, n2, self_kernel) < workers:
-        bs = -(-bs // 2)
-        bs = -(-n // -(-n // bs))
+        bs = balanced(max(n1, n2), -(-bs // 2))
     return bs
-
-
-def _concurrent_tiles(kfn, bs, live, workers) -> int:
-    """At most ``workers`` tiles whose work fits at once in the memory ``_fit_memory``
-    allows itself (one always does)."""
-    have = available_memory()
-    if workers <= 1 or have is None:
-        return workers
-    per_tile = kfn._pair_entries() * _F64_BYTES * live * bs * bs
-    return int(max(1, min(workers, (have // 2) // max(per_tile, 1))))
 
 
 def _in_parallel(compute, tiles, workers):
