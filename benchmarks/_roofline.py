@@ -10,6 +10,7 @@ machine's measured memory bandwidth and float64 matmul rate.
   (``torch.utils.flop_counter``), counted in one tile-at-a-time call (dispatch modes are
   per thread).
 """
+import contextlib
 import time
 
 import torch
@@ -54,16 +55,25 @@ class _Bytes(TorchDispatchMode):
         return out
 
 
-def traffic(kfn, x) -> dict:
+@contextlib.contextmanager
+def one_tile_at_a_time(on: bool = True):
+    """ntkcompile's earlier CPU path (``on``): tiles one after another, each op split over
+    the cores by torch, instead of a tile per core (``tiling._tile_workers``)."""
     original = tiling._tile_workers
-    tiling._tile_workers = lambda *args: 1
+    if on:
+        tiling._tile_workers = lambda *args: 1
     try:
+        yield
+    finally:
+        tiling._tile_workers = original
+
+
+def traffic(kfn, x) -> dict:
+    with one_tile_at_a_time():       # dispatch modes see only their own thread's ops
         counter, flops = _Bytes(), FlopCounterMode(display=False)
         with counter, flops:
             kfn(x, progress=False)
         return {"bytes": counter.bytes, "flops": flops.get_total_flops()}
-    finally:
-        tiling._tile_workers = original
 
 
 def fractions(work: dict, seconds: float, peaks: dict) -> str:

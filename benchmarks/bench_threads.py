@@ -18,10 +18,10 @@ import time
 import torch
 
 import ntkcompile
-from ntkcompile import tiling
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _load import Busy  # noqa: E402
+from _roofline import one_tile_at_a_time  # noqa: E402
 from bench_vs_neural_tangents import CASES, build_torch_model, make_inputs  # noqa: E402
 
 
@@ -38,15 +38,10 @@ def cases(names):
 
 def timed(kfn, x, per_op):
     """Seconds of one call ``kfn(x)``; ``per_op``: the peer path (one tile at a time)."""
-    original = tiling._tile_workers
-    if per_op:
-        tiling._tile_workers = lambda *args: 1
-    try:
+    with one_tile_at_a_time(per_op):
         t0 = time.perf_counter()
         k = kfn(x, progress=False)
         return time.perf_counter() - t0, k
-    finally:
-        tiling._tile_workers = original
 
 
 def main(argv=None):
