@@ -35,7 +35,7 @@ def evaluate(kfn, x1, x2, get, tile_size, out, resume, distributed):
     want_ntk = "ntk" in get
     fn = kfn._function(True, want_ntk)[0]
     try:
-        tiling._fit_memory(kfn, 1, fn.live_arrays, False)
+        tiling._fit_memory(kfn, 1, fn.live_arrays, False, bandable=False)
     except KernelMemoryError as e:
         raise KernelMemoryError(
             f"a batch-coupled kernel of {' + '.join(map(str, sizes))} examples is one unit, whose work grows "

@@ -36,7 +36,7 @@ import torch
 from . import diagnose
 from .codegen import NonFiniteValue
 from .errors import KernelMemoryError, NonFiniteKernelError
-from .kernels import quadrature
+from .kernels import bands, quadrature
 from .kernels.spatial import swap_position_pairs
 from .resources import available_memory
 
@@ -298,7 +298,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
         bs = kfn._auto_tile(max(n1, n2), x1.device)
         if n1 * n2 * kfn._pair_work() >= _SPLIT_WORK:
             bs = _enough_tiles(bs, n1, n2, x2 is None, cores)
-    bs, fit = _fit_memory(kfn, bs, live, tile_size is not None, cores)
+    bs, fit, split = _fit_memory(kfn, bs, live, tile_size is not None, cores)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
     rank, world = _ranks(distributed)
     if world > 1 and resume:
@@ -326,12 +326,15 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
         quadrature.PROGRESS.hook = bar.within(tile)
         try:
             with torch.no_grad():                 # grad mode is per thread
+                if split is not None:             # in bands of positions (kernels.bands)
+                    return tile, self_tile, args, split.run(lambda: _replicates(fn, args, kfn),
+                                                            lambda done: bar.part(tile, done))
                 return tile, self_tile, args, _replicates(fn, args, kfn)
         finally:
             quadrature.PROGRESS.hook = None
 
     errors = []
-    bar = _Progress(len(tiles), progress, kfn._nd_calls())
+    bar = _Progress(len(tiles), progress, kfn._nd_calls(), split is not None)
     results = _in_parallel(compute, tiles, workers)
     with torch.no_grad(), contextlib.closing(results):
         for (i, j), self_tile, args, (blocks, errs_se, errs) in results:
@@ -351,7 +354,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
                 if e:
                     block = torch.ldexp(block, torch.tensor(2 * e))    # exact: a power of two
                 if not bool(torch.isfinite(block).all()):
-                    raise _non_finite(kfn, name, self_tile or kfn._joint, want_ntk, args, e, x1, x2)
+                    raise _non_finite(kfn, name, self_tile or kfn._joint, want_ntk, args, e, x1, x2, split)
                 if dtype != torch.float64 and not bool(torch.isfinite(block.to(dtype)).all()):
                     raise NonFiniteKernelError(
                         f"the {name} kernel overflows {dtype}: its largest entry is {float(block.abs().max()):.3g}; "
@@ -384,20 +387,29 @@ def worst_errors(errors) -> dict:
     return worst
 
 
-def _fit_memory(kfn, bs, live, given, workers=1):
-    """A tile side whose work (``live`` pair arrays) fits in the memory available, and how
-    many of up to ``workers`` such tiles fit at once (one always does)."""
+def _fit_memory(kfn, bs, live, given, workers=1, bandable=True):
+    """A tile side whose work (``live`` pair arrays) fits in the memory available, how
+    many of up to ``workers`` such tiles fit at once (one always does), and the split of
+    each pair's work into bands of positions when one pair's does not fit (else None)."""
     have = available_memory()
     if have is None:
-        return bs, workers
+        return bs, workers, None
     per_pair = kfn._pair_entries() * _F64_BYTES * live
     budget = have // 2                      # leave room for the output, quadrature grids, torch
+    split = None
     if per_pair > budget:
-        raise KernelMemoryError(
-            f"one pair of inputs needs about {_bytes(per_pair)} of work ({live} arrays of "
-            f"{kfn._pair_entries()} position pairs), more than the {_bytes(budget)} ntkcompile allows itself "
-            f"of the {_bytes(have)} available. Use smaller images, a flatten readout (which needs only "
-            f"aligned positions), or pooling earlier in the network.")
+        try:
+            if not bandable:
+                raise bands.NotBandable("the examples are coupled")
+            split = bands.Split.plan(kfn, _F64_BYTES * live, budget)
+        except bands.NotBandable as why:
+            raise KernelMemoryError(
+                f"one pair of inputs needs about {_bytes(per_pair)} of work ({live} arrays of "
+                f"{kfn._pair_entries()} position pairs), more than the {_bytes(budget)} ntkcompile allows "
+                f"itself of the {_bytes(have)} available, and it cannot be split into bands of positions "
+                f"({why}). Use smaller images, a flatten readout (which needs only aligned positions), or "
+                f"pooling earlier in the network.") from None
+        per_pair = split.entries * _F64_BYTES * live
     fits = max(1, int(math.sqrt(budget / per_pair)))
     if bs > fits:
         if given:
@@ -405,7 +417,7 @@ def _fit_memory(kfn, bs, live, given, workers=1):
                 f"tile_size={bs} needs about {_bytes(per_pair * bs * bs)} of work per tile, more than "
                 f"{_bytes(budget)}; use tile_size={fits} or less (or leave it unset)")
         bs = fits
-    return bs, int(max(1, min(workers, budget // (per_pair * bs * bs))))
+    return bs, int(max(1, min(workers, budget // (per_pair * bs * bs)))), split
 
 
 def _tile_workers(kfn, device) -> int:
@@ -478,12 +490,15 @@ def _in_parallel(compute, tiles, workers):
         torch.set_num_threads(threads)
 
 
-def _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2):
-    """The error for a tile whose kernel ``name`` is not finite (re-run with checking code)."""
+def _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2, split=None):
+    """The error for a tile whose kernel ``name`` is not finite (re-run with checking code,
+    band by band when its positions are split: ``kernels.bands``)."""
     x_max = max(float(x.abs().max()) for x in (x1, x2) if x is not None) * 2.0 ** e
     try:
         with torch.no_grad():
-            kfn._function(self_tile, want_ntk, check=True)[0](*args)
+            for boxes in (split.boxes if split is not None else [None]):
+                with bands.using(boxes):
+                    kfn._function(self_tile, want_ntk, check=True)[0](*args)
     except NonFiniteValue as failure:
         return NonFiniteKernelError(diagnose.explain(kfn._program, failure, name, x_max))
     if e:
@@ -505,10 +520,10 @@ class _Progress:
 
     _DELAY = 1.0    # seconds before an automatic bar appears: short runs stay quiet
 
-    def __init__(self, total, enabled, nd_calls=0):
+    def __init__(self, total, enabled, nd_calls=0, banded=False):
         self.total, self.done, self.tiles = total, 0.0, 0
         self.auto = enabled is None
-        self.enabled = (total >= 8 or nd_calls > 0) if enabled is None else bool(enabled)
+        self.enabled = (total >= 8 or nd_calls > 0 or banded) if enabled is None else bool(enabled)
         self.nd_calls = nd_calls
         self.partial: dict = {}             # tile -> (fraction reported, calls finished)
         self.lock = threading.Lock()
@@ -525,6 +540,14 @@ class _Progress:
                 self.partial[tile] = (max(frac, now), calls + (done == total))
                 self._draw(False)
         return hook if self.nd_calls else None
+
+    def part(self, tile, fraction):
+        """``fraction`` of ``tile`` is done (its bands of positions, ``kernels.bands``)."""
+        with self.lock:
+            frac, calls = self.partial.get(tile, (0.0, 0))
+            self.done += max(0.0, min(0.99, fraction) - frac)
+            self.partial[tile] = (max(frac, min(0.99, fraction)), calls)
+            self._draw(False)
 
     def step(self, tile=None):
         with self.lock:

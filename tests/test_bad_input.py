@@ -124,13 +124,16 @@ def test_an_output_larger_than_memory_is_refused_before_allocating():
     assert isinstance(e.value, MemoryError)
 
 
-def test_position_pairs_larger_than_memory_are_refused():
-    """Global pooling of two 192x192 images: every pair of positions, 11 GB per array for one pair
-    of inputs (96x96 images need ~7 GB: on a 24 GB machine they run, after the same check)."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+def test_position_pairs_larger_than_memory_are_refused_where_bands_cannot_split_them():
+    """Two 192x192 images through an average pooling then a global one: every pair of positions,
+    several GB per array for one pair of inputs, and an inner average pooling mixes positions, so
+    the work cannot be split into bands of positions (``kernels.bands``; a CNN with only
+    convolutions before its global pooling is split, ``tests/kernels/test_bands.py``)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, stride=1, padding=1),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1))
     kfn = ntkcompile.compile(model, input_shape=(3, 192, 192))
-    with pytest.raises(KernelMemoryError, match="one pair of inputs needs"):
+    with pytest.raises(KernelMemoryError, match="one pair of inputs needs.*cannot be split into bands.*avgpool"):
         kfn(torch.randn(2, 3, 192, 192))
 
 

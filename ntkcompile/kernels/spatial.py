@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.geometry import ConvGeometry
+from . import bands
 from .compat import compiling
 
 
@@ -48,7 +49,17 @@ def positions(t, shape, groups):
     Input covariances are contracted over the patch axis as ``(..., prod(P))``
     (``codegen.Source.contract``); the kernel arrays carry positions as ``*P``.
     """
+    boxes = bands.active()
+    if boxes is not None and groups == 2:
+        return bands.positions(t, shape, boxes)
     return t.reshape(*t.shape[:t.ndim - groups], *(tuple(shape) * groups))
+
+
+def first_group(pa, shape):
+    """The patches of side 1 of a Gram over pairs of positions: all of them, or the current
+    band's rows (``kernels.bands``)."""
+    boxes = bands.active()
+    return pa if boxes is None else bands.first_group(pa, shape, boxes)
 
 
 def stencil_same(a, g: ConvGeometry):
@@ -61,6 +72,9 @@ def stencil_same(a, g: ConvGeometry):
 
 def stencil_pair(a, g: ConvGeometry):
     """``(N1, N2, *S, *S) -> (N1, N2, *P, *P)``, the same tap on both position groups."""
+    boxes = bands.active()
+    if boxes is not None:
+        return bands.stencil_pair(a, g, boxes)
     nd = len(g.kernel)
     if a.ndim == 2:   # constant over positions
         a = a.reshape(*a.shape, *([1] * 2 * nd)).expand(*a.shape, *g.in_shape, *g.in_shape)
@@ -125,6 +139,9 @@ def _adjoint_gather(d, g: ConvGeometry, groups: int):
 
 def stencil_pair_adjoint(d, g: ConvGeometry, batch_shape):
     """Adjoint of ``stencil_pair``: ``(*batch, *P, *P) -> (*batch, *S, *S)``."""
+    boxes = bands.active()
+    if boxes is not None:
+        return bands.stencil_pair_adjoint(d, g, batch_shape, boxes)
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
     d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
     return _adjoint_windows(d, g, 2)
@@ -134,6 +151,8 @@ def lift1(t, k):
     """A side-1 array ``(N1, *P)`` (or ``(N1,)``) in the layout ``(N1, N2, *P, *P)``."""
     if not torch.is_tensor(t):
         return t
+    boxes = bands.active()
+    t = t if boxes is None else bands.first_rows(t, boxes)
     sp = t.shape[1:]
     return t.reshape(t.shape[0], 1, *sp, *([1] * k)) if sp else t.reshape(t.shape[0], 1, *([1] * 2 * k))
 
@@ -174,6 +193,9 @@ def same_position_sum(d, batch, positions, aligned):
 
 def spatial_sum(t, batch, spatial):
     """Sum of ``t`` broadcast to ``(*batch, *spatial)`` over the position axes ``spatial``."""
+    boxes = bands.active()
+    if boxes is not None:
+        return bands.spatial_sum(t, batch, spatial, boxes)
     shape = tuple(batch) + tuple(spatial)
     t = torch.broadcast_to(t, shape)
     return t.sum(dim=tuple(range(len(batch), len(shape))))
@@ -181,10 +203,22 @@ def spatial_sum(t, batch, spatial):
 
 def global_mean(a, spatial, batch):
     """``E[mean_s u_s mean_t v_t']`` from ``(*batch, *P, *P)``."""
+    boxes = bands.active()
+    if boxes is not None:
+        return bands.global_mean(a, spatial, batch, boxes)
     if not torch.is_tensor(a):
         return a
     full = torch.broadcast_to(a, tuple(batch) + tuple(spatial) + tuple(spatial))
     return full.mean(dim=tuple(range(len(batch), len(batch) + 2 * len(spatial))))
+
+
+def mean_seeds(c, spatial, like):
+    """The backward seeds ``c`` of a global-mean readout at every position (a constant), or
+    at the current band's rows only (``kernels.bands``)."""
+    boxes = bands.active()
+    if boxes is None:
+        return torch.tensor(c, dtype=like.dtype, device=like.device)
+    return bands.mean_seeds(c, spatial, like, boxes)
 
 
 def aligned_mean(a, spatial, batch):
@@ -291,6 +325,8 @@ def liftp(t, idx, k, right):
     """A same-input array ``(N, *P)`` in the packed layout ``(T, *P, *P)`` (left or right group)."""
     if not torch.is_tensor(t):
         return t
+    boxes = None if right else bands.active()
+    t = t if boxes is None else bands.first_rows(t, boxes)
     g = t[idx]
     sp = g.shape[1:]
     if not sp:
@@ -309,6 +345,9 @@ def with_diagonal_packed(packed, same, diag):
     if packed.ndim == 1:
         packed[diag] = same
         return packed
+    boxes = bands.active()
+    if boxes is not None:
+        return bands.with_diagonal_packed(packed, same, diag, boxes)
     pt = same[0].numel()
     view = packed.reshape(packed.shape[0], pt, pt)
     p = torch.arange(pt, device=packed.device)

@@ -174,7 +174,10 @@ def _conv_input_cov(pl, a, b, pair):
     if pair in SAME_INPUT:
         return pl.plan.mul(W2n, positions("acs,acs->as", pa, pa, 1))
     pb = pl.call(spatial.patches, fb, g)
-    cross = positions("acs,bcs->abs", pa, pb, 1) if pl.diag else positions("acs,bct->abst", pa, pb, 2)
+    if pl.diag:
+        cross = positions("acs,bcs->abs", pa, pb, 1)
+    else:       # side 1 at a band's rows of positions, when banded (kernels.bands)
+        cross = positions("acs,bct->abst", pl.call(spatial.first_group, pa, P), pb, 2)
     cross = pl.plan.make(ToPairs, cross)
     if a is b:
         cross = pl.plan.make(SetDiagonal, cross, positions("acs,acs->as", pa, pa, 1), pl.diag)

@@ -154,8 +154,8 @@ def _gap_cov(pl, core):
 
 
 def _gap_adjoint(pl):
-    r = pl.p.readout
-    return r.W_std ** 2 / math.prod(r.positions) ** 2      # v / P at every position
+    r = pl.p.readout      # v / P at every position (at a band's rows only when banded: kernels.bands)
+    return pl.call(spatial.mean_seeds, r.W_std ** 2 / math.prod(r.positions) ** 2, r.positions, pl.like)
 
 
 register(READOUT_POOLS, "gap", (_gap_cov, _gap_adjoint))

@@ -1,0 +1,138 @@
+"""Position bands (``kernels.bands``): a pooled CNN whose position pairs do not fit in the
+memory available is computed band by band, and equals the kernel computed whole.
+
+Oracles: the same compiled kernel with all position pairs at once (the memory check
+forced low only for the banded run), and for the banded stencils the whole-image
+stencils of ``kernels.spatial`` restricted to the band's rows.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import ntkcompile
+from ntkcompile import tiling
+from ntkcompile.errors import KernelMemoryError
+from ntkcompile.ir.geometry import ConvGeometry
+from ntkcompile.kernels import bands, spatial
+
+
+class GapCNN(nn.Module):
+    """Stride, dilation, a residual sum and several nonlinearities before a global mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.c3 = nn.Conv2d(8, 8, (3, 1), padding=(2, 0), dilation=(2, 1))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.erf(self.c2(h))
+        h = h + torch.relu(self.c3(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def _banded(monkeypatch, kfn, *args):
+    """``kfn(*args)`` with the memory available set so that one pair's position pairs need
+    several bands; returns the kernels and the number of bands used."""
+    live = max(kfn._function(mode, True)[0].live_arrays for mode in (True, False))
+    whole = kfn._pair_entries() * 8 * live
+    monkeypatch.setattr(tiling, "available_memory", lambda: whole)      # the budget is half of it
+    used = []
+    plan = bands.Split.plan
+
+    def spy(*a):
+        split = plan(*a)
+        used.append(len(split.boxes))
+        return split
+
+    monkeypatch.setattr(bands.Split, "plan", staticmethod(spy))
+    out = kfn(*args, progress=False)
+    monkeypatch.undo()
+    return out, used
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_banded_kernels_equal_the_whole(monkeypatch, cross):
+    torch.manual_seed(0)
+    kfn = ntkcompile.compile(GapCNN(), W_std=1.3, b_std=0.2)
+    x = torch.randn(4, 3, 30, 6, dtype=torch.float64)
+    y = torch.randn(3, 3, 30, 6, dtype=torch.float64) if cross else None
+    args = (x,) if y is None else (x, y)
+    whole = kfn(*args, progress=False)
+    banded, used = _banded(monkeypatch, kfn, *args)
+    assert used and used[0] > 1
+    for name in ("nngp", "ntk"):
+        a, b = getattr(banded, name), getattr(whole, name)
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (name, float((a - b).abs().max()))
+    if not cross:
+        assert torch.equal(banded.ntk, banded.ntk.T)
+
+
+def test_bands_bound_the_work_per_pair():
+    """The split's largest band holds a fraction of the position pairs of the whole map."""
+    kfn = ntkcompile.compile(GapCNN())
+    kfn(torch.randn(1, 3, 64, 6, dtype=torch.float64), progress=False)
+    whole = kfn._pair_entries()
+    split = bands.Split.plan(kfn, 8, whole * 8 / 4)
+    assert split.entries * 4 <= whole and len(split.boxes) > 4
+    covered = [b["readout"] for b in split.boxes]
+    assert covered[0][0] == 0 and covered[-1][1] == kfn._program.readout.positions[0]
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+
+
+@pytest.mark.parametrize("geom", [
+    ConvGeometry.make((3, 3), 1, 1, 1, (9, 5)),
+    ConvGeometry.make((3, 2), 2, (1, 0), 1, (11, 5)),
+    ConvGeometry.make((3, 3), 1, 2, 2, (9, 5)),
+    ConvGeometry.make((5,), 3, 2, 1, (17,)),
+])
+def test_banded_stencils_are_the_whole_stencils_at_the_band_rows(geom):
+    """Output rows ``[1, P-1)`` from the input rows of their footprint.  When input and
+    output have one shape, both take the hull of the two (the box of rows of that shape),
+    and the output rows at the box's edges are not exact (nothing reads them); the adjoint
+    of seeds on the band's rows lands inside the box, exactly."""
+    torch.manual_seed(1)
+    S, P = tuple(geom.in_shape), tuple(geom.out_shape)
+    a = torch.randn(2, 3, *S, *S, dtype=torch.float64)
+    d = torch.randn(2, 3, *P, *P, dtype=torch.float64)
+    rows = (1, P[0] - 1)
+    start, end = bands._footprint(*rows, geom)
+    need = (max(0, start), min(S[0], end))
+    boxes = {S: need, P: rows} if S != P else {S: (min(need[0], rows[0]), max(need[1], rows[1]))}
+    (ilo, ihi), (olo, ohi) = boxes[S], boxes[P]
+    fwd = spatial.stencil_pair(a, geom)[:, :, rows[0]:rows[1]]
+    band = bands.stencil_pair(a[:, :, ilo:ihi], geom, boxes)
+    assert band.shape[2] == ohi - olo
+    assert torch.allclose(band[:, :, rows[0] - olo:rows[1] - olo], fwd, rtol=0, atol=1e-14)
+    seeds = torch.zeros_like(d)
+    seeds[:, :, rows[0]:rows[1]] = d[:, :, rows[0]:rows[1]]
+    whole = spatial.stencil_pair_adjoint(seeds, geom, (2, 3))
+    back = bands.stencil_pair_adjoint(seeds[:, :, olo:ohi], geom, (2, 3), boxes)
+    assert torch.allclose(back, whole[:, :, ilo:ihi], rtol=0, atol=1e-14)
+    outside = torch.cat([whole[:, :, :ilo], whole[:, :, ihi:]], dim=2)
+    assert float(outside.abs().max()) == 0.0 if outside.numel() else True   # nothing lost beyond the box
+
+
+def _refused(monkeypatch, model, x):
+    kfn = ntkcompile.compile(model)
+    kfn(x[:1], progress=False)
+    monkeypatch.setattr(tiling, "available_memory", lambda: kfn._pair_entries() * 8)
+    with pytest.raises(KernelMemoryError) as info:
+        kfn(x, progress=False)
+    monkeypatch.undo()
+    return str(info.value)
+
+
+def test_models_bands_do_not_cover_are_refused_with_the_reason(monkeypatch):
+    x = torch.randn(2, 3, 16, 4, dtype=torch.float64)
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                           nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 1))
+    message = _refused(monkeypatch, pooled, x)
+    assert "cannot be split into bands of positions" in message and "avgpool(2, 2)" in message
+    head = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    message = _refused(monkeypatch, head, x)
+    assert "layers after the pooling" in message
