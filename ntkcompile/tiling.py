@@ -496,8 +496,8 @@ def _non_finite(kfn, name, self_tile, want_ntk, args, e, x1, x2, split=None):
     x_max = max(float(x.abs().max()) for x in (x1, x2) if x is not None) * 2.0 ** e
     try:
         with torch.no_grad():
-            for boxes in (split.boxes if split is not None else [None]):
-                with bands.using(boxes):
+            for band in (split.boxes if split is not None else [None]):
+                with bands.using(band):
                     kfn._function(self_tile, want_ntk, check=True)[0](*args)
     except NonFiniteValue as failure:
         return NonFiniteKernelError(diagnose.explain(kfn._program, failure, name, x_max))

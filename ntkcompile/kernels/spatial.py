@@ -49,17 +49,17 @@ def positions(t, shape, groups):
     Input covariances are contracted over the patch axis as ``(..., prod(P))``
     (``codegen.Source.contract``); the kernel arrays carry positions as ``*P``.
     """
-    boxes = bands.active()
-    if boxes is not None and groups == 2:
-        return bands.positions(t, shape, boxes)
+    band = bands.active()
+    if band is not None and groups == 2:
+        return bands.positions(t, shape, band)
     return t.reshape(*t.shape[:t.ndim - groups], *(tuple(shape) * groups))
 
 
-def first_group(pa, shape):
-    """The patches of side 1 of a Gram over pairs of positions: all of them, or the current
-    band's rows (``kernels.bands``)."""
-    boxes = bands.active()
-    return pa if boxes is None else bands.first_group(pa, shape, boxes)
+def group_patches(pa, shape, group):
+    """The patches of one side (position ``group`` 0 or 1) of a Gram over pairs of positions:
+    all of them, or the current band's rows (``kernels.bands``)."""
+    band = bands.active()
+    return pa if band is None else bands.group_patches(pa, shape, group, band)
 
 
 def stencil_same(a, g: ConvGeometry):
@@ -72,9 +72,9 @@ def stencil_same(a, g: ConvGeometry):
 
 def stencil_pair(a, g: ConvGeometry):
     """``(N1, N2, *S, *S) -> (N1, N2, *P, *P)``, the same tap on both position groups."""
-    boxes = bands.active()
-    if boxes is not None:
-        return bands.stencil_pair(a, g, boxes)
+    band = bands.active()
+    if band is not None:
+        return bands.stencil_pair(a, g, band)
     nd = len(g.kernel)
     if a.ndim == 2:   # constant over positions
         a = a.reshape(*a.shape, *([1] * 2 * nd)).expand(*a.shape, *g.in_shape, *g.in_shape)
@@ -139,9 +139,9 @@ def _adjoint_gather(d, g: ConvGeometry, groups: int):
 
 def stencil_pair_adjoint(d, g: ConvGeometry, batch_shape):
     """Adjoint of ``stencil_pair``: ``(*batch, *P, *P) -> (*batch, *S, *S)``."""
-    boxes = bands.active()
-    if boxes is not None:
-        return bands.stencil_pair_adjoint(d, g, batch_shape, boxes)
+    band = bands.active()
+    if band is not None:
+        return bands.stencil_pair_adjoint(d, g, batch_shape, band)
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
     d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
     return _adjoint_windows(d, g, 2)
@@ -151,8 +151,8 @@ def lift1(t, k):
     """A side-1 array ``(N1, *P)`` (or ``(N1,)``) in the layout ``(N1, N2, *P, *P)``."""
     if not torch.is_tensor(t):
         return t
-    boxes = bands.active()
-    t = t if boxes is None else bands.first_rows(t, boxes)
+    band = bands.active()
+    t = t if band is None else bands.rows_of(t, 0, band)
     sp = t.shape[1:]
     return t.reshape(t.shape[0], 1, *sp, *([1] * k)) if sp else t.reshape(t.shape[0], 1, *([1] * 2 * k))
 
@@ -160,6 +160,8 @@ def lift1(t, k):
 def lift2(t, k):
     if not torch.is_tensor(t):
         return t
+    band = bands.active()
+    t = t if band is None else bands.rows_of(t, 1, band)
     sp = t.shape[1:]
     return t.reshape(1, t.shape[0], *([1] * k), *sp) if sp else t.reshape(1, t.shape[0], *([1] * 2 * k))
 
@@ -193,9 +195,9 @@ def same_position_sum(d, batch, positions, aligned):
 
 def spatial_sum(t, batch, spatial):
     """Sum of ``t`` broadcast to ``(*batch, *spatial)`` over the position axes ``spatial``."""
-    boxes = bands.active()
-    if boxes is not None:
-        return bands.spatial_sum(t, batch, spatial, boxes)
+    band = bands.active()
+    if band is not None:
+        return bands.spatial_sum(t, batch, spatial, band)
     shape = tuple(batch) + tuple(spatial)
     t = torch.broadcast_to(t, shape)
     return t.sum(dim=tuple(range(len(batch), len(shape))))
@@ -203,9 +205,9 @@ def spatial_sum(t, batch, spatial):
 
 def global_mean(a, spatial, batch):
     """``E[mean_s u_s mean_t v_t']`` from ``(*batch, *P, *P)``."""
-    boxes = bands.active()
-    if boxes is not None:
-        return bands.global_mean(a, spatial, batch, boxes)
+    band = bands.active()
+    if band is not None:
+        return bands.global_mean(a, spatial, batch, band)
     if not torch.is_tensor(a):
         return a
     full = torch.broadcast_to(a, tuple(batch) + tuple(spatial) + tuple(spatial))
@@ -215,10 +217,10 @@ def global_mean(a, spatial, batch):
 def mean_seeds(c, spatial, like):
     """The backward seeds ``c`` of a global-mean readout at every position (a constant), or
     at the current band's rows only (``kernels.bands``)."""
-    boxes = bands.active()
-    if boxes is None:
+    band = bands.active()
+    if band is None:
         return torch.tensor(c, dtype=like.dtype, device=like.device)
-    return bands.mean_seeds(c, spatial, like, boxes)
+    return bands.mean_seeds(c, spatial, like, band)
 
 
 def aligned_mean(a, spatial, batch):
@@ -325,8 +327,8 @@ def liftp(t, idx, k, right):
     """A same-input array ``(N, *P)`` in the packed layout ``(T, *P, *P)`` (left or right group)."""
     if not torch.is_tensor(t):
         return t
-    boxes = None if right else bands.active()
-    t = t if boxes is None else bands.first_rows(t, boxes)
+    band = bands.active()
+    t = t if band is None else bands.rows_of(t, int(right), band)
     g = t[idx]
     sp = g.shape[1:]
     if not sp:
@@ -345,9 +347,9 @@ def with_diagonal_packed(packed, same, diag):
     if packed.ndim == 1:
         packed[diag] = same
         return packed
-    boxes = bands.active()
-    if boxes is not None:
-        return bands.with_diagonal_packed(packed, same, diag, boxes)
+    band = bands.active()
+    if band is not None:
+        return bands.with_diagonal_packed(packed, same, diag, band)
     pt = same[0].numel()
     view = packed.reshape(packed.shape[0], pt, pt)
     p = torch.arange(pt, device=packed.device)

@@ -176,8 +176,9 @@ def _conv_input_cov(pl, a, b, pair):
     pb = pl.call(spatial.patches, fb, g)
     if pl.diag:
         cross = positions("acs,bcs->abs", pa, pb, 1)
-    else:       # side 1 at a band's rows of positions, when banded (kernels.bands)
-        cross = positions("acs,bct->abst", pl.call(spatial.first_group, pa, P), pb, 2)
+    else:       # each side at a band's rows of positions, when banded (kernels.bands)
+        cross = positions("acs,bct->abst", pl.call(spatial.group_patches, pa, P, 0),
+                          pl.call(spatial.group_patches, pb, P, 1), 2)
     cross = pl.plan.make(ToPairs, cross)
     if a is b:
         cross = pl.plan.make(SetDiagonal, cross, positions("acs,acs->as", pa, pa, 1), pl.diag)

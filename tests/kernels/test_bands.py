@@ -33,18 +33,19 @@ class GapCNN(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-def _banded(monkeypatch, kfn, *args):
+def _banded(monkeypatch, kfn, *args, fraction=1.0):
     """``kfn(*args)`` with the memory available set so that one pair's position pairs need
-    several bands; returns the kernels and the number of bands used."""
+    several bands (the budget is half of ``fraction`` of their size); returns the kernels and
+    the splits used."""
     live = max(kfn._function(mode, True)[0].live_arrays for mode in (True, False))
     whole = kfn._pair_entries() * 8 * live
-    monkeypatch.setattr(tiling, "available_memory", lambda: whole)      # the budget is half of it
+    monkeypatch.setattr(tiling, "available_memory", lambda: int(whole * fraction))
     used = []
     plan = bands.Split.plan
 
     def spy(*a):
         split = plan(*a)
-        used.append(len(split.boxes))
+        used.append(split)
         return split
 
     monkeypatch.setattr(bands.Split, "plan", staticmethod(spy))
@@ -54,15 +55,22 @@ def _banded(monkeypatch, kfn, *args):
 
 
 @pytest.mark.parametrize("cross", [False, True])
-def test_banded_kernels_equal_the_whole(monkeypatch, cross):
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_banded_kernels_equal_the_whole(monkeypatch, cross, fraction):
+    """With half and a quarter of the position pairs' memory: square bands of both groups' rows,
+    more of them with less memory."""
     torch.manual_seed(0)
     kfn = ntkcompile.compile(GapCNN(), W_std=1.3, b_std=0.2)
     x = torch.randn(4, 3, 30, 6, dtype=torch.float64)
     y = torch.randn(3, 3, 30, 6, dtype=torch.float64) if cross else None
     args = (x,) if y is None else (x, y)
     whole = kfn(*args, progress=False)
-    banded, used = _banded(monkeypatch, kfn, *args)
-    assert used and used[0] > 1
+    banded, used = _banded(monkeypatch, kfn, *args, fraction=fraction)
+    rows = kfn._program.readout.positions[0]
+    firsts = {b[0]["readout"] for b in used[0].boxes}
+    assert len(firsts) > 1 and {b[1]["readout"] for b in used[0].boxes} == firsts
+    assert len(used[0].boxes) == len(firsts) ** 2 and len(firsts) >= (2 if fraction == 1.0 else 3)
+    assert sorted(firsts)[0][0] == 0 and sorted(firsts)[-1][1] == rows
     for name in ("nngp", "ntk"):
         a, b = getattr(banded, name), getattr(whole, name)
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (name, float((a - b).abs().max()))
@@ -77,7 +85,7 @@ def test_bands_bound_the_work_per_pair():
     whole = kfn._pair_entries()
     split = bands.Split.plan(kfn, 8, whole * 8 / 4)
     assert split.entries * 4 <= whole and len(split.boxes) > 4
-    covered = [b["readout"] for b in split.boxes]
+    covered = sorted({b[0]["readout"] for b in split.boxes})
     assert covered[0][0] == 0 and covered[-1][1] == kfn._program.readout.positions[0]
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
 
@@ -89,30 +97,39 @@ def test_bands_bound_the_work_per_pair():
     ConvGeometry.make((5,), 3, 2, 1, (17,)),
 ])
 def test_banded_stencils_are_the_whole_stencils_at_the_band_rows(geom):
-    """Output rows ``[1, P-1)`` from the input rows of their footprint.  When input and
-    output have one shape, both take the hull of the two (the box of rows of that shape),
-    and the output rows at the box's edges are not exact (nothing reads them); the adjoint
-    of seeds on the band's rows lands inside the box, exactly."""
+    """Output rows ``[1, P-1)`` of the first position group and ``[0, 2)`` of the second, from
+    the input rows of their footprints.  When input and output have one shape, both take the
+    hull of the two (the box of rows of that shape), and the output rows at the box's edges
+    are not exact (nothing reads them); the adjoint of seeds on the band's rows lands inside
+    the box, exactly."""
     torch.manual_seed(1)
     S, P = tuple(geom.in_shape), tuple(geom.out_shape)
     a = torch.randn(2, 3, *S, *S, dtype=torch.float64)
     d = torch.randn(2, 3, *P, *P, dtype=torch.float64)
-    rows = (1, P[0] - 1)
-    start, end = bands._footprint(*rows, geom)
-    need = (max(0, start), min(S[0], end))
-    boxes = {S: need, P: rows} if S != P else {S: (min(need[0], rows[0]), max(need[1], rows[1]))}
-    (ilo, ihi), (olo, ohi) = boxes[S], boxes[P]
-    fwd = spatial.stencil_pair(a, geom)[:, :, rows[0]:rows[1]]
-    band = bands.stencil_pair(a[:, :, ilo:ihi], geom, boxes)
-    assert band.shape[2] == ohi - olo
-    assert torch.allclose(band[:, :, rows[0] - olo:rows[1] - olo], fwd, rtol=0, atol=1e-14)
+    k = len(S)
+    band, rows = [], [(1, P[0] - 1), (0, 2)]
+    for r in rows:
+        start, end = bands._footprint(*r, geom)
+        need = (max(0, start), min(S[0], end))
+        band.append({S: need, P: r} if S != P else {S: (min(need[0], r[0]), max(need[1], r[1]))})
+    (i1, j1), (i2, j2) = band[0][S], band[1][S]
+    (o1, p1), (o2, p2) = band[0][P], band[1][P]
+    in_box = (slice(None), slice(None), slice(i1, j1)) + (slice(None),) * (k - 1) + (slice(i2, j2),)
+    out_rows = (slice(None), slice(None), slice(*rows[0])) + (slice(None),) * (k - 1) + (slice(*rows[1]),)
+    in_band = (slice(None), slice(None), slice(rows[0][0] - o1, rows[0][1] - o1)) + (slice(None),) * (k - 1) \
+        + (slice(rows[1][0] - o2, rows[1][1] - o2),)
+    out_box = (slice(None), slice(None), slice(o1, p1)) + (slice(None),) * (k - 1) + (slice(o2, p2),)
+    banded = bands.stencil_pair(a[in_box], geom, band)
+    assert banded.shape[2] == p1 - o1 and banded.shape[2 + k] == p2 - o2
+    assert torch.allclose(banded[in_band], spatial.stencil_pair(a, geom)[out_rows], rtol=0, atol=1e-14)
     seeds = torch.zeros_like(d)
-    seeds[:, :, rows[0]:rows[1]] = d[:, :, rows[0]:rows[1]]
+    seeds[out_rows] = d[out_rows]
     whole = spatial.stencil_pair_adjoint(seeds, geom, (2, 3))
-    back = bands.stencil_pair_adjoint(seeds[:, :, olo:ohi], geom, (2, 3), boxes)
-    assert torch.allclose(back, whole[:, :, ilo:ihi], rtol=0, atol=1e-14)
-    outside = torch.cat([whole[:, :, :ilo], whole[:, :, ihi:]], dim=2)
-    assert float(outside.abs().max()) == 0.0 if outside.numel() else True   # nothing lost beyond the box
+    back = bands.stencil_pair_adjoint(seeds[out_box], geom, (2, 3), band)
+    assert torch.allclose(back, whole[in_box], rtol=0, atol=1e-14)
+    rest = whole.clone()
+    rest[in_box] = 0
+    assert float(rest.abs().max()) == 0.0          # nothing lost beyond the box
 
 
 def _refused(monkeypatch, model, x):
