@@ -6,14 +6,16 @@ three pairs of a self kernel of two images.  ``kernels.bands`` splits that work 
 bands of rows of the readout's positions when it does not fit the memory available.
 
 The script
-1. computes the kernel of 4 images of SIZE_CHECK^2 whole and banded (the memory
+1. computes the kernel of 4 images of ``--check-size``^2 whole and banded (the memory
    available forced low), and prints the largest difference and both times;
 2. caps the process's anonymous memory with ``RLIMIT_DATA`` (``--cap-gib``), which
    ``resources.available_memory`` honours, and computes the self kernel of two
    ``--size``^2 images in bands, printing the time, the number of bands and the peak
    anonymous resident memory against the whole work's size.
 
-    python benchmarks/banded_gap.py [--size 96] [--cap-gib 3] [--check-size 40]
+    python benchmarks/banded_gap.py [--size 96] [--cap-gib 3] [--check-size 40] [--myrtle]
+
+``--myrtle``: a Myrtle-5-like network instead (average poolings inside, 4 convolutions).
 """
 import argparse
 import resource
@@ -29,7 +31,12 @@ from ntkcompile.kernels import bands
 from large_conv import PeakAnon
 
 
-def model():
+def model(myrtle=False):
+    if myrtle:      # Myrtle-5-like: average poolings inside
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                             nn.AvgPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                             nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(16, 1))
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(16, 1))
@@ -52,15 +59,16 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--check-size", type=int, default=40)
     ap.add_argument("--cap-gib", type=float, default=3.0)
+    ap.add_argument("--myrtle", action="store_true", help="average poolings inside the network")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     used = _bands_used()
 
     s = args.check_size
-    kfn = ntkcompile.compile(model(), W_std=1.4, b_std=0.1)
+    kfn = ntkcompile.compile(model(args.myrtle), W_std=1.4, b_std=0.1)
     x = torch.randn(4, 3, s, s, dtype=torch.float64)
     t = time.perf_counter()
-    whole = kfn(x, progress=False)
+    whole = kfn(x, x if args.myrtle else None, progress=False)   # banded Myrtle runs as a cross kernel
     t_whole = time.perf_counter() - t
     live = kfn._function(True, True)[0].live_arrays
     real = tiling.available_memory
@@ -74,7 +82,7 @@ def main(argv=None):
           f"({t_banded / t_whole:.2f}x), largest difference {diff:.2e}")
 
     n = args.size
-    kfn = ntkcompile.compile(model(), W_std=1.4, b_std=0.1)
+    kfn = ntkcompile.compile(model(args.myrtle), W_std=1.4, b_std=0.1)
     x = torch.randn(2, 3, n, n, dtype=torch.float64)
     cap = int(args.cap_gib * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, resource.RLIM_INFINITY))

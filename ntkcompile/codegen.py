@@ -184,7 +184,7 @@ class _Renderer:
         if isinstance(n, P.Lift):
             return self.lift(n)
         if isinstance(n, P.LiftAll):
-            return f"liftf({self.value(n.x)}, {n.k}, {n.right})"
+            return f"liftf({self.value(n.x)}, {n.k}, {n.right}, {n.side})"
         if isinstance(n, P.ToPairs):
             return f"pack({self.value(n.x)}, I, J)" if self.self_mode else self.value(n.x)
         if isinstance(n, P.Mul):

@@ -90,10 +90,12 @@ class Lift(PNode):
 
 @pnode
 class LiftAll(PNode):
-    """A same-input array ``(N, *P)`` in the same-input all-pairs layout ``(N, *P, *P)``."""
+    """A same-input array ``(N, *P)`` of ``side`` in the same-input all-pairs layout
+    ``(N, *P, *P)`` (``right``: in the second position group)."""
     x: Any
     right: bool
     k: int
+    side: int = 0
     uid: int = _uid()
 
 

@@ -321,6 +321,8 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
         b = None if self_tile else (x1 if x2 is None else x2)[j:j + bs]
         args = (a,) if self_tile else (a, b)
         fn = kfn._function(self_tile or kfn._joint, want_ntk)[0]
+        if self_tile and split is not None and split.cross:     # (kernels.bands.Split)
+            fn, args = kfn._function(False, want_ntk)[0], (a, a)
         if kfn._joint and not self_tile:      # sampled jointly: a block of both batches' kernel
             fn, args = _cross_block(fn, a.shape[0]), (torch.cat([a, b]),)
         quadrature.PROGRESS.hook = bar.within(tile)
@@ -354,7 +356,8 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
                 if e:
                     block = torch.ldexp(block, torch.tensor(2 * e))    # exact: a power of two
                 if not bool(torch.isfinite(block).all()):
-                    raise _non_finite(kfn, name, self_tile or kfn._joint, want_ntk, args, e, x1, x2, split)
+                    raise _non_finite(kfn, name, (self_tile and len(args) == 1) or kfn._joint, want_ntk, args, e,
+                                      x1, x2, split)
                 if dtype != torch.float64 and not bool(torch.isfinite(block.to(dtype)).all()):
                     raise NonFiniteKernelError(
                         f"the {name} kernel overflows {dtype}: its largest entry is {float(block.abs().max()):.3g}; "

@@ -125,15 +125,15 @@ def test_an_output_larger_than_memory_is_refused_before_allocating():
 
 
 def test_position_pairs_larger_than_memory_are_refused_where_bands_cannot_split_them():
-    """Two 192x192 images through an average pooling then a global one: every pair of positions,
-    several GB per array for one pair of inputs, and an inner average pooling mixes positions, so
-    the work cannot be split into bands of positions (``kernels.bands``; a CNN with only
-    convolutions before its global pooling is split, ``tests/kernels/test_bands.py``)."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, stride=1, padding=1),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1))
+    """Two 192x192 images through a global pooling and a hidden layer after it: every pair of
+    positions, several GB per array for one pair of inputs, and the kernel is not a sum over
+    positions (the head's nonlinearity acts on the pooled kernel), so the work cannot be split
+    into bands of positions (``kernels.bands``; convolutions and average poolings before a
+    global pooling and a readout are split, ``tests/kernels/test_bands.py``)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     kfn = ntkcompile.compile(model, input_shape=(3, 192, 192))
-    with pytest.raises(KernelMemoryError, match="one pair of inputs needs.*cannot be split into bands.*avgpool"):
+    with pytest.raises(KernelMemoryError, match="one pair of inputs needs.*cannot be split into bands.*after the"):
         kfn(torch.randn(2, 3, 192, 192))
 
 

@@ -27,9 +27,15 @@ times a finite value).
 The runtime helpers of ``kernels.spatial`` read the current band (``active()``, per
 thread, set by ``using``) and take this module's banded forms; with no band they are
 unchanged.  ``constant_parts`` refuses plans whose outputs are not affine in position
-sums or that use a step with no banded form (average pooling's same-input all-pairs
-arrays, maps of positions, attention, Monte Carlo), and ``regions`` models with a
-vector that mixes positions otherwise than by a convolution.
+sums or that use a step with no banded form (maps of positions, attention, Monte Carlo),
+and ``regions`` models with a vector that mixes positions otherwise than by a window map
+(an op's ``window_geometry``: convolutions, average poolings).
+
+Average pooling needs the variances of the pooled vector, from arrays of one input with
+itself over all pairs of positions (``"f1"``/``"f2"``).  Banded, those arrays hold both
+position groups at the rows of their side's band (``frame``), so the pooled variances are
+exact at that side's rows only (``pool_same``: 0 elsewhere, which nothing exact reads); a
+kernel against itself, whose two sides would share them, then runs as a cross kernel.
 """
 from __future__ import annotations
 
@@ -78,6 +84,12 @@ def _rows(band, group, shape):
 # pair of dicts, one per position group: {shape: (lo, hi), "readout": (lo, hi)}; pair
 # arrays are (*batch, rows1, *P[1:], rows2, *P[1:]).
 # --------------------------------------------------------------------------- #
+
+def frame(band, side):
+    """The band of arrays of one input with itself (``side`` 1 or 2; average pooling's
+    same-input variances): both groups at that side's rows; ``side`` 0: the band itself."""
+    return band if not side else (band[side - 1], band[side - 1])
+
 
 def group_patches(pa, shape, group, band):
     """Patches ``(N, C|K|, prod(P))`` at the band's rows of ``P`` in ``group`` (one side of a Gram)."""
@@ -171,6 +183,75 @@ def stencil_pair_adjoint(d, g, batch_shape, band):
     return out.div_(g.size)
 
 
+def _pool_last(a, g, rows_in, rows_out):
+    """Average over windows on the last ``nd`` axes (one position group), from its rows
+    ``rows_in`` to ``rows_out`` (``spatial._pool_last`` at a band's rows)."""
+    (li, hi), (lo, ho) = rows_in, rows_out
+    s, e = _footprint(lo, ho, g)
+    pads = []
+    for p in reversed(g.padding[1:]):
+        pads += [p, p]
+    ap = F.pad(a, pads + [li - s, e - hi])
+    views = [ap[(Ellipsis,) + _windows(g, o, ho - lo, 0)[:len(g.kernel)]] for o in g.offsets()]
+    total = views[0].clone(memory_format=torch.contiguous_format)
+    for v in views[1:]:
+        total.add_(v)
+    return total.div_(g.size)
+
+
+def _pool_last_adjoint(d, g, rows_in, rows_out):
+    (li, hi), (lo, ho) = rows_in, rows_out
+    s, e = _footprint(lo, ho, g)
+    nd = len(g.kernel)
+    padded = tuple(n + 2 * p for n, p in zip(g.in_shape, g.padding))
+    out = d.new_zeros((*d.shape[:d.ndim - nd], e - s, *padded[1:]))
+    for o in g.offsets():
+        out[(Ellipsis,) + _windows(g, o, ho - lo, 0)[:nd]] += d
+    pads = []
+    for p in reversed(g.padding[1:]):
+        pads += [-p, -p]
+    return F.pad(out, pads + [s - li, hi - e]).div_(g.size)
+
+
+def _swap(a, nd):
+    nb = a.ndim - 2 * nd
+    return a.permute(*range(nb), *range(nb + nd, nb + 2 * nd), *range(nb, nb + nd))
+
+
+def pool_pair(a, g, band):
+    """``spatial.pool_pair`` from the input's band rows to the output's: each group averaged
+    over its windows (every pair of taps)."""
+    nd = len(g.kernel)
+    rin = _rows(band, 0, g.in_shape), _rows(band, 1, g.in_shape)
+    rout = _rows(band, 0, g.out_shape), _rows(band, 1, g.out_shape)
+    b = _pool_last(a, g, rin[1], rout[1])
+    return _swap(_pool_last(_swap(b, nd), g, rin[0], rout[0]), nd)
+
+
+def pool_pair_adjoint(d, g, batch_shape, band):
+    """The adjoint of ``pool_pair`` at a band's rows."""
+    nd = len(g.kernel)
+    d = torch.as_tensor(d) if not torch.is_tensor(d) else d
+    rin = _rows(band, 0, g.in_shape), _rows(band, 1, g.in_shape)
+    rout = _rows(band, 0, g.out_shape), _rows(band, 1, g.out_shape)
+    d = torch.broadcast_to(d, (*batch_shape, rout[0][1] - rout[0][0], *g.out_shape[1:],
+                               rout[1][1] - rout[1][0], *g.out_shape[1:]))
+    b = _swap(_pool_last_adjoint(_swap(d, nd), g, rin[0], rout[0]), nd)
+    return _pool_last_adjoint(b, g, rin[1], rout[1])
+
+
+def pool_same(a, g, band):
+    """``spatial.pool_same`` of one input's arrays at its band's rows ``(N, rows, *S[1:], rows,
+    *S[1:])``: the pooled variances, exact at the band's rows of the output, 0 at the others
+    (which nothing exact reads: ``regions``)."""
+    p = pool_pair(a, g, band)
+    lo, ho = _rows(band, 0, g.out_shape)
+    n, r = p.shape[0], (ho - lo) * math.prod(g.out_shape[1:])
+    out = p.new_zeros((n, *g.out_shape))
+    out[:, lo:ho] = torch.diagonal(p.reshape(n, r, r), dim1=-2, dim2=-1).reshape(n, ho - lo, *g.out_shape[1:])
+    return out
+
+
 def _readout_rows(band, spatial):
     """Index of the readout band's rows within the box of rows its feature map is computed
     on, for ``(rows1, *P[1:], rows2, *P[1:])``."""
@@ -225,8 +306,8 @@ def regions(program, lo, hi):
     from ..ir import nodes as irn
     from ..ir.walk import postorder
 
-    def conv(n):          # a convolution (ops/conv.py's GConv): a matmul with a window geometry
-        return isinstance(n, irn.GMatMul) and getattr(n.param, "geometry", None) is not None
+    def window(n):        # a convolution or an average pooling: the ops' window_geometry
+        return getattr(n, "window_geometry", None)
 
     r = program.readout
     if r.pool != "gap":
@@ -242,7 +323,7 @@ def regions(program, lo, hi):
             return [a for _, a in n.terms]
         if isinstance(n, irn.HAtom):
             return list(n.gargs)
-        if conv(n):
+        if window(n) is not None:
             return [n.arg]
         if isinstance(n, (irn.GBias, irn.GInput)) or not pos(n):
             return []
@@ -264,8 +345,8 @@ def regions(program, lo, hi):
             cshape = tuple(pos(child))
             if not cshape:
                 continue
-            if conv(node):
-                g = node.param.geometry
+            if window(node) is not None:
+                g = window(node)
                 start, end = _footprint(*box, g)
                 cbox = (max(0, start), min(g.in_shape[0], end))
             elif cshape == shape:
@@ -285,7 +366,8 @@ def _allowed(fn) -> bool:
     from . import spatial
     if getattr(fn, "__module__", None) == spatial.__name__:
         return fn.__name__ in ("patches", "positions", "group_patches", "stencil_pair", "stencil_same",
-                               "stencil_pair_adjoint", "unit_positions", "position_mean", "mean_seeds") + _SUMS
+                               "stencil_pair_adjoint", "pool_pair", "pool_pair_adjoint", "pool_same",
+                               "unit_positions", "position_mean", "mean_seeds") + _SUMS
     module = getattr(fn, "__module__", "") or ""
     return module.rsplit(".", 1)[-1] in ("expect", "nonlinear", "piecewise", "piecewise_expr", "quadrature")
 
@@ -293,14 +375,21 @@ def _allowed(fn) -> bool:
 def constant_parts(plan, names=("nngp", "ntk")) -> dict:
     """Each output's constant term (what it is with every position sum 0), after checking
     that the plan can be banded: every step has a banded form, and each output is an
-    affine function (sums and constant multiples) of position sums."""
+    affine function (sums and constant multiples) of position sums.  ``"pooled"``: True
+    if an average pooling's same-input variances are banded (``pool_same``: exact at its
+    side's band rows only), which then must not be shared by both sides, nor reduced
+    over positions."""
     from .. import plan as P
     from . import spatial
 
     outputs = [plan.outputs.get(n) for n in names]
-    for n in P.reachable(outputs):
-        if isinstance(n, (P.LiftAll, P.Loop, P.LoopVar, P.LoopOut)):
-            raise NotBandable(f"a {type(n).__name__} step (average pooling, or a loop)")
+    reached = P.reachable(outputs)
+    pooled = any(isinstance(n, P.Call) and n.fn is spatial.pool_same for n in reached)
+    for n in reached:
+        if isinstance(n, (P.Loop, P.LoopVar, P.LoopOut)):
+            raise NotBandable("a loop over steps")
+        if pooled and isinstance(n, P.Call) and n.fn is spatial.position_mean:
+            raise NotBandable("a mean over positions of an average-pooled vector's variances")
         if isinstance(n, P.Env) and n.name in ("mc", "dbatch"):
             raise NotBandable("Monte Carlo or N-D expectations" if n.name == "mc" else "a readout at every position")
         if isinstance(n, P.Call) and not _allowed(n.fn):
@@ -325,7 +414,7 @@ def constant_parts(plan, names=("nngp", "ntk")) -> dict:
             return 0.0
         raise NotBandable("an output that is not a sum over positions (a step after the pooling)")
 
-    return {name: const(v) for name, v in zip(names, outputs)}
+    return {**{name: const(v) for name, v in zip(names, outputs)}, "pooled": pooled}
 
 
 # Entries of a band's largest array per pair of inputs (16 MiB in float64).  Measured on two
@@ -344,6 +433,9 @@ class Split:
 
     def __init__(self, boxes, entries, constants):
         self.boxes, self.entries, self.constants = boxes, entries, constants
+        # average pooling's banded same-input variances are exact at one side's rows only:
+        # a kernel against itself, whose two sides share them, runs as a cross kernel
+        self.cross = constants.get("pooled", False)
 
     @staticmethod
     def plan(kfn, bytes_per_entry, budget) -> "Split":
@@ -405,6 +497,6 @@ class Split:
                 if block is not None:
                     total[name] = block if name not in total else total[name].add_(block)
         extra = len(self.boxes) - 1
-        for name in total:
+        for name in total:      # blocks are nngp and ntk
             total[name].sub_(extra * self.constants[name])
         return total, {}, errors

@@ -220,7 +220,7 @@ class Planner(HVarExpectations):
         if pair in SAME_INPUT:
             return x
         if pair in ("f1", "f2"):
-            return self.plan.make(LiftAll, x, side < 0, k) if k else x
+            return self.plan.make(LiftAll, x, side < 0, k, abs(side)) if k else x
         if self.diag:
             k = 0                # positions aligned: (N, *P) -> (N, 1, *P)
         return self.plan.make(Lift, x, abs(side), k)

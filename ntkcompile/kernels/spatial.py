@@ -43,7 +43,7 @@ def patches(x, g: ConvGeometry):
     return out.reshape(x.shape[0], -1, math.prod(g.out_shape)) if nd else out
 
 
-def positions(t, shape, groups):
+def positions(t, shape, groups, side=0):
     """Unflatten the last ``groups`` axes (each ``prod(shape)`` long) into ``shape`` each.
 
     Input covariances are contracted over the patch axis as ``(..., prod(P))``
@@ -51,15 +51,16 @@ def positions(t, shape, groups):
     """
     band = bands.active()
     if band is not None and groups == 2:
-        return bands.positions(t, shape, band)
+        return bands.positions(t, shape, bands.frame(band, side))
     return t.reshape(*t.shape[:t.ndim - groups], *(tuple(shape) * groups))
 
 
-def group_patches(pa, shape, group):
+def group_patches(pa, shape, group, side=0):
     """The patches of one side (position ``group`` 0 or 1) of a Gram over pairs of positions:
-    all of them, or the current band's rows (``kernels.bands``)."""
+    all of them, or the current band's rows (``kernels.bands``; ``side`` 1 or 2: of one
+    input with itself, both groups at that side's rows)."""
     band = bands.active()
-    return pa if band is None else bands.group_patches(pa, shape, group, band)
+    return pa if band is None else bands.group_patches(pa, shape, group, bands.frame(band, side))
 
 
 def stencil_same(a, g: ConvGeometry):
@@ -70,11 +71,12 @@ def stencil_same(a, g: ConvGeometry):
     return _pool_last(a, g)
 
 
-def stencil_pair(a, g: ConvGeometry):
-    """``(N1, N2, *S, *S) -> (N1, N2, *P, *P)``, the same tap on both position groups."""
+def stencil_pair(a, g: ConvGeometry, side=0):
+    """``(N1, N2, *S, *S) -> (N1, N2, *P, *P)``, the same tap on both position groups
+    (``side``: of one input with itself, for its band's rows when banded)."""
     band = bands.active()
     if band is not None:
-        return bands.stencil_pair(a, g, band)
+        return bands.stencil_pair(a, g, bands.frame(band, side))
     nd = len(g.kernel)
     if a.ndim == 2:   # constant over positions
         a = a.reshape(*a.shape, *([1] * 2 * nd)).expand(*a.shape, *g.in_shape, *g.in_shape)
@@ -373,15 +375,22 @@ def _swap_groups(a, nd):
     return a.permute(*perm)
 
 
-def pool_pair(a, g: ConvGeometry):
+def pool_pair(a, g: ConvGeometry, side=0):
     """``(*batch, *S, *S) -> (*batch, *P, *P)``: both position groups averaged over windows."""
+    band = bands.active()
+    if band is not None:
+        return bands.pool_pair(a, g, bands.frame(band, side))
     nd = len(g.kernel)
     b = _pool_last(a, g)                                   # right group pooled
     return _swap_groups(_pool_last(_swap_groups(b, nd), g), nd)
 
 
-def pool_same(a, g: ConvGeometry):
-    """Same-input variances of the pooled vector from ``(N, *S, *S)``: ``(N, *P)``."""
+def pool_same(a, g: ConvGeometry, side=0):
+    """Same-input variances of the pooled vector from ``(N, *S, *S)``: ``(N, *P)`` (when banded:
+    exact at the rows of ``side``'s band, 0 at the others)."""
+    band = bands.active()
+    if band is not None:
+        return bands.pool_same(a, g, bands.frame(band, side))
     p = pool_pair(a, g)
     n, pt = p.shape[0], math.prod(g.out_shape)
     return torch.diagonal(p.reshape(n, pt, pt), dim1=-2, dim2=-1).reshape(n, *g.out_shape)
@@ -393,6 +402,9 @@ def _pool_last_adjoint(d, g: ConvGeometry):
 
 def pool_pair_adjoint(d, g: ConvGeometry, batch_shape):
     """Adjoint of ``pool_pair``: ``(*batch, *P, *P) -> (*batch, *S, *S)``."""
+    band = bands.active()
+    if band is not None:
+        return bands.pool_pair_adjoint(d, g, batch_shape, band)
     nd = len(g.kernel)
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
     d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
@@ -400,10 +412,12 @@ def pool_pair_adjoint(d, g: ConvGeometry, batch_shape):
     return _swap_groups(_pool_last_adjoint(_swap_groups(b, nd), g), nd)
 
 
-def liftf(t, k, right):
-    """A same-input array ``(N, *P)`` in the same-input all-pairs layout ``(N, *P, *P)``."""
+def liftf(t, k, right, side=0):
+    """A same-input array ``(N, *P)`` of ``side`` in the same-input all-pairs layout ``(N, *P, *P)``."""
     if not torch.is_tensor(t):
         return t
+    band = bands.active()
+    t = t if band is None else bands.rows_of(t, int(right), bands.frame(band, side))
     sp = t.shape[1:]
     if not sp:
         return t.reshape(t.shape[0], *([1] * 2 * k))

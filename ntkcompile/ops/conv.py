@@ -59,6 +59,11 @@ class GConvInput(GInput):
 class GConv(GMatMul):
     """``W * x``: a hidden convolution of the feature map ``arg``."""
 
+    @property
+    def window_geometry(self):
+        """The windows its outputs read (``kernels.bands``: the rows a band needs)."""
+        return self.param.geometry
+
     def positions(self, positions_of):
         return self.param.geometry.out_shape
 
@@ -166,11 +171,13 @@ def _conv_input_cov(pl, a, b, pair):
     shapes = ((NOMINAL, a.param.fan_in, math.prod(P)),) * 2
     pa = pl.call(spatial.patches, fa, g)
 
-    def positions(equation, x, y, groups):
-        return pl.call(spatial.positions, pl.plan.make(Contract, equation, (x, y), shapes), P, groups)
+    def positions(equation, x, y, groups, *side):
+        return pl.call(spatial.positions, pl.plan.make(Contract, equation, (x, y), shapes), P, groups, *side)
 
-    if pair in ("f1", "f2"):
-        return pl.plan.mul(W2n, positions("acs,act->ast", pa, pa, 2))
+    if pair in ("f1", "f2"):      # both groups at the rows of this side's band, when banded (kernels.bands)
+        side = int(pair[1])
+        return pl.plan.mul(W2n, positions("acs,act->ast", pl.call(spatial.group_patches, pa, P, 0, side),
+                                          pl.call(spatial.group_patches, pa, P, 1, side), 2, side))
     if pair in SAME_INPUT:
         return pl.plan.mul(W2n, positions("acs,acs->as", pa, pa, 1))
     pb = pl.call(spatial.patches, fb, g)
@@ -196,7 +203,8 @@ def _conv_cov(pl, a, b, pair):
         raise NotImplementedError("a convolution of a vector constant over positions")
     both = (pair == "x" and not pl.diag) or pair in ("f1", "f2")
     how = spatial.stencil_pair if both else spatial.stencil_same
-    return pl.plan.mul(a.param.W_std ** 2, pl.call(how, inner, pl.static(a.param.geometry, "geom")))
+    side = (int(pair[1]),) if pair in ("f1", "f2") else ()     # whose band, when banded
+    return pl.plan.mul(a.param.W_std ** 2, pl.call(how, inner, pl.static(a.param.geometry, "geom"), *side))
 
 
 @register(ADJOINT, GConv)

@@ -46,6 +46,11 @@ class GPool(Atom):
     def children(self):
         return (self.arg,)
 
+    @property
+    def window_geometry(self):
+        """The windows its outputs read (``kernels.bands``: the rows a band needs)."""
+        return self.geom
+
     def positions(self, positions_of):
         return self.geom.out_shape
 
@@ -129,7 +134,8 @@ def _pool_cov(pl, a, b, pair):
     if isinstance(inner, float):
         raise NotImplementedError("average pooling of a vector constant over positions")
     how = spatial.pool_same if pair in SAME_INPUT else spatial.pool_pair
-    return pl.call(how, inner, pl.static(a.geom, "geom"))
+    side = (int(pair[1]),) if pair != "x" else ()      # whose band, when banded (kernels.bands)
+    return pl.call(how, inner, pl.static(a.geom, "geom"), *side)
 
 
 @register(MEAN, GPool)

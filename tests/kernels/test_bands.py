@@ -33,6 +33,22 @@ class GapCNN(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class Myrtle(nn.Module):
+    """Average poolings inside the network (as Myrtle CNNs have), one with overlapping windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = nn.functional.avg_pool2d(torch.relu(self.c1(x)), 2)
+        h = nn.functional.avg_pool2d(torch.erf(self.c2(h)), 3, stride=1, padding=1)
+        return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
+
+
 def _banded(monkeypatch, kfn, *args, fraction=1.0):
     """``kfn(*args)`` with the memory available set so that one pair's position pairs need
     several bands (the budget is half of ``fraction`` of their size); returns the kernels and
@@ -78,6 +94,24 @@ def test_banded_kernels_equal_the_whole(monkeypatch, cross, fraction):
         assert torch.equal(banded.ntk, banded.ntk.T)
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_banded_average_poolings_equal_the_whole(monkeypatch, cross):
+    """Against itself the banded kernel runs as a cross kernel of the inputs with themselves
+    (average pooling's banded same-input variances are exact at one side's rows): the oracle is
+    then ``kfn(x, x)``, whose entries of an input with itself are not pinned to ``c = 1``."""
+    torch.manual_seed(2)
+    kfn = ntkcompile.compile(Myrtle(), W_std=1.3, b_std=0.1)
+    x = torch.randn(3, 3, 48, 6, dtype=torch.float64)
+    y = torch.randn(2, 3, 48, 6, dtype=torch.float64) if cross else x
+    whole = kfn(x, y, progress=False)
+    for fraction in (1.0, 0.4):
+        banded, used = _banded(monkeypatch, kfn, *((x, y) if cross else (x,)), fraction=fraction)
+        assert len(used[0].boxes) > 1 and used[0].cross
+        for name in ("nngp", "ntk"):
+            a, b = getattr(banded, name), getattr(whole, name)
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (fraction, name, float((a - b).abs().max()))
+
+
 def test_bands_bound_the_work_per_pair():
     """The split's largest band holds a fraction of the position pairs of the whole map."""
     kfn = ntkcompile.compile(GapCNN())
@@ -96,7 +130,7 @@ def test_bands_bound_the_work_per_pair():
     ConvGeometry.make((3, 3), 1, 2, 2, (9, 5)),
     ConvGeometry.make((5,), 3, 2, 1, (17,)),
 ])
-def test_banded_stencils_are_the_whole_stencils_at_the_band_rows(geom):
+def test_banded_stencils_and_poolings_are_the_whole_ones_at_the_band_rows(geom):
     """Output rows ``[1, P-1)`` of the first position group and ``[0, 2)`` of the second, from
     the input rows of their footprints.  When input and output have one shape, both take the
     hull of the two (the box of rows of that shape), and the output rows at the box's edges
@@ -130,6 +164,12 @@ def test_banded_stencils_are_the_whole_stencils_at_the_band_rows(geom):
     rest = whole.clone()
     rest[in_box] = 0
     assert float(rest.abs().max()) == 0.0          # nothing lost beyond the box
+    # an average pooling with the same windows (every pair of taps of the two groups)
+    pooled = bands.pool_pair(a[in_box], geom, band)
+    assert torch.allclose(pooled[in_band], spatial.pool_pair(a, geom)[out_rows], rtol=0, atol=1e-14)
+    whole = spatial.pool_pair_adjoint(seeds, geom, (2, 3))
+    back = bands.pool_pair_adjoint(seeds[out_box], geom, (2, 3), band)
+    assert torch.allclose(back, whole[in_box], rtol=0, atol=1e-14)
 
 
 def _refused(monkeypatch, model, x):
@@ -144,11 +184,11 @@ def _refused(monkeypatch, model, x):
 
 def test_models_bands_do_not_cover_are_refused_with_the_reason(monkeypatch):
     x = torch.randn(2, 3, 16, 4, dtype=torch.float64)
-    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                            nn.Linear(4, 1))
     message = _refused(monkeypatch, pooled, x)
-    assert "cannot be split into bands of positions" in message and "avgpool(2, 2)" in message
+    assert "cannot be split into bands of positions" in message and "maxpool" in message.lower(), message
     head = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     message = _refused(monkeypatch, head, x)
