@@ -72,7 +72,7 @@ def main(argv=None):
     t_whole = time.perf_counter() - t
     live = kfn._function(True, True)[0].live_arrays
     real = tiling.available_memory
-    tiling.available_memory = lambda: kfn._pair_entries() * 8 * live // 2     # half of one pair's work
+    tiling.available_memory = lambda: kfn._pair_entries() * 8 * live     # the budget: half of one pair's work
     t = time.perf_counter()
     banded = kfn(x, progress=False)
     t_banded = time.perf_counter() - t

@@ -10,7 +10,7 @@ axis) of ``s`` and one of ``t``; its share is the same generated kernel run on a
 whose position groups hold only the rows that band needs, ``(*batch, rows1, *P[1:],
 rows2, *P[1:])``, and the kernels are the sum over bands (less the constant terms, which
 every band counts).  Bands are square (as many rows of ``s`` as of ``t``), so their memory
-is bounded at any number of rows, and sized for the caches (``BAND_ENTRIES``).
+is bounded at any number of rows; their height is the one that costs least (``Split.plan``).
 
 Rows needed.  A convolution's output rows ``[lo, hi)`` read the input rows
 ``[lo*stride - pad, (hi-1)*stride + (k-1)*dil - pad]`` (its footprint); elementwise
@@ -329,8 +329,8 @@ def regions(program, lo, hi):
             return []
         what = n.describe(lambda _: "...").split("#")[0].strip()
         name = program.names.get(n)
-        raise NotBandable(f"{what}{f' ({name})' if name else ''} mixes positions; bands cover convolutions, "
-                          "elementwise steps and sums of feature maps")
+        raise NotBandable(f"{what}{f' ({name})' if name else ''} mixes positions; bands cover convolutions, average "
+                          "poolings, elementwise steps and sums of feature maps")
 
     need = {id(r.vec): (lo, hi)}
     boxes: dict = {"readout": (lo, hi)}
@@ -417,7 +417,8 @@ def constant_parts(plan, names=("nngp", "ntk")) -> dict:
     return {**{name: const(v) for name, v in zip(names, outputs)}, "pooled": pooled}
 
 
-# Entries of a band's largest array per pair of inputs (16 MiB in float64).  Measured on two
+# Entries of a band's largest array per pair of inputs (16 MiB in float64) above which an
+# entry is counted as twice as costly when choosing bands (``Split.plan``).  Measured on two
 # images of 48x48 and 96x96 through three 3x3 convolutions: bands of 8-12 rows (arrays of a
 # few MiB) ran as fast as the whole kernel or faster, despite the rows their windows add;
 # bands of 5 rows of one group with the other's whole (78 MiB arrays) took 1.8x as long as
@@ -439,49 +440,38 @@ class Split:
 
     @staticmethod
     def plan(kfn, bytes_per_entry, budget) -> "Split":
-        """Square bands (as many rows of each group) whose arrays per pair of inputs hold at
-        most ``BAND_ENTRIES`` entries (or as many as fit ``budget`` bytes, if fewer): work
-        per band bounded at any number of rows; ``NotBandable`` if the kernel cannot be
-        banded or one row of each group does not fit."""
+        """Square bands (as many rows of each group; memory per band bounded at any number of
+        rows) that fit ``budget`` bytes per pair of inputs, of the height that costs least:
+        the entries of all bands' arrays (the rows their windows add are computed once per
+        band that needs them), twice for bands beyond ``BAND_ENTRIES``.  ``NotBandable`` if
+        the kernel cannot be banded or one row of each group does not fit."""
         if kfn.jit:
             raise NotBandable("jit=True (banding is eager only)")
         program = kfn._program
         regions(program, 0, 1)            # the model's reason first, if any
         constants = constant_parts(kfn._plan)
         rows = program.readout.positions[0]
-        memo = {}
 
-        def bands_of(h):                  # the bands of height h, and each shape's most rows
-            if h not in memo:
-                boxes = [regions(program, lo, min(rows, lo + h)) for lo in range(0, rows, h)]
-                most = {}
-                for b in boxes:
-                    for shape, (lo, hi) in b.items():
-                        if shape != "readout":
-                            most[shape] = max(most.get(shape, 0), hi - lo)
-                memo[h] = boxes, most
-            return memo[h]
+        def bands_of(h):
+            """The bands of height ``h``, their largest array's entries, and the cost of all."""
+            boxes = [regions(program, lo, min(rows, lo + h)) for lo in range(0, rows, h)]
+            most, total = {}, {}
+            for b in boxes:
+                for shape, (lo, hi) in b.items():
+                    if shape != "readout":
+                        most[shape] = max(most.get(shape, 0), hi - lo)
+                        total[shape] = total.get(shape, 0) + hi - lo
+            entries = max(m * m * math.prod(s[1:]) ** 2 for s, m in most.items())
+            cost = sum(t * t * math.prod(s[1:]) ** 2 for s, t in total.items())
+            return boxes, entries, cost * (2 if entries > BAND_ENTRIES else 1)
 
-        def fits(h1, h2):
-            m1, m2 = bands_of(h1)[1], bands_of(h2)[1]
-            entries = max(m1[s] * m2[s] * math.prod(s[1:]) ** 2 for s in m1)
-            return entries * bytes_per_entry <= budget, entries
-
-        def largest(ok):                  # the largest h with ok(h) (ok is monotone), or None
-            if not ok(1):
-                return None
-            lo, hi = 1, rows
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
-            return lo
-
-        h = largest(lambda h: fits(h, h)[1] <= BAND_ENTRIES and fits(h, h)[0]) or largest(lambda h: fits(h, h)[0])
-        if h is None:
-            need = fits(1, 1)[1] * bytes_per_entry
+        heights = sorted({min(rows, round(1.5 ** i)) for i in range(64) if 1.5 ** i < 2 * rows})
+        options = [o for o in map(bands_of, heights) if o[1] * bytes_per_entry <= budget]
+        if not options:
+            need = bands_of(1)[1] * bytes_per_entry
             raise NotBandable(f"even one row of each feature map per band needs {need / 2**30:.3g} GiB per pair")
-        boxes = [(a, b) for a in bands_of(h)[0] for b in bands_of(h)[0]]
-        return Split(boxes, fits(h, h)[1], constants)
+        boxes, entries, _ = min(options, key=lambda o: o[2])
+        return Split([(a, b) for a in boxes for b in boxes], entries, constants)
 
     def run(self, evaluate, report=None):
         """The sum over bands of ``evaluate()`` (a tile's ``(blocks, stderr, errors)``), with

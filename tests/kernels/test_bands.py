@@ -49,7 +49,7 @@ class Myrtle(nn.Module):
         return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
 
 
-def _banded(monkeypatch, kfn, *args, fraction=1.0):
+def _banded(monkeypatch, kfn, *args, fraction=1.0, **options):
     """``kfn(*args)`` with the memory available set so that one pair's position pairs need
     several bands (the budget is half of ``fraction`` of their size); returns the kernels and
     the splits used."""
@@ -65,8 +65,10 @@ def _banded(monkeypatch, kfn, *args, fraction=1.0):
         return split
 
     monkeypatch.setattr(bands.Split, "plan", staticmethod(spy))
-    out = kfn(*args, progress=False)
-    monkeypatch.undo()
+    try:
+        out = kfn(*args, progress=False, **options)
+    finally:
+        monkeypatch.undo()
     return out, used
 
 
@@ -193,3 +195,38 @@ def test_models_bands_do_not_cover_are_refused_with_the_reason(monkeypatch):
                          nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     message = _refused(monkeypatch, head, x)
     assert "layers after the pooling" in message
+
+
+class NormalizedImages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 1)
+
+    def forward(self, x):
+        x = x / x.flatten(1).norm(dim=1)[:, None, None, None]
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def test_a_non_finite_band_is_diagnosed_band_by_band(monkeypatch):
+    """An all-zero image normalized before the first layer: the banded kernel is NaN, and the
+    diagnosis re-runs the bands with checking code (not the whole pair, which would not fit)."""
+    x = torch.randn(3, 3, 24, 4, dtype=torch.float64)
+    x[1] = 0.0
+    kfn = ntkcompile.compile(NormalizedImages())
+    kfn(x[:1], progress=False)
+    with pytest.raises(ntkcompile.NonFiniteKernelError) as e:
+        _banded(monkeypatch, kfn, x)
+    assert "before the first layer" in str(e.value) and "all-zero row" in str(e.value)
+
+
+def test_out_arrays_work_in_bands(monkeypatch, tmp_path):
+    """A memmap output, written tile by tile with each tile's pairs computed in bands."""
+    import numpy as np
+    torch.manual_seed(3)
+    kfn = ntkcompile.compile(GapCNN(), b_std=0.1)
+    x = torch.randn(5, 3, 30, 6, dtype=torch.float64)
+    whole = kfn(x, progress=False)
+    mm = np.lib.format.open_memmap(tmp_path / "ntk.npy", mode="w+", dtype=np.float64, shape=(5, 5))
+    _, used = _banded(monkeypatch, kfn, x, get=("ntk",), out={"ntk": mm})
+    assert len(used[0].boxes) > 1
+    assert np.allclose(np.load(tmp_path / "ntk.npy"), whole.ntk.numpy(), rtol=1e-12, atol=1e-14)
