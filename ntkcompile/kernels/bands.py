@@ -329,8 +329,8 @@ def regions(program, lo, hi):
             return []
         what = n.describe(lambda _: "...").split("#")[0].strip()
         name = program.names.get(n)
-        raise NotBandable(f"{what}{f' ({name})' if name else ''} mixes positions; bands cover convolutions, average "
-                          "poolings, elementwise steps and sums of feature maps")
+        raise NotBandable(f"{what}{f' ({name})' if name else ''}: bands cover convolutions, average poolings, "
+                          "elementwise steps and sums of feature maps only")
 
     need = {id(r.vec): (lo, hi)}
     boxes: dict = {"readout": (lo, hi)}
