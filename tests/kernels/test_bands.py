@@ -230,3 +230,19 @@ def test_out_arrays_work_in_bands(monkeypatch, tmp_path):
     _, used = _banded(monkeypatch, kfn, x, get=("ntk",), out={"ntk": mm})
     assert len(used[0].boxes) > 1
     assert np.allclose(np.load(tmp_path / "ntk.npy"), whole.ntk.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_banded_sequences_equal_the_whole(monkeypatch):
+    """A 1-D CNN over long sequences (positions have one axis: the bands are its ranges)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 3, stride=2, dilation=2),
+                          nn.ReLU(), nn.AvgPool1d(3, stride=1), nn.Conv1d(8, 8, 3, padding=1), nn.GELU(),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 1))
+    kfn = ntkcompile.compile(model, W_std=1.2, b_std=0.3)
+    x, y = torch.randn(3, 2, 90, dtype=torch.float64), torch.randn(2, 2, 90, dtype=torch.float64)
+    whole = kfn(x, y, progress=False)
+    banded, used = _banded(monkeypatch, kfn, x, y, fraction=0.3)
+    assert len(used[0].boxes) > 4
+    for name in ("nngp", "ntk"):
+        a, b = getattr(banded, name), getattr(whole, name)
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (name, float((a - b).abs().max()))
