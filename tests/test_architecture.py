@@ -25,7 +25,7 @@ STAGES = [
     {"kernels"},
     {"codegen"},
     {"ops"},
-    {"compiled", "diagnose", "tiling", "batched"},
+    {"compiled", "diagnose", "tiling", "batched", "progress"},
     {"parametrize", "empirical", "training", "stability"},
     {"blocks", "dynamics"},
     {"harness"},
