@@ -38,12 +38,14 @@ class Progress:
                 self._draw(False)
         return hook if self.nd_calls else None
 
-    def part(self, tile, fraction):
-        """``fraction`` of ``tile`` is done (its bands of positions, ``kernels.bands``)."""
+    def add(self, tile, fraction):
+        """Another ``fraction`` of ``tile`` is done (one of its bands of positions, ``kernels.bands``,
+        possibly computed at once with others of the same tile)."""
         with self.lock:
             frac, calls = self.partial.get(tile, (0.0, 0))
-            self.done += max(0.0, min(0.99, fraction) - frac)
-            self.partial[tile] = (max(frac, min(0.99, fraction)), calls)
+            now = min(0.99, frac + fraction)
+            self.done += now - frac
+            self.partial[tile] = (now, calls)
             self._draw(False)
 
     def step(self, tile=None):

@@ -311,9 +311,13 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
             if torch.is_tensor(a):
                 a.zero_()
         tiles = tiles[rank::world]
-    workers = min(fit, len(tiles))
+    # bands of few tiles are shared out, so that every core has work: unit (tile, part)
+    parts = max(1, min(len(split.boxes), -(-cores // max(1, len(tiles))))) if split is not None else 1
+    units = [(t, p) for t in tiles for p in range(parts)]
+    workers = min(fit, len(units))
 
-    def compute(tile):
+    def compute(unit):
+        tile, part = unit
         i, j = tile
         a = x1[i:i + bs]
         self_tile = x2 is None and i == j
@@ -329,17 +333,27 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
             with torch.no_grad():                 # grad mode is per thread
                 if split is not None:             # in bands of positions (kernels.bands)
                     return tile, self_tile, args, split.run(lambda: _replicates(fn, args, kfn),
-                                                            lambda done: bar.part(tile, done))
+                                                            lambda: bar.add(tile, 1 / len(split.boxes)),
+                                                            (part, parts))
                 return tile, self_tile, args, _replicates(fn, args, kfn)
         finally:
             quadrature.PROGRESS.hook = None
 
     errors = []
     bar = _Progress(len(tiles), progress, kfn._nd_calls(), split is not None)
-    results = _in_parallel(compute, tiles, workers)
+    results = _in_parallel(compute, units, workers)
+    partial: dict = {}         # tile -> [parts received, their blocks summed]
     with torch.no_grad(), contextlib.closing(results):
         for (i, j), self_tile, args, (blocks, errs_se, errs) in results:
             errors += errs     # (kind, 0-d tensor) pairs, converted once at the end
+            if parts > 1:
+                got = partial.setdefault((i, j), [0, {}])
+                got[0] += 1
+                for name, block in blocks.items():
+                    got[1][name] = block if name not in got[1] else got[1][name].add_(block)
+                if got[0] < parts:
+                    continue
+                blocks = partial.pop((i, j))[1]
             for name, se in errs_se.items():
                 if name in outputs:
                     if name not in stderr:
@@ -403,7 +417,7 @@ def _fit_memory(kfn, bs, live, given, workers=1, bandable=True):
         try:
             if not bandable:
                 raise bands.NotBandable("the examples are coupled")
-            split = bands.Split.plan(kfn, _F64_BYTES * live, budget)
+            split = _bands(kfn, live, budget, workers)
         except bands.NotBandable as why:
             raise KernelMemoryError(
                 f"one pair of inputs needs about {_bytes(per_pair)} of work ({live} arrays of "
@@ -420,6 +434,24 @@ def _fit_memory(kfn, bs, live, given, workers=1, bandable=True):
                 f"{_bytes(budget)}; use tile_size={fits} or less (or leave it unset)")
         bs = fits
     return bs, int(max(1, min(workers, budget // (per_pair * bs * bs)))), split
+
+
+def _bands(kfn, live, budget, workers):
+    """The split into bands of positions that takes least time: bands small enough for every
+    worker to compute one at once, or larger ones one at a time (fewer rows recomputed at
+    their edges); ``kernels.bands.NotBandable`` if neither fits."""
+    best, why = None, None
+    for w in sorted({max(1, workers), 1}):
+        try:
+            split = bands.Split.plan(kfn, _F64_BYTES * live, budget // w)
+        except bands.NotBandable as e:
+            why = e
+            continue
+        if best is None or split.cost / w < best[0]:
+            best = (split.cost / w, split)
+    if best is None:
+        raise why
+    return best[1]
 
 
 def _tile_workers(kfn, device) -> int:

@@ -430,10 +430,11 @@ class Split:
     """A kernel's pair work split into bands of rows of the readout's positions: ``boxes``
     (one band per entry, a pair of dicts for ``using``: rows of the first position group,
     rows of the second), ``entries`` (the most pair-array entries per pair of inputs of any
-    band), ``constants`` (each output's constant term, counted once)."""
+    band), ``constants`` (each output's constant term, counted once), ``cost`` (``plan``'s
+    estimate of the work, to compare splits)."""
 
-    def __init__(self, boxes, entries, constants):
-        self.boxes, self.entries, self.constants = boxes, entries, constants
+    def __init__(self, boxes, entries, constants, cost=0):
+        self.boxes, self.entries, self.constants, self.cost = boxes, entries, constants, cost
         # average pooling's banded same-input variances are exact at one side's rows only:
         # a kernel against itself, whose two sides share them, runs as a cross kernel
         self.cross = constants.get("pooled", False)
@@ -470,23 +471,26 @@ class Split:
         if not options:
             need = bands_of(1)[1] * bytes_per_entry
             raise NotBandable(f"even one row of each feature map per band needs {need / 2**30:.3g} GiB per pair")
-        boxes, entries, _ = min(options, key=lambda o: o[2])
-        return Split([(a, b) for a in boxes for b in boxes], entries, constants)
+        boxes, entries, cost = min(options, key=lambda o: o[2])
+        return Split([(a, b) for a in boxes for b in boxes], entries, constants, cost)
 
-    def run(self, evaluate, report=None):
+    def run(self, evaluate, report=None, part=(0, 1)):
         """The sum over bands of ``evaluate()`` (a tile's ``(blocks, stderr, errors)``), with
-        each output's constant term counted once; ``report(fraction)`` after each band."""
+        each output's constant term counted once; ``report()`` after each band.
+        ``part = (p, parts)``: only every ``parts``-th band from the ``p``-th (the parts of a
+        tile computed at once sum to the whole, the constant term counted in part 0)."""
         total, errors = {}, []
-        for b, boxes in enumerate(self.boxes):
+        mine = self.boxes[part[0]::part[1]]
+        for boxes in mine:
             with using(boxes):
                 blocks, _, errs = evaluate()
             if report is not None:
-                report((b + 1) / len(self.boxes))
+                report()
             errors += errs
             for name, block in blocks.items():
                 if block is not None:
                     total[name] = block if name not in total else total[name].add_(block)
-        extra = len(self.boxes) - 1
+        extra = len(mine) - (part[0] == 0)
         for name in total:      # blocks are nngp and ntk
             total[name].sub_(extra * self.constants[name])
         return total, {}, errors

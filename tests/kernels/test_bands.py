@@ -246,3 +246,25 @@ def test_banded_sequences_equal_the_whole(monkeypatch):
     for name in ("nngp", "ntk"):
         a, b = getattr(banded, name), getattr(whole, name)
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (name, float((a - b).abs().max()))
+
+
+def test_the_bands_of_one_tile_are_shared_out_over_threads(monkeypatch):
+    """One pair of images is one tile: its bands are computed in two parts at once (one per
+    thread), which sum to the whole kernel."""
+    from ntkcompile import tiling
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(5)
+        kfn = ntkcompile.compile(GapCNN(), b_std=0.1)
+        x, y = torch.randn(1, 3, 90, 6, dtype=torch.float64), torch.randn(1, 3, 90, 6, dtype=torch.float64)
+        whole = kfn(x, y, progress=False)
+        units, real = [], tiling._in_parallel
+        monkeypatch.setattr(tiling, "_in_parallel", lambda c, u, w: (units.append((list(u), w)), real(c, u, w))[1])
+        banded, used = _banded(monkeypatch, kfn, x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert len(used[0].boxes) > 2
+    assert units[-1] == ([((0, 0), 0), ((0, 0), 1)], 2)
+    for name in ("nngp", "ntk"):
+        assert torch.allclose(getattr(banded, name), getattr(whole, name), rtol=1e-12, atol=1e-14)
