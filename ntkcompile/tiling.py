@@ -349,8 +349,7 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
             if parts > 1:
                 got = partial.setdefault((i, j), [0, {}])
                 got[0] += 1
-                for name, block in blocks.items():
-                    got[1][name] = block if name not in got[1] else got[1][name].add_(block)
+                bands.add_blocks(got[1], blocks)
                 if got[0] < parts:
                     continue
                 blocks = partial.pop((i, j))[1]

@@ -46,6 +46,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import spatial      # (spatial imports this module too: only its attributes are read, at call time)
+
 _STATE = threading.local()
 
 
@@ -104,11 +106,13 @@ def positions(t, shape, band):
     return t.reshape(*t.shape[:-2], h1 - l1, *shape[1:], h2 - l2, *shape[1:])
 
 
-def rows_of(t, group, band):
-    """A per-input array ``(N, *P)`` at the band's rows of ``group`` (lifted into that group)."""
-    if not torch.is_tensor(t) or t.ndim < 2:
+def rows_of(t, group, side=0):
+    """A per-input array ``(N, *P)`` at the current band's rows of ``group`` (lifted into that
+    group; ``side``: see ``frame``), or as it is when no band is active."""
+    band = active()
+    if band is None or not torch.is_tensor(t) or t.ndim < 2:
         return t
-    box = band[group].get(tuple(t.shape[1:]))
+    box = frame(band, side)[group].get(tuple(t.shape[1:]))
     return t if box is None else t[:, box[0]:box[1]]
 
 
@@ -133,22 +137,28 @@ def _footprint(lo, hi, g):
     return lo * s - pd, (hi - 1) * s + (k - 1) * dl - pd + 1
 
 
-def _pads(g, rows1, rows2, sign=1):
-    """``F.pad`` widths for ``(*batch, rows1, *S[1:], rows2, *S[1:])``: each group's other
-    axes by ``sign`` times the padding, its rows by ``(front, back)`` (negative: crop)."""
+def _group_pads(g, rows, sign=1):
+    """``F.pad`` widths for one position group ``(rows, *S[1:])``, last axis first: its other
+    axes by ``sign`` times the padding, its rows by ``rows = (front, back)`` (negative: crop)."""
     pads = []
-    for rows in (rows2, rows1):          # F.pad starts from the last axis
-        for p in reversed(g.padding[1:]):
-            pads += [sign * p, sign * p]
-        pads += list(rows)
-    return pads
+    for p in reversed(g.padding[1:]):
+        pads += [sign * p, sign * p]
+    return pads + list(rows)
+
+
+def _pads(g, rows1, rows2, sign=1):
+    """``F.pad`` widths for ``(*batch, rows1, *S[1:], rows2, *S[1:])`` (``_group_pads`` of each)."""
+    return _group_pads(g, rows2, sign) + _group_pads(g, rows1, sign)
+
+
+def _window(g, o, rows):
+    """Slices of one group's padded input read by tap ``o`` for ``rows`` output rows."""
+    return tuple(slice(a, a + s * (n - 1) + 1, s)
+                 for a, s, n in zip(o, g.stride, (rows, *g.out_shape[1:])))
 
 
 def _windows(g, o, n1, n2):
-    rest = tuple(slice(a, a + s * (n - 1) + 1, s) for a, s, n in zip(o[1:], g.stride[1:], g.out_shape[1:]))
-    st = g.stride[0]
-    return ((slice(o[0], o[0] + st * (n1 - 1) + 1, st),) + rest
-            + (slice(o[0], o[0] + st * (n2 - 1) + 1, st),) + rest)
+    return _window(g, o, n1) + _window(g, o, n2)
 
 
 def stencil_pair(a, g, band):
@@ -161,11 +171,8 @@ def stencil_pair(a, g, band):
     a = torch.broadcast_to(a, (*a.shape[:a.ndim - 2 * nd], hi1 - li1, *g.in_shape[1:], hi2 - li2, *g.in_shape[1:]))
     (s1, e1), (s2, e2) = _footprint(lo1, ho1, g), _footprint(lo2, ho2, g)
     ap = F.pad(a, _pads(g, (li1 - s1, e1 - hi1), (li2 - s2, e2 - hi2)))     # rows start at s1, s2
-    views = [ap[(Ellipsis,) + _windows(g, o, ho1 - lo1, ho2 - lo2)] for o in g.offsets()]
-    total = views[0].clone(memory_format=torch.contiguous_format)
-    for v in views[1:]:
-        total.add_(v)
-    return total.div_(g.size)
+    return spatial._window_mean([ap[(Ellipsis,) + _windows(g, o, ho1 - lo1, ho2 - lo2)] for o in g.offsets()],
+                                g.size)
 
 
 def stencil_pair_adjoint(d, g, batch_shape, band):
@@ -188,15 +195,8 @@ def _pool_last(a, g, rows_in, rows_out):
     ``rows_in`` to ``rows_out`` (``spatial._pool_last`` at a band's rows)."""
     (li, hi), (lo, ho) = rows_in, rows_out
     s, e = _footprint(lo, ho, g)
-    pads = []
-    for p in reversed(g.padding[1:]):
-        pads += [p, p]
-    ap = F.pad(a, pads + [li - s, e - hi])
-    views = [ap[(Ellipsis,) + _windows(g, o, ho - lo, 0)[:len(g.kernel)]] for o in g.offsets()]
-    total = views[0].clone(memory_format=torch.contiguous_format)
-    for v in views[1:]:
-        total.add_(v)
-    return total.div_(g.size)
+    ap = F.pad(a, _group_pads(g, (li - s, e - hi)))
+    return spatial._window_mean([ap[(Ellipsis,) + _window(g, o, ho - lo)] for o in g.offsets()], g.size)
 
 
 def _pool_last_adjoint(d, g, rows_in, rows_out):
@@ -206,11 +206,8 @@ def _pool_last_adjoint(d, g, rows_in, rows_out):
     padded = tuple(n + 2 * p for n, p in zip(g.in_shape, g.padding))
     out = d.new_zeros((*d.shape[:d.ndim - nd], e - s, *padded[1:]))
     for o in g.offsets():
-        out[(Ellipsis,) + _windows(g, o, ho - lo, 0)[:nd]] += d
-    pads = []
-    for p in reversed(g.padding[1:]):
-        pads += [-p, -p]
-    return F.pad(out, pads + [s - li, hi - e]).div_(g.size)
+        out[(Ellipsis,) + _window(g, o, ho - lo)] += d
+    return F.pad(out, _group_pads(g, (s - li, hi - e), sign=-1)).div_(g.size)
 
 
 def _swap(a, nd):
@@ -332,6 +329,9 @@ def regions(program, lo, hi):
         raise NotBandable(f"{what}{f' ({name})' if name else ''}: bands cover convolutions, average poolings, "
                           "elementwise steps and sums of feature maps only")
 
+    def hull(a, b):
+        return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
+
     need = {id(r.vec): (lo, hi)}
     boxes: dict = {"readout": (lo, hi)}
     for node in reversed(postorder([r.vec], kids)):
@@ -339,8 +339,7 @@ def regions(program, lo, hi):
         if box is None:
             continue
         shape = tuple(pos(node))
-        have = boxes.get(shape)
-        boxes[shape] = box if have is None else (min(have[0], box[0]), max(have[1], box[1]))
+        boxes[shape] = hull(boxes.get(shape), box)
         for child in kids(node):
             cshape = tuple(pos(child))
             if not cshape:
@@ -353,34 +352,32 @@ def regions(program, lo, hi):
                 cbox = box
             else:
                 raise NotBandable(f"a {type(node).__name__} of positions {shape} reading positions {cshape}")
-            had = need.get(id(child))
-            need[id(child)] = cbox if had is None else (min(had[0], cbox[0]), max(had[1], cbox[1]))
+            need[id(child)] = hull(need.get(id(child)), cbox)
     return boxes
 
 
-_SUMS = ("global_mean", "spatial_sum")
+def _sums():
+    return spatial.global_mean, spatial.spatial_sum
 
 
 def _allowed(fn) -> bool:
     """Runtime helpers with a banded form, or elementwise on the arrays they are given."""
-    from . import spatial
     if getattr(fn, "__module__", None) == spatial.__name__:
-        return fn.__name__ in ("patches", "positions", "group_patches", "stencil_pair", "stencil_same",
-                               "stencil_pair_adjoint", "pool_pair", "pool_pair_adjoint", "pool_same",
-                               "unit_positions", "position_mean", "mean_seeds") + _SUMS
+        return fn in _sums() or fn.__name__ in (
+            "patches", "positions", "group_patches", "stencil_pair", "stencil_same", "stencil_pair_adjoint",
+            "pool_pair", "pool_pair_adjoint", "pool_same", "unit_positions", "position_mean", "mean_seeds")
     module = getattr(fn, "__module__", "") or ""
     return module.rsplit(".", 1)[-1] in ("expect", "nonlinear", "piecewise", "piecewise_expr", "quadrature")
 
 
-def constant_parts(plan, names=("nngp", "ntk")) -> dict:
-    """Each output's constant term (what it is with every position sum 0), after checking
-    that the plan can be banded: every step has a banded form, and each output is an
-    affine function (sums and constant multiples) of position sums.  ``"pooled"``: True
-    if an average pooling's same-input variances are banded (``pool_same``: exact at its
-    side's band rows only), which then must not be shared by both sides, nor reduced
-    over positions."""
+def constant_parts(plan, names=("nngp", "ntk")):
+    """``(constants, pooled)``: each output's constant term (what it is with every position
+    sum 0), after checking that the plan can be banded: every step has a banded form, and
+    each output is an affine function (sums and constant multiples) of position sums;
+    ``pooled``: True if an average pooling's same-input variances are banded (``pool_same``:
+    exact at its side's band rows only), which then must not be shared by both sides, nor
+    reduced over positions."""
     from .. import plan as P
-    from . import spatial
 
     outputs = [plan.outputs.get(n) for n in names]
     reached = P.reachable(outputs)
@@ -410,11 +407,11 @@ def constant_parts(plan, names=("nngp", "ntk")) -> dict:
             if len(nodes) != 1:
                 raise NotBandable("a product of position sums")
             return math.prod(f for f in v.factors if isinstance(f, float)) * const(nodes[0])
-        if isinstance(v, P.Call) and v.fn.__name__ in _SUMS and getattr(v.fn, "__module__", "") == spatial.__name__:
+        if isinstance(v, P.Call) and v.fn in _sums():
             return 0.0
         raise NotBandable("an output that is not a sum over positions (a step after the pooling)")
 
-    return {**{name: const(v) for name, v in zip(names, outputs)}, "pooled": pooled}
+    return {name: const(v) for name, v in zip(names, outputs)}, pooled
 
 
 # Entries of a band's largest array per pair of inputs (16 MiB in float64) above which an
@@ -426,6 +423,14 @@ def constant_parts(plan, names=("nngp", "ntk")) -> dict:
 BAND_ENTRIES = 2 ** 21
 
 
+def add_blocks(total, blocks):
+    """``total[name] += blocks[name]`` for each kernel block (in place; the first is kept)."""
+    for name, block in blocks.items():
+        if block is not None:
+            total[name] = block if name not in total else total[name].add_(block)
+    return total
+
+
 class Split:
     """A kernel's pair work split into bands of rows of the readout's positions: ``boxes``
     (one band per entry, a pair of dicts for ``using``: rows of the first position group,
@@ -433,11 +438,11 @@ class Split:
     band), ``constants`` (each output's constant term, counted once), ``cost`` (``plan``'s
     estimate of the work, to compare splits)."""
 
-    def __init__(self, boxes, entries, constants, cost=0):
+    def __init__(self, boxes, entries, constants, cost=0, cross=False):
         self.boxes, self.entries, self.constants, self.cost = boxes, entries, constants, cost
         # average pooling's banded same-input variances are exact at one side's rows only:
         # a kernel against itself, whose two sides share them, runs as a cross kernel
-        self.cross = constants.get("pooled", False)
+        self.cross = cross
 
     @staticmethod
     def plan(kfn, bytes_per_entry, budget) -> "Split":
@@ -450,7 +455,7 @@ class Split:
             raise NotBandable("jit=True (banding is eager only)")
         program = kfn._program
         regions(program, 0, 1)            # the model's reason first, if any
-        constants = constant_parts(kfn._plan)
+        constants, pooled = constant_parts(kfn._plan)
         rows = program.readout.positions[0]
 
         def bands_of(h):
@@ -472,7 +477,7 @@ class Split:
             need = bands_of(1)[1] * bytes_per_entry
             raise NotBandable(f"even one row of each feature map per band needs {need / 2**30:.3g} GiB per pair")
         boxes, entries, cost = min(options, key=lambda o: o[2])
-        return Split([(a, b) for a in boxes for b in boxes], entries, constants, cost)
+        return Split([(a, b) for a in boxes for b in boxes], entries, constants, cost, pooled)
 
     def run(self, evaluate, report=None, part=(0, 1)):
         """The sum over bands of ``evaluate()`` (a tile's ``(blocks, stderr, errors)``), with
@@ -487,9 +492,7 @@ class Split:
             if report is not None:
                 report()
             errors += errs
-            for name, block in blocks.items():
-                if block is not None:
-                    total[name] = block if name not in total else total[name].add_(block)
+            add_blocks(total, blocks)
         extra = len(mine) - (part[0] == 0)
         for name in total:      # blocks are nngp and ntk
             total[name].sub_(extra * self.constants[name])

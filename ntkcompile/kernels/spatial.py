@@ -153,8 +153,7 @@ def lift1(t, k):
     """A side-1 array ``(N1, *P)`` (or ``(N1,)``) in the layout ``(N1, N2, *P, *P)``."""
     if not torch.is_tensor(t):
         return t
-    band = bands.active()
-    t = t if band is None else bands.rows_of(t, 0, band)
+    t = bands.rows_of(t, 0)
     sp = t.shape[1:]
     return t.reshape(t.shape[0], 1, *sp, *([1] * k)) if sp else t.reshape(t.shape[0], 1, *([1] * 2 * k))
 
@@ -162,8 +161,7 @@ def lift1(t, k):
 def lift2(t, k):
     if not torch.is_tensor(t):
         return t
-    band = bands.active()
-    t = t if band is None else bands.rows_of(t, 1, band)
+    t = bands.rows_of(t, 1)
     sp = t.shape[1:]
     return t.reshape(1, t.shape[0], *([1] * k), *sp) if sp else t.reshape(1, t.shape[0], *([1] * 2 * k))
 
@@ -329,8 +327,7 @@ def liftp(t, idx, k, right):
     """A same-input array ``(N, *P)`` in the packed layout ``(T, *P, *P)`` (left or right group)."""
     if not torch.is_tensor(t):
         return t
-    band = bands.active()
-    t = t if band is None else bands.rows_of(t, int(right), band)
+    t = bands.rows_of(t, int(right))
     g = t[idx]
     sp = g.shape[1:]
     if not sp:
@@ -416,8 +413,7 @@ def liftf(t, k, right, side=0):
     """A same-input array ``(N, *P)`` of ``side`` in the same-input all-pairs layout ``(N, *P, *P)``."""
     if not torch.is_tensor(t):
         return t
-    band = bands.active()
-    t = t if band is None else bands.rows_of(t, int(right), bands.frame(band, side))
+    t = bands.rows_of(t, int(right), side)
     sp = t.shape[1:]
     if not sp:
         return t.reshape(t.shape[0], *([1] * 2 * k))
