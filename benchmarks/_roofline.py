@@ -4,8 +4,8 @@ machine's measured memory bandwidth and float64 matmul rate.
 * ``machine_peaks()``: the bandwidth of ``out = a + b`` over 256 MiB float64 arrays
   (3 arrays' bytes per pass, as STREAM's "add"), and the flop rate of a 2048 x 2048
   float64 matmul, each the best of a few runs, with every torch thread.
-* ``traffic(kfn, x)``: the bytes every torch op (views excluded) of one call reads and
-  writes (inputs and outputs, as if none stayed in cache: more than the DRAM traffic,
+* ``traffic(kfn, x)``: the bytes every torch op (views excluded) and every fused kernel
+  (``ntkcompile.kernels.fused``) of one call reads and writes (inputs and outputs, as if none stayed in cache: more than the DRAM traffic,
   since the tiles are sized for cache) and the flops of its matmuls and einsums
   (``torch.utils.flop_counter``), counted in one tile-at-a-time call (dispatch modes are
   per thread).
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ntkcompile import tiling
+from ntkcompile.kernels import fused
 
 
 def machine_peaks(repeats: int = 5) -> dict:
@@ -71,9 +72,9 @@ def one_tile_at_a_time(on: bool = True):
 def traffic(kfn, x) -> dict:
     with one_tile_at_a_time():       # dispatch modes see only their own thread's ops
         counter, flops = _Bytes(), FlopCounterMode(display=False)
-        with counter, flops:
+        with counter, flops, fused.metered() as meter:
             kfn(x, progress=False)
-        return {"bytes": counter.bytes, "flops": flops.get_total_flops()}
+        return {"bytes": counter.bytes + meter.bytes, "flops": flops.get_total_flops()}
 
 
 def fractions(work: dict, seconds: float, peaks: dict) -> str:

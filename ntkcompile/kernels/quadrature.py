@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import fused
 from .compat import compiling
 
 __all__ = [
@@ -187,7 +188,8 @@ def _product_leaves_range(v1, v2) -> bool:
 
 def angle(k11, k12, k22) -> Tensor:
     """``theta = arccos(c)`` with ``c`` from :func:`correlation` (the arc-cosine kernels' angle)."""
-    return torch.arccos(correlation(k11, k12, k22)[1])
+    out = fused.angle(k11, k12, k22)
+    return torch.arccos(correlation(k11, k12, k22)[1]) if out is None else out
 
 
 def expect_1d(f: Callable[[Tensor], Tensor], var, degree: int = 64) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.geometry import ConvGeometry
-from . import bands
+from . import bands, fused
 from .compat import compiling
 
 
@@ -80,6 +80,9 @@ def stencil_pair(a, g: ConvGeometry, side=0):
     nd = len(g.kernel)
     if a.ndim == 2:   # constant over positions
         a = a.reshape(*a.shape, *([1] * 2 * nd)).expand(*a.shape, *g.in_shape, *g.in_shape)
+    out = fused.window_pair(a, g)
+    if out is not None:
+        return out
     ap = _pad(a, g, 2)
     return _window_mean([ap[(Ellipsis,) + g.window(o) * 2] for o in g.offsets()], g.size)
 
@@ -146,7 +149,8 @@ def stencil_pair_adjoint(d, g: ConvGeometry, batch_shape):
         return bands.stencil_pair_adjoint(d, g, batch_shape, band)
     d = torch.as_tensor(d) if not torch.is_tensor(d) else d
     d = torch.broadcast_to(d, (*batch_shape, *g.out_shape, *g.out_shape))
-    return _adjoint_windows(d, g, 2)
+    out = fused.window_pair(d, g, adjoint=True)
+    return _adjoint_windows(d, g, 2) if out is None else out
 
 
 def lift1(t, k):
@@ -328,7 +332,7 @@ def liftp(t, idx, k, right):
     if not torch.is_tensor(t):
         return t
     t = bands.rows_of(t, int(right))
-    g = t[idx]
+    g = t.index_select(0, idx)
     sp = g.shape[1:]
     if not sp:
         return g.reshape(g.shape[0], *([1] * 2 * k))

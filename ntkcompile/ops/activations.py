@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ir import Elementwise
+from ..kernels import fused
 from ..kernels import piecewise as pw
 from ..kernels.quadrature import angle, correlation
 from .elementwise import (PI, SQRT_2PI, activation, f64, from_callable, intern, number,
@@ -40,7 +41,12 @@ from .elementwise import (PI, SQRT_2PI, activation, f64, from_callable, intern, 
 
 def _relu_kernel(scale: Tensor, c: Tensor, theta: Tensor) -> Tensor:
     """``E relu(z1) relu(z2) = sqrt(k11 k22) (sqrt(1-c^2) + (pi - theta) c) / (2 pi)``,
-    ``theta = arccos c`` (not modified: it is shared with the derivative's kernel)."""
+    ``theta = arccos c`` (not modified: it is shared with the derivative's kernel).
+
+    ``sqrt(1 - c^2)`` and ``theta c`` cancel to ``O((1 - c)^(3/2))`` near ``c = 1``; both come
+    from the same rounded ``c``, so the cancellation is exact.  (The multiplied-out
+    ``sqrt(k11 k22 - k12^2)`` saves a division, but rounded apart from ``theta`` it left
+    errors of 4e-10 relative at ``c = 1 - ulp``: tests/ops/test_attention.py.)"""
     # in place on fresh temporaries (each op rounds exactly as the out-of-place form)
     out = torch.rsub(c * c, 1.0).clamp_min_(0.0).sqrt_()
     out.add_(torch.rsub(theta, PI).mul_(c))
@@ -73,7 +79,8 @@ def _step_family_vt(a: float, b: float):
     comb = _combine(lambda c, theta: _step_kernel(theta), a, b)
 
     def vt_angle(k11, k12, k22, theta):
-        return comb(None, theta)      # c itself is not needed: only the angle
+        out = fused.step_family(theta, a * a + b * b, 2.0 * a * b)
+        return comb(None, theta) if out is None else out      # c itself is not needed: only the angle
 
     def vt(k11, k12, k22):
         return vt_angle(k11, k12, k22, angle(k11, k12, k22))
@@ -93,6 +100,9 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
     dvt, dvt_angle = _step_family_vt(a, -b)
 
     def vt_angle(k11, k12, k22, theta):
+        out = fused.relu_family(k11, k12, k22, theta, a * a + b * b, 2.0 * a * b)
+        if out is not None:
+            return out
         scale, c = correlation(k11, k12, k22)
         return comb(scale, c, theta)
 

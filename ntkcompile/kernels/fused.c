@@ -1,0 +1,225 @@
+/* Fused elementwise rules of ntkcompile (kernels/fused.py builds and loads this file).
+ *
+ * One pass over the pair arrays per rule, in blocks of BLOCK entries that stay in L1,
+ * instead of a dozen torch ops each reading and writing whole arrays.  Every rule
+ * takes the same operations in the same order as its torch form in ops/activations.py
+ * and kernels/quadrature.py (compiled with -ffp-contract=off), with a correctly rounded
+ * sqrt and SLEEF's arccos (1 ulp), so the two paths agree to a few ulps.
+ *
+ * Arrays are up to three broadcast dimensions (d0, d1, d2); each input has its own
+ * element strides (0 for a broadcast dimension); outputs are contiguous.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 256
+#define PI 3.141592653589793
+
+#if defined(__AVX512F__)
+typedef double vec __attribute__((vector_size(64)));
+#define WIDTH 8
+#elif defined(__AVX__)
+typedef double vec __attribute__((vector_size(32)));
+#define WIDTH 4
+#else
+typedef double vec;
+#define WIDTH 1
+#endif
+
+typedef vec (*vec_fn)(vec);
+static vec_fn sleef_acos = 0;
+
+/* The SIMD width this file was built for, so the loader hands over the matching SLEEF
+ * routine (Sleef_acosd8_u10, Sleef_acosd4_u10) or none (then libm's acos). */
+int ntk_width(void) { return WIDTH; }
+
+/* arccos: the SLEEF routine of this width found in libtorch, else (NULL) libm's. */
+void ntk_init(void *sleef) { sleef_acos = (vec_fn)sleef; }
+
+static void acos_block(const double *c, double *out, int64_t n) {
+    int64_t i = 0;
+    if (sleef_acos && WIDTH > 1) {
+        vec v;
+        for (; i + WIDTH <= n; i += WIDTH) {
+            memcpy(&v, c + i, sizeof v);
+            v = sleef_acos(v);
+            memcpy(out + i, &v, sizeof v);
+        }
+        if (i < n) {                       /* the tail through the same routine */
+            double tmp[WIDTH] = {0};
+            memcpy(tmp, c + i, (size_t)(n - i) * sizeof(double));
+            memcpy(&v, tmp, sizeof v);
+            v = sleef_acos(v);
+            memcpy(tmp, &v, sizeof v);
+            memcpy(out + i, tmp, (size_t)(n - i) * sizeof(double));
+        }
+        return;
+    }
+    for (; i < n; i++) out[i] = acos(c[i]);
+}
+
+/* ``c = k12 / sqrt(k11 k22)`` clamped to [-1, 1], 0 where the product is 0, as
+ * quadrature.correlation: sqrt(k11 k22) when the product is in float64's comfortable
+ * range, else sqrt(k11) sqrt(k22).  NaN propagates as there. */
+static inline double correlation(double k11, double k12, double k22, double *scale) {
+    double v1 = k11 < 0.0 ? 0.0 : k11, v2 = k22 < 0.0 ? 0.0 : k22;
+    double p = v1 * v2;
+    double s = (p > 1e-290 && p < 1e290) ? sqrt(p) : sqrt(v1) * sqrt(v2);
+    *scale = s;
+    if (!(s > 0.0)) return 0.0;
+    double c = k12 / s;
+    return c < -1.0 ? -1.0 : (c > 1.0 ? 1.0 : c);
+}
+
+/* ``sqrt(k11 k22) (sqrt(1 - c^2) + (pi - theta) c) / (2 pi)``: the arc-cosine kernel
+ * (ops/activations._relu_kernel: sqrt(1 - c^2) and theta come from the same c). */
+static inline double relu_kernel(double scale, double c, double theta) {
+    double out = 1.0 - c * c;
+    out = sqrt(out < 0.0 ? 0.0 : out);
+    out = out + (PI - theta) * c;
+    return out * scale / (2.0 * PI);
+}
+
+/* ------------------------------------------------------------------ rules */
+
+enum { RULE_ANGLE = 0, RULE_RELU = 1, RULE_STEP = 2 };
+
+/* Whether every ``k11 k22`` of the block (variances clamped at 0) is in (1e-290, 1e290),
+ * where the correlation and the arc-cosine root take their one-branch forms. */
+static int in_range(const double *k11, const double *k22, int64_t n) {
+    int ok = 1;
+    for (int64_t i = 0; i < n; i++) {
+        double p = k11[i] * k22[i];
+        ok &= (k11[i] > 0.0) & (k22[i] > 0.0) & (p > 1e-290) & (p < 1e290);
+    }
+    return ok;
+}
+
+/* One block of ``n`` entries: in[r] are the inputs, contiguous in the block.  Each rule
+ * has a branch-free loop (vectorized) for blocks whose variances are all in range, and
+ * the general per-entry form otherwise; both give the same values there. */
+static void rule_block(int rule, const double *const *in, double *out, int64_t n, const double *par,
+                       double *tmp) {
+    const double *k11 = in[0], *k12 = in[1], *k22 = in[2];
+    int fast = rule != RULE_STEP && in_range(k11, k22, n);
+    switch (rule) {
+    case RULE_ANGLE: {                     /* arccos c */
+        double s;
+        if (fast) {
+            for (int64_t i = 0; i < n; i++) {
+                double c = k12[i] / sqrt(k11[i] * k22[i]);
+                tmp[i] = c < -1.0 ? -1.0 : (c > 1.0 ? 1.0 : c);
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) tmp[i] = correlation(k11[i], k12[i], k22[i], &s);
+        }
+        acos_block(tmp, out, n);
+        break;
+    }
+    case RULE_RELU: {                      /* aa R(c) + ab2 R(-c), R at theta and pi - theta */
+        double aa = par[0], ab2 = par[1], s, *scale = tmp + BLOCK;
+        const double *th = in[3];
+        if (fast) {
+            for (int64_t i = 0; i < n; i++) {
+                scale[i] = sqrt(k11[i] * k22[i]);
+                double c = k12[i] / scale[i];
+                tmp[i] = c < -1.0 ? -1.0 : (c > 1.0 ? 1.0 : c);
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                tmp[i] = correlation(k11[i], k12[i], k22[i], &s);
+                scale[i] = s;
+            }
+        }
+        if (ab2 == 0.0) {
+            for (int64_t i = 0; i < n; i++) out[i] = aa * relu_kernel(scale[i], tmp[i], th[i]);
+        } else {
+            for (int64_t i = 0; i < n; i++)
+                out[i] = aa * relu_kernel(scale[i], tmp[i], th[i]) + ab2 * relu_kernel(scale[i], -tmp[i], PI - th[i]);
+        }
+        break;
+    }
+    case RULE_STEP: {                      /* aa S(c) + ab2 S(-c), S = (pi - theta) / (2 pi) */
+        double aa = par[0], ab2 = par[1];
+        const double *th = in[0];
+        for (int64_t i = 0; i < n; i++) {
+            double v = (PI - th[i]) / (2.0 * PI);
+            if (aa != 1.0) v = aa * v;
+            if (ab2 != 0.0) v = v + ab2 * ((PI - (PI - th[i])) / (2.0 * PI));
+            out[i] = v;
+        }
+        break;
+    }
+    }
+}
+
+/* Apply ``rule`` to the entries ``[lo, hi)`` (row-major) of a (d0, d1, d2) array.  ``in[r]``
+ * has strides ``st[3 r .. 3 r + 2]`` (elements); ``out`` is contiguous.  Returns 0, or -1
+ * for an unknown rule. */
+int ntk_rule(int rule, int n_in, const double *const *in, const int64_t *st, const int64_t *shape,
+             double *out, const double *par, int64_t lo, int64_t hi) {
+    if (rule < RULE_ANGLE || rule > RULE_STEP || n_in < 1 || n_in > 4) return -1;
+    double buf[4][BLOCK], tmp[2 * BLOCK];
+    const double *rows[4];
+    int64_t d1 = shape[1], d2 = shape[2];
+    while (lo < hi) {
+        int64_t j = lo % d2, i1 = (lo / d2) % d1, i0 = lo / (d1 * d2);
+        int64_t n = d2 - j;
+        if (n > BLOCK) n = BLOCK;
+        if (n > hi - lo) n = hi - lo;
+        for (int r = 0; r < n_in; r++) {
+            const double *p = in[r] + i0 * st[3 * r] + i1 * st[3 * r + 1];
+            int64_t s = st[3 * r + 2];
+            if (s == 1) {
+                rows[r] = p + j;
+            } else {
+                for (int64_t i = 0; i < n; i++) buf[r][i] = p[(j + i) * s];
+                rows[r] = buf[r];
+            }
+        }
+        rule_block(rule, rows, out + lo, n, par, tmp);
+        lo += n;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ window sums on pairs
+ *
+ * ``out[b, p, q] = (sum over taps t of in[b, tab[t, p], tab[t, q]]) / size``, a tap
+ * contributing only where both entries of ``tab`` are >= 0 (-1: zero padding).  With the
+ * table of a convolution's windows this is kernels.spatial.stencil_pair; with the table of
+ * output positions reading each input position it is its adjoint.  Taps are added in
+ * order from 0, as the torch forms add their shifted views.  Rows ``b`` in [lo, hi).
+ *
+ * ``runs`` (or NULL) lists, tap by tap, the stretches where ``tab[t, q]`` steps by one
+ * with ``q``: ``(q0, s0, length)`` triples, those of tap t at ``runs[3 run_at[t] ...]`` up
+ * to ``run_at[t + 1]``.  A stride-1 window then adds contiguous slices (vector loads)
+ * instead of gathering entry by entry. */
+void ntk_window_pair(const double *in, double *out, int64_t n_in, int64_t n_out, int taps,
+                     const int32_t *tab, const int32_t *runs, const int32_t *run_at, double size,
+                     int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; b++) {
+        const double *src = in + b * n_in * n_in;
+        for (int64_t p = 0; p < n_out; p++) {
+            double *row = out + (b * n_out + p) * n_out;
+            for (int64_t q = 0; q < n_out; q++) row[q] = 0.0;
+            for (int t = 0; t < taps; t++) {
+                const int32_t *tt = tab + (int64_t)t * n_out;
+                if (tt[p] < 0) continue;
+                const double *line = src + (int64_t)tt[p] * n_in;
+                if (runs) {
+                    for (int32_t r = run_at[t]; r < run_at[t + 1]; r++) {
+                        double *o = row + runs[3 * r];
+                        const double *l = line + runs[3 * r + 1];
+                        for (int32_t i = 0, n = runs[3 * r + 2]; i < n; i++) o[i] += l[i];
+                    }
+                } else {
+                    for (int64_t q = 0; q < n_out; q++)
+                        if (tt[q] >= 0) row[q] += line[tt[q]];
+                }
+            }
+            for (int64_t q = 0; q < n_out; q++) row[q] = row[q] / size;
+        }
+    }
+}

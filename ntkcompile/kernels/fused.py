@@ -1,0 +1,374 @@
+"""Fused kernels for the closed-form rules on the default path (CPU, float64).
+
+The arc-cosine rules (ReLU-family V-transforms, the step family's, and the angle
+they share) are each one C loop (``fused.c``) over the pair arrays instead of a
+dozen torch ops that each read and write whole arrays.  The C file has no
+dependency but libm: it is compiled once per machine with the system C
+compiler (well under a second), cached on disk, and loaded with ``ctypes``;
+arccos is the SLEEF routine torch itself calls (looked up in libtorch), so the
+fused rules agree with their torch forms to a few units in the last place (an MKL build
+of torch takes arccos and sqrt from MKL's VML, which rounds differently from SLEEF and
+the correctly rounded ``sqrt`` used here).
+
+Without a C compiler, on other devices and dtypes, under ``torch.compile``, or
+with ``NTKCOMPILE_FUSED=0`` in the environment, every rule falls back to its torch
+form: the callers (``ops/activations.py``, ``kernels/quadrature.py``) call the
+functions here first and use torch when they return ``None``.  ``status()``
+says which path is in use and why.
+
+Cache: ``$NTKCOMPILE_CACHE``, else ``$XDG_CACHE_HOME/ntkcompile``, else
+``~/.cache/ntkcompile``; one library per source, compiler and CPU (its flags are in
+the file name's hash, since the code is built for the CPU it runs on).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .compat import compiling
+
+SOURCE = Path(__file__).with_name("fused.c")
+_RULES = {"angle": (0, 3), "relu": (1, 4), "step": (2, 1)}
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"]
+_RUN_LENGTH = 4                      # window tables whose runs are shorter on average gather
+_PARALLEL_ENTRIES = 1 << 16          # below this, one thread (a thread's start costs more)
+
+_lock = threading.Lock()
+_state: dict = {}                    # "lib" (ctypes library or None), "why" (a sentence)
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_off = 0                             # > 0 inside ``disabled()``
+_meter = None                        # a Meter inside ``metered()``
+
+
+# ------------------------------------------------------------------ building and loading
+
+
+def _after_fork():
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0       # the parent's threads do not exist in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NTKCOMPILE_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ntkcompile"
+
+
+def _compiler() -> Optional[list]:
+    for cand in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if cand:
+            argv = shlex.split(cand)
+            if argv and shutil.which(argv[0]):
+                return argv
+    return None
+
+
+def _cpu_flags() -> str:
+    """What the CPU supports (the library is built with -march=native for it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() + platform.machine()
+
+
+def _library_path(cc: list, march: bool) -> Path:
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(cc).encode(), str(march).encode(), " ".join(_FLAGS).encode(),
+                 _cpu_flags().encode(), sys.platform.encode()):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / f"fused-{h.hexdigest()[:16]}.so"
+
+
+def _build(cc: list) -> Path:
+    """The cached library, compiled first if missing (atomically: concurrent processes
+    each build a private file and rename it into place)."""
+    errors = []
+    for march in (True, False):
+        path = _library_path(cc, march)
+        if path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        cmd = [*cc, *_FLAGS, *(["-march=native"] if march else []), str(SOURCE), "-o", tmp, "-lm"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode == 0:
+            os.replace(tmp, path)
+            return path
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}: {run.stderr.strip()[-500:]}")
+    raise OSError("could not compile the fused kernels:\n" + "\n".join(errors))
+
+
+def _sleef_acos(width: int) -> Optional[int]:
+    """The address of SLEEF's arccos for ``width`` doubles in libtorch (torch's vectorized
+    arccos where it is not built with MKL), or None: then libm's ``acos``.  MKL's ``vdAcos``,
+    which an MKL build of torch calls, is slower here and serializes concurrent callers."""
+    if width not in (4, 8):
+        return None
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).is_file():
+            try:
+                fn = getattr(ctypes.CDLL(str(lib_dir / name)), f"Sleef_acosd{width}_u10")
+            except (OSError, AttributeError):
+                return None
+            return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def _load():
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, why = None, ""
+        if os.environ.get("NTKCOMPILE_FUSED", "1").strip() == "0":
+            why = "disabled by NTKCOMPILE_FUSED=0"
+        elif (cc := _compiler()) is None:
+            why = "no C compiler found (set CC)"
+        else:
+            try:
+                path = _build(cc)
+                lib = ctypes.CDLL(str(path))
+                lib.ntk_rule.restype = ctypes.c_int
+                lib.ntk_window_pair.restype = None
+                lib.ntk_window_pair.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                ctypes.c_double, ctypes.c_int64, ctypes.c_int64]
+                lib.ntk_rule.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_int64]
+                width = lib.ntk_width()
+                sleef = _sleef_acos(width)
+                lib.ntk_init(ctypes.c_void_p(sleef))
+                why = f"fused C kernels in use ({path}; {width} doubles per vector, arccos from " \
+                      f"{'SLEEF' if sleef else 'libm'})"
+            except OSError as e:
+                lib, why = None, str(e)
+        _state.update(lib=lib, why=why)
+        if lib is None and not why.startswith("disabled"):
+            warnings.warn(f"ntkcompile: the fused kernels are unavailable ({why}); the closed-form rules "
+                          "take their torch forms, 2-4x slower (NTKCOMPILE_FUSED=0 silences this)",
+                          RuntimeWarning, stacklevel=3)
+        return lib
+
+
+def status() -> str:
+    """Which path the closed-form rules take here, and why."""
+    _load()
+    return _state["why"]
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def reset():
+    """Forget the loaded library (tests: re-read ``NTKCOMPILE_FUSED`` and the cache)."""
+    with _lock:
+        _state.clear()
+
+
+class Meter:
+    """Bytes the fused kernels read and write (each input at its broadcast size, as a torch
+    op is counted by benchmarks/_roofline.py), while ``metered()`` is active."""
+    bytes = 0
+
+
+@contextlib.contextmanager
+def metered():
+    global _meter
+    _meter = Meter()
+    try:
+        yield _meter
+    finally:
+        _meter = None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, every rule takes its torch form (to compare the two paths)."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
+# ------------------------------------------------------------------ calling
+
+
+def _applicable(args) -> bool:
+    return all(isinstance(a, Tensor) and a.dtype == torch.float64 and a.device.type == "cpu"
+               and not a.requires_grad for a in args) and not compiling()
+
+
+def _coalesce(shape, strides):
+    """Merge dimensions every array walks through contiguously; drop size-1 ones."""
+    dims = [(n, list(s)) for n, s in zip(shape, zip(*strides)) if n != 1]
+    out: list = []
+    for n, s in dims:
+        if out and all(ps == st * n for ps, st in zip(out[-1][1], s)):
+            out[-1] = (out[-1][0] * n, s)
+        else:
+            out.append((n, s))
+    return out
+
+
+def _run(rule: str, args, params=()) -> Optional[Tensor]:
+    lib = None if _off else _load()
+    if lib is None or not _applicable(args):
+        return None
+    code, n_in = _RULES[rule]
+    args = torch.broadcast_tensors(*args)
+    shape = tuple(args[0].shape)
+    out = torch.empty(shape, dtype=torch.float64)
+    if out.numel() == 0:
+        return out
+    dims = _coalesce(shape, [a.stride() for a in args])
+    if len(dims) > 3:
+        args = [a.contiguous() for a in args]
+        dims = _coalesce(shape, [a.stride() for a in args])
+    dims = [(1, [0] * n_in)] * (3 - len(dims)) + dims
+    sizes = [n for n, _ in dims]
+    strides = [s[r] for r in range(n_in) for s in (d[1] for d in dims)]
+    st = (ctypes.c_int64 * len(strides))(*strides)
+    par = (ctypes.c_double * 2)(*(list(params) + [0.0, 0.0])[:2])
+    shp = (ctypes.c_int64 * 3)(*sizes)
+    ptrs = (ctypes.c_void_p * n_in)(*[a.data_ptr() for a in args])
+
+    def part(lo, hi):
+        rc = lib.ntk_rule(code, n_in, ptrs, st, shp, ctypes.c_void_p(out.data_ptr()), par, lo, hi)
+        if rc != 0:
+            raise RuntimeError(f"fused rule {rule!r} failed (code {rc})")
+
+    _parallel(part, out.numel(), out.numel())
+    if _meter is not None:
+        _meter.bytes += 8 * out.numel() * (n_in + 1)
+    return out
+
+
+def _parallel(part, rows: int, entries: int):
+    """``part(lo, hi)`` over ``[0, rows)``: in one call, or split over torch's intra-op
+    thread count (``tiling`` sets it to 1 in the threads that compute tiles side by side)."""
+    global _pool, _pool_size
+    threads = 1 if entries < _PARALLEL_ENTRIES else min(torch.get_num_threads(), rows)
+    if threads <= 1:
+        part(0, rows)
+        return
+    if _pool_size < threads:
+        _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="ntkcompile-fused"), threads
+    cuts = [rows * i // threads for i in range(threads + 1)]
+    for f in [_pool.submit(part, lo, hi) for lo, hi in zip(cuts, cuts[1:])]:
+        f.result()
+
+
+def angle(k11, k12, k22) -> Optional[Tensor]:
+    """``arccos c`` (``quadrature.angle``), or None where the fused path does not apply."""
+    return _run("angle", (k11, k12, k22))
+
+
+def relu_family(k11, k12, k22, theta, aa: float, ab2: float) -> Optional[Tensor]:
+    """``aa R(c) + ab2 R(-c)`` with ``R`` the arc-cosine kernel at ``theta`` (ops/activations)."""
+    return _run("relu", (k11, k12, k22, theta), (aa, ab2))
+
+
+def step_family(theta, aa: float, ab2: float) -> Optional[Tensor]:
+    """``aa S(c) + ab2 S(-c)`` with ``S = (pi - theta) / (2 pi)`` (ops/activations)."""
+    return _run("step", (theta,), (aa, ab2))
+
+
+# ------------------------------------------------------------------ window sums on pairs
+
+
+@functools.lru_cache(maxsize=256)
+def _window_table(g, adjoint: bool):
+    """``(taps, n_out)`` int32: for each tap of ``g`` (``ConvGeometry``) and output position,
+    the input position it reads, or -1 for zero padding.  ``adjoint``: for each input
+    position, the output position whose window reads it at that tap (-1: none)."""
+    offsets = torch.tensor(g.offsets(), dtype=torch.int64).reshape(-1, len(g.kernel))
+    stride, pad = torch.tensor(g.stride), torch.tensor(g.padding)
+    src, dst = (g.out_shape, g.in_shape) if adjoint else (g.in_shape, g.out_shape)
+    pos = torch.cartesian_prod(*[torch.arange(n) for n in dst]).reshape(-1, len(dst))  # (n_out, nd)
+    if adjoint:       # s = p * stride + offset - pad  =>  p = (s + pad - offset) / stride
+        num = pos[None] + pad - offsets[:, None]
+        coord = torch.div(num, stride, rounding_mode="floor")
+        ok = (num % stride == 0)
+    else:
+        coord = pos[None] * stride + offsets[:, None] - pad
+        ok = torch.ones_like(coord, dtype=torch.bool)
+    ok &= (coord >= 0) & (coord < torch.tensor(src))
+    flat = torch.zeros(coord.shape[:2], dtype=torch.int64)
+    for n, c in zip(src, coord.unbind(-1)):
+        flat = flat * n + c
+    table = torch.where(ok.all(-1), flat, -1).to(torch.int32).contiguous()
+    runs, run_at = [], [0]
+    for row in table.tolist():
+        for q, s in enumerate(row):
+            if s < 0:
+                continue
+            if runs and runs[-1][0] + runs[-1][2] == q and runs[-1][1] + runs[-1][2] == s and len(runs) > run_at[-1]:
+                runs[-1][2] += 1
+            else:
+                runs.append([q, s, 1])
+        run_at.append(len(runs))
+    if len(runs) * _RUN_LENGTH > (table >= 0).sum():     # short runs: gather entry by entry
+        return table, None, None
+    return table, torch.tensor(runs, dtype=torch.int32).reshape(-1, 3), torch.tensor(run_at, dtype=torch.int32)
+
+
+def window_pair(a, g, adjoint: bool = False) -> Optional[Tensor]:
+    """``kernels.spatial.stencil_pair`` (``adjoint``: its adjoint) of ``a``:
+    ``(*batch, *S, *S) -> (*batch, *P, *P)`` (or back), or None where the fused path does
+    not apply."""
+    lib = None if _off else _load()
+    if lib is None or not _applicable((a,)):
+        return None
+    src, dst = (g.out_shape, g.in_shape) if adjoint else (g.in_shape, g.out_shape)
+    n_in, n_out = math.prod(src), math.prod(dst)
+    batch = a.shape[:a.ndim - 2 * len(src)]
+    a = a.reshape(-1, n_in, n_in).contiguous()
+    out = torch.empty((*batch, *dst, *dst), dtype=torch.float64)
+    table, runs, run_at = _window_table(g, adjoint)
+    ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())  # noqa: E731
+
+    def part(lo, hi):
+        lib.ntk_window_pair(ptr(a), ptr(out), n_in, n_out, table.shape[0], ptr(table), ptr(runs), ptr(run_at),
+                            float(g.size), lo, hi)
+
+    _parallel(part, a.shape[0], out.numel())
+    if _meter is not None:
+        _meter.bytes += 8 * (a.numel() + out.numel())
+    return out

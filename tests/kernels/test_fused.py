@@ -1,0 +1,261 @@
+"""Fused kernels (``ntkcompile.kernels.fused``): the arc-cosine rules and the window sums of
+pair arrays as C loops, compiled once per machine, with the torch forms as fallback.
+
+Oracles: the closed forms evaluated in numpy long double (independent of both paths), the
+torch forms of the same steps (``fused.disabled()``), the adjoint identity of the window
+sums, and whole kernels of models computed with the fused path on and off.
+"""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import ntkcompile
+from ntkcompile.ir.geometry import ConvGeometry
+from ntkcompile.kernels import fused, spatial
+from ntkcompile.kernels import quadrature as quad
+from ntkcompile.ops.elementwise import from_function, from_module
+
+needs_compiler = pytest.mark.skipif(fused._compiler() is None, reason="no C compiler on this machine")
+
+# (name, a, b) of phi = a relu(x) + b relu(-x): relu, leaky relu, abs
+RELU_FAMILY = [("relu", 1.0, 0.0), ("leaky", 1.0, -0.2), ("abs", 1.0, 1.0)]
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A private cache and a library loaded anew; the shared state is restored afterwards."""
+    monkeypatch.setenv("NTKCOMPILE_CACHE", str(tmp_path))
+    fused.reset()
+    yield tmp_path
+    monkeypatch.undo()
+    fused.reset()
+
+
+def _pairs(n, seed, spread=1.0, cmax=0.999):
+    g = torch.Generator().manual_seed(seed)
+    k11 = torch.exp(spread * torch.randn(n, generator=g, dtype=torch.float64))
+    k22 = torch.exp(spread * torch.randn(n, generator=g, dtype=torch.float64))
+    c = cmax * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
+    return k11, c * (k11 * k22).sqrt(), k22
+
+
+def _long_double_rules(k11, k12, k22, a, b):
+    """``E phi phi'`` and ``E phi' phi''`` of ``phi = a relu + b relu(-.)`` in long double."""
+    L = np.longdouble
+    k11, k12, k22 = (t.numpy().astype(L) for t in (k11, k12, k22))
+    pi = L(np.pi)
+    s = np.sqrt(k11 * k22)
+    c = np.clip(k12 / s, -1, 1)
+    th = np.arccos(c)
+
+    def R(c, th):
+        return s * (np.sqrt(1 - c * c) + (pi - th) * c) / (2 * pi)
+
+    def S(th):
+        return (pi - th) / (2 * pi)
+
+    vt = (a * a + b * b) * R(c, th) + 2 * a * b * R(-c, pi - th)
+    dvt = (a * a + b * b) * S(th) - 2 * a * b * S(pi - th)      # phi' = a step(x) - b step(-x)
+    return th, vt, dvt
+
+
+@needs_compiler
+def test_the_fused_path_is_in_use_here():
+    assert fused.available(), fused.status()
+    assert "fused C kernels in use" in fused.status()
+
+
+@needs_compiler
+@pytest.mark.parametrize("name,a,b", RELU_FAMILY)
+def test_rules_against_long_double(name, a, b):
+    k11, k12, k22 = _pairs(20_000, seed=1, spread=2.0)
+    th_ref, vt_ref, dvt_ref = _long_double_rules(k11, k12, k22, a, b)
+    th = fused.angle(k11, k12, k22)
+    vt = fused.relu_family(k11, k12, k22, th, a * a + b * b, 2 * a * b)
+    dvt = fused.step_family(th, a * a + b * b, -2 * a * b)
+    # errors against each value's natural size: the angle and the step kernel against 1, the
+    # arc-cosine kernel against sqrt(k11 k22) (it cancels to 0 at c = -1, as relu(z) relu(-z));
+    # |c| <= 0.999: arccos amplifies c's rounding at most 1/sqrt(1 - c^2) = 22x (measured:
+    # 3.3e-15 for the angle, as torch's own arccos; 2e-15 for the rest)
+    scale = (k11 * k22).sqrt().numpy()
+    for got, ref, size in ((th, th_ref, 1.0), (vt, vt_ref, scale), (dvt, dvt_ref, 1.0)):
+        err = np.abs(got.numpy() - ref) / size
+        assert float(err.max()) < 3e-14, name
+
+
+def _entry(name):
+    return {"relu": from_module(nn.ReLU()), "leaky": from_module(nn.LeakyReLU(0.2)),
+            "abs": from_function(torch.abs), "sign": from_function(torch.sign)}[name]
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["relu", "leaky", "abs", "sign"])
+def test_activation_rules_equal_their_torch_forms(name):
+    """Through the activation table (the path kernels take), on broadcast and strided
+    arrays as the planner passes them: per-input variances against pair arrays."""
+    e = _entry(name)
+    g = torch.Generator().manual_seed(2)
+    v = torch.exp(torch.randn(40, 9, generator=g, dtype=torch.float64))          # (N, P)
+    k11, k22 = v[:, None, :, None], v[None, :, None, :]                          # (N, 1, P, 1), (1, N, 1, P)
+    c = 0.99 * (2 * torch.rand(40, 40, 9, 9, generator=g, dtype=torch.float64) - 1)
+    k12 = (c * (k11 * k22).sqrt()).transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous
+    outs = []
+    for off in (False, True):
+        if off:
+            ctx = fused.disabled()
+        else:
+            ctx = warnings.catch_warnings()
+        with ctx:
+            th = quad.angle(k11, k12, k22)
+            outs.append([th, e.vt_angle(k11, k12, k22, th)])
+            if e.dvt_angle is not None:              # sign's derivative vanishes: no rule
+                outs[-1].append(e.dvt_angle(k11, k12, k22, th))
+    for got, ref in zip(*outs):
+        assert got.shape == ref.shape == (40, 40, 9, 9) and got.dtype == torch.float64
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-15)
+
+
+@needs_compiler
+def test_special_entries_as_the_torch_forms():
+    """Zero variances, variances whose product leaves float64's range, c beyond +-1 from
+    rounding, NaN: each as the torch form decides."""
+    k11 = torch.tensor([0.0, 1e200, 1e-200, 2.0, 1.0, float("nan"), 3.0, 0.0], dtype=torch.float64)
+    k22 = torch.tensor([1.0, 1e150, 1e-150, 2.0, 1.0, 1.0, float("nan"), 0.0], dtype=torch.float64)
+    k12 = torch.tensor([0.0, 3e174, -5e-176, 2.0 + 4e-16, -1.0 - 1e-15, 0.5, 0.5, 0.0], dtype=torch.float64)
+    relu = _entry("leaky")
+    got, ref = [], []
+    for out in (got, ref):
+        with (fused.disabled() if out is ref else warnings.catch_warnings()):
+            th = quad.angle(k11, k12, k22)
+            out += [th, relu.vt_angle(k11, k12, k22, th), relu.dvt_angle(k11, k12, k22, th)]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0.0, equal_nan=True)
+    assert torch.isnan(got[1][5:7]).all()                       # a NaN variance stays NaN
+
+
+GEOMETRIES = [((3, 3), 1, 1, 1, (8, 8)), ((3, 3), 2, 1, 1, (9, 7)), ((3, 3), 1, 2, 2, (8, 8)),
+              ((2, 2), 2, 0, 1, (6, 6)), ((5,), 1, 2, 1, (11,)), ((3,), 2, 0, 3, (13,)),
+              ((3, 1), 1, (2, 0), (2, 1), (7, 5)), ((2, 2, 2), 1, 1, 1, (4, 3, 3))]
+
+
+@needs_compiler
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_window_sums_equal_the_shifted_views(geom):
+    """The same taps added in the same order as the torch form: equal to the bit."""
+    g = ConvGeometry.make(*geom)
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, *g.in_shape, *g.in_shape, generator=gen, dtype=torch.float64)
+    d = torch.randn(5, *g.out_shape, *g.out_shape, generator=gen, dtype=torch.float64)
+    got = spatial.stencil_pair(a, g), spatial.stencil_pair_adjoint(d, g, (5,))
+    with fused.disabled():
+        ref = spatial.stencil_pair(a, g), spatial.stencil_pair_adjoint(d, g, (5,))
+    for x, y in zip(got, ref):
+        assert x.shape == y.shape and torch.equal(x, y)
+    # and the adjoint is the adjoint: <S a, d> = <a, S* d>, up to the 1/|K| each side divides by
+    lhs = (got[0] * d).sum() * g.size
+    rhs = (a * got[1]).sum() * g.size
+    assert math.isclose(float(lhs), float(rhs), rel_tol=1e-12, abs_tol=1e-12)
+
+
+@needs_compiler
+def test_threads_split_the_work_without_changing_it():
+    k11, k12, k22 = _pairs(300_000, seed=4)
+    g = ConvGeometry.make((3, 3), 1, 1, 1, (8, 8))
+    a = torch.randn(40, 8, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            th = fused.angle(k11, k12, k22)
+            results.append((th, fused.relu_family(k11, k12, k22, th, 1.0, 0.0), spatial.stencil_pair(a, g)))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+class LeakyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, stride=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = nn.functional.leaky_relu(self.c1(x), 0.1)
+        h = torch.relu(self.c2(h)) + torch.abs(self.c2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def _mlp(act, depth=4):
+    layers, d = [], 5
+    for _ in range(depth):
+        layers += [nn.Linear(d, 16), act]
+        d = 16
+    return nn.Sequential(*layers, nn.Linear(d, 1))
+
+
+@needs_compiler
+@pytest.mark.parametrize("model,shape", [(_mlp(nn.ReLU(), depth=6), (5,)), (_mlp(nn.LeakyReLU(0.3)), (5,)),
+                                         (LeakyCNN(), (2, 6, 6))])
+def test_kernels_equal_with_the_fused_path_on_and_off(model, shape):
+    gen = torch.Generator().manual_seed(6)
+    x1, x2 = torch.randn(9, *shape, generator=gen), torch.randn(4, *shape, generator=gen)
+    kfn = ntkcompile.compile(model, W_std=1.3, b_std=0.2)
+    on = [kfn(x1), kfn(x1, x2)]
+    with fused.disabled():
+        off = [kfn(x1), kfn(x1, x2)]
+    for a, b in zip(on, off):
+        for name in ("nngp", "ntk"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-11, atol=0.0)
+
+
+def test_disabled_by_the_environment(fresh, monkeypatch):
+    monkeypatch.setenv("NTKCOMPILE_FUSED", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # disabling on purpose warns of nothing
+        assert not fused.available()
+    assert "NTKCOMPILE_FUSED=0" in fused.status()
+    k11, k12, k22 = _pairs(10, seed=7)
+    assert fused.angle(k11, k12, k22) is None     # the callers then take the torch form
+
+
+def test_no_compiler_falls_back_to_torch_with_a_warning(fresh, monkeypatch):
+    monkeypatch.setattr(fused, "_compiler", lambda: None)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(8))
+    model = _mlp(nn.ReLU())
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        got = ntkcompile.compile(model)(x)
+    assert "no C compiler" in fused.status()
+    fused.reset()
+    monkeypatch.undo()
+    with fused.disabled():
+        ref = ntkcompile.compile(model)(x)
+    torch.testing.assert_close(got.ntk, ref.ntk, rtol=0, atol=0)
+
+
+@needs_compiler
+def test_a_failed_build_says_why(fresh, monkeypatch, tmp_path):
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(fused, "SOURCE", bad)
+    with pytest.warns(RuntimeWarning, match="could not compile"):
+        assert not fused.available()
+    assert "bad.c" in fused.status()
+
+
+@needs_compiler
+def test_built_once_then_loaded_from_the_cache(fresh):
+    assert fused.available()
+    built = sorted(fresh.glob("fused-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    fused.reset()
+    assert fused.available()
+    assert sorted(fresh.glob("fused-*.so")) == built and built[0].stat().st_mtime_ns == stamp
+    assert not list(fresh.glob("*.tmp*")) and len(list(fresh.iterdir())) == 1    # no temporaries left
