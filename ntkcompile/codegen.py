@@ -219,7 +219,8 @@ class _Renderer:
         x = self.value(n.x)
         if self.self_mode:       # packed pairs i <= j (kernels.spatial.pack)
             idx = "I" if n.side == 1 else "J"
-            return f"liftp({x}, {idx}, {n.k}, {n.side == 2})" if n.k else f"{x}[{idx}]"
+            # index_select: 2x faster than x[I] for a gather along the first axis
+            return f"liftp({x}, {idx}, {n.k}, {n.side == 2})" if n.k else f"{x}.index_select(0, {idx})"
         if n.k:
             return f"lift{n.side}({x}, {n.k})"
         return f"{x}[:, None]" if n.side == 1 else f"{x}[None, :]"

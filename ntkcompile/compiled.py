@@ -28,7 +28,7 @@ from .ir.graph import render, to_dot
 from .ir.printer import format_program
 from .ir.verify import verify
 from .kernels.planner import aligned_positions, plan_kernels
-from . import batched, tiling
+from . import batched, distinct, tiling
 from .passes.backward import backward
 from .passes.homogeneity import is_homogeneous
 from .ir import Atom
@@ -326,21 +326,10 @@ class CompiledKernel:
             x2 = None if x2 is None else self._check(x2, "x2")
         if self._batched:
             return self._kernels(*batched.evaluate(self, x1, x2, get, tile_size, out, resume, distributed))
-        if x2 is None and x1.shape[0] > 1:
-            # duplicate inputs: compute each distinct input once and copy, so the kernel
-            # is exactly singular there (duplicates otherwise see c = 1 - eps, and the
-            # arccos-type closed forms amplify eps into ~1e-8 errors that break PSD-ness)
-            uniq, inverse = torch.unique(x1, dim=0, return_inverse=True)
-            if uniq.shape[0] < x1.shape[0]:
-                k = self(uniq, None, get, tile_size=tile_size, progress=progress, distributed=distributed)
-                outputs = tiling._outputs(out, get, x1.shape[0], x1.shape[0], self.dtype, x1.device,
-                                          tuple(self.output_positions or ()) * 2)
-                pick = lambda m: None if m is None else m[inverse][:, inverse]  # noqa: E731
-                for name in get:
-                    tiling._write(outputs[name], slice(None), slice(None), pick(getattr(k, name)))
-                return Kernels(nngp=outputs.get("nngp"), ntk=outputs.get("ntk"), mc_stderr=k.mc_stderr,
-                               quad_error=k.quad_error, nngp_stderr=pick(k.nngp_stderr),
-                               ntk_stderr=pick(k.ntk_stderr))
+        if x2 is None and x1.shape[0] > 1:      # duplicate inputs: each distinct one computed once
+            k = distinct.with_duplicates(self, x1, get, tile_size, progress, out, distributed)
+            if k is not None:
+                return k
         return self._kernels(*tiling.evaluate(self, x1, x2, get, tile_size, progress, out, resume, distributed))
 
     def _kernels(self, outputs, stderr, worst) -> Kernels:

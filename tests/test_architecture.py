@@ -25,7 +25,7 @@ STAGES = [
     {"kernels"},
     {"codegen"},
     {"ops"},
-    {"compiled", "diagnose", "tiling", "batched", "progress"},
+    {"compiled", "diagnose", "tiling", "batched", "progress", "distinct"},
     {"parametrize", "empirical", "training", "stability"},
     {"blocks", "dynamics"},
     {"harness"},
