@@ -274,6 +274,36 @@ def test_duplicate_inputs_give_psd_symmetric_kernels():
         assert torch.equal(K[4], K[0]) and torch.equal(K[5], K[1])   # duplicates: identical rows
 
 
+def test_distinct_rows_whose_projections_collide():
+    """Duplicates are screened by one projection per row (``distinct.distinct_rows``); rows
+    that project equally but differ must still be told apart (by ``torch.unique``)."""
+    from ntkcompile.distinct import distinct_rows
+    d = torch.linspace(1.0, 2.0, 3, dtype=torch.float64)            # the fixed direction of 3 features
+    a = torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)
+    assert float(a @ d) == float(b @ d)                             # a collision, yet different rows
+    x = torch.stack([a, b, a])
+    uniq, inverse = distinct_rows(x)
+    assert uniq.shape[0] == 2 and torch.equal(uniq[inverse], x)
+    uniq, inverse = distinct_rows(x[:2])
+    assert uniq.shape[0] == 2 and torch.equal(uniq[inverse], x[:2])
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    kfn = ntkcompile.compile(model, W_std=1.2, b_std=0.1)
+    k, k2 = kfn(x), kfn(x[:2])
+    assert torch.equal(k.ntk[:2, :2], k2.ntk) and torch.equal(k.ntk[2], k.ntk[0])
+
+
+def test_tile_finiteness_check_when_the_sum_overflows():
+    """Tiles are checked by their sum first; a sum that overflows must not fail finite entries."""
+    from ntkcompile.tiling import _finite
+    big = torch.full((3, 3), 1e308, dtype=torch.float64)
+    assert _finite(big) and not torch.isfinite(big.sum())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[1, 2] = bad
+        assert not _finite(t) and not _finite(torch.tensor([0.0, bad]))
+
+
 def test_float32_on_request():
     model = nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 1))
     x = torch.randn(4, D)
