@@ -96,13 +96,15 @@ static int in_range(const double *k11, const double *k22, int64_t n) {
     return ok;
 }
 
-/* One block of ``n`` entries: in[r] are the inputs, contiguous in the block.  Each rule
- * has a branch-free loop (vectorized) for blocks whose variances are all in range, and
- * the general per-entry form otherwise; both give the same values there. */
-static void rule_block(int rule, const double *const *in, double *out, int64_t n, const double *par,
+/* One block of ``n`` entries: in[r] are the inputs, contiguous in the block, ``k11`` and
+ * ``k22`` first and last of three (the step rule's middle one is theta).  Each rule has a
+ * branch-free loop (vectorized) for blocks whose variances are all in range, and the
+ * general per-entry form otherwise; both give the same values there.  Returns whether the
+ * block was in range (so every variance positive). */
+static int rule_block(int rule, const double *const *in, double *out, int64_t n, const double *par,
                        double *tmp) {
     const double *k11 = in[0], *k12 = in[1], *k22 = in[2];
-    int fast = rule != RULE_STEP && in_range(k11, k22, n);
+    int fast = in_range(k11, k22, n);
     switch (rule) {
     case RULE_ANGLE: {                     /* arccos c */
         double s;
@@ -142,7 +144,7 @@ static void rule_block(int rule, const double *const *in, double *out, int64_t n
     }
     case RULE_STEP: {                      /* aa S(c) + ab2 S(-c), S = (pi - theta) / (2 pi) */
         double aa = par[0], ab2 = par[1];
-        const double *th = in[0];
+        const double *th = in[1];
         for (int64_t i = 0; i < n; i++) {
             double v = (PI - th[i]) / (2.0 * PI);
             if (aa != 1.0) v = aa * v;
@@ -152,14 +154,16 @@ static void rule_block(int rule, const double *const *in, double *out, int64_t n
         break;
     }
     }
+    return fast;
 }
 
 /* Apply ``rule`` to the entries ``[lo, hi)`` (row-major) of a (d0, d1, d2) array.  ``in[r]``
- * has strides ``st[3 r .. 3 r + 2]`` (elements); ``out`` is contiguous.  Returns 0, or -1
- * for an unknown rule. */
+ * has strides ``st[3 r .. 3 r + 2]`` (elements); ``out`` is contiguous.  Returns 1 when
+ * every variance was positive and in range, 0 otherwise, -1 for an unknown rule. */
 int ntk_rule(int rule, int n_in, const double *const *in, const int64_t *st, const int64_t *shape,
              double *out, const double *par, int64_t lo, int64_t hi) {
-    if (rule < RULE_ANGLE || rule > RULE_STEP || n_in < 1 || n_in > 4) return -1;
+    if (rule < RULE_ANGLE || rule > RULE_STEP || n_in < 3 || n_in > 4) return -1;
+    int positive = 1;
     double buf[4][BLOCK], tmp[2 * BLOCK];
     const double *rows[4];
     int64_t d1 = shape[1], d2 = shape[2];
@@ -178,10 +182,10 @@ int ntk_rule(int rule, int n_in, const double *const *in, const int64_t *st, con
                 rows[r] = buf[r];
             }
         }
-        rule_block(rule, rows, out + lo, n, par, tmp);
+        positive &= rule_block(rule, rows, out + lo, n, par, tmp);
         lo += n;
     }
-    return 0;
+    return positive;
 }
 
 /* ------------------------------------------------------------------ window sums on pairs
@@ -221,5 +225,33 @@ void ntk_window_pair(const double *in, double *out, int64_t n_in, int64_t n_out,
             }
             for (int64_t q = 0; q < n_out; q++) row[q] = row[q] / size;
         }
+    }
+}
+
+/* ------------------------------------------------------------------ the packed pair layout
+ *
+ * ``out[t, :] = src[a[t] * stride + (b ? b[t] : 0), :]`` for rows of ``row`` doubles: a
+ * per-input array lifted to the packed pairs (``x[I]``), or a full ``(N, N, ...)`` array
+ * packed (``full[I, J]``).  Pairs ``t`` in [lo, hi). */
+void ntk_gather(const double *src, int64_t row, const int64_t *a, const int64_t *b, int64_t stride,
+                double *out, int64_t lo, int64_t hi) {
+    if (row == 1) {
+        if (b) {
+            for (int64_t t = lo; t < hi; t++) out[t] = src[a[t] * stride + b[t]];
+        } else {
+            for (int64_t t = lo; t < hi; t++) out[t] = src[a[t] * stride];
+        }
+        return;
+    }
+    for (int64_t t = lo; t < hi; t++)
+        memcpy(out + t * row, src + (a[t] * stride + (b ? b[t] : 0)) * row, (size_t)row * sizeof(double));
+}
+
+/* The symmetric ``(n, n)`` matrix of packed pairs ``(i[t], j[t])``, ``t`` in [lo, hi). */
+void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_t n, double *out,
+                int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; t++) {
+        out[i[t] * n + j[t]] = packed[t];
+        out[j[t] * n + i[t]] = packed[t];
     }
 }

@@ -46,7 +46,7 @@ from torch import Tensor
 from .compat import compiling
 
 SOURCE = Path(__file__).with_name("fused.c")
-_RULES = {"angle": (0, 3), "relu": (1, 4), "step": (2, 1)}
+_RULES = {"angle": (0, 3), "relu": (1, 4), "step": (2, 3)}
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"]
 _RUN_LENGTH = 4                      # window tables whose runs are shorter on average gather
 _PARALLEL_ENTRIES = 1 << 16          # below this, one thread (a thread's start costs more)
@@ -166,6 +166,11 @@ def _load():
                 lib.ntk_window_pair.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                                 ctypes.c_double, ctypes.c_int64, ctypes.c_int64]
+                lib.ntk_gather.restype = lib.ntk_unpack.restype = None
+                lib.ntk_gather.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                lib.ntk_unpack.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                 lib.ntk_rule.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                          ctypes.c_int64]
@@ -252,29 +257,39 @@ def _run(rule: str, args, params=()) -> Optional[Tensor]:
     if lib is None or not _applicable(args):
         return None
     code, n_in = _RULES[rule]
-    args = torch.broadcast_tensors(*args)
-    shape = tuple(args[0].shape)
+    shape = args[0].shape
+    if all(a.shape == shape and a.is_contiguous() for a in args):      # the common case: one flat loop
+        sizes, strides = [1, 1, args[0].numel()], [0, 0, 1] * n_in
+    else:
+        args = torch.broadcast_tensors(*args)
+        shape = args[0].shape
+        dims = _coalesce(shape, [a.stride() for a in args])
+        if len(dims) > 3:
+            args = [a.contiguous() for a in args]
+            dims = _coalesce(shape, [a.stride() for a in args])
+        dims = [(1, [0] * n_in)] * (3 - len(dims)) + dims
+        sizes = [n for n, _ in dims]
+        strides = [s[r] for r in range(n_in) for s in (d[1] for d in dims)]
     out = torch.empty(shape, dtype=torch.float64)
     if out.numel() == 0:
         return out
-    dims = _coalesce(shape, [a.stride() for a in args])
-    if len(dims) > 3:
-        args = [a.contiguous() for a in args]
-        dims = _coalesce(shape, [a.stride() for a in args])
-    dims = [(1, [0] * n_in)] * (3 - len(dims)) + dims
-    sizes = [n for n, _ in dims]
-    strides = [s[r] for r in range(n_in) for s in (d[1] for d in dims)]
     st = (ctypes.c_int64 * len(strides))(*strides)
     par = (ctypes.c_double * 2)(*(list(params) + [0.0, 0.0])[:2])
     shp = (ctypes.c_int64 * 3)(*sizes)
     ptrs = (ctypes.c_void_p * n_in)(*[a.data_ptr() for a in args])
 
+    positive = []
+
     def part(lo, hi):
         rc = lib.ntk_rule(code, n_in, ptrs, st, shp, ctypes.c_void_p(out.data_ptr()), par, lo, hi)
-        if rc != 0:
+        if rc < 0:
             raise RuntimeError(f"fused rule {rule!r} failed (code {rc})")
+        positive.append(rc == 1)
 
     _parallel(part, out.numel(), out.numel())
+    if all(positive):
+        # every k11, k22 > 0: ops/elementwise.pin_zero_variance need not look for zeros
+        out.variances_positive = True
     if _meter is not None:
         _meter.bytes += 8 * out.numel() * (n_in + 1)
     return out
@@ -305,9 +320,10 @@ def relu_family(k11, k12, k22, theta, aa: float, ab2: float) -> Optional[Tensor]
     return _run("relu", (k11, k12, k22, theta), (aa, ab2))
 
 
-def step_family(theta, aa: float, ab2: float) -> Optional[Tensor]:
-    """``aa S(c) + ab2 S(-c)`` with ``S = (pi - theta) / (2 pi)`` (ops/activations)."""
-    return _run("step", (theta,), (aa, ab2))
+def step_family(k11, theta, k22, aa: float, ab2: float) -> Optional[Tensor]:
+    """``aa S(c) + ab2 S(-c)`` with ``S = (pi - theta) / (2 pi)`` (ops/activations); the
+    variances only say whether they are all positive."""
+    return _run("step", (k11, theta, k22), (aa, ab2))
 
 
 # ------------------------------------------------------------------ window sums on pairs
@@ -371,4 +387,49 @@ def window_pair(a, g, adjoint: bool = False) -> Optional[Tensor]:
     _parallel(part, a.shape[0], out.numel())
     if _meter is not None:
         _meter.bytes += 8 * (a.numel() + out.numel())
+    return out
+
+
+# ------------------------------------------------------------------ the packed pair layout
+
+
+def _index_ok(*idx) -> bool:
+    return all(isinstance(i, Tensor) and i.dtype == torch.int64 and i.device.type == "cpu"
+               and i.is_contiguous() for i in idx)
+
+
+def gather(x, a, b=None) -> Optional[Tensor]:
+    """``x[a]`` (``b`` None) or ``x[a, b]`` for a float64 ``x`` with ``b`` indexing its second axis
+    (``kernels.spatial``: lifts to and packing into the packed pairs), or None where the fused
+    path does not apply.  Bounds are the caller's: the indices come from ``pair_indices``."""
+    lib = None if _off else _load()
+    if lib is None or not _applicable((x,)) or not _index_ok(a, *(() if b is None else (b,))):
+        return None
+    lead = 1 if b is None else 2
+    if x.ndim < lead or a.ndim != 1 or (b is not None and b.shape != a.shape) or not x.is_contiguous():
+        return None                    # (a strided x: torch's indexing reads it in place)
+    row = math.prod(x.shape[lead:])
+    out = torch.empty((a.shape[0], *x.shape[lead:]), dtype=torch.float64)
+    stride = 1 if b is None else x.shape[1]
+
+    def part(lo, hi):
+        lib.ntk_gather(x.data_ptr(), row, a.data_ptr(), None if b is None else b.data_ptr(), stride,
+                       out.data_ptr(), lo, hi)
+
+    _parallel(part, a.shape[0], out.numel())
+    if _meter is not None:
+        _meter.bytes += 8 * 2 * out.numel() + 8 * a.numel() * (1 if b is None else 2)
+    return out
+
+
+def unpack(packed, i, j, n) -> Optional[Tensor]:
+    """The symmetric ``(n, n)`` matrix of the packed pairs ``packed[t]`` at ``(i[t], j[t])``."""
+    lib = None if _off else _load()
+    if lib is None or not _applicable((packed,)) or not _index_ok(i, j) or packed.ndim != 1:
+        return None
+    packed = packed.contiguous()
+    out = torch.empty((n, n), dtype=torch.float64)
+    lib.ntk_unpack(packed.data_ptr(), i.data_ptr(), j.data_ptr(), n, out.data_ptr(), 0, packed.shape[0])
+    if _meter is not None:
+        _meter.bytes += 8 * (packed.numel() + 2 * i.numel() + out.numel())
     return out

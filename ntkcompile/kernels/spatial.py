@@ -316,11 +316,21 @@ def pair_indices(n, device):
 
 def pack(full, i, j):
     """``(N, N, ...) -> (T, ...)``."""
-    return full[i, j]
+    out = fused.gather(full, i, j)
+    return full[i, j] if out is None else out
+
+
+def gather(x, idx):
+    """``x[idx]`` along the first axis (a per-input array lifted to the packed pairs)."""
+    out = fused.gather(x, idx)
+    return x.index_select(0, idx) if out is None else out      # index_select: 2x faster than x[idx]
 
 
 def unpack(packed, i, j, n):
     """``(T,) -> (N, N)`` symmetric."""
+    out = fused.unpack(packed, i, j, n)
+    if out is not None:
+        return out
     out = torch.empty((n, n), dtype=packed.dtype, device=packed.device)
     out[i, j] = packed
     out[j, i] = packed
@@ -332,7 +342,7 @@ def liftp(t, idx, k, right):
     if not torch.is_tensor(t):
         return t
     t = bands.rows_of(t, int(right))
-    g = t.index_select(0, idx)
+    g = gather(t, idx)
     sp = g.shape[1:]
     if not sp:
         return g.reshape(g.shape[0], *([1] * 2 * k))

@@ -79,7 +79,7 @@ def _step_family_vt(a: float, b: float):
     comb = _combine(lambda c, theta: _step_kernel(theta), a, b)
 
     def vt_angle(k11, k12, k22, theta):
-        out = fused.step_family(theta, a * a + b * b, 2.0 * a * b)
+        out = fused.step_family(k11, theta, k22, a * a + b * b, 2.0 * a * b)
         return comb(None, theta) if out is None else out      # c itself is not needed: only the angle
 
     def vt(k11, k12, k22):

@@ -422,6 +422,8 @@ def pin_zero_variance(e: Elementwise) -> Elementwise:
         def pinned(k11, k12, k22, *rest):
             k11, k22 = f64(k11), f64(k22)
             out = moment(k11, k12, k22, *rest)
+            if getattr(out, "variances_positive", False):
+                return out          # a fused rule saw every variance positive (kernels/fused.py)
             # one reduction per variance array decides; full-size work only if needed
             # (always, branch-free, under torch.compile)
             if compiling() or _may_be_zero(k11):

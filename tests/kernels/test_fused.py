@@ -76,7 +76,7 @@ def test_rules_against_long_double(name, a, b):
     th_ref, vt_ref, dvt_ref = _long_double_rules(k11, k12, k22, a, b)
     th = fused.angle(k11, k12, k22)
     vt = fused.relu_family(k11, k12, k22, th, a * a + b * b, 2 * a * b)
-    dvt = fused.step_family(th, a * a + b * b, -2 * a * b)
+    dvt = fused.step_family(k11, th, k22, a * a + b * b, -2 * a * b)
     # errors against each value's natural size: the angle and the step kernel against 1, the
     # arc-cosine kernel against sqrt(k11 k22) (it cancels to 0 at c = -1, as relu(z) relu(-z));
     # |c| <= 0.999: arccos amplifies c's rounding at most 1/sqrt(1 - c^2) = 22x (measured:
