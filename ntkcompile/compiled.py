@@ -27,6 +27,7 @@ from .export import graph_of, is_exported_program
 from .ir.graph import render, to_dot
 from .ir.printer import format_program
 from .ir.verify import verify
+from .kernels import fused
 from .kernels.planner import aligned_positions, plan_kernels
 from . import batched, distinct, tiling
 from .passes.backward import backward
@@ -542,6 +543,7 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
                 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
             raise ValueError(f"input_shape must be the shape of one input (positive ints, no batch axis), "
                              f"got {input_shape!r}")
+    fused.prepare()      # a first use on this machine builds the fused C kernels while we trace and plan
     graph = graph_of(model, input_shape, is_rule_module)     # torch.fx, or torch.export (export.py)
     names = {n for n, _ in graph.module.named_modules()}
     params = {n for n, _ in graph.module.named_parameters()}     # a bare parameter's own std (ops/params.py)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import traceback
 import types
 
 import torch
@@ -38,11 +39,25 @@ def leaf_function(fn) -> None:
     LEAF_FUNCTIONS[id(fn)] = fn
 
 
+_FX_DIR = os.path.dirname(fx.__file__) + os.sep      # fx's own frames: not the user's code
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, is_rule_module):
         super().__init__()
-        self.record_stack_traces = True
         self._is_rule_module = is_rule_module
+
+    def create_node(self, *args, **kwargs):
+        # Each node's user source line, as fx's record_stack_traces would record it; fx's way
+        # (CapturedTraceback) imports torch._dynamo on first use: 1.1 s of a cold start.
+        node = super().create_node(*args, **kwargs)
+        if not node.stack_trace:
+            stack = traceback.extract_stack()
+            first = next((i for i, f in enumerate(stack) if f.name == "forward"), len(stack))
+            frames = [f for f in stack[first:] if not f.filename.startswith(_FX_DIR) and f.filename != __file__]
+            if frames:
+                node.stack_trace = "".join(traceback.StackSummary.from_list(frames).format()).strip()
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return self._is_rule_module(m)

@@ -148,7 +148,18 @@ def _sleef_acos(width: int) -> Optional[int]:
     return None
 
 
-def _load():
+_SIGNATURES = {   # (restype, argtypes) of the library's functions
+    "ntk_rule": (ctypes.c_int, [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2),
+    "ntk_window_pair": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                        + [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_gather": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
+}
+
+
+def _open():
+    """Build (if not cached) and load the library once per process; ``_state`` says how it went."""
     with _lock:
         if "lib" in _state:
             return _state["lib"]
@@ -161,19 +172,8 @@ def _load():
             try:
                 path = _build(cc)
                 lib = ctypes.CDLL(str(path))
-                lib.ntk_rule.restype = ctypes.c_int
-                lib.ntk_window_pair.restype = None
-                lib.ntk_window_pair.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                                ctypes.c_double, ctypes.c_int64, ctypes.c_int64]
-                lib.ntk_gather.restype = lib.ntk_unpack.restype = None
-                lib.ntk_gather.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-                lib.ntk_unpack.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-                lib.ntk_rule.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                         ctypes.c_int64]
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
                 width = lib.ntk_width()
                 sleef = _sleef_acos(width)
                 lib.ntk_init(ctypes.c_void_p(sleef))
@@ -182,11 +182,29 @@ def _load():
             except OSError as e:
                 lib, why = None, str(e)
         _state.update(lib=lib, why=why)
-        if lib is None and not why.startswith("disabled"):
-            warnings.warn(f"ntkcompile: the fused kernels are unavailable ({why}); the closed-form rules "
-                          "take their torch forms, 2-4x slower (NTKCOMPILE_FUSED=0 silences this)",
-                          RuntimeWarning, stacklevel=3)
         return lib
+
+
+def _load():
+    """The library, or None; the first caller to find it unavailable (other than disabled)
+    is warned, in its own thread."""
+    lib = _state["lib"] if "lib" in _state else _open()
+    if lib is None and not _state.get("warned") and not _state["why"].startswith("disabled"):
+        _state["warned"] = True
+        warnings.warn(f"ntkcompile: the fused kernels are unavailable ({_state['why']}); the closed-form "
+                      "rules take their torch forms, 2-4x slower (NTKCOMPILE_FUSED=0 silences this)",
+                      RuntimeWarning, stacklevel=4)
+    return lib
+
+
+def prepare():
+    """Start building the library in the background if it is not loaded yet: ``compile()``
+    calls this, so a first use on a new machine overlaps the C build (0.2-0.5 s) with
+    tracing and planning.  The first kernel call waits for it (``_open`` holds the lock),
+    so every call takes the same path."""
+    if "lib" not in _state and not _state.get("preparing"):
+        _state["preparing"] = True
+        threading.Thread(target=_open, name="ntkcompile-fused-build", daemon=True).start()
 
 
 def status() -> str:
