@@ -26,13 +26,14 @@ import opt_einsum
 
 from . import plan as P
 from .ir.walk import postorder
-from .kernels import expect, spatial
+from .kernels import expect, program, spatial
 
 _PRELUDE = {"pair_indices": spatial.pair_indices, "unpack": spatial.unpack, "unpack_seeds": spatial.unpack_seeds,
             "full": expect.full,
             "pack": spatial.pack, "with_diagonal_packed": spatial.with_diagonal_packed,
             "with_diagonal_aligned": spatial.with_diagonal_aligned, "lift1": spatial.lift1,
-            "lift2": spatial.lift2, "liftp": spatial.liftp, "liftf": spatial.liftf, "gather": spatial.gather}
+            "lift2": spatial.lift2, "liftp": spatial.liftp, "liftf": spatial.liftf, "gather": spatial.gather,
+            "program": program.run}
 _ENV = {"like": "like", "batch": "BATCH", "dbatch": "DBATCH", "errors": "_err", "mc": "MC"}
 _ARITH = (P.Mul, P.Add, P.Pow, P.Rsqrt)
 
@@ -62,6 +63,14 @@ def specialize(plan: P.Plan, self_mode: bool, names):
     return {n: remap(plan.outputs.get(n)) for n in names}, spec.origin
 
 
+class _Region:
+    """Pair-array steps computed as one fused ``kernels.program.Program``: ``members`` in
+    order, ``outputs`` (the members used outside it)."""
+
+    def __init__(self, members, outputs):
+        self.members, self.outputs = members, outputs
+
+
 class _Renderer:
     def __init__(self, self_mode: bool, check: bool = False):
         self.self_mode = self_mode
@@ -70,7 +79,7 @@ class _Renderer:
         self.namespace["torch"] = __import__("torch")
         self._bound: dict = {}
         self.names: dict = {}            # node uid -> variable name
-        self.statements: list = []       # (lines, assigned name or None)
+        self.statements: list = []       # (lines, assigned name, names or None)
         self._count = 0
         self.uses: dict = {}
         self._text: dict = {}            # node uid -> rendered inline text
@@ -224,12 +233,110 @@ class _Renderer:
             return f"lift{n.side}({x}, {n.k})"
         return f"{x}[:, None]" if n.side == 1 else f"{x}[None, :]"
 
+    # ------------------------------------------------------------ fusion
+    def fuse(self, order, roots):
+        """``order`` with its chains of elementwise steps on pair arrays gathered into
+        ``_Region``s, each computed by one fused program (``kernels/program.py``).  A chain
+        ends where a step that cannot join it (a stencil, a contraction, a quadrature) reads
+        it; chains of one step stay as they are."""
+        pair, users = {}, {}
+        for n in order:
+            if isinstance(n, (P.Lift, P.LiftAll, P.ToPairs, P.SetDiagonal)):
+                pair[n.uid] = True
+            elif isinstance(n, (P.Mul, P.Add, P.Call)):
+                pair[n.uid] = any(pair.get(c.uid, False) for c in n.children())
+            for c in self.children(n):
+                users.setdefault(c.uid, set()).add(n.uid)
+        for r in roots:
+            if isinstance(r, P.PNode):
+                users.setdefault(r.uid, set()).add(-1)
+        out, cur, members = [], [], set()
+
+        def close():
+            if len(cur) > 1:
+                out.append(_Region(list(cur), [m for m in cur if users.get(m.uid, set()) - members]))
+            else:
+                out.extend(cur)
+            cur.clear()
+            members.clear()
+
+        for n in order:
+            if pair.get(n.uid) and _fusable(n):
+                cur.append(n)
+                members.add(n.uid)
+                continue
+            if any(c.uid in members for c in self.children(n)):
+                close()
+            out.append(n)
+        close()
+        self.uses = {}
+        for n in out:
+            if not isinstance(n, _Region):
+                self.count_uses(n)
+        for n in out:          # after the others: whether a lift is read only by regions
+            if isinstance(n, _Region):
+                for leaf in self._leaves(n):
+                    self.uses[leaf.uid] = self.uses.get(leaf.uid, 0) + 2
+        return out
+
+    def _leaves(self, region):
+        """What a region reads from outside: arrays, or per-input arrays ``x`` of lifts that
+        it reads as ``x[I]`` itself (packed pairs)."""
+        inside = {m.uid for m in region.members}
+        found: dict = {}
+        for m in region.members:
+            for c in m.children():
+                if c.uid in inside or isinstance(c, (P.Env, P.Static)):
+                    continue
+                found[c.uid] = c.x if self._lifted(c) else c
+        return list(found.values())
+
+    def _lifted(self, n):
+        return self.self_mode and isinstance(n, P.Lift) and n.k == 0 and self.uses.get(n.uid, 0) == 0
+
+    def region(self, reg, indent):
+        index = {m.uid: k for k, m in enumerate(reg.members)}
+        leaves: dict = {}
+
+        def ref(v):
+            if not isinstance(v, P.PNode):
+                return float(v)
+            if v.uid in index:
+                return ("step", index[v.uid])
+            if v.uid not in leaves:
+                if self._lifted(v):
+                    leaves[v.uid] = f"({self.value(v.x)}, {'I' if v.side == 1 else 'J'})"
+                else:
+                    leaves[v.uid] = self.value(v)
+            return ("leaf", list(leaves).index(v.uid))
+
+        steps = []
+        for m in reg.members:
+            if isinstance(m, (P.Add, P.Mul)):
+                steps.append(("add" if isinstance(m, P.Add) else "mul",
+                              tuple(ref(t) for t in (m.terms if isinstance(m, P.Add) else m.factors))))
+            elif m.fn is expect.angle:
+                steps.append(("angle", tuple(ref(a) for a in m.args[1:])))
+            else:
+                steps.append(("rule", tuple(ref(a) for a in m.args[2:]), m.args[0].obj))
+        prog = program.Program(steps, len(leaves), [index[o.uid] for o in reg.outputs])
+        names = [self.fresh() for _ in reg.outputs]
+        rules = sum(1 for m in reg.members if isinstance(m, P.Call))
+        text = (f"{indent}{', '.join(names)}{',' if len(names) == 1 else ''} = program({self.bind(prog, 'prog')}, "
+                f"like, {', '.join(leaves.values())})  # fused: {len(steps)} steps, {rules} closed forms")
+        self.statements.append(([text] + self._checked(names[0], reg.outputs[0], indent), tuple(names)))
+        for o, name in zip(reg.outputs, names):
+            self.names[o.uid] = name
+
     # ------------------------------------------------------------ statements
     def emit_all(self, order, indent=""):
         for n in order:
             self.emit(n, indent)
 
     def emit(self, n, indent=""):
+        if isinstance(n, _Region):
+            self.region(n, indent)
+            return
         gather = isinstance(n, P.Lift) and self.self_mode and self.uses.get(n.uid, 0) > 1
         if isinstance(n, (P.Input, P.Env, P.Static, P.Lift, P.LiftAll, P.Slot, P.LoopVar, P.Fn, P.Apply,
                           P.ToPairs)) and not gather:
@@ -303,6 +410,21 @@ class _Renderer:
         self.statements.append((lines, None))
 
 
+def _fusable(n) -> bool:
+    """Whether a step on pair arrays can join a fused program (``kernels/program.py``)."""
+    operand = lambda v: isinstance(v, (P.PNode, float)) and not isinstance(v, (P.Env, P.Static))  # noqa: E731
+    if isinstance(n, P.Add):
+        return all(map(operand, n.terms))
+    if isinstance(n, P.Mul):
+        return all(map(operand, n.factors))
+    if isinstance(n, P.Call) and n.fn is expect.angle:
+        return len(n.args) == 4 and all(map(operand, n.args[1:]))
+    if isinstance(n, P.Call) and n.fn is expect.cf:
+        return (len(n.args) == 6 and isinstance(n.args[0], P.Static) and program.fused_rule(n.args[0].obj) is not None
+                and all(map(operand, n.args[2:])))
+    return False
+
+
 def _boundary(roots, local) -> tuple:
     """Nodes outside a scope that the scope's values ``roots`` use."""
     out, seen, stack = [], set(), [r for r in roots if isinstance(r, P.PNode)]
@@ -338,9 +460,10 @@ def _free_dead(statements, returns):
     out, live, most = [], 0, 0
     for i, (lines, assigned) in enumerate(statements):
         out.extend(lines)
-        live += assigned is not None
+        assigned = (assigned,) if isinstance(assigned, str) else assigned or ()     # a fused program: several
+        live += len(assigned)
         most = max(most, live)
-        dead = sorted(n for n in dies.get(i, ()) if n not in keep and n != assigned and not n.startswith("c"))
+        dead = sorted(n for n in dies.get(i, ()) if n not in keep and n not in assigned and not n.startswith("c"))
         if dead:
             out.append("del " + ", ".join(dead))
             live -= len(dead)
@@ -400,8 +523,12 @@ def _checker(origins, kinds):
     return _chk, _chk_inputs
 
 
-def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None, check=False, mc=(200_000, 0)):
+def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None, check=False, mc=(200_000, 0),
+           fuse=False):
     """``(function, source)`` of the kernel for one call mode; outputs not requested are None.
+
+    ``fuse=True`` computes chains of elementwise steps on pair arrays as fused programs
+    (``kernels/program.py``: one pass in C where it applies, else the same torch calls).
 
     ``check=True`` checks every array as it is computed and raises ``NonFiniteValue``
     with the plan node of the first one that is not finite (for diagnosis: slower).
@@ -425,7 +552,9 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
     if seeds:
         head.append(f"DBATCH = {seeds!r} + BATCH")
     head.append("_err = []")
-    r.emit_all(r.schedule(list(values.values())))
+    roots = list(values.values())
+    order = r.schedule(roots)
+    r.emit_all(r.fuse(order, roots) if fuse else order)
     for name in ("nngp", "ntk"):
         if name not in values:
             r.statements.append(([f"{name} = None"], None))

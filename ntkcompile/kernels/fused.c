@@ -255,3 +255,85 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
         out[j[t] * n + i[t]] = packed[t];
     }
 }
+
+/* ------------------------------------------------------------------ programs
+ *
+ * A straight-line program over registers of BLOCK doubles (kernels/program.py writes it):
+ * a chain of elementwise steps of the plan (arithmetic, the rules above, the loads of pair
+ * and lifted per-input arrays) run block by block over the entries [lo, hi), so that its
+ * intermediate arrays never leave L1.  Each instruction is PROG_WIDTH int32s:
+ *
+ *   LOAD   dst leaf           leaf ``leaf``: its entries at this block (strided, or gathered
+ *                             through its index array when it has one)
+ *   CONST  dst k              the constant consts[k] (run once, before the blocks)
+ *   ADD    dst a b            a + b
+ *   MUL    dst a b            a * b
+ *   ANGLE  dst k11 k12 k22    as RULE_ANGLE
+ *   RELU   dst k11 k12 k22 th p   as RULE_RELU with parameters consts[p], consts[p + 1]
+ *   STEP   dst k11 th k22 - p as RULE_STEP
+ *   STORE  out src            output ``out`` (contiguous) takes the register
+ *
+ * Leaves share one (d0, d1, d2) shape with per-leaf strides, as ntk_rule's inputs; a leaf
+ * with an index array reads leaf[index[e]] (only for flat shapes, d0 = d1 = 1).  Returns 1,
+ * or 0 as soon as a rule meets a variance that is not positive and in range (the caller then
+ * runs the program's torch form, which pins zero variances), -1 for a bad instruction. */
+
+#define PROG_WIDTH 7
+enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STORE };
+
+int ntk_program(const int32_t *code, int n_code, const double *consts, const double *const *leaves,
+                const int64_t *leaf_strides, const int64_t *const *index, double *const *outs,
+                const int64_t *shape, double *regs, int64_t lo, int64_t hi) {
+    double tmp[2 * BLOCK];
+    int64_t d1 = shape[1], d2 = shape[2];
+    for (int k = 0; k < n_code; k++) {
+        const int32_t *c = code + k * PROG_WIDTH;
+        if (c[0] == OP_CONST)
+            for (int i = 0; i < BLOCK; i++) regs[(int64_t)c[1] * BLOCK + i] = consts[c[2]];
+    }
+    while (lo < hi) {
+        int64_t j = lo % d2, i1 = (lo / d2) % d1, i0 = lo / (d1 * d2);
+        int64_t n = d2 - j;
+        if (n > BLOCK) n = BLOCK;
+        if (n > hi - lo) n = hi - lo;
+        for (int k = 0; k < n_code; k++) {
+            const int32_t *c = code + k * PROG_WIDTH;
+            double *dst = regs + (int64_t)c[1] * BLOCK;
+#define R(x) (regs + (int64_t)(x) * BLOCK)
+            switch (c[0]) {
+            case OP_LOAD: {
+                const int64_t *st = leaf_strides + 3 * c[2];
+                const double *p = leaves[c[2]];
+                if (index[c[2]]) {
+                    const int64_t *ix = index[c[2]] + lo;
+                    for (int64_t i = 0; i < n; i++) dst[i] = p[ix[i] * st[2]];
+                } else {
+                    p += i0 * st[0] + i1 * st[1] + j * st[2];
+                    if (st[2] == 1) memcpy(dst, p, (size_t)n * sizeof(double));
+                    else for (int64_t i = 0; i < n; i++) dst[i] = p[i * st[2]];
+                }
+                break;
+            }
+            case OP_CONST: break;
+            case OP_ADD: { const double *a = R(c[2]), *b = R(c[3]); for (int64_t i = 0; i < n; i++) dst[i] = a[i] + b[i]; break; }
+            case OP_MUL: { const double *a = R(c[2]), *b = R(c[3]); for (int64_t i = 0; i < n; i++) dst[i] = a[i] * b[i]; break; }
+            case OP_ANGLE: case OP_RELU: case OP_STEP: {
+                const double *in[4] = {R(c[2]), R(c[3]), R(c[4]), c[0] == OP_RELU ? R(c[5]) : 0};
+                int rule = c[0] == OP_ANGLE ? RULE_ANGLE : (c[0] == OP_RELU ? RULE_RELU : RULE_STEP);
+                const double *par = consts + c[6];
+                if (!rule_block(rule, in, dst, n, par, tmp)) return 0;
+                break;
+            }
+            case OP_STORE: {
+                double *o = outs[c[1]] + lo;
+                memcpy(o, R(c[2]), (size_t)n * sizeof(double));
+                break;
+            }
+            default: return -1;
+            }
+#undef R
+        }
+        lo += n;
+    }
+    return 1;
+}

@@ -155,6 +155,8 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_gather": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_program": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
+                    + [ctypes.c_int64] * 2),
 }
 
 
@@ -451,3 +453,75 @@ def unpack(packed, i, j, n) -> Optional[Tensor]:
     if _meter is not None:
         _meter.bytes += 8 * (packed.numel() + 2 * i.numel() + out.numel())
     return out
+
+
+# ------------------------------------------------------------------ programs (kernels/program.py)
+
+_BLOCK = 256                         # fused.c's BLOCK: the entries of one register
+
+
+def leaf_shape(x):
+    """The shape of a program's input: an array's, or ``x[idx]``'s for ``(x, idx)``."""
+    return (x[1].shape[0], *x[0].shape[1:]) if isinstance(x, tuple) else x.shape
+
+
+def program(code, consts, registers: int, leaves, n_out: int) -> Optional[list]:
+    """Run a ``kernels.program.Program``'s instructions over ``leaves`` (pair arrays, or
+    ``(x, idx)``: ``x[idx]`` for a 1-D ``x``); its outputs, or None where the fused path
+    does not apply or a rule met a variance that is not positive."""
+    lib = None if _off else _load()
+    if lib is None:
+        return None
+    arrays = [x[0] if isinstance(x, tuple) else x for x in leaves]
+    if not _applicable(arrays) or not _index_ok(*(x[1] for x in leaves if isinstance(x, tuple))):
+        return None
+    shape = torch.broadcast_shapes(*[leaf_shape(x) for x in leaves])
+    if len(shape) != 1 or any(isinstance(x, tuple) and x[0].ndim != 1 for x in leaves):
+        leaves = [gather(*x) if isinstance(x, tuple) else x for x in leaves]   # lifted arrays
+        if any(x is None for x in leaves):
+            return None
+    plain = [torch.broadcast_to(x, shape) for x in leaves if not isinstance(x, tuple)]
+    dims = _coalesce(shape, [a.stride() for a in plain]) if plain else [(math.prod(shape), [])]
+    if len(dims) > 3:
+        plain = [a.contiguous() for a in plain]
+        dims = _coalesce(shape, [a.stride() for a in plain])
+    dims = [(1, [0] * len(plain))] * (3 - len(dims)) + dims
+    sizes = [n for n, _ in dims]
+    strides, ptrs, index, p = [], [], [], 0
+    for x in leaves:
+        if isinstance(x, tuple):
+            strides += [0, 0, x[0].stride(0)]
+            ptrs.append(x[0].data_ptr())
+            index.append(x[1].data_ptr())
+        else:
+            strides += [d[1][p] for d in dims]
+            ptrs.append(plain[p].data_ptr())
+            index.append(None)
+            p += 1
+    outs = [torch.empty(shape, dtype=torch.float64) for _ in range(n_out)]
+    total = math.prod(shape)
+    if total == 0:
+        return outs
+    c_code = (ctypes.c_int32 * (7 * len(code)))(*[v for ins in code for v in ins])
+    c_consts = (ctypes.c_double * len(consts))(*consts)
+    c_leaves = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    c_strides = (ctypes.c_int64 * len(strides))(*strides)
+    c_index = (ctypes.c_void_p * len(index))(*index)
+    c_outs = (ctypes.c_void_p * n_out)(*[o.data_ptr() for o in outs])
+    c_shape = (ctypes.c_int64 * 3)(*sizes)
+    ok = []
+
+    def part(lo, hi):
+        regs = torch.empty(registers * _BLOCK, dtype=torch.float64)
+        rc = lib.ntk_program(c_code, len(code), c_consts, c_leaves, c_strides, c_index, c_outs, c_shape,
+                             regs.data_ptr(), lo, hi)
+        if rc < 0:
+            raise RuntimeError(f"fused program failed (code {rc})")
+        ok.append(rc == 1)
+
+    _parallel(part, total, total)
+    if not all(ok):
+        return None
+    if _meter is not None:
+        _meter.bytes += 8 * total * (len(leaves) + n_out)
+    return outs

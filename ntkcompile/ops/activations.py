@@ -82,6 +82,8 @@ def _step_family_vt(a: float, b: float):
         out = fused.step_family(k11, theta, k22, a * a + b * b, 2.0 * a * b)
         return comb(None, theta) if out is None else out      # c itself is not needed: only the angle
 
+    vt_angle.fused_rule = ("step", a * a + b * b, 2.0 * a * b)      # kernels/program.py
+
     def vt(k11, k12, k22):
         return vt_angle(k11, k12, k22, angle(k11, k12, k22))
 
@@ -105,6 +107,8 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
             return out
         scale, c = correlation(k11, k12, k22)
         return comb(scale, c, theta)
+
+    vt_angle.fused_rule = ("relu", a * a + b * b, 2.0 * a * b)
 
     def vt(k11, k12, k22):
         return vt_angle(k11, k12, k22, angle(k11, k12, k22))

@@ -432,6 +432,8 @@ def pin_zero_variance(e: Elementwise) -> Elementwise:
                 out = torch.where(k22 == 0, at0 * pinned_mean(k11), out)
             return out
 
+        if getattr(moment, "fused_rule", None):    # a fused program computes it (kernels/program.py),
+            pinned.fused_rule = moment.fused_rule   # falling back to this function where a variance is 0
         return pinned
 
     mean, dmean = pin1(e.mean, phi0), pin1(e.dmean, dphi0)

@@ -1,0 +1,152 @@
+"""Fused programs (kernels/program.py, fused.c's ntk_program): chains of elementwise plan
+steps run in one pass.  The oracle is the same chain as torch ops: the generated code
+without fusion (``codegen.render(..., fuse=False)``), which must agree to the last bit,
+and the torch forms of the closed forms (``fused.disabled()``), to a few ulps."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import ntkcompile
+from ntkcompile import codegen
+from ntkcompile.kernels import fused, program
+from ntkcompile.ops.activations import _relu_family
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernels unavailable: {fused.status()}")
+
+F64 = torch.float64
+
+
+def _unfused(kfn, self_mode, *xs):
+    fn, _ = codegen.render(kfn._plan, self_mode=self_mode, prep=kfn._program.prep, fuse=False)
+    return fn(*xs)[:2]
+
+
+def _fused(kfn, self_mode, *xs):
+    fn, text = codegen.render(kfn._plan, self_mode=self_mode, prep=kfn._program.prep, fuse=True)
+    return fn(*xs)[:2], text
+
+
+def _mlp(depth=4, act=nn.ReLU):
+    layers, d = [], 7
+    for _ in range(depth):
+        layers += [nn.Linear(d, 16), act()]
+        d = 16
+    return nn.Sequential(*layers, nn.Linear(16, 1))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU, nn.Tanh])
+def test_a_fused_mlp_kernel_equals_the_unfused_code_bit_for_bit(act):
+    torch.manual_seed(0)
+    kfn = ntkcompile.compile(_mlp(act=act), W_std=1.4, b_std=0.1)
+    x1, x2 = torch.randn(23, 7, dtype=F64), torch.randn(9, 7, dtype=F64)
+    (nngp, ntk), text = _fused(kfn, True, x1)
+    ref = _unfused(kfn, True, x1)
+    rules = [int(n) for n in re.findall(r"# fused: \d+ steps, (\d+) closed forms", text)]
+    if act is nn.Tanh:       # no fused closed form (quadrature): only arithmetic is fused
+        assert not any(rules)
+    else:
+        assert sum(rules) > 0
+    assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
+    (nngp, ntk), _ = _fused(kfn, False, x1, x2)
+    ref = _unfused(kfn, False, x1, x2)
+    assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
+
+
+def test_the_default_path_fuses_and_agrees_with_the_torch_forms():
+    """``kfn(x)`` runs the fused programs; with every fused kernel off it takes the torch
+    forms of the rules: the same kernels to a few ulps."""
+    torch.manual_seed(1)
+    kfn = ntkcompile.compile(_mlp(6), W_std=1.5, b_std=0.05)
+    assert "program(" in kfn.code
+    x = torch.randn(40, 7, dtype=F64)
+    k = kfn(x, tile_size=16)
+    with fused.disabled():
+        ref = kfn(x, tile_size=16)
+    torch.testing.assert_close(k.nngp, ref.nngp, rtol=1e-13, atol=0)
+    torch.testing.assert_close(k.ntk, ref.ntk, rtol=1e-13, atol=0)
+
+
+def test_a_zero_variance_input_falls_back_to_the_pinned_torch_form():
+    """An all-zero input with no biases has variance 0 in every layer: the fused program
+    declines (the closed forms pin such entries in ops.elementwise.pin_zero_variance) and
+    the torch form runs, so the result is the unfused code's, exactly 0 where it must be."""
+    torch.manual_seed(2)
+    kfn = ntkcompile.compile(_mlp(3), W_std=1.3, b_std=0.0)
+    x = torch.randn(6, 7, dtype=F64)
+    x[2] = 0.0
+    (nngp, ntk), _ = _fused(kfn, True, x)
+    ref = _unfused(kfn, True, x)
+    assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
+    assert (nngp[2] == 0).all() and (ntk[2] == 0).all()
+
+
+def test_a_cnn_with_position_arrays_equals_the_unfused_code():
+    """Pair arrays with positions (and per-pair scalars beside them, which a program cannot
+    broadcast to one shape: those take the torch form)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+    kfn = ntkcompile.compile(model, W_std=1.4, b_std=0.1, input_shape=(2, 5, 5))
+    x1, x2 = torch.randn(5, 2, 5, 5, dtype=F64), torch.randn(3, 2, 5, 5, dtype=F64)
+    (nngp, ntk), text = _fused(kfn, True, x1)
+    assert "program(" in text
+    ref = _unfused(kfn, True, x1)
+    assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
+    (nngp, ntk), _ = _fused(kfn, False, x1, x2)
+    ref = _unfused(kfn, False, x1, x2)
+    assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
+
+
+def _random_program(gen, n_leaves, n_steps, relu):
+    """Random chains: sums and products of leaves, constants and earlier steps (several
+    values live at once, so registers are reused), angles and rules of positive variances."""
+    steps, positive = [], [("leaf", 0), ("leaf", 1)]      # leaves 0, 1: variances
+    refs = [("leaf", i) for i in range(n_leaves)]
+    for k in range(n_steps):
+        kind = int(torch.randint(0, 4, (), generator=gen))
+        pick = lambda: refs[int(torch.randint(0, len(refs), (), generator=gen))]  # noqa: E731
+        if kind == 0:
+            steps.append(("add", (pick(), pick(), float(torch.rand((), generator=gen)))))
+        elif kind == 1:
+            steps.append(("mul", (float(torch.rand((), generator=gen)) + 0.5, pick(), pick())))
+        elif kind == 2:
+            steps.append(("angle", (positive[0], pick(), positive[1])))
+            theta = ("step", len(steps) - 1)
+            steps.append(("rule", (positive[0], pick(), positive[1], theta),
+                          relu.vt_angle if k % 2 else relu.dvt_angle))
+        else:                # a new positive variance: 1 + x * x
+            x = pick()
+            steps.append(("mul", (x, x)))
+            steps.append(("add", (("step", len(steps) - 1), 1.0)))
+            positive = [positive[1], ("step", len(steps) - 1)]
+        refs.append(("step", len(steps) - 1))
+    outputs = sorted({len(steps) - 1, *[int(i) for i in torch.randint(0, len(steps), (3,), generator=gen)]})
+    return program.Program(steps, n_leaves, outputs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_programs_equal_their_torch_form(seed):
+    """The C program against the same steps as torch calls (each rule as its own fused
+    kernel, which the program's rules must equal bit for bit); a packed-pair gather leaf
+    and a broadcast leaf among the inputs; across the block size (256) and thread split."""
+    gen = torch.Generator().manual_seed(seed)
+    relu = _relu_family("leaky", lambda x: torch.nn.functional.leaky_relu(x, 0.2), 1.0, -0.2 * (seed % 2))
+    prog = _random_program(gen, 5, 30, relu)
+    n = 1000 + 37 * seed
+    per_input = torch.rand(50, generator=gen, dtype=F64) + 0.5
+    idx = torch.randint(0, 50, (n,), generator=gen)
+    leaves = [torch.rand(n, generator=gen, dtype=F64) + 0.5, (per_input, idx),
+              torch.rand(n, generator=gen, dtype=F64) - 0.5, torch.rand(n, generator=gen, dtype=F64)[::1],
+              torch.tensor(0.7, dtype=F64)]
+    like = leaves[0]
+    got = fused.program(prog.code, prog.consts, prog.registers, leaves, len(prog.outputs))
+    assert got is not None
+    want = program._torch(prog, like, leaves)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.expand_as(g))
+    with fused.disabled():
+        torch_forms = program._torch(prog, like, leaves)
+    for g, w in zip(got, torch_forms):
+        torch.testing.assert_close(g, w.expand_as(g), rtol=1e-13, atol=1e-300)
