@@ -235,40 +235,10 @@ class _Renderer:
 
     # ------------------------------------------------------------ fusion
     def fuse(self, order, roots):
-        """``order`` with its chains of elementwise steps on pair arrays gathered into
-        ``_Region``s, each computed by one fused program (``kernels/program.py``).  A chain
-        ends where a step that cannot join it (a stencil, a contraction, a quadrature) reads
-        it; chains of one step stay as they are."""
-        pair, users = {}, {}
-        for n in order:
-            if isinstance(n, (P.Lift, P.LiftAll, P.ToPairs, P.SetDiagonal)):
-                pair[n.uid] = True
-            elif isinstance(n, (P.Mul, P.Add, P.Call)):
-                pair[n.uid] = any(pair.get(c.uid, False) for c in n.children())
-            for c in self.children(n):
-                users.setdefault(c.uid, set()).add(n.uid)
-        for r in roots:
-            if isinstance(r, P.PNode):
-                users.setdefault(r.uid, set()).add(-1)
-        out, cur, members = [], [], set()
-
-        def close():
-            if len(cur) > 1:
-                out.append(_Region(list(cur), [m for m in cur if users.get(m.uid, set()) - members]))
-            else:
-                out.extend(cur)
-            cur.clear()
-            members.clear()
-
-        for n in order:
-            if pair.get(n.uid) and _fusable(n):
-                cur.append(n)
-                members.add(n.uid)
-                continue
-            if any(c.uid in members for c in self.children(n)):
-                close()
-            out.append(n)
-        close()
+        """``order`` with its chains of elementwise steps gathered into ``_Region``s, each
+        computed by one fused program (``kernels.program.chains`` finds them)."""
+        out = [n if isinstance(n, P.PNode) else _Region(*n)
+               for n in program.chains(order, roots, self.children, self.self_mode)]
         self.uses = {}
         for n in out:
             if not isinstance(n, _Region):
@@ -408,21 +378,6 @@ class _Renderer:
             self._text.pop(m.uid, None)
         self.statements, self.uses = outer, outer_uses
         self.statements.append((lines, None))
-
-
-def _fusable(n) -> bool:
-    """Whether a step on pair arrays can join a fused program (``kernels/program.py``)."""
-    operand = lambda v: isinstance(v, (P.PNode, float)) and not isinstance(v, (P.Env, P.Static))  # noqa: E731
-    if isinstance(n, P.Add):
-        return all(map(operand, n.terms))
-    if isinstance(n, P.Mul):
-        return all(map(operand, n.factors))
-    if isinstance(n, P.Call) and n.fn is expect.angle:
-        return len(n.args) == 4 and all(map(operand, n.args[1:]))
-    if isinstance(n, P.Call) and n.fn is expect.cf:
-        return (len(n.args) == 6 and isinstance(n.args[0], P.Static) and program.fused_rule(n.args[0].obj) is not None
-                and all(map(operand, n.args[2:])))
-    return False
 
 
 def _boundary(roots, local) -> tuple:

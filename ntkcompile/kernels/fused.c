@@ -81,6 +81,18 @@ static inline double relu_kernel(double scale, double c, double theta) {
     return out * scale / (2.0 * PI);
 }
 
+/* ``aa R(c) + ab2 R(-c)``: R at theta and at pi - theta (the relu family's V-transform). */
+static void relu_cs(const double *c, const double *s, const double *th, double *out, const double *par,
+                    int64_t n) {
+    double aa = par[0], ab2 = par[1];
+    if (ab2 == 0.0) {
+        for (int64_t i = 0; i < n; i++) out[i] = aa * relu_kernel(s[i], c[i], th[i]);
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            out[i] = aa * relu_kernel(s[i], c[i], th[i]) + ab2 * relu_kernel(s[i], -c[i], PI - th[i]);
+    }
+}
+
 /* ------------------------------------------------------------------ rules */
 
 enum { RULE_ANGLE = 0, RULE_RELU = 1, RULE_STEP = 2 };
@@ -120,7 +132,7 @@ static int rule_block(int rule, const double *const *in, double *out, int64_t n,
         break;
     }
     case RULE_RELU: {                      /* aa R(c) + ab2 R(-c), R at theta and pi - theta */
-        double aa = par[0], ab2 = par[1], s, *scale = tmp + BLOCK;
+        double s, *scale = tmp + BLOCK;
         const double *th = in[3];
         if (fast) {
             for (int64_t i = 0; i < n; i++) {
@@ -134,12 +146,7 @@ static int rule_block(int rule, const double *const *in, double *out, int64_t n,
                 scale[i] = s;
             }
         }
-        if (ab2 == 0.0) {
-            for (int64_t i = 0; i < n; i++) out[i] = aa * relu_kernel(scale[i], tmp[i], th[i]);
-        } else {
-            for (int64_t i = 0; i < n; i++)
-                out[i] = aa * relu_kernel(scale[i], tmp[i], th[i]) + ab2 * relu_kernel(scale[i], -tmp[i], PI - th[i]);
-        }
+        relu_cs(tmp, scale, th, out, par, n);
         break;
     }
     case RULE_STEP: {                      /* aa S(c) + ab2 S(-c), S = (pi - theta) / (2 pi) */
@@ -279,7 +286,22 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
  * runs the program's torch form, which pins zero variances), -1 for a bad instruction. */
 
 #define PROG_WIDTH 7
-enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STORE };
+enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STORE, OP_ANGLE_CS, OP_RELU_CS };
+
+/* ANGLE_CS dst k11 k12 k22 c s: the angle, and the correlation and the scale sqrt(k11 k22) its
+ * RELU_CS dst c s th - p takes instead of computing them again (each as rule_block's fast
+ * path, the only one a program takes). */
+static int angle_cs(const double *k11, const double *k12, const double *k22, double *th, double *c,
+                    double *s, int64_t n) {
+    if (!in_range(k11, k22, n)) return 0;
+    for (int64_t i = 0; i < n; i++) {
+        s[i] = sqrt(k11[i] * k22[i]);
+        double v = k12[i] / s[i];
+        c[i] = v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v);
+    }
+    acos_block(c, th, n);
+    return 1;
+}
 
 int ntk_program(const int32_t *code, int n_code, const double *consts, const double *const *leaves,
                 const int64_t *leaf_strides, const int64_t *const *index, double *const *outs,
@@ -324,6 +346,10 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 if (!rule_block(rule, in, dst, n, par, tmp)) return 0;
                 break;
             }
+            case OP_ANGLE_CS:
+                if (!angle_cs(R(c[2]), R(c[3]), R(c[4]), dst, R(c[5]), R(c[6]), n)) return 0;
+                break;
+            case OP_RELU_CS: relu_cs(R(c[2]), R(c[3]), R(c[4]), dst, consts + c[6], n); break;
             case OP_STORE: {
                 double *o = outs[c[1]] + lo;
                 memcpy(o, R(c[2]), (size_t)n * sizeof(double));

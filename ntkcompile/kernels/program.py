@@ -29,9 +29,11 @@ from typing import Optional
 
 import torch
 
+from .. import plan
 from . import expect, fused, spatial
 
-_OPS = {"load": 0, "const": 1, "add": 2, "mul": 3, "angle": 4, "relu": 5, "step": 6, "store": 7}
+_OPS = {"load": 0, "const": 1, "add": 2, "mul": 3, "angle": 4, "relu": 5, "step": 6, "store": 7, "angle_cs": 8,
+        "relu_cs": 9}
 
 
 class Program:
@@ -59,8 +61,10 @@ class Program:
 def run(prog: Program, like, *leaves):
     """The outputs of ``prog`` (a tuple) for its inputs ``leaves``."""
     out = None
-    if _one_shape(prog, tuple(fused.leaf_shape(x) for x in leaves)):
-        out = fused.program(prog.code, prog.consts, prog.registers, leaves, len(prog.outputs))
+    arrays = [x if isinstance(x, (torch.Tensor, tuple)) else torch.tensor(float(x), dtype=torch.float64)
+              for x in leaves]         # a constant a plan computes at run time
+    if _one_shape(prog, tuple(fused.leaf_shape(x) for x in arrays)):
+        out = fused.program(prog.code, prog.consts, prog.registers, arrays, len(prog.outputs))
     return out if out is not None else _torch(prog, like, leaves)
 
 
@@ -128,6 +132,14 @@ def _assemble(steps, n_leaves, outputs):
                 last[ref] = k
     for k in outputs:
         last[("step", k)] = max(last.get(("step", k), -1), k)
+    shared = {}        # a relu rule at the angle of its own variances: that angle's c and scale
+    for k, step in enumerate(steps):
+        if step[0] == "rule" and fused_rule(step[2])[0] == "relu":
+            theta = step[1][3]
+            if not isinstance(theta, float) and theta[0] == "step" and steps[theta[1]][0] == "angle" \
+                    and tuple(steps[theta[1]][1]) == tuple(step[1][:3]):
+                shared[k] = theta[1]
+                last[("c", theta[1])] = last[("s", theta[1])] = k
     code, free, where, count = [], [], {}, [0]
     for step in steps:             # constants first: their registers are filled once, never reused
         for ref in step[1]:
@@ -164,8 +176,21 @@ def _assemble(steps, n_leaves, outputs):
                 if i > 0:
                     free.append(acc)
                 acc = out
+        elif kind == "angle" and ("c", k) in last:
+            where[("c", k)], where[("s", k)] = alloc(), alloc()
+            code.append((_OPS["angle_cs"], dst, *regs, where[("c", k)], where[("s", k)]))
         elif kind == "angle":
             code.append((_OPS["angle"], dst, *regs, 0, 0))
+        elif k in shared:
+            _, aa, ab2 = fused_rule(step[2])
+            if (aa, ab2) not in params:
+                consts.extend((aa, ab2))
+                params[(aa, ab2)] = len(consts) - 2
+            a = shared[k]
+            code.append((_OPS["relu_cs"], dst, where[("c", a)], where[("s", a)], regs[3], 0, params[(aa, ab2)]))
+            for r in (("c", a), ("s", a)):
+                if last[r] == k:
+                    free.append(where.pop(r))
         else:
             rule, aa, ab2 = fused_rule(step[2])
             if (aa, ab2) not in params:
@@ -185,3 +210,123 @@ def _assemble(steps, n_leaves, outputs):
         if last.get(("step", k), -1) <= k:
             free.append(where.pop(("step", k)))
     return tuple(code), tuple(consts), max(count[0], 1)
+
+
+# ------------------------------------------------------------------ what codegen fuses
+
+
+def chains(order, roots, children, self_mode):
+    """The plan nodes ``order`` (children first; ``children(n)``: what ``n`` needs computed
+    before it) with their chains of fusable steps gathered: a list of nodes and of
+    ``(members, outputs)`` pairs, each a chain to compute as one program at that place.
+
+    A chain holds steps of one layout (pair arrays, or one side's per-input arrays: each
+    layer's variances), several chains being open at once; it is closed, in place, when a
+    step that cannot join it reads it (a stencil, a contraction, a quadrature), or before a
+    chain that reads it is closed.  Lifts written inline wait for what reads them.  Chains
+    of one step stay plain nodes.  ``outputs``: the members read outside the chain."""
+    domain, users = {}, {}
+    for n in order:
+        domain[n.uid] = _domain(n, domain)
+        for c in children(n):
+            users.setdefault(c.uid, set()).add(n.uid)
+    for r in roots:
+        if isinstance(r, plan.PNode):
+            users.setdefault(r.uid, set()).add(-1)
+    out, open_, deps = [], {}, {}   # an open chain per layout, in order; chains to close before it
+    where: dict = {}                 # uid of a member of an open chain -> its layout
+    held: dict = {}                  # lifts (written inline): uid -> (node, layouts of open chains read)
+
+    def reads(n):
+        found, lifts = set(), []
+        for c in children(n):
+            if c.uid in where:
+                found.add(where[c.uid])
+            elif c.uid in held:
+                found |= held[c.uid][1]
+                lifts.append(c)
+        return found, lifts
+
+    def release(lifts):
+        for c in lifts:
+            if c.uid in held:
+                out.append(held.pop(c.uid)[0])
+
+    def close(d):
+        if d not in open_:
+            return
+        for e in deps.pop(d, ()):
+            close(e)
+        cur = open_.pop(d)
+        inside = {m.uid for m in cur}
+        for m in cur:
+            del where[m.uid]
+            release(reads(m)[1])
+        if len(cur) > 1:
+            out.append((cur, [m for m in cur if users.get(m.uid, set()) - inside]))
+        else:
+            out.extend(cur)
+
+    def before(d, e) -> bool:          # whether chain e must close before chain d already
+        todo, seen = [d], set()
+        while todo:
+            x = todo.pop()
+            if x == e:
+                return True
+            if x not in seen:
+                seen.add(x)
+                todo.extend(deps.get(x, ()))
+        return False
+
+    for n in order:
+        d = domain[n.uid]
+        found, lifts = reads(n)
+        if isinstance(n, (plan.Lift, plan.LiftAll)) and not (self_mode and n.k == 0):
+            held[n.uid] = (n, found)   # inline views: what reads them waits for their chains
+            continue
+        if d not in (None, "mixed") and _fusable(n):
+            for e in found - {d}:
+                if before(e, d):       # e waits for d: d's chain so far goes first
+                    close(d)
+                deps.setdefault(d, set()).add(e)
+            open_.setdefault(d, []).append(n)
+            where[n.uid] = d
+            continue
+        for e in found:
+            close(e)                   # n reads it: it is computed first
+        release(lifts)
+        out.append(n)
+    for d in list(open_):
+        close(d)
+    out.extend(node for node, _ in held.values())
+    return out
+
+
+def _domain(n, known):
+    """The layout of ``n``'s array: ``"pair"`` (pairs of inputs), ``("input", side)`` (one
+    side's inputs), ``"mixed"`` (both sides' inputs: a Gram matrix), None (constants)."""
+    if isinstance(n, (plan.Lift, plan.LiftAll, plan.ToPairs, plan.SetDiagonal)):
+        return "pair"
+    if isinstance(n, plan.Input):
+        return ("input", n.side)
+    if isinstance(n, (plan.Fn, plan.Loop, plan.LoopOut, plan.Slot, plan.LoopVar)):
+        return "mixed"
+    found = {known.get(c.uid) for c in n.children()} - {None}
+    if "pair" in found:
+        return "pair"
+    return found.pop() if len(found) == 1 else ("mixed" if found else None)
+
+
+def _fusable(n) -> bool:
+    """Whether a plan step can join a fused program."""
+    operand = lambda v: isinstance(v, (plan.PNode, float)) and not isinstance(v, (plan.Env, plan.Static))  # noqa: E731
+    if isinstance(n, plan.Add):
+        return all(map(operand, n.terms))
+    if isinstance(n, plan.Mul):
+        return all(map(operand, n.factors))
+    if isinstance(n, plan.Call) and n.fn is expect.angle:
+        return len(n.args) == 4 and all(map(operand, n.args[1:]))
+    if isinstance(n, plan.Call) and n.fn is expect.cf:
+        return (len(n.args) == 6 and isinstance(n.args[0], plan.Static) and fused_rule(n.args[0].obj) is not None
+                and all(map(operand, n.args[2:])))
+    return False

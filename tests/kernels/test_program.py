@@ -112,9 +112,10 @@ def _random_program(gen, n_leaves, n_steps, relu):
         elif kind == 1:
             steps.append(("mul", (float(torch.rand((), generator=gen)) + 0.5, pick(), pick())))
         elif kind == 2:
-            steps.append(("angle", (positive[0], pick(), positive[1])))
-            theta = ("step", len(steps) - 1)
-            steps.append(("rule", (positive[0], pick(), positive[1], theta),
+            k12 = pick()
+            steps.append(("angle", (positive[0], k12, positive[1])))
+            theta = ("step", len(steps) - 1)      # a relu at its own angle shares c and the scale
+            steps.append(("rule", (positive[0], k12 if k % 3 else pick(), positive[1], theta),
                           relu.vt_angle if k % 2 else relu.dvt_angle))
         else:                # a new positive variance: 1 + x * x
             x = pick()
@@ -150,3 +151,25 @@ def test_random_programs_equal_their_torch_form(seed):
         torch_forms = program._torch(prog, like, leaves)
     for g, w in zip(got, torch_forms):
         torch.testing.assert_close(g, w.expand_as(g), rtol=1e-13, atol=1e-300)
+
+
+def test_a_relu_rule_shares_the_correlation_of_its_angle():
+    """``relu`` at the angle of its own variances takes that angle's correlation and scale
+    (RELU_CS); a rule at another angle computes them itself: both as the rules alone."""
+    relu = _relu_family("leaky", lambda x: torch.nn.functional.leaky_relu(x, 0.3), 1.0, -0.3)
+    gen = torch.Generator().manual_seed(7)
+    n = 700
+    k11, k22 = (torch.rand(n, generator=gen, dtype=F64) + 0.1 for _ in range(2))
+    k12 = (torch.rand(n, generator=gen, dtype=F64) - 0.5) * (k11 * k22).sqrt() * 2
+    other = k12.flip(0)
+    L = [("leaf", i) for i in range(4)]
+    steps = [("angle", (L[0], L[1], L[2])), ("rule", (L[0], L[1], L[2], ("step", 0)), relu.vt_angle),
+             ("rule", (L[0], L[3], L[2], ("step", 0)), relu.vt_angle), ("rule", (L[0], L[1], L[2], ("step", 0)),
+                                                                          relu.dvt_angle)]
+    prog = program.Program(steps, 4, [1, 2, 3])
+    ops = [ins[0] for ins in prog.code]
+    assert ops.count(program._OPS["relu_cs"]) == 1 and ops.count(program._OPS["relu"]) == 1
+    got = fused.program(prog.code, prog.consts, prog.registers, [k11, k12, k22, other], 3)
+    want = program._torch(prog, k11, [k11, k12, k22, other])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
