@@ -280,12 +280,14 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
  *   STEP   dst k11 th k22 - p as RULE_STEP
  *   STORE  out src            output ``out`` (contiguous) takes the register
  *
- * Leaves share one (d0, d1, d2) shape with per-leaf strides, as ntk_rule's inputs; a leaf
- * with an index array reads leaf[index[e]] (only for flat shapes, d0 = d1 = 1).  Returns 1,
+ * Leaves share one shape of ``ndim`` <= PROG_MAX_DIMS dimensions, each with its own strides
+ * (0 where it is broadcast); a leaf with an index array reads leaf[index[e]] (flat shapes
+ * only, ndim = 1).  Returns 1,
  * or 0 as soon as a rule meets a variance that is not positive and in range (the caller then
  * runs the program's torch form, which pins zero variances), -1 for a bad instruction. */
 
 #define PROG_WIDTH 7
+#define PROG_MAX_DIMS 8
 enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STORE, OP_ANGLE_CS, OP_RELU_CS };
 
 /* ANGLE_CS dst k11 k12 k22 c s: the angle, and the correlation and the scale sqrt(k11 k22) its
@@ -305,17 +307,21 @@ static int angle_cs(const double *k11, const double *k12, const double *k22, dou
 
 int ntk_program(const int32_t *code, int n_code, const double *consts, const double *const *leaves,
                 const int64_t *leaf_strides, const int64_t *const *index, double *const *outs,
-                const int64_t *shape, double *regs, int64_t lo, int64_t hi) {
+                int ndim, const int64_t *shape, double *regs, int64_t lo, int64_t hi) {
     double tmp[2 * BLOCK];
-    int64_t d1 = shape[1], d2 = shape[2];
+    int64_t inner = shape[ndim - 1], at[PROG_MAX_DIMS];
     for (int k = 0; k < n_code; k++) {
         const int32_t *c = code + k * PROG_WIDTH;
         if (c[0] == OP_CONST)
             for (int i = 0; i < BLOCK; i++) regs[(int64_t)c[1] * BLOCK + i] = consts[c[2]];
     }
     while (lo < hi) {
-        int64_t j = lo % d2, i1 = (lo / d2) % d1, i0 = lo / (d1 * d2);
-        int64_t n = d2 - j;
+        int64_t rest = lo / inner, j = lo % inner;
+        for (int d = ndim - 2; d >= 0; d--) {      /* the outer index of entry lo */
+            at[d] = rest % shape[d];
+            rest /= shape[d];
+        }
+        int64_t n = inner - j;
         if (n > BLOCK) n = BLOCK;
         if (n > hi - lo) n = hi - lo;
         for (int k = 0; k < n_code; k++) {
@@ -324,15 +330,16 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
 #define R(x) (regs + (int64_t)(x) * BLOCK)
             switch (c[0]) {
             case OP_LOAD: {
-                const int64_t *st = leaf_strides + 3 * c[2];
+                const int64_t *st = leaf_strides + (int64_t)ndim * c[2], s = st[ndim - 1];
                 const double *p = leaves[c[2]];
                 if (index[c[2]]) {
                     const int64_t *ix = index[c[2]] + lo;
-                    for (int64_t i = 0; i < n; i++) dst[i] = p[ix[i] * st[2]];
+                    for (int64_t i = 0; i < n; i++) dst[i] = p[ix[i] * s];
                 } else {
-                    p += i0 * st[0] + i1 * st[1] + j * st[2];
-                    if (st[2] == 1) memcpy(dst, p, (size_t)n * sizeof(double));
-                    else for (int64_t i = 0; i < n; i++) dst[i] = p[i * st[2]];
+                    for (int d = 0; d < ndim - 1; d++) p += at[d] * st[d];
+                    p += j * s;
+                    if (s == 1) memcpy(dst, p, (size_t)n * sizeof(double));
+                    else for (int64_t i = 0; i < n; i++) dst[i] = p[i * s];
                 }
                 break;
             }

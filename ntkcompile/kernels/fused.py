@@ -155,8 +155,8 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_gather": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
-    "ntk_program": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
-                    + [ctypes.c_int64] * 2),
+    "ntk_program": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+                    + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2),
 }
 
 
@@ -458,6 +458,7 @@ def unpack(packed, i, j, n) -> Optional[Tensor]:
 # ------------------------------------------------------------------ programs (kernels/program.py)
 
 _BLOCK = 256                         # fused.c's BLOCK: the entries of one register
+_PROGRAM_DIMS = 8                    # fused.c's PROG_MAX_DIMS
 
 
 def leaf_shape(x):
@@ -482,15 +483,15 @@ def program(code, consts, registers: int, leaves, n_out: int) -> Optional[list]:
             return None
     plain = [torch.broadcast_to(x, shape) for x in leaves if not isinstance(x, tuple)]
     dims = _coalesce(shape, [a.stride() for a in plain]) if plain else [(math.prod(shape), [])]
-    if len(dims) > 3:
+    if len(dims) > _PROGRAM_DIMS:
         plain = [a.contiguous() for a in plain]
         dims = _coalesce(shape, [a.stride() for a in plain])
-    dims = [(1, [0] * len(plain))] * (3 - len(dims)) + dims
+    dims = dims or [(1, [0] * len(plain))]
     sizes = [n for n, _ in dims]
     strides, ptrs, index, p = [], [], [], 0
     for x in leaves:
         if isinstance(x, tuple):
-            strides += [0, 0, x[0].stride(0)]
+            strides += [0] * (len(dims) - 1) + [x[0].stride(0)]
             ptrs.append(x[0].data_ptr())
             index.append(x[1].data_ptr())
         else:
@@ -508,13 +509,13 @@ def program(code, consts, registers: int, leaves, n_out: int) -> Optional[list]:
     c_strides = (ctypes.c_int64 * len(strides))(*strides)
     c_index = (ctypes.c_void_p * len(index))(*index)
     c_outs = (ctypes.c_void_p * n_out)(*[o.data_ptr() for o in outs])
-    c_shape = (ctypes.c_int64 * 3)(*sizes)
+    c_shape = (ctypes.c_int64 * len(sizes))(*sizes)
     ok = []
 
     def part(lo, hi):
         regs = torch.empty(registers * _BLOCK, dtype=torch.float64)
-        rc = lib.ntk_program(c_code, len(code), c_consts, c_leaves, c_strides, c_index, c_outs, c_shape,
-                             regs.data_ptr(), lo, hi)
+        rc = lib.ntk_program(c_code, len(code), c_consts, c_leaves, c_strides, c_index, c_outs, len(sizes),
+                             c_shape, regs.data_ptr(), lo, hi)
         if rc < 0:
             raise RuntimeError(f"fused program failed (code {rc})")
         ok.append(rc == 1)
