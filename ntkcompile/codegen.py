@@ -64,8 +64,8 @@ def specialize(plan: P.Plan, self_mode: bool, names):
 
 
 class _Region:
-    """Pair-array steps computed as one fused ``kernels.program.Program``: ``members`` in
-    order, ``outputs`` (the members used outside it)."""
+    """Elementwise plan steps computed as one fused ``kernels.program.Program``: ``members``
+    in order, ``outputs`` (the members used outside it)."""
 
     def __init__(self, members, outputs):
         self.members, self.outputs = members, outputs
@@ -482,8 +482,8 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
            fuse=False):
     """``(function, source)`` of the kernel for one call mode; outputs not requested are None.
 
-    ``fuse=True`` computes chains of elementwise steps on pair arrays as fused programs
-    (``kernels/program.py``: one pass in C where it applies, else the same torch calls).
+    ``fuse=True`` computes chains of elementwise steps as fused programs (``kernels/program.py``:
+    one pass in C where it applies, else the same torch calls).
 
     ``check=True`` checks every array as it is computed and raises ``NonFiniteValue``
     with the plan node of the first one that is not finite (for diagnosis: slower).
