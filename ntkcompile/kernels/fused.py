@@ -466,22 +466,32 @@ def leaf_shape(x):
     return (x[1].shape[0], *x[0].shape[1:]) if isinstance(x, tuple) else x.shape
 
 
-def program(code, consts, registers: int, leaves, n_out: int) -> Optional[list]:
+def _c_program(prog):
+    """``prog``'s instructions and constants as ctypes arrays, made once per program."""
+    c = getattr(prog, "_c_arrays", None)
+    if c is None:
+        c = ((ctypes.c_int32 * (7 * len(prog.code)))(*[v for ins in prog.code for v in ins]),
+             (ctypes.c_double * len(prog.consts))(*prog.consts))
+        prog._c_arrays = c
+    return c
+
+
+def program(prog, leaves, shape) -> Optional[list]:
     """Run a ``kernels.program.Program``'s instructions over ``leaves`` (pair arrays, or
-    ``(x, idx)``: ``x[idx]`` for a 1-D ``x``); its outputs, or None where the fused path
-    does not apply or a rule met a variance that is not positive."""
+    ``(x, idx)``: ``x[idx]`` for a 1-D ``x``), all broadcast to ``shape``; its outputs, or
+    None where the fused path does not apply or a rule met a variance that is not positive."""
     lib = None if _off else _load()
     if lib is None:
         return None
     arrays = [x[0] if isinstance(x, tuple) else x for x in leaves]
     if not _applicable(arrays) or not _index_ok(*(x[1] for x in leaves if isinstance(x, tuple))):
         return None
-    shape = torch.broadcast_shapes(*[leaf_shape(x) for x in leaves])
+    n_out, registers = len(prog.outputs), prog.registers
     if len(shape) != 1 or any(isinstance(x, tuple) and x[0].ndim != 1 for x in leaves):
         leaves = [gather(*x) if isinstance(x, tuple) else x for x in leaves]   # lifted arrays
         if any(x is None for x in leaves):
             return None
-    plain = [torch.broadcast_to(x, shape) for x in leaves if not isinstance(x, tuple)]
+    plain = [x if x.shape == shape else torch.broadcast_to(x, shape) for x in leaves if not isinstance(x, tuple)]
     dims = _coalesce(shape, [a.stride() for a in plain]) if plain else [(math.prod(shape), [])]
     if len(dims) > _PROGRAM_DIMS:
         plain = [a.contiguous() for a in plain]
@@ -503,8 +513,7 @@ def program(code, consts, registers: int, leaves, n_out: int) -> Optional[list]:
     total = math.prod(shape)
     if total == 0:
         return outs
-    c_code = (ctypes.c_int32 * (7 * len(code)))(*[v for ins in code for v in ins])
-    c_consts = (ctypes.c_double * len(consts))(*consts)
+    c_code, c_consts = _c_program(prog)
     c_leaves = (ctypes.c_void_p * len(ptrs))(*ptrs)
     c_strides = (ctypes.c_int64 * len(strides))(*strides)
     c_index = (ctypes.c_void_p * len(index))(*index)
@@ -514,7 +523,7 @@ def program(code, consts, registers: int, leaves, n_out: int) -> Optional[list]:
 
     def part(lo, hi):
         regs = torch.empty(registers * _BLOCK, dtype=torch.float64)
-        rc = lib.ntk_program(c_code, len(code), c_consts, c_leaves, c_strides, c_index, c_outs, len(sizes),
+        rc = lib.ntk_program(c_code, len(prog.code), c_consts, c_leaves, c_strides, c_index, c_outs, len(sizes),
                              c_shape, regs.data_ptr(), lo, hi)
         if rc < 0:
             raise RuntimeError(f"fused program failed (code {rc})")

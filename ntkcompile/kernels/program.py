@@ -63,28 +63,29 @@ def run(prog: Program, like, *leaves):
     out = None
     arrays = [x if isinstance(x, (torch.Tensor, tuple)) else torch.tensor(float(x), dtype=torch.float64)
               for x in leaves]         # a constant a plan computes at run time
-    if _one_shape(prog, tuple(fused.leaf_shape(x) for x in arrays)):
-        out = fused.program(prog.code, prog.consts, prog.registers, arrays, len(prog.outputs))
+    shape = _one_shape(prog, tuple(fused.leaf_shape(x) for x in arrays))
+    if shape is not None:
+        out = fused.program(prog, arrays, shape)
     return out if out is not None else _torch(prog, like, leaves)
 
 
-def _one_shape(prog, shapes) -> bool:
-    """Whether every output of ``prog`` has the shape of all its inputs broadcast together
-    (the fused pass computes every step at that shape; an output that torch would leave
-    smaller, broadcast later, takes the torch form).  Memoized per input shapes."""
-    known = prog.shapes_ok.get(shapes)
-    if known is None:
-        try:
-            full = torch.broadcast_shapes(*shapes)
-            own: list = []
-            for step in prog.steps:
-                own.append(torch.broadcast_shapes(*[() if isinstance(r, float) else
-                                                    (shapes[r[1]] if r[0] == "leaf" else own[r[1]])
-                                                    for r in step[1]]))
-            known = all(own[k] == full for k in prog.outputs)
-        except RuntimeError:
-            known = False
-        prog.shapes_ok[shapes] = known
+def _one_shape(prog, shapes):
+    """The shape of all of ``prog``'s inputs broadcast together, if every output has it (the
+    fused pass computes every step at that shape; an output that torch would leave smaller,
+    broadcast later, takes the torch form), else None.  Memoized per input shapes."""
+    if shapes in prog.shapes_ok:
+        return prog.shapes_ok[shapes]
+    try:
+        full = torch.broadcast_shapes(*shapes)
+        own: list = []
+        for step in prog.steps:
+            own.append(torch.broadcast_shapes(*[() if isinstance(r, float) else
+                                                (shapes[r[1]] if r[0] == "leaf" else own[r[1]])
+                                                for r in step[1]]))
+        known = full if all(own[k] == full for k in prog.outputs) else None
+    except RuntimeError:
+        known = None
+    prog.shapes_ok[shapes] = known
     return known
 
 

@@ -142,7 +142,7 @@ def test_random_programs_equal_their_torch_form(seed):
               torch.rand(n, generator=gen, dtype=F64) - 0.5, torch.rand(n, generator=gen, dtype=F64)[::1],
               torch.tensor(0.7, dtype=F64)]
     like = leaves[0]
-    got = fused.program(prog.code, prog.consts, prog.registers, leaves, len(prog.outputs))
+    got = fused.program(prog, leaves, torch.Size([n]))
     assert got is not None
     want = program._torch(prog, like, leaves)
     for g, w in zip(got, want):
@@ -169,7 +169,28 @@ def test_a_relu_rule_shares_the_correlation_of_its_angle():
     prog = program.Program(steps, 4, [1, 2, 3])
     ops = [ins[0] for ins in prog.code]
     assert ops.count(program._OPS["relu_cs"]) == 1 and ops.count(program._OPS["relu"]) == 1
-    got = fused.program(prog.code, prog.consts, prog.registers, [k11, k12, k22, other], 3)
+    got = fused.program(prog, [k11, k12, k22, other], torch.Size([n]))
     want = program._torch(prog, k11, [k11, k12, k22, other])
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_an_output_torch_leaves_smaller_takes_the_torch_form():
+    """A program computes every step at the inputs' common shape; an output that torch keeps
+    smaller (broadcast only later) would change shape, so that program runs as torch ops;
+    one whose outputs all have the common shape runs fused, strided inputs and all."""
+    a = torch.rand(5, 1, dtype=F64)
+    b = torch.rand(4, 5, dtype=F64).t()           # (5, 4), strided
+    steps = [("mul", (2.0, ("leaf", 0))), ("add", (("step", 0), ("leaf", 1)))]
+    both = program.Program(steps, 2, [0, 1])
+    with fused.metered() as meter:
+        s0, s1 = program.run(both, a, a, b)
+    assert meter.bytes == 0            # the torch form
+    assert s0.shape == (5, 1) and torch.equal(s0, 2.0 * a) and torch.equal(s1, 2.0 * a + b)
+    assert program._one_shape(both, (a.shape, b.shape)) is None
+    last = program.Program(steps, 2, [1])
+    assert program._one_shape(last, (a.shape, b.shape)) == (5, 4)
+    with fused.metered() as meter:
+        (s1,) = program.run(last, a, a, b)
+    assert meter.bytes == 8 * 20 * 3    # the fused pass: two inputs and one output of 20 entries
+    assert torch.equal(s1, 2.0 * a + b)
