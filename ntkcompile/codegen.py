@@ -267,6 +267,7 @@ class _Renderer:
     def region(self, reg, indent):
         index = {m.uid: k for k, m in enumerate(reg.members)}
         leaves: dict = {}
+        shown: list = []             # the inputs as the steps' comment shows them
 
         def ref(v):
             if not isinstance(v, P.PNode):
@@ -275,9 +276,12 @@ class _Renderer:
                 return ("step", index[v.uid])
             if v.uid not in leaves:
                 if self._lifted(v):
-                    leaves[v.uid] = f"({self.value(v.x)}, {'I' if v.side == 1 else 'J'})"
+                    x, idx = self.value(v.x), "I" if v.side == 1 else "J"
+                    leaves[v.uid] = f"({x}, {idx})"
+                    shown.append(f"{x}[{idx}]")
                 else:
                     leaves[v.uid] = self.value(v)
+                    shown.append(leaves[v.uid])
             return ("leaf", list(leaves).index(v.uid))
 
         steps = []
@@ -294,7 +298,8 @@ class _Renderer:
         rules = sum(1 for m in reg.members if isinstance(m, P.Call))
         text = (f"{indent}{', '.join(names)}{',' if len(names) == 1 else ''} = program({self.bind(prog, 'prog')}, "
                 f"like, {', '.join(leaves.values())})  # fused: {len(steps)} steps, {rules} closed forms")
-        self.statements.append(([text] + self._checked(names[0], reg.outputs[0], indent), tuple(names)))
+        steps = [f"{indent}#   {line}" for line in prog.lines(shown)]
+        self.statements.append((steps + [text] + self._checked(names[0], reg.outputs[0], indent), tuple(names)))
         for o, name in zip(reg.outputs, names):
             self.names[o.uid] = name
 

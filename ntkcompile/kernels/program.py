@@ -57,6 +57,27 @@ class Program:
     def __repr__(self):
         return f"<fused program: {len(self.steps)} steps, {self.n_leaves} inputs, {len(self.outputs)} outputs>"
 
+    def lines(self, leaf_names) -> list:
+        """The steps, one per line (``s3 = relu[1, 0](k2, s1, k5, s2)``; ``-> out 0`` marks
+        the outputs), with the inputs called ``leaf_names``: what ``kfn.code`` shows."""
+        def name(ref):
+            if isinstance(ref, float):
+                return repr(ref)
+            return leaf_names[ref[1]] if ref[0] == "leaf" else f"s{ref[1]}"
+
+        out = []
+        for k, step in enumerate(self.steps):
+            args = [name(r) for r in step[1]]
+            if step[0] in ("add", "mul"):
+                text = (" + " if step[0] == "add" else " * ").join(args)
+            else:
+                rule, aa, ab2 = fused_rule(step[2]) if step[0] == "rule" else ("angle", 0.0, 0.0)
+                kind = "angle" if step[0] == "angle" else f"{rule}[{aa + 0.0:g}, {ab2 + 0.0:g}]"
+                text = f"{kind}({', '.join(args)})"
+            mark = [f"out {i}" for i, o in enumerate(self.outputs) if o == k]
+            out.append(f"s{k} = {text}" + (f"  -> {', '.join(mark)}" if mark else ""))
+        return out
+
 
 def run(prog: Program, like, *leaves):
     """The outputs of ``prog`` (a tuple) for its inputs ``leaves``."""
