@@ -280,19 +280,21 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
  *   STEP   dst k11 th k22 - p as RULE_STEP
  *   STORE  out src            output ``out`` (contiguous) takes the register
  *
+ *   ANGLE_CS dst k11 k12 k22 c s   ANGLE, keeping the correlation and the scale sqrt(k11 k22)
+ *   RELU_CS  dst c s th - p        RELU from them (a relu at the angle of its own variances)
+ *
  * Leaves share one shape of ``ndim`` <= PROG_MAX_DIMS dimensions, each with its own strides
  * (0 where it is broadcast); a leaf with an index array reads leaf[index[e]] (flat shapes
- * only, ndim = 1).  Returns 1,
- * or 0 as soon as a rule meets a variance that is not positive and in range (the caller then
- * runs the program's torch form, which pins zero variances), -1 for a bad instruction. */
+ * only, ndim = 1).  Returns 1, or 0 as soon as a rule meets a variance that is not positive
+ * and in range (the caller then runs the program's torch form, which pins zero variances),
+ * -1 for a bad instruction. */
 
 #define PROG_WIDTH 7
 #define PROG_MAX_DIMS 8
 enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STORE, OP_ANGLE_CS, OP_RELU_CS };
 
-/* ANGLE_CS dst k11 k12 k22 c s: the angle, and the correlation and the scale sqrt(k11 k22) its
- * RELU_CS dst c s th - p takes instead of computing them again (each as rule_block's fast
- * path, the only one a program takes). */
+/* The angle with its correlation and scale, each as rule_block's fast path (the only one a
+ * program takes): RELU_CS then computes the same values as RELU would. */
 static int angle_cs(const double *k11, const double *k12, const double *k22, double *th, double *c,
                     double *s, int64_t n) {
     if (!in_range(k11, k22, n)) return 0;
