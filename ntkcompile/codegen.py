@@ -245,20 +245,19 @@ class _Renderer:
                 self.count_uses(n)
         for n in out:          # after the others: whether a lift is read only by regions
             if isinstance(n, _Region):
-                for leaf in self._leaves(n):
-                    self.uses[leaf.uid] = self.uses.get(leaf.uid, 0) + 2
+                for c in self._leaves(n):
+                    read = c.x if self._lifted(c) else c
+                    self.uses[read.uid] = self.uses.get(read.uid, 0) + 2
         return out
 
-    def _leaves(self, region):
-        """What a region reads from outside: arrays, or per-input arrays ``x`` of lifts that
-        it reads as ``x[I]`` itself (packed pairs)."""
+    def _leaves(self, region) -> list:
+        """What a region reads from outside, in order of first use."""
         inside = {m.uid for m in region.members}
         found: dict = {}
         for m in region.members:
             for c in m.children():
-                if c.uid in inside or isinstance(c, (P.Env, P.Static)):
-                    continue
-                found[c.uid] = c.x if self._lifted(c) else c
+                if c.uid not in inside and not isinstance(c, (P.Env, P.Static)):
+                    found.setdefault(c.uid, c)
         return list(found.values())
 
     def _lifted(self, n):
@@ -266,23 +265,22 @@ class _Renderer:
 
     def region(self, reg, indent):
         index = {m.uid: k for k, m in enumerate(reg.members)}
-        leaves: dict = {}
-        shown: list = []             # the inputs as the steps' comment shows them
+        leaves = self._leaves(reg)
+        at = {c.uid: i for i, c in enumerate(leaves)}
+        args, shown = [], []         # the inputs as the call passes them, as the comment shows them
+        for c in leaves:
+            if self._lifted(c):      # a per-input array lifted to the packed pairs: x[I] in the program
+                x, idx = self.value(c.x), "I" if c.side == 1 else "J"
+                args.append(f"({x}, {idx})")
+                shown.append(f"{x}[{idx}]")
+            else:
+                args.append(self.value(c))
+                shown.append(args[-1])
 
         def ref(v):
             if not isinstance(v, P.PNode):
                 return float(v)
-            if v.uid in index:
-                return ("step", index[v.uid])
-            if v.uid not in leaves:
-                if self._lifted(v):
-                    x, idx = self.value(v.x), "I" if v.side == 1 else "J"
-                    leaves[v.uid] = f"({x}, {idx})"
-                    shown.append(f"{x}[{idx}]")
-                else:
-                    leaves[v.uid] = self.value(v)
-                    shown.append(leaves[v.uid])
-            return ("leaf", list(leaves).index(v.uid))
+            return ("step", index[v.uid]) if v.uid in index else ("leaf", at[v.uid])
 
         steps = []
         for m in reg.members:
@@ -297,7 +295,7 @@ class _Renderer:
         names = [self.fresh() for _ in reg.outputs]
         rules = sum(1 for m in reg.members if isinstance(m, P.Call))
         text = (f"{indent}{', '.join(names)}{',' if len(names) == 1 else ''} = program({self.bind(prog, 'prog')}, "
-                f"like, {', '.join(leaves.values())})  # fused: {len(steps)} steps, {rules} closed forms")
+                f"like, {', '.join(args)})  # fused: {len(steps)} steps, {rules} closed forms")
         steps = [f"{indent}#   {line}" for line in prog.lines(shown)]
         self.statements.append((steps + [text] + self._checked(names[0], reg.outputs[0], indent), tuple(names)))
         for o, name in zip(reg.outputs, names):

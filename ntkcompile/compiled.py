@@ -193,10 +193,10 @@ class CompiledKernel:
         key = (self_mode, want_ntk, check)
         if key not in self._fns:
             outputs = ("nngp", "ntk") if want_ntk else ("nngp",)
+            cpu = self.device is None or self.device.type == "cpu"
             fn, text = codegen.render(self._plan, self_mode=self_mode, outputs=outputs, prep=self._program.prep,
                                       check=check, mc=(self.mc_samples, self.seed),
-                                      fuse=not (check or self.jit) and (self.device is None or self.device.type == "cpu")
-                                      and fused.available())
+                                      fuse=not (check or self.jit) and cpu and fused.available())
             if self.jit and not check:
                 # fuses the elementwise chains into C++/OpenMP loops (TorchInductor); the first
                 # call per input shape pays the compilation

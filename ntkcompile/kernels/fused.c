@@ -93,6 +93,17 @@ static void relu_cs(const double *c, const double *s, const double *th, double *
     }
 }
 
+/* ``c = k12 / s`` clamped to [-1, 1] and the scale ``s = sqrt(k11 k22)``: the correlation's
+ * one-branch form, for variances in range (see in_range). */
+static void correlation_block(const double *k11, const double *k12, const double *k22, double *c, double *s,
+                              int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        s[i] = sqrt(k11[i] * k22[i]);
+        double v = k12[i] / s[i];
+        c[i] = v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v);
+    }
+}
+
 /* ------------------------------------------------------------------ rules */
 
 enum { RULE_ANGLE = 0, RULE_RELU = 1, RULE_STEP = 2 };
@@ -121,10 +132,7 @@ static int rule_block(int rule, const double *const *in, double *out, int64_t n,
     case RULE_ANGLE: {                     /* arccos c */
         double s;
         if (fast) {
-            for (int64_t i = 0; i < n; i++) {
-                double c = k12[i] / sqrt(k11[i] * k22[i]);
-                tmp[i] = c < -1.0 ? -1.0 : (c > 1.0 ? 1.0 : c);
-            }
+            correlation_block(k11, k12, k22, tmp, tmp + BLOCK, n);
         } else {
             for (int64_t i = 0; i < n; i++) tmp[i] = correlation(k11[i], k12[i], k22[i], &s);
         }
@@ -135,11 +143,7 @@ static int rule_block(int rule, const double *const *in, double *out, int64_t n,
         double s, *scale = tmp + BLOCK;
         const double *th = in[3];
         if (fast) {
-            for (int64_t i = 0; i < n; i++) {
-                scale[i] = sqrt(k11[i] * k22[i]);
-                double c = k12[i] / scale[i];
-                tmp[i] = c < -1.0 ? -1.0 : (c > 1.0 ? 1.0 : c);
-            }
+            correlation_block(k11, k12, k22, tmp, scale, n);
         } else {
             for (int64_t i = 0; i < n; i++) {
                 tmp[i] = correlation(k11[i], k12[i], k22[i], &s);
@@ -298,11 +302,7 @@ enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STO
 static int angle_cs(const double *k11, const double *k12, const double *k22, double *th, double *c,
                     double *s, int64_t n) {
     if (!in_range(k11, k22, n)) return 0;
-    for (int64_t i = 0; i < n; i++) {
-        s[i] = sqrt(k11[i] * k22[i]);
-        double v = k12[i] / s[i];
-        c[i] = v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v);
-    }
+    correlation_block(k11, k12, k22, c, s, n);
     acos_block(c, th, n);
     return 1;
 }

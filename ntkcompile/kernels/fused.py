@@ -272,6 +272,17 @@ def _coalesce(shape, strides):
     return out
 
 
+def _walk(arrays, shape, most: int):
+    """``arrays`` broadcast to ``shape`` and the dimensions all of them walk, coalesced
+    (``_coalesce``); copied contiguous when that leaves more than ``most`` dimensions."""
+    arrays = [a if a.shape == shape else torch.broadcast_to(a, shape) for a in arrays]
+    dims = _coalesce(shape, [a.stride() for a in arrays])
+    if len(dims) > most:
+        arrays = [a.contiguous() for a in arrays]
+        dims = _coalesce(shape, [a.stride() for a in arrays])
+    return arrays, dims
+
+
 def _run(rule: str, args, params=()) -> Optional[Tensor]:
     lib = None if _off else _load()
     if lib is None or not _applicable(args):
@@ -281,12 +292,8 @@ def _run(rule: str, args, params=()) -> Optional[Tensor]:
     if all(a.shape == shape and a.is_contiguous() for a in args):      # the common case: one flat loop
         sizes, strides = [1, 1, args[0].numel()], [0, 0, 1] * n_in
     else:
-        args = torch.broadcast_tensors(*args)
-        shape = args[0].shape
-        dims = _coalesce(shape, [a.stride() for a in args])
-        if len(dims) > 3:
-            args = [a.contiguous() for a in args]
-            dims = _coalesce(shape, [a.stride() for a in args])
+        shape = torch.broadcast_shapes(*[a.shape for a in args])
+        args, dims = _walk(args, shape, 3)
         dims = [(1, [0] * n_in)] * (3 - len(dims)) + dims
         sizes = [n for n, _ in dims]
         strides = [s[r] for r in range(n_in) for s in (d[1] for d in dims)]
@@ -491,12 +498,8 @@ def program(prog, leaves, shape) -> Optional[list]:
         leaves = [gather(*x) if isinstance(x, tuple) else x for x in leaves]   # lifted arrays
         if any(x is None for x in leaves):
             return None
-    plain = [x if x.shape == shape else torch.broadcast_to(x, shape) for x in leaves if not isinstance(x, tuple)]
-    dims = _coalesce(shape, [a.stride() for a in plain]) if plain else [(math.prod(shape), [])]
-    if len(dims) > _PROGRAM_DIMS:
-        plain = [a.contiguous() for a in plain]
-        dims = _coalesce(shape, [a.stride() for a in plain])
-    dims = dims or [(1, [0] * len(plain))]
+    plain, dims = _walk([x for x in leaves if not isinstance(x, tuple)], shape, _PROGRAM_DIMS)
+    dims = dims or [(math.prod(shape), [0] * len(plain))]     # only gathered inputs, or one entry
     sizes = [n for n, _ in dims]
     strides, ptrs, index, p = [], [], [], 0
     for x in leaves:

@@ -44,15 +44,10 @@ class Program:
         self.steps, self.n_leaves, self.outputs = tuple(steps), n_leaves, tuple(outputs)
         self.code, self.consts, self.registers = _assemble(self.steps, n_leaves, self.outputs)
         self.shapes_ok: dict = {}
-        last = {k: k for k in range(len(self.steps))}
-        for k, step in enumerate(self.steps):
-            for r in step[1]:
-                if not isinstance(r, float) and r[0] == "step":
-                    last[r[1]] = k
         self.dies = [[] for _ in self.steps]      # the steps whose value is last read by step k
-        for j, k in last.items():
-            if j not in self.outputs and k > j:
-                self.dies[k].append(j)
+        for ref, k in _last_reads(self.steps).items():
+            if ref[0] == "step" and ref[1] not in self.outputs:
+                self.dies[k].append(ref[1])
 
     def __repr__(self):
         return f"<fused program: {len(self.steps)} steps, {self.n_leaves} inputs, {len(self.outputs)} outputs>"
@@ -70,10 +65,11 @@ class Program:
             args = [name(r) for r in step[1]]
             if step[0] in ("add", "mul"):
                 text = (" + " if step[0] == "add" else " * ").join(args)
+            elif step[0] == "angle":
+                text = f"angle({', '.join(args)})"
             else:
-                rule, aa, ab2 = fused_rule(step[2]) if step[0] == "rule" else ("angle", 0.0, 0.0)
-                kind = "angle" if step[0] == "angle" else f"{rule}[{aa + 0.0:g}, {ab2 + 0.0:g}]"
-                text = f"{kind}({', '.join(args)})"
+                rule, aa, ab2 = fused_rule(step[2])
+                text = f"{rule}[{aa + 0.0:g}, {ab2 + 0.0:g}]({', '.join(args)})"     # + 0.0: no -0
             mark = [f"out {i}" for i, o in enumerate(self.outputs) if o == k]
             out.append(f"s{k} = {text}" + (f"  -> {', '.join(mark)}" if mark else ""))
         return out
@@ -141,17 +137,18 @@ def fused_rule(fn) -> Optional[tuple]:
     return getattr(fn, "fused_rule", None)
 
 
+def _last_reads(steps) -> dict:
+    """For each leaf and step ref that a step reads, the last step that reads it."""
+    return {ref: k for k, step in enumerate(steps) for ref in step[1] if not isinstance(ref, float)}
+
+
 def _assemble(steps, n_leaves, outputs):
     """Instructions (``fused.c``: ``PROG_WIDTH`` int32s each), constants and the register count.
 
     Registers are reused once a value is dead: a layer's chain needs a handful of them,
     and they stay in L1.  Constants get their own registers, filled once."""
     consts, const_reg = [0.0], {}
-    last: dict = {}
-    for k, step in enumerate(steps):
-        for ref in step[1]:
-            if not isinstance(ref, float):
-                last[ref] = k
+    last = _last_reads(steps)
     for k in outputs:
         last[("step", k)] = max(last.get(("step", k), -1), k)
     shared = {}        # a relu rule at the angle of its own variances: that angle's c and scale
@@ -186,6 +183,14 @@ def _assemble(steps, n_leaves, outputs):
         return where[ref]
 
     params: dict = {}
+
+    def param(fn):                     # a rule's (aa, ab2), once in the constants
+        _, aa, ab2 = fused_rule(fn)
+        if (aa, ab2) not in params:
+            consts.extend((aa, ab2))
+            params[(aa, ab2)] = len(consts) - 2
+        return params[(aa, ab2)]
+
     for k, step in enumerate(steps):
         regs = [reg(r) for r in step[1]]
         dst = alloc()           # not over an operand: a chain's temporaries read them later
@@ -204,23 +209,16 @@ def _assemble(steps, n_leaves, outputs):
         elif kind == "angle":
             code.append((_OPS["angle"], dst, *regs, 0, 0))
         elif k in shared:
-            _, aa, ab2 = fused_rule(step[2])
-            if (aa, ab2) not in params:
-                consts.extend((aa, ab2))
-                params[(aa, ab2)] = len(consts) - 2
             a = shared[k]
-            code.append((_OPS["relu_cs"], dst, where[("c", a)], where[("s", a)], regs[3], 0, params[(aa, ab2)]))
+            code.append((_OPS["relu_cs"], dst, where[("c", a)], where[("s", a)], regs[3], 0, param(step[2])))
             for r in (("c", a), ("s", a)):
                 if last[r] == k:
                     free.append(where.pop(r))
         else:
-            rule, aa, ab2 = fused_rule(step[2])
-            if (aa, ab2) not in params:
-                consts.extend((aa, ab2))
-                params[(aa, ab2)] = len(consts) - 2
+            rule = fused_rule(step[2])[0]
             k11, k12, k22, theta = regs
             args = (k11, k12, k22, theta) if rule == "relu" else (k11, theta, k22, 0)
-            code.append((_OPS[rule], dst, *args, params[(aa, ab2)]))
+            code.append((_OPS[rule], dst, *args, param(step[2])))
         for r in dict.fromkeys(r for r in step[1] if not isinstance(r, float)):
             if last[r] == k:
                 free.append(where.pop(r))
