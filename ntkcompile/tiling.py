@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import diagnose
+from . import diagnose, resources
 from .codegen import NonFiniteValue
 from .errors import KernelMemoryError, NonFiniteKernelError
 from .kernels import bands, quadrature
@@ -270,6 +270,8 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     dtype = kfn.dtype
+    if x1.device.type == "cpu":
+        resources.keep_heap()        # tiles reuse freed arrays instead of faulting in new pages
     extra = tuple(kfn.output_positions or ()) * 2
     outputs = _outputs(out, get, n1, n2, dtype, x1.device, extra)
     stderr: dict = {}

@@ -318,14 +318,12 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
             for (int i = 0; i < BLOCK; i++) regs[(int64_t)c[1] * BLOCK + i] = consts[c[2]];
     }
     while (lo < hi) {
-        int64_t rest = lo / inner, j = lo % inner;
+        int64_t rest = lo / inner, j0 = lo % inner;
         for (int d = ndim - 2; d >= 0; d--) {      /* the outer index of entry lo */
             at[d] = rest % shape[d];
             rest /= shape[d];
         }
-        int64_t n = inner - j;
-        if (n > BLOCK) n = BLOCK;
-        if (n > hi - lo) n = hi - lo;
+        int64_t n = hi - lo < BLOCK ? hi - lo : BLOCK;  /* a block may span rows */
         for (int k = 0; k < n_code; k++) {
             const int32_t *c = code + k * PROG_WIDTH;
             double *dst = regs + (int64_t)c[1] * BLOCK;
@@ -333,15 +331,25 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
             switch (c[0]) {
             case OP_LOAD: {
                 const int64_t *st = leaf_strides + (int64_t)ndim * c[2], s = st[ndim - 1];
-                const double *p = leaves[c[2]];
+                const double *base = leaves[c[2]];
                 if (index[c[2]]) {
                     const int64_t *ix = index[c[2]] + lo;
-                    for (int64_t i = 0; i < n; i++) dst[i] = p[ix[i] * s];
-                } else {
-                    for (int d = 0; d < ndim - 1; d++) p += at[d] * st[d];
-                    p += j * s;
-                    if (s == 1) memcpy(dst, p, (size_t)n * sizeof(double));
-                    else for (int64_t i = 0; i < n; i++) dst[i] = p[i * s];
+                    for (int64_t i = 0; i < n; i++) dst[i] = base[ix[i] * s];
+                    break;
+                }
+                int64_t a[PROG_MAX_DIMS], j = j0, done = 0;
+                memcpy(a, at, sizeof a);
+                while (done < n) {                 /* row by row: the rest of a row, or of the block */
+                    int64_t m = inner - j < n - done ? inner - j : n - done;
+                    const double *p = base + j * s;
+                    for (int d = 0; d < ndim - 1; d++) p += a[d] * st[d];
+                    double *o = dst + done;
+                    if (s == 1) memcpy(o, p, (size_t)m * sizeof(double));
+                    else if (s == 0) for (int64_t i = 0; i < m; i++) o[i] = p[0];
+                    else for (int64_t i = 0; i < m; i++) o[i] = p[i * s];
+                    done += m;
+                    j = 0;
+                    for (int d = ndim - 2; d >= 0 && ++a[d] == shape[d]; d--) a[d] = 0;
                 }
                 break;
             }

@@ -140,6 +140,9 @@ class HVarExpectations:
                 if fa.vt_angle is not None and not isinstance(k12, (float, type(None))):
                     # arccos(c) once per pair: relu's forward and step's backward share it
                     theta = self.call(expect.angle, self.like, k11, k12, k22)
+                    if getattr(fa.vt_angle, "fused_rule", ("",))[0] == "step":
+                        k12 = theta     # a step rule reads only the angle (and the variances): the
+                        # covariance need not stay alive for the backward pass, nor leave a fused chain
                     return self.call(expect.cf, self.static(fa.vt_angle, "vta"), self.like, k11, k12, k22, theta,
                                      note=note)
                 return self.call(expect.cf, self.static(fa.vt, "vt"), self.like, k11, k12, k22, note=note)

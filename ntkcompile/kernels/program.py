@@ -81,6 +81,8 @@ def run(prog: Program, like, *leaves):
     arrays = [x if isinstance(x, (torch.Tensor, tuple)) else torch.tensor(float(x), dtype=torch.float64)
               for x in leaves]         # a constant a plan computes at run time
     shape = _one_shape(prog, tuple(fused.leaf_shape(x) for x in arrays))
+    if isinstance(shape, _Split):
+        return shape.run(like, leaves, arrays)
     if shape is not None:
         out = fused.program(prog, arrays, shape)
     return out if out is not None else _torch(prog, like, leaves)
@@ -88,22 +90,82 @@ def run(prog: Program, like, *leaves):
 
 def _one_shape(prog, shapes):
     """The shape of all of ``prog``'s inputs broadcast together, if every output has it (the
-    fused pass computes every step at that shape; an output that torch would leave smaller,
-    broadcast later, takes the torch form), else None.  Memoized per input shapes."""
+    fused pass computes every step at that shape).  Else, where steps differ in shape (a
+    readout's means beside the position pairs' chains), a ``_Split``: the largest steps run
+    fused, the others as their own program.  None if a step's inputs do not broadcast (the
+    torch form raises as the unfused code would).  Memoized per input shapes."""
     if shapes in prog.shapes_ok:
         return prog.shapes_ok[shapes]
     try:
-        full = torch.broadcast_shapes(*shapes)
         own: list = []
         for step in prog.steps:
             own.append(torch.broadcast_shapes(*[() if isinstance(r, float) else
                                                 (shapes[r[1]] if r[0] == "leaf" else own[r[1]])
                                                 for r in step[1]]))
-        known = full if all(own[k] == full for k in prog.outputs) else None
     except RuntimeError:
-        known = None
+        own = None
+    known = None
+    if own is not None:
+        try:
+            full = torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            full = None
+        if full is not None and all(own[k] == full for k in prog.outputs):
+            known = full
+        else:
+            known = _Split(prog, own, max(own, key=lambda s: (s.numel(), s)))
     prog.shapes_ok[shapes] = known
     return known
+
+
+class _Split:
+    """A program whose steps are not all at its inputs' common shape, as two: the smaller
+    steps (``small``: they read only smaller arrays) and then the full-shape ones (``big``),
+    which take the small values they read as extra inputs.  Each part is a ``Program`` over
+    only the inputs it reads, run as ``run`` runs one, so the full-shape chain stays fused."""
+
+    def __init__(self, prog, own, full):
+        steps = prog.steps
+        small = [k for k in range(len(steps)) if own[k] != full]     # they read no larger array
+        big = [k for k in range(len(steps)) if own[k] == full]
+        needed = [k for k in small if k in prog.outputs or any(r == ("step", k) for b in big for r in steps[b][1])]
+        big_outputs = [o for o in prog.outputs if o not in small]
+        self.small, self.small_leaves = _part(steps, small, needed, {})
+        self.big, self.big_leaves = _part(steps, big, big_outputs, {k: i for i, k in enumerate(needed)})
+        self.outputs = [("small", needed.index(k)) if k in small else ("big", big_outputs.index(k))
+                        for k in prog.outputs]
+
+    def run(self, like, leaves, arrays):
+        small = run(self.small, like, *[leaves[i] for i in self.small_leaves]) if self.small else ()
+        big = run(self.big, like, *[leaves[i] if i >= 0 else small[-1 - i] for i in self.big_leaves]) \
+            if self.big else ()
+        parts = {"small": small, "big": big}
+        return tuple(parts[part][i] for part, i in self.outputs)
+
+
+def _part(steps, members, outputs, extra):
+    """The steps ``members`` of a program as a ``Program`` of their own, with the leaves it
+    reads: indices into the original leaves, or ``-1 - i`` for ``extra``'s ``i``-th value
+    (``extra``: step -> index, steps outside ``members`` read as inputs)."""
+    if not members:
+        return None, []
+    at = {k: i for i, k in enumerate(members)}
+    leaves: list = []
+
+    def leaf(key):
+        if key not in leaves:
+            leaves.append(key)
+        return ("leaf", leaves.index(key))
+
+    def ref(r):
+        if isinstance(r, float):
+            return r
+        if r[0] == "leaf":
+            return leaf(r[1])
+        return ("step", at[r[1]]) if r[1] in at else leaf(-1 - extra[r[1]])
+
+    part = [(steps[k][0], tuple(ref(r) for r in steps[k][1]), *steps[k][2:]) for k in members]
+    return Program(part, len(leaves), [at[k] for k in outputs]), leaves
 
 
 def _torch(prog, like, leaves):

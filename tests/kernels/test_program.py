@@ -176,22 +176,52 @@ def test_a_relu_rule_shares_the_correlation_of_its_angle():
         assert torch.equal(g, w)
 
 
-def test_an_output_torch_leaves_smaller_takes_the_torch_form():
+def test_steps_of_a_smaller_shape_run_as_their_own_program():
     """A program computes every step at the inputs' common shape; an output that torch keeps
-    smaller (broadcast only later) would change shape, so that program runs as torch ops;
-    one whose outputs all have the common shape runs fused, strided inputs and all."""
+    smaller (broadcast only later) would change shape, so the program is split: the smaller
+    steps run as a program of their own shape, the rest fused at the common shape, reading
+    them as inputs.  Values and shapes are the torch form's, to the bit."""
     a = torch.rand(5, 1, dtype=F64)
     b = torch.rand(4, 5, dtype=F64).t()           # (5, 4), strided
     steps = [("mul", (2.0, ("leaf", 0))), ("add", (("step", 0), ("leaf", 1)))]
     both = program.Program(steps, 2, [0, 1])
     with fused.metered() as meter:
         s0, s1 = program.run(both, a, a, b)
-    assert meter.bytes == 0            # the torch form
+    # two passes: s0 over 5 entries (1 input, 1 output), s1 over 20 (s0 and b in, s1 out)
+    assert meter.bytes == 8 * 5 * 2 + 8 * 20 * 3
     assert s0.shape == (5, 1) and torch.equal(s0, 2.0 * a) and torch.equal(s1, 2.0 * a + b)
-    assert program._one_shape(both, (a.shape, b.shape)) is None
+    assert isinstance(program._one_shape(both, (a.shape, b.shape)), program._Split)
     last = program.Program(steps, 2, [1])
     assert program._one_shape(last, (a.shape, b.shape)) == (5, 4)
     with fused.metered() as meter:
         (s1,) = program.run(last, a, a, b)
-    assert meter.bytes == 8 * 20 * 3    # the fused pass: two inputs and one output of 20 entries
+    assert meter.bytes == 8 * 20 * 3    # one fused pass: two inputs and one output of 20 entries
     assert torch.equal(s1, 2.0 * a + b)
+
+
+def test_a_readout_beside_position_pairs_splits_where_shapes_do_not_broadcast():
+    """A pooled readout's per-pair values ``(B,)`` beside a chain on ``(B, P, P)`` arrays (which
+    do not broadcast together: torch aligns trailing axes) split into two programs; the
+    results equal the torch form's to the bit."""
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.rand(6, dtype=F64, generator=gen)
+    k11 = torch.rand(6, 4, 1, dtype=F64, generator=gen) + 0.5
+    k22 = torch.rand(6, 1, 4, dtype=F64, generator=gen) + 0.5
+    k12 = (k11 * k22).sqrt() * (torch.rand(6, 4, 4, dtype=F64, generator=gen) * 2 - 1)
+    seeds = torch.tensor(0.25, dtype=F64)
+    steps = [("mul", (1.5, ("leaf", 0))), ("add", (("step", 0), 0.01)),
+             ("angle", (("leaf", 1), ("leaf", 2), ("leaf", 3))),
+             ("mul", (("step", 2), ("leaf", 4)))]
+    prog = program.Program(steps, 5, [1, 3])
+    leaves = (mean, k11, k12, k22, seeds)
+    assert isinstance(program._one_shape(prog, tuple(x.shape for x in leaves)), program._Split)
+    with fused.metered() as meter:
+        got = program.run(prog, mean, *leaves)
+    assert meter.bytes == 8 * 6 * 2 + 8 * 96 * 5     # (B,) fused: 1 in, 1 out; (B, P, P): 4 in, 1 out
+    want = program._torch(prog, mean, leaves)
+    with fused.disabled():
+        plain = program.run(prog, mean, *leaves)
+    for g, w, p in zip(got, want, plain):
+        assert g.shape == w.shape == p.shape
+        assert torch.equal(g, w) and torch.allclose(g, p, rtol=1e-15, atol=0)
+    assert torch.equal(got[0], 1.5 * mean + 0.01)
