@@ -207,10 +207,11 @@ int ntk_rule(int rule, int n_in, const double *const *in, const int64_t *st, con
  * output positions reading each input position it is its adjoint.  Taps are added in
  * order from 0, as the torch forms add their shifted views.  Rows ``b`` in [lo, hi).
  *
- * ``runs`` (or NULL) lists, tap by tap, the stretches where ``tab[t, q]`` steps by one
- * with ``q``: ``(q0, s0, length)`` triples, those of tap t at ``runs[3 run_at[t] ...]`` up
- * to ``run_at[t + 1]``.  A stride-1 window then adds contiguous slices (vector loads)
- * instead of gathering entry by entry. */
+ * ``runs`` (or NULL) lists, tap by tap, the stretches where ``tab[t, q]`` is ``s0 + q - q0``
+ * or -1: ``(q0, s0, length, masked)``, those of tap t at ``runs[4 run_at[t] ...]`` up to
+ * ``run_at[t + 1]``; ``masked``: the stretch has -1 entries (zero padding between rows),
+ * which add nothing.  A stride-1 window then adds a few long slices (vector loads, masked
+ * across padding) instead of gathering entry by entry or adding row-sized pieces. */
 void ntk_window_pair(const double *in, double *out, int64_t n_in, int64_t n_out, int taps,
                      const int32_t *tab, const int32_t *runs, const int32_t *run_at, double size,
                      int64_t lo, int64_t hi) {
@@ -225,9 +226,14 @@ void ntk_window_pair(const double *in, double *out, int64_t n_in, int64_t n_out,
                 const double *line = src + (int64_t)tt[p] * n_in;
                 if (runs) {
                     for (int32_t r = run_at[t]; r < run_at[t + 1]; r++) {
-                        double *o = row + runs[3 * r];
-                        const double *l = line + runs[3 * r + 1];
-                        for (int32_t i = 0, n = runs[3 * r + 2]; i < n; i++) o[i] += l[i];
+                        const int32_t *run = runs + 4 * r, *restrict m = tt + run[0];
+                        double *restrict o = row + run[0];
+                        const double *restrict l = line + run[1];
+                        if (run[3]) {
+                            for (int32_t i = 0, n = run[2]; i < n; i++) o[i] = m[i] >= 0 ? o[i] + l[i] : o[i];
+                        } else {
+                            for (int32_t i = 0, n = run[2]; i < n; i++) o[i] += l[i];
+                        }
                     }
                 } else {
                     for (int64_t q = 0; q < n_out; q++)

@@ -49,6 +49,7 @@ SOURCE = Path(__file__).with_name("fused.c")
 _RULES = {"angle": (0, 3), "relu": (1, 4), "step": (2, 3)}
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"]
 _RUN_LENGTH = 4                      # window tables whose runs are shorter on average gather
+_RUN_GAP = 8                         # a run of a window table steps over at most this many -1s
 _PARALLEL_ENTRIES = 1 << 16          # below this, one thread (a thread's start costs more)
 
 _lock = threading.Lock()
@@ -382,14 +383,16 @@ def _window_table(g, adjoint: bool):
         for q, s in enumerate(row):
             if s < 0:
                 continue
-            if runs and runs[-1][0] + runs[-1][2] == q and runs[-1][1] + runs[-1][2] == s and len(runs) > run_at[-1]:
-                runs[-1][2] += 1
+            last = runs[-1] if len(runs) > run_at[-1] else None
+            if last and 0 <= q - last[0] - last[2] < _RUN_GAP and last[1] + q - last[0] == s:
+                last[3] |= q > last[0] + last[2]      # across padding (-1 entries): masked
+                last[2] = q - last[0] + 1
             else:
-                runs.append([q, s, 1])
+                runs.append([q, s, 1, 0])
         run_at.append(len(runs))
     if len(runs) * _RUN_LENGTH > (table >= 0).sum():     # short runs: gather entry by entry
         return table, None, None
-    return table, torch.tensor(runs, dtype=torch.int32).reshape(-1, 3), torch.tensor(run_at, dtype=torch.int32)
+    return table, torch.tensor(runs, dtype=torch.int32).reshape(-1, 4), torch.tensor(run_at, dtype=torch.int32)
 
 
 def window_pair(a, g, adjoint: bool = False) -> Optional[Tensor]:

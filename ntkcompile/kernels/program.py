@@ -307,6 +307,7 @@ def chains(order, roots, children, self_mode):
     step that cannot join it reads it (a stencil, a contraction, a quadrature), or before a
     chain that reads it is closed.  Lifts written inline wait for what reads them.  Chains
     of one step stay plain nodes.  ``outputs``: the members read outside the chain."""
+    order = _hoist_step_rules(order, children)
     domain, users = {}, {}
     for n in order:
         domain[n.uid] = _domain(n, domain)
@@ -381,6 +382,31 @@ def chains(order, roots, children, self_mode):
     for d in list(open_):
         close(d)
     out.extend(node for node, _ in held.values())
+    return out
+
+
+def _hoist_step_rules(order, children):
+    """``order`` with each step-family rule (a derivative's V-transform: it reads the angle and
+    the variances only) moved to just after the latest thing it reads.  The backward pass
+    reads it much later; computed there, it reloads the angle and both variances from memory
+    and stores its value, while beside its angle it joins the forward chain, whose angle
+    then need not be stored (its value takes the angle's place in memory)."""
+    at = {n.uid: i for i, n in enumerate(order)}
+    after: dict = {}
+    for n in order:
+        if isinstance(n, plan.Call) and n.fn is expect.cf and _fusable(n) and fused_rule(n.args[0].obj)[0] == "step":
+            last = max((at[c.uid] for c in children(n) if c.uid in at and not isinstance(c, (plan.Env, plan.Static))),
+                       default=None)     # (constants are written inline)
+            if last is not None and last < at[n.uid]:
+                after.setdefault(last, []).append(n)
+    if not after:
+        return order
+    moved = {n.uid for ns in after.values() for n in ns}
+    out = []
+    for i, n in enumerate(order):
+        if n.uid not in moved:
+            out.append(n)
+        out.extend(after.get(i, ()))
     return out
 
 

@@ -155,6 +155,11 @@ def test_window_sums_equal_the_shifted_views(geom):
         ref = spatial.stencil_pair(a, g), spatial.stencil_pair_adjoint(d, g, (5,))
     for x, y in zip(got, ref):
         assert x.shape == y.shape and torch.equal(x, y)
+    if geom == GEOMETRIES[0]:   # 3x3, stride 1, padding 1: each tap one run, masked across the padding
+        for adjoint in (False, True):
+            _, runs, run_at = fused._window_table(g, adjoint)
+            assert runs.shape == (9, 4) and run_at.tolist() == list(range(10))
+            assert runs[:, 3].tolist() == [1, 0, 1] * 3      # a column shift crosses row ends
     # and the adjoint is the adjoint: <S a, d> = <a, S* d>, up to the 1/|K| each side divides by
     lhs = (got[0] * d).sum() * g.size
     rhs = (a * got[1]).sum() * g.size

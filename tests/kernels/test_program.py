@@ -93,6 +93,10 @@ def test_a_cnn_with_position_arrays_equals_the_unfused_code():
     x1, x2 = torch.randn(5, 2, 5, 5, dtype=F64), torch.randn(3, 2, 5, 5, dtype=F64)
     (nngp, ntk), text = _fused(kfn, True, x1)
     assert "program(" in text
+    # each derivative's step rule joins its layer's forward chain, beside the angle it reads
+    # (only the backward pass reads it: left there, it would reload the angle and variances)
+    steps = [ln for ln in text.splitlines() if "= step[" in ln]
+    assert len(steps) == 2 and all(re.search(r"step\[1, 0\]\((\w+), (s\d+), (\w+), \2\)", ln) for ln in steps)
     ref = _unfused(kfn, True, x1)
     assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
     (nngp, ntk), _ = _fused(kfn, False, x1, x2)
