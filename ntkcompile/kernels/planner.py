@@ -42,7 +42,7 @@ import math
 from ..ir import READOUT, Bias, Builder, HAtom, Matrix, SConst, SMoment, Var
 from ..ir import nodes as irn
 from ..ir.printer import atom_label
-from ..plan import Call, Env, Lift, LiftAll, Plan, Pow, Rsqrt
+from ..plan import Env, Lift, LiftAll, Plan, Pow, Rsqrt
 from . import expect, spatial
 from .nonlinear import SIDES, HVarExpectations
 
@@ -555,27 +555,11 @@ class Planner(HVarExpectations):
             if rule is None:
                 raise NotImplementedError(f"the NTK terms of a {type(param).__name__} parameter")
             terms += (yield from ask(rule, self, param, uses.get(param, [])))
-        total = self.plan.add(self.merge_spatial_sums(terms))
+        # terms summed over the same positions: one sum of their products (one fused program)
+        total = self.plan.add(self.plan.merge_calls(terms, spatial.spatial_sum))
         if self.steps and total is not None and not isinstance(total, float):
             total = self.call(spatial.from_seeds, total, self.dbatch, len(self.plan.seeds))
         return self.plan.mul(r.scale ** 2, total)
-
-    def merge_spatial_sums(self, terms) -> list:
-        """``sum_P(t1) + sum_P(t2) + ...`` as ``sum_P(t1 + t2 + ...)`` (terms summed over the
-        same positions): the sum of the terms' products is one fused program and one
-        reduction, instead of a product array and a reduction for each term (a pooled CNN's
-        NTK: 8 passes over the position-pair arrays instead of 16)."""
-        groups: dict = {}
-        for i, t in enumerate(terms):
-            if isinstance(t, Call) and t.fn is spatial.spatial_sum:
-                groups.setdefault((t.args[1], t.args[2]), []).append(i)
-        out = list(terms)
-        for (batch, sp), at in groups.items():
-            if len(at) > 1:
-                out[at[0]] = self.call(spatial.spatial_sum, self.plan.add([terms[i].args[0] for i in at]), batch, sp)
-                for i in at[1:]:
-                    out[i] = None
-        return out
 
     def pairs_of_uses(self, atoms, positions_of):
         """``sum_{u, w} D(u, w) * E[u w']`` over every pair of uses of one parameter

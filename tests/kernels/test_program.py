@@ -97,6 +97,8 @@ def test_a_cnn_with_position_arrays_equals_the_unfused_code():
     # (only the backward pass reads it: left there, it would reload the angle and variances)
     steps = [ln for ln in text.splitlines() if "= step[" in ln]
     assert len(steps) == 2 and all(re.search(r"step\[1, 0\]\((\w+), (s\d+), (\w+), \2\)", ln) for ln in steps)
+    # the NTK's terms over all position pairs are one sum of their products (plan.merge_calls)
+    assert text.count("spatial_sum(") == 1
     ref = _unfused(kfn, True, x1)
     assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
     (nngp, ntk), _ = _fused(kfn, False, x1, x2)
