@@ -42,7 +42,7 @@ import math
 from ..ir import READOUT, Bias, Builder, HAtom, Matrix, SConst, SMoment, Var
 from ..ir import nodes as irn
 from ..ir.printer import atom_label
-from ..plan import Env, Lift, LiftAll, Plan, Pow, Rsqrt
+from ..plan import Env, Lift, LiftAll, Mul, Plan, Pow, Rsqrt
 from . import expect, spatial
 from .nonlinear import SIDES, HVarExpectations
 
@@ -121,8 +121,7 @@ class Planner(HVarExpectations):
 
     def __init__(self, program, *, mc_samples=200_000, seed=0, degree=96, tol=None, nd_degree=None,
                  joint_samples=4096):
-        self.p = program
-        self.bw = program.backward
+        self.p, self.bw = program, program.backward
         self.b = program.backward.builder        # nodes derived while planning live here
         self.plan = Plan()
         self.mc_samples, self.seed = mc_samples, seed
@@ -562,14 +561,16 @@ class Planner(HVarExpectations):
         return self.plan.mul(r.scale ** 2, total)
 
     def pairs_of_uses(self, atoms, positions_of):
-        """``sum_{u, w} D(u, w) * E[u w']`` over every pair of uses of one parameter
-        (weight sharing: all pairs), summed over the positions it is shared by."""
+        """``sum_{u, w} D(u, w) * E[u w']`` over every pair of uses of one parameter (weight
+        sharing: all pairs), summed over the positions it is shared by.  ``E = c * x`` enters
+        as ``c * D * x``: the forward pass then need not store the scaled ``c * x``."""
         terms = []
         for u in atoms:
             for w in atoms:
                 d = yield from self.D(u, w)
                 e = yield from self.cov_atoms(u, w, "x")
-                terms.append(self.spatial_sum(self.plan.mul(d, e), positions_of(u)))
+                factors = e.factors if isinstance(e, Mul) and isinstance(e.factors[0], float) else (e,)
+                terms.append(self.spatial_sum(self.plan.mul(d, *factors), positions_of(u)))
         return terms
 
 
