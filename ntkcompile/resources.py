@@ -97,7 +97,7 @@ def keep_heap() -> bool:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version          # glibc only: another libc's mallopt means other things
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):     # (Windows: no CDLL(None))
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _HEAP_SET = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
