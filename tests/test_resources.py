@@ -1,5 +1,6 @@
 """The memory ntkcompile plans with (``resources.available_memory``) honours the process's
 own limits, so that a job under ``ulimit`` or in a container splits its work to fit."""
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,6 @@ def test_a_data_limit_lowers_the_memory_available():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before, after = map(int, out.split())
     assert 0 < after <= 2 ** 31 and after <= before
-
 
 
 _WARM_CALLS = """
@@ -48,7 +48,6 @@ def test_keep_heap_stops_warm_calls_faulting_in_fresh_pages():
     after tile (about 19,000 minor faults a call here, for a pooled CNN on 32 inputs).  Kernel
     calls set glibc's thresholds once (``resources.keep_heap``); the oracle is the OS's count of
     minor page faults, ``NTKCOMPILE_MALLOC=0`` the contrast, and the kernels are the same."""
-    import os
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     kept, faults, total = _warm_faults(env)
     if not kept:
@@ -59,7 +58,6 @@ def test_keep_heap_stops_warm_calls_faulting_in_fresh_pages():
 
 
 def test_keep_heap_leaves_a_users_malloc_tuning_alone():
-    import os
     code = "from ntkcompile import resources; print(int(resources.keep_heap()))"
     for extra in ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000000"}, {"MALLOC_ARENA_MAX": "2"},
                   {"NTKCOMPILE_MALLOC": "0"}):

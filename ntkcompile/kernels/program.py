@@ -82,7 +82,7 @@ def run(prog: Program, like, *leaves):
               for x in leaves]         # a constant a plan computes at run time
     shape = _one_shape(prog, tuple(fused.leaf_shape(x) for x in arrays))
     if isinstance(shape, _Split):
-        return shape.run(like, leaves, arrays)
+        return shape.run(like, leaves)
     if shape is not None:
         out = fused.program(prog, arrays, shape)
     return out if out is not None else _torch(prog, like, leaves)
@@ -135,7 +135,7 @@ class _Split:
         self.outputs = [("small", needed.index(k)) if k in small else ("big", big_outputs.index(k))
                         for k in prog.outputs]
 
-    def run(self, like, leaves, arrays):
+    def run(self, like, leaves):
         small = run(self.small, like, *[leaves[i] for i in self.small_leaves]) if self.small else ()
         big = run(self.big, like, *[leaves[i] if i >= 0 else small[-1 - i] for i in self.big_leaves]) \
             if self.big else ()
