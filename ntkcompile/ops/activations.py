@@ -26,7 +26,7 @@ from ..ir import Elementwise
 from ..kernels import fused
 from ..kernels import piecewise as pw
 from ..kernels.quadrature import angle, correlation
-from .elementwise import (PI, SQRT_2PI, activation, f64, from_callable, intern, number,
+from .elementwise import (INV_2PI, PI, SQRT_2PI, activation, f64, from_callable, intern, number,
                           pin_zero_variance, register, zeros_like_pairs)
 
 
@@ -50,12 +50,12 @@ def _relu_kernel(scale: Tensor, c: Tensor, theta: Tensor) -> Tensor:
     # in place on fresh temporaries (each op rounds exactly as the out-of-place form)
     out = torch.rsub(c * c, 1.0).clamp_min_(0.0).sqrt_()
     out.add_(torch.rsub(theta, PI).mul_(c))
-    return out.mul_(scale).div_(2.0 * PI)
+    return out.mul_(scale).mul_(INV_2PI)
 
 
 def _step_kernel(theta: Tensor) -> Tensor:
     """``E step(z1) step(z2) = (pi - theta) / (2 pi)`` (orthant probability)."""
-    return torch.rsub(theta, PI).div_(2.0 * PI)
+    return torch.rsub(theta, PI).mul_(INV_2PI)
 
 
 def _combine(kernel, a: float, b: float):

@@ -444,4 +444,5 @@ def pin_zero_variance(e: Elementwise) -> Elementwise:
 
 
 PI = math.pi
+INV_2PI = 1.0 / (2.0 * math.pi)   # the arc-cosine rules multiply by it (a division costs more)
 SQRT_2PI = math.sqrt(2.0 * math.pi)
