@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Optional
 
 import opt_einsum
 
@@ -352,7 +353,8 @@ class _Renderer:
         for step, (inds, _, eq, _, _) in enumerate(info.contraction_list):
             args = [names.pop(i) for i in inds]     # opt_einsum's order: indices descending
             name = self.fresh()
-            line = f"{indent}{name} = torch.einsum({eq!r}, {', '.join(args)})"
+            expr = _pair_gram(eq, args, info.size_dict) or f"torch.einsum({eq!r}, {', '.join(args)})"
+            line = f"{indent}{name} = {expr}"
             if step == len(info.contraction_list) - 1:
                 line += (f"  # opt_einsum {n.equation!r} step {step + 1}/{len(info.contraction_list)}, "
                          f"{float(info.opt_cost):.2g} flops at nominal sizes")
@@ -528,3 +530,33 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
     sig = "kernel_self(x1, MC=_MC)" if self_mode else "kernel_cross(x1, x2, MC=_MC)"
     r.namespace["_MC"] = tuple(mc)
     return _build(sig, head, r.statements, "nngp, ntk, _err", r.namespace)
+
+
+def _pair_gram(eq: str, args, sizes) -> Optional[str]:
+    """``x`` and ``y`` contracted into an array over pairs, ``'acs,bct->abst'`` (a Gram of two
+    inputs' patches over pairs of positions), as one broadcast matmul that writes it in
+    that order: ``x.permute(a, s, c)[:, None] @ y.permute(b, c, t)[None]``.  torch.einsum
+    returns the same values as a permuted view of its matmul's ``(b, t, a, s)`` layout,
+    which the fused programs reading it (twice) then walk across rows.  None for any other
+    contraction, or where copying ``x`` once per ``b`` (the broadcast) costs more than the
+    transposition it saves (``c > t``)."""
+    ins, out = eq.split("->")
+    if len(out) != 4 or len(args) != 2 or "," not in ins:
+        return None
+    lhs, rhs = ins.split(",")
+    x, y = args
+    if out[0] in rhs:                              # the left operand owns the output's first index
+        lhs, rhs, x, y = rhs, lhs, y, x
+    a, b, s, t = out
+    contracted = [i for i in lhs if i in rhs]
+    if sorted(lhs) != sorted([a, s] + contracted) or sorted(rhs) != sorted([b, t] + contracted) \
+            or len(contracted) != 1 or len(set(lhs + rhs)) != 5:
+        return None
+    c = contracted[0]
+    if sizes.get(c, 0) > sizes.get(t, 0):
+        return None
+    def ordered(name, have, want):
+        perm = [have.index(i) for i in want]
+        return name if perm == sorted(perm) else f"{name}.permute({', '.join(map(str, perm))})"
+
+    return f"torch.matmul({ordered(x, lhs, a + s + c)}[:, None], {ordered(y, rhs, b + c + t)}[None])"

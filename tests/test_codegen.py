@@ -32,6 +32,25 @@ def test_contract_matches_numpy_einsum(equation, shapes):
     assert f"opt_einsum {equation!r} step {steps}/{steps}" in text
 
 
+@pytest.mark.parametrize("equation, shapes, matmul", [
+    ("acs,bct->abst", [(3, 5, 9), (2, 5, 9)], True),       # a conv input layer's Gram over position pairs
+    ("bct,acs->abst", [(2, 5, 9), (3, 5, 9)], True),       # its operands either way round
+    ("sca,tbc->abst", [(9, 5, 3), (9, 2, 5)], True),       # their axes in any order
+    ("acs,bct->abst", [(3, 12, 9), (2, 12, 9)], False),    # more patch entries than positions: einsum
+])
+def test_a_gram_over_position_pairs_is_written_in_its_own_order(equation, shapes, matmul):
+    """The programs that read it walk it row by row: a broadcast matmul writes it in the
+    order ``(a, b, s, t)`` (torch.einsum returns a permuted view of ``(b, t, a, s)``)."""
+    fn, text = _contraction(equation, shapes)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal(s) for s in shapes]
+    got = fn(*[torch.from_numpy(x) for x in xs])
+    np.testing.assert_allclose(got.numpy(), np.einsum(equation, *xs), rtol=1e-12, atol=1e-12)
+    assert ("torch.matmul(" in text) == matmul and ("torch.einsum(" in text) != matmul
+    if matmul:
+        assert got.is_contiguous()
+
+
 def test_chain_follows_the_cheaper_path():
     # (5x40)(40x3) first costs 600 + 450 multiplies; (40x3)(3x30) first costs 3600 + 6000
     _, text = _contraction("ab,bc,cd->ad", [(5, 40), (40, 3), (3, 30)])
