@@ -307,7 +307,7 @@ def chains(order, roots, children, self_mode):
     step that cannot join it reads it (a stencil, a contraction, a quadrature), or before a
     chain that reads it is closed.  Lifts written inline wait for what reads them.  Chains
     of one step stay plain nodes.  ``outputs``: the members read outside the chain."""
-    order = _hoist_step_rules(order, children)
+    order = _hoist_products(_hoist_step_rules(order, children), children)
     domain, users = {}, {}
     for n in order:
         domain[n.uid] = _domain(n, domain)
@@ -402,6 +402,42 @@ def _hoist_step_rules(order, children):
     if not after:
         return order
     moved = {n.uid for ns in after.values() for n in ns}
+    out = []
+    for i, n in enumerate(order):
+        if n.uid not in moved:
+            out.append(n)
+        out.extend(after.get(i, ()))
+    return out
+
+
+def _hoist_products(order, children):
+    """``order`` with each fusable product moved to just after the fusable step it reads
+    last, with those of its other factors that come later but read only what comes before
+    (a readout's backward seed ``mean_seeds``, a constant).  The backward's first product,
+    ``step * seed``, then joins the last layer's forward chain, which stores the product
+    instead of the step (one pass over the pair arrays fewer)."""
+    at = {n.uid: i for i, n in enumerate(order)}
+    data = lambda n: [c for c in children(n) if c.uid in at and not isinstance(c, (plan.Env, plan.Static))]  # noqa: E731
+    users: dict = {}
+    for n in order:
+        for c in data(n):
+            users[c.uid] = users.get(c.uid, 0) + 1
+    after: dict = {}
+    moved: set = set()
+    for n in order:
+        if not (isinstance(n, plan.Mul) and _fusable(n)):
+            continue
+        late = [c for c in data(n) if c.uid not in moved and _fusable(c)]
+        last = max((at[c.uid] for c in late), default=None)
+        if last is None or last + 1 >= at[n.uid] or users[order[last].uid] != 1:
+            continue                   # (a step read elsewhere too would be stored beside the product)
+        carried = [c for c in data(n) if at[c.uid] > last]
+        if any(c.uid in moved or any(at[g.uid] > last for g in data(c)) for c in carried):
+            continue
+        after.setdefault(last, []).extend(carried + [n])
+        moved |= {c.uid for c in carried} | {n.uid}
+    if not after:
+        return order
     out = []
     for i, n in enumerate(order):
         if n.uid not in moved:

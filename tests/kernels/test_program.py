@@ -99,6 +99,12 @@ def test_a_cnn_with_position_arrays_equals_the_unfused_code():
     assert len(steps) == 2 and all(re.search(r"step\[1, 0\]\((\w+), (s\d+), (\w+), \2\)", ln) for ln in steps)
     # the NTK's terms over all position pairs are one sum of their products (plan.merge_calls)
     assert text.count("spatial_sum(") == 1
+    # the backward's first product (the last layer's step times the readout's seed) joins that
+    # layer's forward chain (program._hoist_products): stored instead of the step, no pass of its own
+    seed = re.search(r"(k\d+) = mean_seeds\(", text).group(1)
+    blocks = re.findall(r"((?:    #   .*\n)+)    .* = program\(", text)
+    with_seed = [b for b in blocks if f" * {seed}" in b]
+    assert len(with_seed) == 1 and "= step[" in with_seed[0] and "= relu[" in with_seed[0]
     ref = _unfused(kfn, True, x1)
     assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
     (nngp, ntk), _ = _fused(kfn, False, x1, x2)
