@@ -64,6 +64,34 @@ def specialize(plan: P.Plan, self_mode: bool, names):
     return {n: remap(plan.outputs.get(n)) for n in names}, spec.origin
 
 
+def _split_sums(values, origin):
+    """``values`` re-interned with each sum over positions of several terms,
+    ``spatial_sum(t1 + t2 + ...)`` (``Plan.merge_calls``), as the sum of the terms' sums: for
+    fused programs, which compute each term's sum in the pass that computes the term's
+    factors (``kernels.program._hoist_sums``), storing no position-pair array for it."""
+    spec = P.Plan()
+    memo: dict = {}
+    origins: dict = {}
+
+    def remap(v):
+        if isinstance(v, P.PNode):
+            return memo[v.uid]
+        if isinstance(v, tuple):
+            return tuple(remap(x) for x in v)
+        return v
+
+    for node in P.reachable(list(values.values())):
+        fields = [remap(getattr(node, f)) for f in node._fields if f != "uid"]
+        x = fields[1][0] if isinstance(node, P.Call) and node.fn is spatial.spatial_sum else None
+        if isinstance(x, P.Add) and all(isinstance(t, P.PNode) for t in x.terms):
+            new = spec.add([spec.make(P.Call, node.fn, (t, *fields[1][1:]), fields[2]) for t in x.terms])
+        else:
+            new = spec.make(type(node), *fields)
+        memo[node.uid] = new
+        origins.setdefault(new.uid, origin.get(node.uid))
+    return {n: remap(v) for n, v in values.items()}, origins
+
+
 class _Region:
     """Elementwise plan steps computed as one fused ``kernels.program.Program``: ``members``
     in order, ``outputs`` (the members used outside it)."""
@@ -283,20 +311,26 @@ class _Renderer:
                 return float(v)
             return ("step", index[v.uid]) if v.uid in index else ("leaf", at[v.uid])
 
-        steps = []
+        steps, envs = [], []
         for m in reg.members:
             if isinstance(m, (P.Add, P.Mul)):
                 steps.append(("add" if isinstance(m, P.Add) else "mul",
                               tuple(ref(t) for t in (m.terms if isinstance(m, P.Add) else m.factors))))
             elif m.fn is expect.angle:
                 steps.append(("angle", tuple(ref(a) for a in m.args[1:])))
+            elif program.reduction(m):
+                x, batch, sp = (m.args if m.fn is spatial.spatial_sum else (m.args[0], m.args[2], m.args[1]))
+                if self.value(batch) not in envs:
+                    envs.append(self.value(batch))
+                steps.append(("sum", (ref(x),), m.fn, sp, envs.index(self.value(batch))))
             else:
                 steps.append(("rule", tuple(ref(a) for a in m.args[2:]), m.args[0].obj))
         prog = program.Program(steps, len(leaves), [index[o.uid] for o in reg.outputs])
         names = [self.fresh() for _ in reg.outputs]
-        rules = sum(1 for m in reg.members if isinstance(m, P.Call))
+        rules = sum(1 for m in reg.members if isinstance(m, P.Call) and not program.reduction(m))
+        env = f", envs=({', '.join(envs)},)" if envs else ""
         text = (f"{indent}{', '.join(names)}{',' if len(names) == 1 else ''} = program({self.bind(prog, 'prog')}, "
-                f"like, {', '.join(args)})  # fused: {len(steps)} steps, {rules} closed forms")
+                f"like, {', '.join(args)}{env})  # fused: {len(steps)} steps, {rules} closed forms")
         steps = [f"{indent}#   {line}" for line in prog.lines(shown)]
         self.statements.append((steps + [text] + self._checked(names[0], reg.outputs[0], indent), tuple(names)))
         for o, name in zip(reg.outputs, names):
@@ -497,6 +531,8 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
     """
     wanted = [n for n in ("nngp", "ntk") if n in outputs]
     values, origins = specialize(plan, self_mode, wanted)
+    if fuse:
+        values, origins = _split_sums(values, origins)
     r = _Renderer(self_mode, check)
     r.namespace["prep"] = prep
     head = ["F1 = prep(x1)", "F2 = F1" if self_mode else "F2 = prep(x2)", "like = F1[0]"]

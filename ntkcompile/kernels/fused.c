@@ -294,6 +294,9 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
  *
  *   ANGLE_CS dst k11 k12 k22 c s   ANGLE, keeping the correlation and the scale sqrt(k11 k22)
  *   RELU_CS  dst c s th - p        RELU from them (a relu at the angle of its own variances)
+ *   SUM    out src g          output ``out`` (zeroed by the caller) adds the register's entries,
+ *                             entry e into out[e / g] (a sum over the trailing position axes;
+ *                             the caller splits [lo, hi) at multiples of g between threads)
  *
  * Leaves share one shape of ``ndim`` <= PROG_MAX_DIMS dimensions, each with its own strides
  * (0 where it is broadcast); a leaf with an index array reads leaf[index[e]] (flat shapes
@@ -303,7 +306,8 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
 
 #define PROG_WIDTH 7
 #define PROG_MAX_DIMS 8
-enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STORE, OP_ANGLE_CS, OP_RELU_CS };
+enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STORE, OP_ANGLE_CS, OP_RELU_CS,
+       OP_SUM };
 
 /* The angle with its correlation and scale, each as rule_block's fast path (the only one a
  * program takes): RELU_CS then computes the same values as RELU would. */
@@ -313,6 +317,22 @@ static int angle_cs(const double *k11, const double *k12, const double *k22, dou
     correlation_block(k11, k12, k22, c, s, n);
     acos_block(c, th, n);
     return 1;
+}
+
+/* The sum of ``n`` entries: WIDTH running sums (vectorized), then added up. */
+static double block_sum(const double *r, int64_t n) {
+    int64_t i = 0;
+    double total = 0.0;
+#if WIDTH > 1
+    vec acc = {0}, v;
+    for (; i + WIDTH <= n; i += WIDTH) {
+        memcpy(&v, r + i, sizeof v);
+        acc += v;
+    }
+    for (int k = 0; k < WIDTH; k++) total += acc[k];
+#endif
+    for (; i < n; i++) total += r[i];
+    return total;
 }
 
 int ntk_program(const int32_t *code, int n_code, const double *consts, const double *const *leaves,
@@ -375,6 +395,18 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 if (!angle_cs(R(c[2]), R(c[3]), R(c[4]), dst, R(c[5]), R(c[6]), n)) return 0;
                 break;
             case OP_RELU_CS: relu_cs(R(c[2]), R(c[3]), R(c[4]), dst, consts + c[6], n); break;
+            case OP_SUM: {
+                const double *r = R(c[2]);
+                double *o = outs[c[1]];
+                int64_t g = c[3];
+                for (int64_t i = 0; i < n;) {
+                    int64_t row = (lo + i) / g, end = (row + 1) * g - lo;
+                    if (end > n) end = n;
+                    o[row] += block_sum(r + i, end - i);
+                    i = end;
+                }
+                break;
+            }
             case OP_STORE: {
                 double *o = outs[c[1]] + lo;
                 memcpy(o, R(c[2]), (size_t)n * sizeof(double));

@@ -521,7 +521,9 @@ def program(prog, leaves, shape) -> Optional[list]:
             ptrs.append(plain[p].data_ptr())
             index.append(None)
             p += 1
-    outs = [torch.empty(shape, dtype=torch.float64) for _ in range(n_out)]
+    sums = [prog.sum_axes.get(k) for k in prog.outputs]      # the axes an output sums over, else None
+    outs = [torch.empty(shape, dtype=torch.float64) if a is None else
+            torch.zeros(shape[:len(shape) - a], dtype=torch.float64) for a in sums]
     total = math.prod(shape)
     if total == 0:
         return outs
@@ -541,9 +543,14 @@ def program(prog, leaves, shape) -> Optional[list]:
             raise RuntimeError(f"fused program failed (code {rc})")
         ok.append(rc == 1)
 
-    _parallel(part, total, total)
+    if prog.sums:           # threads split at whole sums (each output entry is one thread's)
+        g = math.lcm(*prog.sums.values())
+        _parallel(lambda lo, hi: part(lo * g, hi * g), total // g, total)
+    else:
+        _parallel(part, total, total)
     if not all(ok):
         return None
     if _meter is not None:
-        _meter.bytes += 8 * total * (len(leaves) + n_out)
+        _meter.bytes += 8 * total * (len(leaves) + sums.count(None))
     return outs
+

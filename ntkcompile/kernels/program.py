@@ -15,7 +15,12 @@ A program is a list of steps over *refs*: ``("leaf", i)`` (the ``i``-th array pa
 * ``("add", terms)``, ``("mul", factors)``: left to right, as the generated torch code;
 * ``("angle", (k11, k12, k22))``: ``quadrature.angle``;
 * ``("rule", (k11, k12, k22, theta), fn)``: ``expect.cf(fn, like, ...)`` for a closed form
-  whose ``fn.fused_rule`` is ``("relu" | "step", aa, ab2)`` (``ops/activations.py``).
+  whose ``fn.fused_rule`` is ``("relu" | "step", aa, ab2)`` (``ops/activations.py``);
+* ``("sum", (x,), fn, spatial, e)``: ``spatial.spatial_sum(x, batch, spatial)`` or
+  ``spatial.global_mean(x, spatial, batch)`` (``fn``), ``batch`` the ``e``-th of ``run``'s
+  ``envs``: a reduction over the trailing position axes, an output that no step reads (its
+  value is complete only after the pass).  It adds in blocks, so it rounds apart from
+  torch's sum (1e-16 relative), the one step that does.
 
 Where the C path does not apply (no C compiler, another device or dtype, a variance that is
 not positive: zero variances are pinned by ``ops.elementwise.pin_zero_variance``), ``run``
@@ -25,6 +30,7 @@ the two paths agree to the last bit for the arithmetic and to a few ulps for the
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -33,7 +39,8 @@ from .. import plan
 from . import expect, fused, spatial
 
 _OPS = {"load": 0, "const": 1, "add": 2, "mul": 3, "angle": 4, "relu": 5, "step": 6, "store": 7, "angle_cs": 8,
-        "relu_cs": 9}
+        "relu_cs": 9, "sum": 10}
+_REDUCTIONS = (spatial.spatial_sum, spatial.global_mean)
 
 
 class Program:
@@ -48,6 +55,9 @@ class Program:
         for ref, k in _last_reads(self.steps).items():
             if ref[0] == "step" and ref[1] not in self.outputs:
                 self.dies[k].append(ref[1])
+        self.sums = {k: group(step) for k, step in enumerate(self.steps) if step[0] == "sum"}
+        self.sum_axes = {k: axes(self.steps[k]) for k in self.sums}
+        assert all(k in self.outputs and ("step", k) not in _last_reads(self.steps) for k in self.sums)
 
     def __repr__(self):
         return f"<fused program: {len(self.steps)} steps, {self.n_leaves} inputs, {len(self.outputs)} outputs>"
@@ -67,6 +77,8 @@ class Program:
                 text = (" + " if step[0] == "add" else " * ").join(args)
             elif step[0] == "angle":
                 text = f"angle({', '.join(args)})"
+            elif step[0] == "sum":
+                text = f"{step[2].__name__}({args[0]}, {step[3]})"
             else:
                 rule, aa, ab2 = fused_rule(step[2])
                 text = f"{rule}[{aa + 0.0:g}, {ab2 + 0.0:g}]({', '.join(args)})"     # + 0.0: no -0
@@ -75,17 +87,47 @@ class Program:
         return out
 
 
-def run(prog: Program, like, *leaves):
-    """The outputs of ``prog`` (a tuple) for its inputs ``leaves``."""
+def run(prog: Program, like, *leaves, envs=()):
+    """The outputs of ``prog`` (a tuple) for its inputs ``leaves`` (``envs``: the batch shapes
+    its sums read)."""
     out = None
     arrays = [x if isinstance(x, (torch.Tensor, tuple)) else torch.tensor(float(x), dtype=torch.float64)
               for x in leaves]         # a constant a plan computes at run time
     shape = _one_shape(prog, tuple(fused.leaf_shape(x) for x in arrays))
     if isinstance(shape, _Split):
-        return shape.run(like, leaves)
-    if shape is not None:
+        return shape.run(like, leaves, envs)
+    if shape is not None and _sums_fit(prog, shape, envs):
         out = fused.program(prog, arrays, shape)
-    return out if out is not None else _torch(prog, like, leaves)
+        for i, k in enumerate(prog.outputs if out is not None else ()):
+            if k in prog.sums and prog.steps[k][2] is spatial.global_mean:
+                out[i].div_(prog.sums[k])      # the mean, as torch's: the sum divided by the count
+    return out if out is not None else _torch(prog, like, leaves, envs)
+
+
+def group(step) -> int:
+    """The entries a sum step adds into each of its outputs."""
+    n = math.prod(step[3])
+    return n * n if step[2] is spatial.global_mean else n
+
+
+def axes(step) -> int:
+    """The trailing axes a sum step reduces."""
+    return len(step[3]) * (2 if step[2] is spatial.global_mean else 1)
+
+
+def _sums_fit(prog, shape, envs) -> bool:
+    """Whether every sum of ``prog`` reduces the trailing axes of ``shape`` to its batch (the
+    fused pass reduces entry ``e`` into ``e / group``); not in a band (its own layout)."""
+    if not prog.sums:
+        return True
+    if spatial.bands.active() is not None:
+        return False
+    for k in prog.sums:
+        _, _, fn, sp, e = prog.steps[k]
+        want = tuple(envs[e]) + tuple(sp) * (2 if fn is spatial.global_mean else 1)
+        if tuple(shape) != want:
+            return False
+    return True
 
 
 def _one_shape(prog, shapes):
@@ -135,9 +177,9 @@ class _Split:
         self.outputs = [("small", needed.index(k)) if k in small else ("big", big_outputs.index(k))
                         for k in prog.outputs]
 
-    def run(self, like, leaves):
-        small = run(self.small, like, *[leaves[i] for i in self.small_leaves]) if self.small else ()
-        big = run(self.big, like, *[leaves[i] if i >= 0 else small[-1 - i] for i in self.big_leaves]) \
+    def run(self, like, leaves, envs):
+        small = run(self.small, like, *[leaves[i] for i in self.small_leaves], envs=envs) if self.small else ()
+        big = run(self.big, like, *[leaves[i] if i >= 0 else small[-1 - i] for i in self.big_leaves], envs=envs) \
             if self.big else ()
         parts = {"small": small, "big": big}
         return tuple(parts[part][i] for part, i in self.outputs)
@@ -168,7 +210,7 @@ def _part(steps, members, outputs, extra):
     return Program(part, len(leaves), [at[k] for k in outputs]), leaves
 
 
-def _torch(prog, like, leaves):
+def _torch(prog, like, leaves, envs=()):
     """The program as torch ops: what the generated code computes without fusion."""
     inputs = [spatial.gather(*x) if isinstance(x, tuple) else x for x in leaves]
     vals: list = []
@@ -188,6 +230,9 @@ def _torch(prog, like, leaves):
                 out = out + a if kind == "add" else out * a
         elif kind == "angle":
             out = expect.angle(like, *args)
+        elif kind == "sum":
+            fn, sp, batch = step[2], step[3], envs[step[4]]
+            out = fn(args[0], batch, sp) if fn is spatial.spatial_sum else fn(args[0], sp, batch)
         else:
             out = expect.cf(step[2], like, *args)
         vals.append(out)
@@ -255,8 +300,14 @@ def _assemble(steps, n_leaves, outputs):
 
     for k, step in enumerate(steps):
         regs = [reg(r) for r in step[1]]
-        dst = alloc()           # not over an operand: a chain's temporaries read them later
         kind = step[0]
+        if kind == "sum":       # into its output (no register: no step reads it)
+            code.extend((_OPS["sum"], i, regs[0], group(step), 0, 0, 0) for i, o in enumerate(outputs) if o == k)
+            for r in dict.fromkeys(r for r in step[1] if not isinstance(r, float)):
+                if last[r] == k:
+                    free.append(where.pop(r))
+            continue
+        dst = alloc()           # not over an operand: a chain's temporaries read them later
         if kind in ("add", "mul"):
             acc = regs[0]
             for i, r in enumerate(regs[1:]):
@@ -307,7 +358,7 @@ def chains(order, roots, children, self_mode):
     step that cannot join it reads it (a stencil, a contraction, a quadrature), or before a
     chain that reads it is closed.  Lifts written inline wait for what reads them.  Chains
     of one step stay plain nodes.  ``outputs``: the members read outside the chain."""
-    order = _hoist_products(_hoist_step_rules(order, children), children)
+    order = _hoist_sums(_hoist_products(_hoist_step_rules(order, children), children), children)
     domain, users = {}, {}
     for n in order:
         domain[n.uid] = _domain(n, domain)
@@ -368,6 +419,10 @@ def chains(order, roots, children, self_mode):
             held[n.uid] = (n, found)   # inline views: what reads them waits for their chains
             continue
         if d not in (None, "mixed") and _fusable(n):
+            for c in children(n):
+                if c.uid in where and reduction(c):
+                    close(where[c.uid])        # a sum is complete only after its chain's pass
+            found, lifts = reads(n)
             for e in found - {d}:
                 if before(e, d):       # e waits for d: d's chain so far goes first
                     close(d)
@@ -446,6 +501,62 @@ def _hoist_products(order, children):
     return out
 
 
+def _hoist_sums(order, children):
+    """``order`` with each fusable sum over positions moved, with the steps that compute its
+    argument and nothing else, to just after the fusable step it reads last: a term of the
+    NTK (``sum_st P_l(s, t) C_l(s, t)``, split from the others by ``codegen._split_sums``) is
+    then summed in the pass that computes its factor ``P_l`` or reads its ``C_l``, and
+    neither is kept for a final pass over all terms."""
+    at = {n.uid: i for i, n in enumerate(order)}
+    data = lambda n: [c for c in children(n) if c.uid in at and not isinstance(c, (plan.Env, plan.Static))]  # noqa: E731
+    users: dict = {}
+    for n in order:
+        for c in data(n):
+            users.setdefault(c.uid, set()).add(n.uid)
+    after: dict = {}
+    moved: set = set()
+    for n in order:
+        if not reduction(n) or n.uid in moved:
+            continue
+        sub, todo = {}, [n.args[0]]            # the argument's own steps: fusable, read only here
+        while todo:
+            m = todo.pop()
+            if isinstance(m, plan.PNode) and m.uid in at and m.uid not in sub and m.uid not in moved \
+                    and _fusable(m) and not reduction(m):
+                sub[m.uid] = m
+                todo.extend(data(m))
+        while True:                            # drop steps also read outside (they stay put)
+            outside = [u for u, m in sub.items() if users.get(u, set()) - set(sub) - {n.uid}]
+            if not outside:
+                break
+            for u in outside:
+                del sub[u]
+            keep = {}                          # and what only they reached
+            todo = [n.args[0]]
+            while todo:
+                m = todo.pop()
+                if isinstance(m, plan.PNode) and m.uid in sub and m.uid not in keep:
+                    keep[m.uid] = sub[m.uid]
+                    todo.extend(data(m))
+            sub = keep
+        group = set(sub) | {n.uid}
+        external = [c for u in group for c in data(sub.get(u, n)) if c.uid not in group]
+        last = max((at[c.uid] for c in external), default=None)
+        if last is None or last + 1 >= at[n.uid] or not _fusable(order[last]) or reduction(order[last]):
+            continue
+        members = sorted(sub.values(), key=lambda m: at[m.uid]) + [n]
+        after.setdefault(last, []).extend(members)
+        moved |= group
+    if not after:
+        return order
+    out = []
+    for i, n in enumerate(order):
+        if n.uid not in moved:
+            out.append(n)
+        out.extend(after.get(i, ()))
+    return out
+
+
 def _domain(n, known):
     """The layout of ``n``'s array: ``"pair"`` (pairs of inputs), ``("input", side)`` (one
     side's inputs), ``"mixed"`` (both sides' inputs: a Gram matrix), None (constants)."""
@@ -473,4 +584,15 @@ def _fusable(n) -> bool:
     if isinstance(n, plan.Call) and n.fn is expect.cf:
         return (len(n.args) == 6 and isinstance(n.args[0], plan.Static) and fused_rule(n.args[0].obj) is not None
                 and all(map(operand, n.args[2:])))
+    if isinstance(n, plan.Call) and n.fn in _REDUCTIONS:
+        if len(n.args) != 3:
+            return False
+        batch, sp = n.args[1:] if n.fn is spatial.spatial_sum else n.args[:0:-1]
+        return ( isinstance(n.args[0], plan.PNode) and operand(n.args[0])
+                and isinstance(batch, plan.Env) and isinstance(sp, tuple))
     return False
+
+
+def reduction(n) -> bool:
+    """Whether ``n`` is a sum a program can compute (its value is complete after the pass)."""
+    return isinstance(n, plan.Call) and n.fn in _REDUCTIONS and _fusable(n)

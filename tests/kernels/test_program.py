@@ -11,6 +11,7 @@ from torch import nn
 import ntkcompile
 from ntkcompile import codegen
 from ntkcompile.kernels import fused, program
+from ntkcompile.kernels import spatial as spatial_module
 from ntkcompile.ops.activations import _relu_family
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernels unavailable: {fused.status()}")
@@ -85,7 +86,9 @@ def test_a_zero_variance_input_falls_back_to_the_pinned_torch_form():
 
 def test_a_cnn_with_position_arrays_equals_the_unfused_code():
     """Pair arrays with positions (and per-pair scalars beside them, which a program cannot
-    broadcast to one shape: those take the torch form)."""
+    broadcast to one shape: those take the torch form).  The same values as the unfused
+    code but for the order of the sums over positions (blocks of 8 running sums against
+    torch's): to 1e-15 relative."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
@@ -97,19 +100,54 @@ def test_a_cnn_with_position_arrays_equals_the_unfused_code():
     # (only the backward pass reads it: left there, it would reload the angle and variances)
     steps = [ln for ln in text.splitlines() if "= step[" in ln]
     assert len(steps) == 2 and all(re.search(r"step\[1, 0\]\((\w+), (s\d+), (\w+), \2\)", ln) for ln in steps)
-    # the NTK's terms over all position pairs are one sum of their products (plan.merge_calls)
-    assert text.count("spatial_sum(") == 1
+    # the NTK's terms over all position pairs (merged by plan.merge_calls, split again by
+    # codegen._split_sums) are summed in the passes that compute their factors: per layer
+    # sum_st P C and sum_st P, in the pass that computes P (program._hoist_sums)
+    assert text.count("spatial_sum(") == 4
     # the backward's first product (the last layer's step times the readout's seed) joins that
     # layer's forward chain (program._hoist_products): stored instead of the step, no pass of its own
     seed = re.search(r"(k\d+) = mean_seeds\(", text).group(1)
     blocks = re.findall(r"((?:    #   .*\n)+)    .* = program\(", text)
     with_seed = [b for b in blocks if f" * {seed}" in b]
     assert len(with_seed) == 1 and "= step[" in with_seed[0] and "= relu[" in with_seed[0]
+    assert with_seed[0].count("= spatial_sum(") == 2
+    # the readout's mean and the NTK's sum over position pairs are computed in the pass that
+    # computes what they sum (no array of the position pairs is stored for them)
+    assert not re.search(r"^ +k\d+ = (global_mean|spatial_sum)\(", text, re.M)
+    assert re.search(r"#   s\d+ = global_mean\(s\d+, \(5, 5\)\)  -> out", text)
+    assert re.search(r"#   s\d+ = spatial_sum\(s\d+, \(5, 5, 5, 5\)\)  -> out", text)
     ref = _unfused(kfn, True, x1)
-    assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
+    torch.testing.assert_close(nngp, ref[0], rtol=1e-15, atol=0)
+    torch.testing.assert_close(ntk, ref[1], rtol=1e-15, atol=0)
     (nngp, ntk), _ = _fused(kfn, False, x1, x2)
     ref = _unfused(kfn, False, x1, x2)
-    assert torch.equal(nngp, ref[0]) and torch.equal(ntk, ref[1])
+    torch.testing.assert_close(nngp, ref[0], rtol=1e-15, atol=0)
+    torch.testing.assert_close(ntk, ref[1], rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name, threads", [("spatial_sum", 1), ("spatial_sum", 2), ("global_mean", 2)])
+def test_a_sum_over_positions_in_a_program_equals_torchs(name, threads):
+    """A program ending in a sum over the trailing position axes (``1.5 x y`` summed), large
+    enough to be split between threads (at whole sums), against torch's sum: equal to
+    rounding (sums of 1764 terms, added in another order)."""
+    gen = torch.Generator().manual_seed(4)
+    batch, shape = (9, 5), (9, 5, 6, 7, 6, 7)          # 79,380 entries: two threads
+    x, y = torch.randn(shape, generator=gen, dtype=F64), torch.randn(shape, generator=gen, dtype=F64)
+    fn = getattr(spatial_module, name)
+    sp = (6, 7, 6, 7) if name == "spatial_sum" else (6, 7)
+    prog = program.Program([("mul", (1.5, ("leaf", 0), ("leaf", 1))), ("sum", (("step", 0),), fn, sp, 0)], 2, [1])
+    ref = fn(1.5 * x * y, batch, sp) if name == "spatial_sum" else fn(1.5 * x * y, sp, batch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, = program.run(prog, x, x, y, envs=(batch,))
+        again, = program.run(prog, x, x, y, envs=(batch,))
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == ref.shape == batch and torch.equal(got, again)
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-14 * float(ref.abs().max()))
+    with fused.disabled():                       # the torch form: torch's own sum
+        assert torch.equal(program.run(prog, x, x, y, envs=(batch,))[0], ref)
 
 
 def _random_program(gen, n_leaves, n_steps, relu):
