@@ -44,24 +44,13 @@ def specialize(plan: P.Plan, self_mode: bool, names):
     origins of the nodes they use (``Plan.origin``, by uid of the returned nodes)."""
     if not self_mode:
         return {n: plan.outputs.get(n) for n in names}, plan.origin
-    spec = P.Plan()
-    memo: dict = {}
 
-    def remap(v):
-        if isinstance(v, P.PNode):
-            return memo[v.uid]
-        if isinstance(v, tuple):
-            return tuple(remap(x) for x in v)
-        return v
-
-    roots = [plan.outputs.get(n) for n in names]
-    for node in P.reachable(roots):
-        fields = [remap(getattr(node, f)) for f in node._fields if f != "uid"]
+    def make(spec, node, fields):
         if isinstance(node, P.Input):
             fields[0] = 1
-        memo[node.uid] = spec.make(type(node), *fields)
-        spec.origin.setdefault(memo[node.uid].uid, plan.origin.get(node.uid))
-    return {n: remap(plan.outputs.get(n)) for n in names}, spec.origin
+        return spec.make(type(node), *fields)
+
+    return _reintern({n: plan.outputs.get(n) for n in names}, plan.origin, make)
 
 
 def _split_sums(values, origin):
@@ -69,9 +58,21 @@ def _split_sums(values, origin):
     ``spatial_sum(t1 + t2 + ...)`` (``Plan.merge_calls``), as the sum of the terms' sums: for
     fused programs, which compute each term's sum in the pass that computes the term's
     factors (``kernels.program._hoist_sums``), storing no position-pair array for it."""
+    def make(spec, node, fields):
+        x = fields[1][0] if isinstance(node, P.Call) and node.fn is spatial.spatial_sum else None
+        if isinstance(x, P.Add) and all(isinstance(t, P.PNode) for t in x.terms):
+            return spec.add([spec.make(P.Call, node.fn, (t, *fields[1][1:]), fields[2]) for t in x.terms])
+        return spec.make(type(node), *fields)
+
+    return _reintern(values, origin, make)
+
+
+def _reintern(values, origin, make):
+    """``values`` (name -> node) copied into a new plan, node by node, children first, as
+    ``make(plan, node, fields)`` (its fields already copied) makes each; with the origins of
+    the new nodes."""
     spec = P.Plan()
     memo: dict = {}
-    origins: dict = {}
 
     def remap(v):
         if isinstance(v, P.PNode):
@@ -81,15 +82,9 @@ def _split_sums(values, origin):
         return v
 
     for node in P.reachable(list(values.values())):
-        fields = [remap(getattr(node, f)) for f in node._fields if f != "uid"]
-        x = fields[1][0] if isinstance(node, P.Call) and node.fn is spatial.spatial_sum else None
-        if isinstance(x, P.Add) and all(isinstance(t, P.PNode) for t in x.terms):
-            new = spec.add([spec.make(P.Call, node.fn, (t, *fields[1][1:]), fields[2]) for t in x.terms])
-        else:
-            new = spec.make(type(node), *fields)
-        memo[node.uid] = new
-        origins.setdefault(new.uid, origin.get(node.uid))
-    return {n: remap(v) for n, v in values.items()}, origins
+        memo[node.uid] = make(spec, node, [remap(getattr(node, f)) for f in node._fields if f != "uid"])
+        spec.origin.setdefault(memo[node.uid].uid, origin.get(node.uid))
+    return {n: remap(v) for n, v in values.items()}, spec.origin
 
 
 class _Region:
@@ -591,6 +586,7 @@ def _pair_gram(eq: str, args, sizes) -> Optional[str]:
     c = contracted[0]
     if sizes.get(c, 0) > sizes.get(t, 0):
         return None
+
     def ordered(name, have, want):
         perm = [have.index(i) for i in want]
         return name if perm == sorted(perm) else f"{name}.permute({', '.join(map(str, perm))})"

@@ -25,8 +25,8 @@ A program is a list of steps over *refs*: ``("leaf", i)`` (the ``i``-th array pa
 Where the C path does not apply (no C compiler, another device or dtype, a variance that is
 not positive: zero variances are pinned by ``ops.elementwise.pin_zero_variance``), ``run``
 takes the torch form: the same calls, in the same order, as the unfused generated code, so
-the two paths agree to the last bit for the arithmetic and to a few ulps for the rules
-(as the fused rules and their torch forms do).
+the two paths agree to the last bit for the arithmetic, to a few ulps for the rules (as
+the fused rules and their torch forms do) and to rounding for the sums (another order).
 """
 from __future__ import annotations
 
@@ -124,6 +124,8 @@ def _sums_fit(prog, shape, envs) -> bool:
         return False
     for k in prog.sums:
         _, _, fn, sp, e = prog.steps[k]
+        if prog.sums[k] >= 2 ** 31:          # (the instruction holds it as an int32)
+            return False
         want = tuple(envs[e]) + tuple(sp) * (2 if fn is spatial.global_mean else 1)
         if tuple(shape) != want:
             return False
@@ -446,14 +448,30 @@ def _hoist_step_rules(order, children):
     reads it much later; computed there, it reloads the angle and both variances from memory
     and stores its value, while beside its angle it joins the forward chain, whose angle
     then need not be stored (its value takes the angle's place in memory)."""
-    at = {n.uid: i for i, n in enumerate(order)}
+    at, data, _ = _positions(order, children)
     after: dict = {}
     for n in order:
         if isinstance(n, plan.Call) and n.fn is expect.cf and _fusable(n) and fused_rule(n.args[0].obj)[0] == "step":
-            last = max((at[c.uid] for c in children(n) if c.uid in at and not isinstance(c, (plan.Env, plan.Static))),
-                       default=None)     # (constants are written inline)
+            last = max((at[c.uid] for c in data(n)), default=None)     # (constants are written inline)
             if last is not None and last < at[n.uid]:
                 after.setdefault(last, []).append(n)
+    return _moved(order, after)
+
+
+def _positions(order, children):
+    """For the hoists: each node's position in ``order``, ``data(n)`` (what ``n`` reads there,
+    constants aside) and the nodes reading each node."""
+    at = {n.uid: i for i, n in enumerate(order)}
+    data = lambda n: [c for c in children(n) if c.uid in at and not isinstance(c, (plan.Env, plan.Static))]  # noqa: E731
+    users: dict = {}
+    for n in order:
+        for c in data(n):
+            users.setdefault(c.uid, set()).add(n.uid)
+    return at, data, users
+
+
+def _moved(order, after):
+    """``order`` with the nodes ``after[i]`` taken from their places to just after position ``i``."""
     if not after:
         return order
     moved = {n.uid for ns in after.values() for n in ns}
@@ -471,12 +489,7 @@ def _hoist_products(order, children):
     (a readout's backward seed ``mean_seeds``, a constant).  The backward's first product,
     ``step * seed``, then joins the last layer's forward chain, which stores the product
     instead of the step (one pass over the pair arrays fewer)."""
-    at = {n.uid: i for i, n in enumerate(order)}
-    data = lambda n: [c for c in children(n) if c.uid in at and not isinstance(c, (plan.Env, plan.Static))]  # noqa: E731
-    users: dict = {}
-    for n in order:
-        for c in data(n):
-            users[c.uid] = users.get(c.uid, 0) + 1
+    at, data, users = _positions(order, children)
     after: dict = {}
     moved: set = set()
     for n in order:
@@ -484,21 +497,14 @@ def _hoist_products(order, children):
             continue
         late = [c for c in data(n) if c.uid not in moved and _fusable(c)]
         last = max((at[c.uid] for c in late), default=None)
-        if last is None or last + 1 >= at[n.uid] or users[order[last].uid] != 1:
+        if last is None or last + 1 >= at[n.uid] or len(users[order[last].uid]) != 1:
             continue                   # (a step read elsewhere too would be stored beside the product)
         carried = [c for c in data(n) if at[c.uid] > last]
         if any(c.uid in moved or any(at[g.uid] > last for g in data(c)) for c in carried):
             continue
         after.setdefault(last, []).extend(carried + [n])
         moved |= {c.uid for c in carried} | {n.uid}
-    if not after:
-        return order
-    out = []
-    for i, n in enumerate(order):
-        if n.uid not in moved:
-            out.append(n)
-        out.extend(after.get(i, ()))
-    return out
+    return _moved(order, after)
 
 
 def _hoist_sums(order, children):
@@ -507,12 +513,7 @@ def _hoist_sums(order, children):
     NTK (``sum_st P_l(s, t) C_l(s, t)``, split from the others by ``codegen._split_sums``) is
     then summed in the pass that computes its factor ``P_l`` or reads its ``C_l``, and
     neither is kept for a final pass over all terms."""
-    at = {n.uid: i for i, n in enumerate(order)}
-    data = lambda n: [c for c in children(n) if c.uid in at and not isinstance(c, (plan.Env, plan.Static))]  # noqa: E731
-    users: dict = {}
-    for n in order:
-        for c in data(n):
-            users.setdefault(c.uid, set()).add(n.uid)
+    at, data, users = _positions(order, children)
     after: dict = {}
     moved: set = set()
     for n in order:
@@ -547,14 +548,7 @@ def _hoist_sums(order, children):
         members = sorted(sub.values(), key=lambda m: at[m.uid]) + [n]
         after.setdefault(last, []).extend(members)
         moved |= group
-    if not after:
-        return order
-    out = []
-    for i, n in enumerate(order):
-        if n.uid not in moved:
-            out.append(n)
-        out.extend(after.get(i, ()))
-    return out
+    return _moved(order, after)
 
 
 def _domain(n, known):
