@@ -582,7 +582,7 @@ def _fusable(n) -> bool:
         if len(n.args) != 3:
             return False
         batch, sp = n.args[1:] if n.fn is spatial.spatial_sum else n.args[:0:-1]
-        return ( isinstance(n.args[0], plan.PNode) and operand(n.args[0])
+        return (isinstance(n.args[0], plan.PNode) and operand(n.args[0])
                 and isinstance(batch, plan.Env) and isinstance(sp, tuple))
     return False
 
