@@ -314,7 +314,7 @@ class _Renderer:
             elif m.fn is expect.angle:
                 steps.append(("angle", tuple(ref(a) for a in m.args[1:])))
             elif program.reduction(m):
-                x, batch, sp = (m.args if m.fn is spatial.spatial_sum else (m.args[0], m.args[2], m.args[1]))
+                x, batch, sp = program.reduction_args(m)
                 if self.value(batch) not in envs:
                     envs.append(self.value(batch))
                 steps.append(("sum", (ref(x),), m.fn, sp, envs.index(self.value(batch))))

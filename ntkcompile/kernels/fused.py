@@ -553,4 +553,3 @@ def program(prog, leaves, shape) -> Optional[list]:
     if _meter is not None:
         _meter.bytes += 8 * total * (len(leaves) + sums.count(None))
     return outs
-

@@ -581,10 +581,16 @@ def _fusable(n) -> bool:
     if isinstance(n, plan.Call) and n.fn in _REDUCTIONS:
         if len(n.args) != 3:
             return False
-        batch, sp = n.args[1:] if n.fn is spatial.spatial_sum else n.args[:0:-1]
-        return (isinstance(n.args[0], plan.PNode) and operand(n.args[0])
-                and isinstance(batch, plan.Env) and isinstance(sp, tuple))
+        x, batch, sp = reduction_args(n)
+        return isinstance(x, plan.PNode) and operand(x) and isinstance(batch, plan.Env) and isinstance(sp, tuple)
     return False
+
+
+def reduction_args(n) -> tuple:
+    """``(x, batch, spatial)`` of a ``spatial_sum(x, batch, spatial)`` or
+    ``global_mean(x, spatial, batch)`` call (the two take them in different orders)."""
+    x, a, b = n.args
+    return (x, a, b) if n.fn is spatial.spatial_sum else (x, b, a)
 
 
 def reduction(n) -> bool:

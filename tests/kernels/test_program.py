@@ -140,10 +140,12 @@ def test_a_sum_over_positions_in_a_program_equals_torchs(name, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        direct = fused.program(prog, [x, y], torch.Size(shape))       # the C pass itself (a sum, not yet a mean)
         got, = program.run(prog, x, x, y, envs=(batch,))
         again, = program.run(prog, x, x, y, envs=(batch,))
     finally:
         torch.set_num_threads(before)
+    assert direct is not None and torch.equal(got, direct[0] / (1764 if name == "global_mean" else 1))
     assert got.shape == ref.shape == batch and torch.equal(got, again)
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-14 * float(ref.abs().max()))
     with fused.disabled():                       # the torch form: torch's own sum
