@@ -9,6 +9,12 @@ torch ops are the rest) and every fused program timed on its own, with its cost 
 One thread by default: per-entry costs then do not mix with the second core's contention
 (two tiles on two cores each ran 1.2-1.45x slower than one alone here).  The best of
 ``--repeats`` calls is shown.
+
+``--isolated N``: then runs each distinct program once more on the inputs of its first
+large call (>= 100k entries), N times in a row, and shows the best: a per-program cost that
+the rest of the call does not disturb (within 2-3% between runs on this noisy VM, where
+whole calls move by 15%), for A/B runs of a change to fused.c against another checkout
+(``PYTHONPATH=<checkout> python <checkout>/benchmarks/call_profile.py --isolated 15``).
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ def main(argv=None):
     parser.add_argument("--case", default="cnn3_gap", choices=sorted(CASES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--isolated", type=int, default=0, metavar="N",
+                        help="also time each program alone, best of N runs on its first large call's inputs")
     args = parser.parse_args(argv)
     spec = CASES[args.case]
     torch.manual_seed(0)
@@ -58,7 +66,11 @@ def main(argv=None):
     programs: dict = collections.defaultdict(lambda: [0.0, 0])
     run = fused.program
 
+    first: dict = {}      # program -> (leaves, shape) of its first large call
+
     def program(prog, leaves, shape):
+        if shape.numel() >= 100_000 and prog not in first:
+            first[prog] = (list(leaves), shape)
         t = time.perf_counter()
         out = run(prog, leaves, shape)
         cost = programs[prog]
@@ -92,6 +104,22 @@ def main(argv=None):
         if t >= 0.001:
             print(f"  ({len(prog.steps):2d}, {prog.n_leaves:2d}, {len(prog.outputs)})  {t:7.3f} s  "
                   f"{t * 1e9 / max(n, 1):6.2f} ns over {n:,} entries")
+    if args.isolated:
+        print(f"each program alone, best of {args.isolated} runs on its first large call's inputs:")
+        torch.set_num_threads(args.threads)
+        try:
+            for prog, (leaves, shape) in first.items():
+                best = min(_alone(run, prog, leaves, shape) for _ in range(args.isolated))
+                print(f"  ({len(prog.steps):2d}, {prog.n_leaves:2d}, {len(prog.outputs)})  {tuple(shape)}  "
+                      f"{best * 1e9 / shape.numel():6.2f} ns per entry")
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _alone(run, prog, leaves, shape) -> float:
+    t = time.perf_counter()
+    run(prog, leaves, shape)
+    return time.perf_counter() - t
 
 
 if __name__ == "__main__":
