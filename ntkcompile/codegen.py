@@ -34,7 +34,7 @@ _PRELUDE = {"pair_indices": spatial.pair_indices, "unpack": spatial.unpack, "unp
             "pack": spatial.pack, "with_diagonal_packed": spatial.with_diagonal_packed,
             "with_diagonal_aligned": spatial.with_diagonal_aligned, "lift1": spatial.lift1,
             "lift2": spatial.lift2, "liftp": spatial.liftp, "liftf": spatial.liftf, "gather": spatial.gather,
-            "program": program.run}
+            "program": program.run, "pair_gram": spatial.pair_gram}
 _ENV = {"like": "like", "batch": "BATCH", "dbatch": "DBATCH", "errors": "_err", "mc": "MC"}
 _ARITH = (P.Mul, P.Add, P.Pow, P.Rsqrt)
 
@@ -565,12 +565,11 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
 
 def _pair_gram(eq: str, args, sizes) -> Optional[str]:
     """``x`` and ``y`` contracted into an array over pairs, ``'acs,bct->abst'`` (a Gram of two
-    inputs' patches over pairs of positions), as one broadcast matmul that writes it in
-    that order: ``x.permute(a, s, c)[:, None] @ y.permute(b, c, t)[None]``.  torch.einsum
-    returns the same values as a permuted view of its matmul's ``(b, t, a, s)`` layout,
-    which the fused programs reading it (twice) then walk across rows.  None for any other
-    contraction, or where copying ``x`` once per ``b`` (the broadcast) costs more than the
-    transposition it saves (``c > t``)."""
+    inputs' patches over pairs of positions), as ``spatial.pair_gram``: one GEMM, written in
+    the order ``(a, b, s, t)``.  torch.einsum returns the same values as a permuted view of
+    its matmul's ``(b, t, a, s)`` layout, which the fused programs reading it (twice) then
+    walk across rows.  None for any other contraction, or where the patches have more
+    entries than the positions (``c > t``; an output copy costs more there)."""
     ins, out = eq.split("->")
     if len(out) != 4 or len(args) != 2 or "," not in ins:
         return None
@@ -591,4 +590,4 @@ def _pair_gram(eq: str, args, sizes) -> Optional[str]:
         perm = [have.index(i) for i in want]
         return name if perm == sorted(perm) else f"{name}.permute({', '.join(map(str, perm))})"
 
-    return f"torch.matmul({ordered(x, lhs, a + s + c)}[:, None], {ordered(y, rhs, b + c + t)}[None])"
+    return f"pair_gram({ordered(x, lhs, a + s + c)}, {ordered(y, rhs, c + b + t)})"

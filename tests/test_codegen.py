@@ -39,14 +39,14 @@ def test_contract_matches_numpy_einsum(equation, shapes):
     ("acs,bct->abst", [(3, 12, 9), (2, 12, 9)], False),    # more patch entries than positions: einsum
 ])
 def test_a_gram_over_position_pairs_is_written_in_its_own_order(equation, shapes, matmul):
-    """The programs that read it walk it row by row: a broadcast matmul writes it in the
-    order ``(a, b, s, t)`` (torch.einsum returns a permuted view of ``(b, t, a, s)``)."""
+    """The programs that read it walk it row by row: ``spatial.pair_gram`` (one GEMM) writes
+    it in the order ``(a, b, s, t)`` (torch.einsum returns a permuted view of ``(b, t, a, s)``)."""
     fn, text = _contraction(equation, shapes)
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal(s) for s in shapes]
     got = fn(*[torch.from_numpy(x) for x in xs])
     np.testing.assert_allclose(got.numpy(), np.einsum(equation, *xs), rtol=1e-12, atol=1e-12)
-    assert ("torch.matmul(" in text) == matmul and ("torch.einsum(" in text) != matmul
+    assert ("pair_gram(" in text) == matmul and ("torch.einsum(" in text) != matmul
     if matmul:
         assert got.is_contiguous()
 

@@ -304,6 +304,17 @@ def stencil_same_adjoint(d, g: ConvGeometry, batch_shape):
     return _pool_last_adjoint(torch.broadcast_to(d, (*batch_shape, *g.out_shape)), g)
 
 
+def pair_gram(x, y):
+    """``sum_c x[a, s, c] y[c, b, t]`` as ``(a, b, s, t)``: a Gram of two batches' patches over
+    pairs of positions, as one GEMM ``(a s, c) @ (c, b t)`` whose result is copied into the
+    order the programs read (0.42-0.52 ms for 8 x 64 x 27 patches a side, one thread, against
+    0.71-0.77 for the batched matmul ``x[:, None] @ y[None]`` that writes it directly)."""
+    a, s, c = x.shape
+    b, t = y.shape[1:]
+    g = torch.matmul(x.reshape(a * s, c), y.reshape(c, b * t))
+    return g.view(a, s, b, t).permute(0, 2, 1, 3).contiguous()
+
+
 # Packed layout of x1 against itself: only pairs i <= j, ``(T, *P, *P)`` with
 # ``T = N(N+1)/2`` (rows I, columns J of torch.triu_indices): half the work.
 
