@@ -247,6 +247,26 @@ void ntk_window_pair(const double *in, double *out, int64_t n_in, int64_t n_out,
     }
 }
 
+/* ``out[b, p] = (sum over taps t of in[b, tab[t, p]]) / size``, 0 for a tap's -1 (zero
+ * padding): kernels.spatial.stencil_same, the window mean of one input's variances over its
+ * positions.  Each tap adds in order from tap 0, a padded one adding 0.0, as the torch
+ * form's sum of shifted views of the padded array.  Rows ``b`` in [lo, hi). */
+void ntk_window_same(const double *in, double *out, int64_t n_in, int64_t n_out, int taps, const int32_t *tab,
+                     double size, int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; b++) {
+        const double *src = in + b * n_in;
+        for (int64_t p = 0; p < n_out; p++) {
+            double acc = 0.0;
+            for (int t = 0; t < taps; t++) {
+                int32_t q = tab[(int64_t)t * n_out + p];
+                double v = q >= 0 ? src[q] : 0.0;
+                acc = t == 0 ? v : acc + v;
+            }
+            out[b * n_out + p] = acc / size;
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ the packed pair layout
  *
  * ``out[t, :] = src[a[t] * stride + (b ? b[t] : 0), :]`` for rows of ``row`` doubles: a

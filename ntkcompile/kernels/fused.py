@@ -159,6 +159,8 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_rule": (ctypes.c_int, [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2),
     "ntk_window_pair": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                         + [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_window_same": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                ctypes.c_void_p, ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
     "ntk_gather": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
@@ -421,6 +423,26 @@ def window_pair(a, g, adjoint: bool = False) -> Optional[Tensor]:
                             float(g.size), lo, hi)
 
     _parallel(part, a.shape[0], out.numel())
+    if _meter is not None:
+        _meter.bytes += 8 * (a.numel() + out.numel())
+    return out
+
+
+def window_same(a, g) -> Optional[Tensor]:
+    """``kernels.spatial.stencil_same`` of ``a``: ``(N, *S) -> (N, *P)``, or None where the fused
+    path does not apply.  The arrays are small (one input's variances over positions): a
+    C loop instead of a dozen torch calls (pad, a view per tap, adds) per layer and tile."""
+    lib = None if _off else _load()
+    if lib is None or not _applicable((a,)):
+        return None
+    nd = len(g.kernel)
+    n_in, n_out = math.prod(g.in_shape), math.prod(g.out_shape)
+    batch = a.shape[:a.ndim - nd]
+    a = a.reshape(-1, n_in).contiguous()
+    out = torch.empty((*batch, *g.out_shape), dtype=torch.float64)
+    table = _window_table(g, False)[0]
+    lib.ntk_window_same(a.data_ptr(), out.data_ptr(), n_in, n_out, table.shape[0], table.data_ptr(),
+                        float(g.size), 0, a.shape[0])
     if _meter is not None:
         _meter.bytes += 8 * (a.numel() + out.numel())
     return out

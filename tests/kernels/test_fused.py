@@ -145,7 +145,8 @@ GEOMETRIES = [((3, 3), 1, 1, 1, (8, 8)), ((3, 3), 2, 1, 1, (9, 7)), ((3, 3), 1, 
 @needs_compiler
 @pytest.mark.parametrize("geom", GEOMETRIES)
 def test_window_sums_equal_the_shifted_views(geom):
-    """The same taps added in the same order as the torch form: equal to the bit."""
+    """The same taps added in the same order as the torch form: equal to the bit (pairs of
+    positions, their adjoint, and one input's positions)."""
     g = ConvGeometry.make(*geom)
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(5, *g.in_shape, *g.in_shape, generator=gen, dtype=torch.float64)
@@ -164,6 +165,16 @@ def test_window_sums_equal_the_shifted_views(geom):
     lhs = (got[0] * d).sum() * g.size
     rhs = (a * got[1]).sum() * g.size
     assert math.isclose(float(lhs), float(rhs), rel_tol=1e-12, abs_tol=1e-12)
+    # one input's variances over its positions (ntk_window_same), and a constant one, as the
+    # padded views' sum: to the bit
+    v = torch.rand(5, *g.in_shape, generator=gen, dtype=torch.float64)
+    c = torch.rand(5, generator=gen, dtype=torch.float64)
+    assert fused.window_same(v, g) is not None
+    got = spatial.stencil_same(v, g), spatial.stencil_same(c, g)
+    with fused.disabled():
+        ref = spatial.stencil_same(v, g), spatial.stencil_same(c, g)
+    for x, y in zip(got, ref):
+        assert x.shape == y.shape == (5, *g.out_shape) and torch.equal(x, y)
 
 
 @needs_compiler
