@@ -10,7 +10,8 @@ Request: one JSON object, given as the first command-line argument or on stdin::
      "repeats": 3}
 
 (``"deg": 25`` too for ``mlp4_tanh``: ``stax.ElementwiseNumerical``'s Gauss-Hermite
-degree per axis.)
+degree per axis; ``"serve": true``: after the result, time one more warm call for each
+``call`` line read from stdin, printing ``{"t": seconds}``, until another line or EOF.)
 
 ``inputs`` is an .npz with an array ``x`` (PyTorch layout: (N, D) for the MLP,
 (N, C, H, W) for the CNN).  The worker writes ``nngp`` and ``ntk`` (float64,
@@ -140,6 +141,13 @@ def main(argv):
     }
     sys.stdout = real_stdout
     print(json.dumps(result), flush=True)
+    if req.get("serve"):    # then one warm call per "call" line on stdin, its time on stdout
+        for line in sys.stdin:
+            if line.strip() != "call":
+                break
+            t0 = time.perf_counter()
+            call()
+            print(json.dumps({"t": time.perf_counter() - t0}), flush=True)
     return 0
 
 

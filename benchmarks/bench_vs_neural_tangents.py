@@ -150,6 +150,53 @@ def run_nt(case: str, x_path: str, out_path: str, repeats: int, deg: int | None 
     return result, kernels
 
 
+def run_interleaved(case: str, x_np: np.ndarray, x_path: str, out_path: str, device, jit: bool,
+                    rounds: int) -> dict:
+    """Warm calls of both libraries taken in turn, ``rounds`` of one each: the machine's speed
+    drifts by 15-25% over minutes here (both libraries' warm times move together between
+    runs), so a ratio of calls made seconds apart is steadier than one of bests taken minutes
+    apart.  neural-tangents' worker stays up and serves one call per request."""
+    import torch
+
+    import ntkcompile
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    env.pop("PYTHONPATH", None)
+    req = {"case": case, "inputs": x_path, "out": out_path, "repeats": 1, "serve": True}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(VENV_PYTHON), str(WORKER), json.dumps(req)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        try:
+            if not proc.stdout.readline().strip():          # its own result: the worker is warm
+                err.seek(0)
+                sys.exit(f"error: the neural-tangents worker failed on {case!r}:\n{err.read()[-3000:]}")
+            spec = CASES[case]
+            torch.manual_seed(0)
+            kfn = ntkcompile.compile(build_torch_model(case).to(device), W_std=spec["W_std"], b_std=spec["b_std"],
+                                     jit=jit)
+            x = torch.as_tensor(x_np, dtype=torch.float64, device=device)
+
+            def call():
+                kfn(x, None, get=("nngp", "ntk"), progress=False)
+                _sync(device)
+
+            call()
+            call()
+            nt, nc = [], []
+            for _ in range(rounds):
+                proc.stdin.write("call\n")
+                proc.stdin.flush()
+                nt.append(json.loads(proc.stdout.readline())["t"])
+                t0 = time.perf_counter()
+                call()
+                nc.append(time.perf_counter() - t0)
+        finally:
+            proc.stdin.close()
+            proc.wait()
+    ratios = sorted(a / b for a, b in zip(nt, nc))
+    return {"nt_s": nt, "nc_s": nc, "ratios": ratios, "median_ratio": float(np.median(ratios))}
+
+
 # --------------------------------------------------------------------------- ntkcompile
 
 
@@ -277,7 +324,8 @@ def _cold(nc: dict | None):
 
 
 def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: dict | None,
-               diffs: dict, entk: dict | None, busy: dict | None = None, duty: float = 0.0) -> None:
+               diffs: dict, entk: dict | None, busy: dict | None = None, duty: float = 0.0,
+               turns: dict | None = None) -> None:
     spec = CASES[case]
     print()
     print(f"== {case}: {spec['desc']}, W_std={spec['W_std']}, b_std={spec['b_std']}")
@@ -292,6 +340,10 @@ def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: d
         first = nc["cold_first_use_s"]
         rows.append(("cold, first use (C kernels built)", _fmt_t(nt_cold), _fmt_t(first), _fmt_ratio(nt_cold, first)))
     rows.append((f"warm: best of {repeats}", _fmt_t(nt_warm), _fmt_t(nc_warm), _fmt_ratio(nt_warm, nc_warm)))
+    if turns:
+        r = turns["ratios"]
+        rows.append((f"warm, in turns: medians of {len(r)}", _fmt_t(float(np.median(turns["nt_s"]))),
+                     _fmt_t(float(np.median(turns["nc_s"]))), f"{turns['median_ratio']:.2f}x"))
     if busy:
         b_nt, b_nc = busy.get("nt"), busy.get("nc")
         for label, a, b in (("cold", b_nt and b_nt["cold_s"], _cold(b_nc)),
@@ -300,6 +352,9 @@ def print_case(case: str, x_np: np.ndarray, repeats: int, nt: dict | None, nc: d
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("   " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if turns:
+        r = turns["ratios"]
+        print(f"   in turns: NT/ntkcompile per round {r[0]:.2f}x to {r[-1]:.2f}x (median {turns['median_ratio']:.2f}x)")
     if nc and nc.get("work") and PEAKS:
         print(f"   ntkcompile warm: {_roofline.fractions(nc['work'], nc['warm_s'], PEAKS)}")
     for k in ("nngp", "ntk"):
@@ -408,6 +463,9 @@ def main(argv=None) -> int:
                         "(e.g. 0.5: the machine half busy); default 0: idle only")
     p.add_argument("--nt-degs", default="10,25,50,100,200",
                    help="mlp4_tanh: neural-tangents ElementwiseNumerical degrees to time (default 10,25,50,100,200)")
+    p.add_argument("--turns", type=int, default=7, metavar="R",
+                   help="also time R rounds of one warm call of each library in turn and report the "
+                        "median ratio (steadier on a machine whose speed drifts; default 7, 0: off)")
     p.add_argument("--cold-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cold_worker:
@@ -455,6 +513,10 @@ def main(argv=None) -> int:
                 nc, nc_k = run_ntkcompile(case, x_np, args.repeats, device, jit=args.jit, roofline=True)
                 nc["cold_new_process_s"] = run_cold(case, x_path, args.device, args.jit)["cold_s"]
                 nc["cold_first_use_s"] = run_cold(case, x_path, args.device, args.jit, first_use=True)["cold_s"]
+            turns = None
+            if args.turns > 0 and not args.skip_nt and not args.nt_only:
+                turns = run_interleaved(case, x_np, x_path, os.path.join(tmp, f"{case}_nt_turns.npz"), device,
+                                        args.jit, args.turns)
             busy = None
             if args.busy > 0:
                 busy = {}
@@ -484,11 +546,11 @@ def main(argv=None) -> int:
                 if nt_k is not None:
                     entk["diffs"]["neural-tangents"] = rel_diffs(entk["ntk"], nt_k["ntk"][:n_e, :n_e])
 
-            print_case(case, x_np, args.repeats, nt, nc, diffs, entk, busy, args.busy)
+            print_case(case, x_np, args.repeats, nt, nc, diffs, entk, busy, args.busy, turns)
             report[case] = {
                 "busy": busy, "busy_duty": args.busy,
                 "n": int(x_np.shape[0]), "input_shape": list(x_np.shape[1:]),
-                "neural_tangents": nt, "ntkcompile": nc,
+                "neural_tangents": nt, "ntkcompile": nc, "in_turns": turns,
                 "diff_ntkcompile_vs_nt": {k: {"max_rel": v[0], "fro_rel": v[1]}
                                           for k, v in diffs.items() if k in ("nngp", "ntk")},
                 "ntk_offdiag_max_rel": diffs.get("ntk_offdiag"),
