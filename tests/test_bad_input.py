@@ -86,9 +86,10 @@ def test_a_registered_function_that_returns_nan_is_caught():
 
 def test_depth_1000_relu_mlp_against_the_arccos_recursion():
     """No recursion over program depth (51 layers raised RecursionError); the kernels match the
-    arc-cosine recursion written here in numpy to 1e-10.  He initialization (W_std^2 = 2, no
-    bias): with a bias the correlations reach 1 - c ~ 1e-12 and float64's arccos there limits
-    any implementation's NTK to ~1e-7 (measured against 40-digit arithmetic)."""
+    arc-cosine recursion written here in numpy to 1e-10, and in 40-digit arithmetic to
+    2.5e-10.  He initialization (W_std^2 = 2, no bias): with a bias the correlations reach
+    1 - c ~ 1e-12 and float64's arccos there limits any implementation's NTK to ~1e-7
+    (measured against 40-digit arithmetic)."""
     L, W, b = 1000, math.sqrt(2.0), 0.0
     layers, d = [], D
     for _ in range(L):
@@ -112,6 +113,34 @@ def test_depth_1000_relu_mlp_against_the_arccos_recursion():
         q = q_next
     np.testing.assert_allclose(k.nngp.numpy(), q, rtol=1e-10)
     np.testing.assert_allclose(k.ntk.numpy(), ntk, rtol=1e-10)
+    # and against the recursion in 40-digit arithmetic: the float64 one above rounds as ours
+    # does, so this is the error itself (measured 2.8e-13 NNGP, 1.3e-10 NTK: arccos near
+    # c = 1 amplifies c's rounding ~1/theta, over 1000 layers; a correlation biased by an ulp
+    # doubled it)
+    exact_q, exact_ntk = _arccos_recursion_40_digits(a, W**2, L)
+    np.testing.assert_allclose(k.nngp.numpy(), exact_q, rtol=1e-12)
+    np.testing.assert_allclose(k.ntk.numpy(), exact_ntk, rtol=2.5e-10)
+
+
+def _arccos_recursion_40_digits(a, w2, depth):
+    """NNGP and NTK of a bias-free relu MLP (``w2 = W_std^2``) on the rows of ``a``, in mpmath."""
+    import mpmath as mp
+
+    with mp.workdps(40):
+        x = [[mp.mpf(float(v)) for v in row] for row in a]
+        n, d = len(x), len(x[0])
+        q = [[w2 * mp.fsum(x[i][s] * x[j][s] for s in range(d)) / d for j in range(n)] for i in range(n)]
+        ntk = [row[:] for row in q]
+        for _ in range(depth):
+            qn = [[None] * n for _ in range(n)]
+            for i in range(n):
+                for j in range(n):
+                    s = mp.sqrt(q[i][i] * q[j][j])
+                    th = mp.acos(min(max(q[i][j] / s, -1), 1))
+                    qn[i][j] = w2 * s * (mp.sin(th) + (mp.pi - th) * mp.cos(th)) / (2 * mp.pi)
+                    ntk[i][j] = qn[i][j] + w2 * (mp.pi - th) / (2 * mp.pi) * ntk[i][j]
+            q = qn
+        return np.array(q, dtype=np.float64), np.array(ntk, dtype=np.float64)
 
 
 # -- bounded memory -------------------------------------------------------------------------
