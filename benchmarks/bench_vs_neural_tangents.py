@@ -127,6 +127,14 @@ def exact_diagonal(case: str, x_np: np.ndarray) -> dict | None:
 # --------------------------------------------------------------------------- neural-tangents
 
 
+def _nt_env() -> dict:
+    """The neural-tangents worker's environment: jax on the CPU, quiet, and nothing from this
+    environment's PYTHONPATH leaking into the venv."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def run_nt(case: str, x_path: str, out_path: str, repeats: int, deg: int | None = None) -> tuple[dict, dict]:
     if not VENV_PYTHON.exists():
         sys.exit(
@@ -135,10 +143,8 @@ def run_nt(case: str, x_path: str, out_path: str, repeats: int, deg: int | None 
             "or pass --skip-nt to time ntkcompile alone."
         )
     req = {"case": case, "inputs": x_path, "out": out_path, "repeats": repeats, "deg": deg}
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-    env.pop("PYTHONPATH", None)  # nothing from this environment leaks into the venv
     proc = subprocess.run([str(VENV_PYTHON), str(WORKER), json.dumps(req)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=_nt_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.splitlines()[-30:])
@@ -160,12 +166,10 @@ def run_interleaved(case: str, x_np: np.ndarray, x_path: str, out_path: str, dev
 
     import ntkcompile
 
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-    env.pop("PYTHONPATH", None)
     req = {"case": case, "inputs": x_path, "out": out_path, "repeats": 1, "serve": True}
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([str(VENV_PYTHON), str(WORKER), json.dumps(req)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=_nt_env())
         try:
             if not proc.stdout.readline().strip():          # its own result: the worker is warm
                 err.seek(0)
