@@ -329,6 +329,8 @@ class CompiledKernel:
             x2 = None if x2 is None else self._check(x2, "x2")
         if self._batched:
             return self._kernels(*batched.evaluate(self, x1, x2, get, tile_size, out, resume, distributed))
+        if x2 is not None and distinct.same_inputs(x1, x2):
+            x2 = None       # against itself: the symmetric kernel (a cross call's triangles may differ)
         if x2 is None and x1.shape[0] > 1:      # duplicate inputs: each distinct one computed once
             k = distinct.with_duplicates(self, x1, get, tile_size, progress, out, distributed)
             if k is not None:

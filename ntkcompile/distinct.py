@@ -1,4 +1,5 @@
-"""Duplicate inputs of a kernel against itself: each distinct input is computed once.
+"""Duplicate inputs of a kernel against itself: each distinct input is computed once, and
+``kfn(x, x)`` is ``kfn(x)``.
 
 Duplicates would otherwise see ``c = 1 - eps`` instead of 1, and the arccos-type
 closed forms amplify ``eps`` into ~1e-8 errors that break PSD-ness; copying the
@@ -23,6 +24,14 @@ def distinct_rows(x):
     if torch.unique(flat @ direction).shape[0] == x.shape[0]:
         return x, None
     return torch.unique(x, dim=0, return_inverse=True)
+
+
+def same_inputs(x1, x2) -> bool:
+    """True if ``x2`` is ``x1`` or holds the same values: ``kfn(x, x)`` is then computed as
+    ``kfn(x)``, exactly symmetric (a cross call computes tiles ``(i, j)`` and ``(j, i)`` apart,
+    and with Monte Carlo atoms their samples differ) and with half the tiles."""
+    return x2 is x1 or (x2.shape == x1.shape and x2.dtype == x1.dtype and x2.device == x1.device
+                        and torch.equal(x1, x2))
 
 
 def with_duplicates(kfn, x1, get, tile_size, progress, out, distributed):

@@ -1,4 +1,5 @@
 """Op rules against independent oracles: numpy Gauss-Hermite and closed-form recursions."""
+import math
 import warnings
 
 import numpy as np
@@ -272,6 +273,41 @@ def test_duplicate_inputs_give_psd_symmetric_kernels():
         assert torch.equal(K, K.T)
         assert torch.linalg.eigvalsh(K).min() > -1e-10 * K.diag().max()
         assert torch.equal(K[4], K[0]) and torch.equal(K[5], K[1])   # duplicates: identical rows
+
+
+class _PostActivationResidual(nn.Module):
+    """``relu(h + W relu(h))``: an H-var of two G-vars, so its kernels come from Monte Carlo."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(D, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.out(torch.relu(h + self.b(h)))
+
+
+@pytest.mark.parametrize("same", ["object", "copy"])
+def test_kernel_of_inputs_against_themselves_is_the_symmetric_one(same):
+    """``kfn(x, x)`` (the same tensor, or an equal copy) is ``kfn(x)``: exactly symmetric, also
+    where Monte Carlo makes the two triangles of a cross kernel differ (tiles (i, j) and (j, i)
+    sample apart).  Against inputs that differ in one last bit it stays a cross kernel, equal to
+    the symmetric one to rounding (closed forms) or within the standard errors (Monte Carlo)."""
+    x = torch.randn(5, D, dtype=torch.float64)
+    x2 = x if same == "object" else x.clone()
+    near = x.clone()
+    near[0, 0] = torch.nextafter(near[0, 0], torch.tensor(math.inf, dtype=x.dtype))
+    for model in (_PostActivationResidual(), nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 1))):
+        kfn = ntkcompile.compile(model)
+        k, own, cross = kfn(x, x2, tile_size=2), kfn(x, tile_size=2), kfn(x, near, tile_size=2)
+        for name in ("nngp", "ntk"):
+            K, O, C = getattr(k, name), getattr(own, name), getattr(cross, name)
+            assert torch.equal(K, K.T) and torch.equal(K, O)
+            se = getattr(own, f"{name}_stderr")
+            if se is None:
+                torch.testing.assert_close(C, O, rtol=1e-13, atol=0)
+            else:       # two tiles' samples: 5 standard errors of their difference
+                assert (C - O).abs().max() <= 5 * math.sqrt(2) * float(se.max())
 
 
 def test_distinct_rows_whose_projections_collide():
