@@ -113,6 +113,11 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
     def vt(k11, k12, k22):
         return vt_angle(k11, k12, k22, angle(k11, k12, k22))
 
+    at0 = float(Elementwise("", fn).derivative(torch.zeros((), dtype=torch.float64)))   # torch's own
+
+    def deriv(x):       # phi' without autograd: the N-D evaluator applies it to every sample
+        return (x > 0).to(x.dtype) * a - (x < 0).to(x.dtype) * b + (x == 0).to(x.dtype) * at0
+
     return pin_zero_variance(
         Elementwise(
             name=name,
@@ -121,6 +126,7 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
             dvt=dvt,
             mean=lambda k: (a + b) * (f64(k).clamp_min(0.0) / (2.0 * PI)).sqrt(),
             dmean=lambda k: torch.full_like(f64(k), (a - b) / 2.0),
+            deriv=deriv,
             smooth=False,
             breaks=(0.0,),
             vt_angle=vt_angle,

@@ -212,6 +212,19 @@ def test_derivative_matches_finite_differences(name):
     assert y.shape == (2, x.numel() // 2, 1) and not y.requires_grad
 
 
+@pytest.mark.parametrize("name", sorted(n for n, e in ELEMENTWISE.items() if e.deriv is not None))
+def test_closed_form_derivative_is_torchs_own_at_the_kinks_too(name):
+    """An entry's own ``deriv`` (the N-D evaluator applies it to every sample, where autograd
+    per call cost an eighth of a residual CNN's time) equals backpropagation through ``fn``,
+    at its kinks as well: ``relu'(0) = 0``, ``leaky_relu'(0) = slope``, the network's gradient."""
+    e = ELEMENTWISE[name]
+    x = t([-3.5, -3.0, -2.5, -1.0, -1e-300, -0.0, 0.0, 1e-300, 0.5, 1.0, 2.5, 3.0, 3.5])
+    auto = Elementwise("autograd", e.fn).derivative(x)
+    # 1e-7: torch's own backward of hardsigmoid in float64 uses 1/6 rounded to float32; a wrong
+    # value at a kink is off by the jump (1, or a slope)
+    torch.testing.assert_close(e.derivative(x), auto, rtol=1e-7, atol=1e-15)
+
+
 def test_from_callable_uses_autograd():
     e = from_callable(lambda x: x**3, "cube")
     torch.testing.assert_close(e.derivative(t([1.0, -2.0])), t([3.0, 12.0]))
