@@ -484,7 +484,7 @@ def _infer_input_shape(gm: fx.GraphModule):
 
 def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, parameterization: str = "ntk",
             std: Optional[dict] = None, input_shape=None, dtype=torch.float64, device=None,
-            mc_samples: int = 200_000, seed: int = 0, mc_replicates: int = 8, joint_samples: int = 4096,
+            mc_samples: int = 32_768, seed: int = 0, mc_replicates: int = 8, joint_samples: int = 4096,
             quadrature_degree: int = 96,
             quadrature_tol: Optional[float] = 1e-6, nd_degree: Optional[int] = None,
             jit: bool = False) -> CompiledKernel:
@@ -503,11 +503,13 @@ def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, paramet
             Linear; otherwise fixed by the first call).
         dtype: ``torch.float64`` (default) or ``torch.float32``.
         device: where kernels are computed (default: the inputs' device).
-        mc_samples, seed, mc_replicates: the Monte Carlo evaluator, used only for
-            nonlinearities of more than three correlated Gaussians: the kernels are the
-            mean of ``mc_replicates`` independent evaluations with ``mc_samples /
-            mc_replicates`` samples each, and their spread gives the standard error of
-            every returned entry (``Kernels.nngp_stderr``, ``ntk_stderr``).
+        mc_samples, seed, mc_replicates: the randomized quasi-Monte Carlo evaluator, used
+            only for nonlinearities of more than three correlated Gaussians (a post-activation
+            residual chain of two blocks or more): the kernels are the mean of
+            ``mc_replicates`` independent evaluations, each over ``mc_samples /
+            mc_replicates`` scrambled Sobol points (default 8 x 4096), and their spread
+            gives the standard error of every returned entry (``Kernels.nngp_stderr``,
+            ``ntk_stderr``).
         joint_samples: coordinates sampled per replicate by the joint Monte Carlo
             evaluator of gated recurrent layers (GRU, LSTM), which samples every input
             of a tile and every time step together (so kernels are Gram matrices:

@@ -13,8 +13,8 @@ Part of the planner (``kernels.planner.Planner`` inherits these methods):
   smooth functions with known breaks Gauss-Legendre split at the breaks
   (``split_q2``); with more slots, independent groups of slots factorize into a
   product of expectations (TP II: factorize first), and what remains goes to
-  the N-D evaluator (quadrature up to rank 3, Monte Carlo beyond, with a
-  reported error);
+  the N-D evaluator (quadrature up to rank 3, 1 for kinked integrands,
+  quasi-Monte Carlo beyond, with a reported error);
 * first moments ``E[h]`` the same way in 1-D (``split_q1`` with breaks).
 
 The runtime helpers for jumps and split quadrature are at the end of this file.
@@ -255,8 +255,9 @@ class HVarExpectations:
                 offset += len(atom.gargs)
         rows = tuple(tuple(0.0 if e is None else e for e in row) for row in entries)
         smooth = all(a.gaussian or expr_smooth(a.expr) for a, _ in factors)
-        note = (desc, f"N-D evaluator over {offset} slots: quadrature up to rank 3, "
-                f"else monte-carlo(n={self.mc_samples}, seed={self.seed}, replicated)"
+        top = expect.MAX_QUADRATURE_RANK if smooth else expect.KINKED_QUADRATURE_RANK
+        note = (desc, f"N-D evaluator over {offset} slots: quadrature up to rank {top}, "
+                f"else quasi-monte-carlo(n={self.mc_samples}, seed={self.seed}, replicated)"
                 + ("" if smooth else " [non-smooth integrand: approximate]"))
         body = parts[0] if len(parts) == 1 else self.plan.make(Mul, tuple(parts))
         return self.call(expect.qn, self.plan.make(Fn, body), rows, self.like, self.errors, self.mc, smooth,

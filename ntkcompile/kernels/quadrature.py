@@ -9,7 +9,7 @@ form (tanh, sigmoid, LSTM gates, ...) we evaluate the expectation numerically:
   (trapezoidal rule on a Cholesky factorization).
 * ``expect_nd``: ``E f(z)`` for a ``D x D`` covariance: tensor-product
   Gauss-Hermite on the covariance's top eigen-directions when its numerical rank
-  is small, Monte Carlo with a reported standard error otherwise.
+  is small, randomized quasi-Monte Carlo (scrambled Sobol points) otherwise.
 
 Everything is float64 and batched: the batch lives in trailing axes and the
 quadrature nodes / samples in the *leading* axis, so ``f`` sees a tensor of shape
@@ -17,7 +17,7 @@ quadrature nodes / samples in the *leading* axis, so ``f`` sees a tensor of shap
 
 ``expect_nd`` returns ``(value, stderr)``; ``nd_method(rank, ...)`` names the rule
 it applies at a numerical rank (``"exact(z=0)"``, ``"quadrature(deg=16, dims=3)"``
-or ``"monte-carlo(n=200000, seed=0)"``).
+or ``"quasi-monte-carlo(n=32768, seed=0)"``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "expect_nd",
     "numerical_rank",
     "nd_method",
+    "normal_points",
     "correlation",
 ]
 
@@ -48,11 +49,14 @@ _F64 = torch.float64
 
 # Default Gauss-Hermite degree per quadrature dimension (about 4096 nodes at most).
 _DEFAULT_DEGREE = {1: 64, 2: 32, 3: 16}
-_DEFAULT_MC_SAMPLES = 200_000
+_DEFAULT_MC_SAMPLES = 32_768
 # Eigenvalues below this fraction of the largest one count as zero.
 _RANK_RTOL = 1e-12
-# Largest number of float64 entries one evaluation chunk of ``z`` may hold (128 MiB).
-_MAX_CHUNK_ENTRIES = 2**24
+# Entries of ``z`` per evaluation chunk of ``expect_nd`` (2 MiB of float64): the integrand is a
+# chain of elementwise passes, each memory-bound on large chunks.  Measured on a 3-block
+# post-activation residual CNN (2 inputs of 3x4x4, one thread): 38.6 s at 2^24, 19.7 s at 2^20,
+# 14.2 s at 2^18, 24.4 s at 2^16 (per-chunk overhead).
+_MAX_CHUNK_ENTRIES = 2**18
 
 # Progress within a long N-D evaluation: ``PROGRESS.hook(done, total)`` after each chunk
 # of nodes or samples, if the calling thread set one (tiling's progress bar does, so a
@@ -288,6 +292,18 @@ def _degree_for(rank: int, degree: Optional[int]) -> int:
     return int(degree) if degree is not None else default_degree(rank)
 
 
+def normal_points(n: int, dim: int, seed: int) -> Tensor:
+    """``n`` points of ``N(0, I_dim)``: the Sobol sequence with Owen scrambling (``seed``)
+    through the normal quantile.  Each coordinate is exactly normal and a scramble is
+    unbiased; the points fill the cube evenly, so the error of an average of a piecewise
+    smooth function falls faster than ``n^-1/2``.  Measured on post-activation residual
+    chains (4-8 dimensions, 32768 points): 40-80x smaller standard deviation than
+    independent draws for ``relu x relu'``-type products, 3-7x for products of steps."""
+    u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(n, dtype=_F64)
+    u = u.clamp(2.0 ** -53, 1.0 - 2.0 ** -53)
+    return math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+
+
 def nd_method(
     rank: int,
     *,
@@ -302,7 +318,7 @@ def nd_method(
     if rank <= max_quadrature_rank:
         return f"quadrature(deg={_degree_for(rank, degree)}, dims={rank})"
     n = _DEFAULT_MC_SAMPLES if mc_samples is None else int(mc_samples)
-    return f"monte-carlo(n={n}, seed={seed})"
+    return f"quasi-monte-carlo(n={n}, seed={seed})"
 
 
 def _grid(rank: int, degree: int, rule: str = "hermite") -> Tuple[Tensor, Tensor]:
@@ -350,9 +366,12 @@ def expect_nd(
       (degree 64 / 32 / 16 for r = 1 / 2 / 3 unless ``degree`` is given), or the
       trapezoidal rule with ``rule="trapezoid"`` (whose error estimate from halving
       the nodes is reliable for steep integrands); returns ``(value, None)``.
-    * otherwise Monte Carlo over ``mc_samples`` (default 200000) draws of ``eps``
-      from ``torch.Generator().manual_seed(seed)``, shared by the whole batch;
-      returns ``(mean, standard error of the mean)``.
+    * otherwise randomized quasi-Monte Carlo: ``eps`` the first ``mc_samples`` (default
+      32768) points of the Sobol sequence scrambled by ``seed`` (``normal_points``),
+      shared by the whole batch; returns ``(mean, standard error)``, the standard error
+      as for independent draws: an upper bound here (scrambled points spread more evenly
+      than independent ones).  Independent scrambles (seeds) give independent unbiased
+      estimates, whose spread is the honest error (``tiling._replicates``).
 
     ``nd_method`` names the evaluator this chooses. Evaluation is chunked over
     nodes / samples (never over the batch) to bound memory.
@@ -381,7 +400,7 @@ def expect_nd(
     n = _DEFAULT_MC_SAMPLES if mc_samples is None else int(mc_samples)
     if n < 2:
         raise ValueError(f"expect_nd: mc_samples must be >= 2, got {n}")
-    eps = torch.randn(n, rank, generator=torch.Generator().manual_seed(seed), dtype=_F64).to(cov.device)
+    eps = normal_points(n, rank, seed).to(cov.device)
     # Accumulate shifted sums so the variance does not cancel catastrophically.
     shift = None
     acc, acc2 = (torch.zeros(batch, dtype=_F64, device=cov.device) for _ in range(2))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.chains import extrapolated
 from ntkcompile.kernels.quadrature import (
     correlation,
     expect_1d,
@@ -13,6 +14,7 @@ from ntkcompile.kernels.quadrature import (
     expect_nd,
     hermite,
     nd_method,
+    normal_points,
     numerical_rank,
 )
 
@@ -164,6 +166,31 @@ def test_expect_nd_isserlis_by_monte_carlo():
     torch.testing.assert_close(again, value, rtol=0, atol=0)
 
 
+def test_scrambled_sobol_points_are_unbiased_and_beat_independent_draws():
+    """Beyond rank 3 ``expect_nd`` averages over scrambled Sobol points (``normal_points``).
+    Each coordinate is standard normal; independent scrambles are unbiased: on a 4-slot
+    post-activation residual chain their mean agrees with a grid oracle (Richardson of
+    h = 4e-3 and 2e-3, which agree to 1e-6) within 4 standard errors of that mean; and
+    their spread is far below the independent-draw standard error ``expect_nd`` reports
+    (measured 31x: the bound holds with room for the 16-scramble spread's +-18%)."""
+    n = 2 ** 14
+    z = normal_points(n, 5, seed=11)
+    assert (z.mean(0).abs() < 5 / math.sqrt(n)).all() and ((z.var(0) - 1).abs() < 5 * math.sqrt(2 / n)).all()
+    variances = [1.0, 0.5, 0.3, 0.8]
+    truth, change = extrapolated(variances)
+    assert change < 1e-5
+
+    def f(z):
+        return torch.relu(z[..., 0] + torch.relu(z[..., 1] + torch.relu(z[..., 2] + torch.relu(z[..., 3])))) ** 2
+
+    cov = torch.diag(t(variances))
+    runs = [expect_nd(f, cov, mc_samples=4096, seed=s) for s in range(16)]
+    values = torch.stack([v for v, _ in runs])
+    spread = float(values.std())
+    assert abs(float(values.mean()) - truth) < 4 * spread / 4
+    assert spread < 0.1 * float(runs[0][1])
+
+
 def _embedded_relu_case():
     """(z0, z1) with a known 2x2 covariance, embedded in a rank-2 4x4 covariance."""
     b = t([[1.0, 0.0], [0.6, 0.9], [0.3, -1.2], [-0.5, 0.4]])
@@ -220,8 +247,8 @@ def test_nd_method_names_the_rule():
     assert nd_method(1) == "quadrature(deg=64, dims=1)"
     assert nd_method(3) == "quadrature(deg=16, dims=3)"
     assert nd_method(3, degree=9) == "quadrature(deg=9, dims=3)"
-    assert nd_method(4) == "monte-carlo(n=200000, seed=0)"
-    assert nd_method(2, max_quadrature_rank=1, mc_samples=10, seed=5) == "monte-carlo(n=10, seed=5)"
+    assert nd_method(4) == "quasi-monte-carlo(n=32768, seed=0)"
+    assert nd_method(2, max_quadrature_rank=1, mc_samples=10, seed=5) == "quasi-monte-carlo(n=10, seed=5)"
 
 
 def test_nd_quadrature_degree_is_honoured():
