@@ -27,7 +27,7 @@ import opt_einsum
 
 from . import plan as P
 from .ir.walk import postorder
-from .kernels import expect, program, spatial
+from .kernels import expect, program, quadrature, spatial
 
 _PRELUDE = {"pair_indices": spatial.pair_indices, "unpack": spatial.unpack, "unpack_seeds": spatial.unpack_seeds,
             "full": expect.full,
@@ -480,7 +480,7 @@ def function(values, *, name="f", self_mode=False):
     returns = ", ".join(r.value(v) for v in values) + ("," if len(values) == 1 else "")
     names = set(_NAME.findall(returns))
     statements = r.statements + [([f"_out = ({returns})"], None)] if names else r.statements
-    r.namespace["_MC"] = (32_768, 0)
+    r.namespace["_MC"] = (quadrature.DEFAULT_MC_SAMPLES, 0)
     return _build(f"{name}(F1, MC=_MC)", ["F2 = F1", "like = F1[0]", "_err = []"], statements,
                   "_out" if names else f"({returns})", r.namespace)
 
@@ -512,7 +512,7 @@ def _checker(origins, kinds):
     return _chk, _chk_inputs
 
 
-def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None, check=False, mc=(32_768, 0),
+def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None, check=False, mc=(quadrature.DEFAULT_MC_SAMPLES, 0),
            fuse=False):
     """``(function, source)`` of the kernel for one call mode; outputs not requested are None.
 

@@ -27,7 +27,7 @@ from .export import graph_of, is_exported_program
 from .ir.graph import render, to_dot
 from .ir.printer import format_program
 from .ir.verify import verify
-from .kernels import fused
+from .kernels import fused, quadrature
 from .kernels.planner import aligned_positions, plan_kernels
 from . import batched, distinct, tiling
 from .passes.backward import backward
@@ -484,7 +484,7 @@ def _infer_input_shape(gm: fx.GraphModule):
 
 def compile(model: nn.Module, *, W_std: float = 1.0, b_std: float = 0.0, parameterization: str = "ntk",
             std: Optional[dict] = None, input_shape=None, dtype=torch.float64, device=None,
-            mc_samples: int = 32_768, seed: int = 0, mc_replicates: int = 8, joint_samples: int = 4096,
+            mc_samples: int = quadrature.DEFAULT_MC_SAMPLES, seed: int = 0, mc_replicates: int = 8, joint_samples: int = 4096,
             quadrature_degree: int = 96,
             quadrature_tol: Optional[float] = 1e-6, nd_degree: Optional[int] = None,
             jit: bool = False) -> CompiledKernel:

@@ -144,7 +144,7 @@ def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=Non
     samples, seed = mc
     cov = _cov_matrix(entries, like)
     rank = quad.numerical_rank(cov)
-    top = MAX_QUADRATURE_RANK if smooth else KINKED_QUADRATURE_RANK
+    top = quadrature_rank(smooth)
     degree = degrees[rank - 1] if 1 <= rank <= min(top, len(degrees)) else None
     value, stderr = quad.expect_nd(f, cov, degree=degree, mc_samples=samples, seed=seed, rule="trapezoid",
                                    max_quadrature_rank=top)
@@ -166,6 +166,11 @@ def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=Non
 # one; quasi-Monte Carlo beyond.
 MAX_QUADRATURE_RANK = 3
 KINKED_QUADRATURE_RANK = 1
+
+
+def quadrature_rank(smooth: bool) -> int:
+    """The largest rank at which ``qn`` uses the tensor-product rule."""
+    return MAX_QUADRATURE_RANK if smooth else KINKED_QUADRATURE_RANK
 
 
 def full(x, like, shape):

@@ -255,8 +255,7 @@ class HVarExpectations:
                 offset += len(atom.gargs)
         rows = tuple(tuple(0.0 if e is None else e for e in row) for row in entries)
         smooth = all(a.gaussian or expr_smooth(a.expr) for a, _ in factors)
-        top = expect.MAX_QUADRATURE_RANK if smooth else expect.KINKED_QUADRATURE_RANK
-        note = (desc, f"N-D evaluator over {offset} slots: quadrature up to rank {top}, "
+        note = (desc, f"N-D evaluator over {offset} slots: quadrature up to rank {expect.quadrature_rank(smooth)}, "
                 f"else quasi-monte-carlo(n={self.mc_samples}, seed={self.seed}, replicated)"
                 + ("" if smooth else " [non-smooth integrand: approximate]"))
         body = parts[0] if len(parts) == 1 else self.plan.make(Mul, tuple(parts))

@@ -43,7 +43,7 @@ from ..ir import READOUT, Bias, Builder, HAtom, Matrix, SConst, SMoment, Var
 from ..ir import nodes as irn
 from ..ir.printer import atom_label
 from ..plan import Env, Lift, LiftAll, Mul, Plan, Pow, Rsqrt
-from . import expect, spatial
+from . import expect, quadrature, spatial
 from .nonlinear import SIDES, HVarExpectations
 
 SAME_INPUT = ("d1", "d2")
@@ -119,7 +119,7 @@ def register_sampled(kind, evaluate, combined: str):
 class Planner(HVarExpectations):
     """Plans the NNGP and NTK of one lowered program (with its backward program)."""
 
-    def __init__(self, program, *, mc_samples=32_768, seed=0, degree=96, tol=None, nd_degree=None,
+    def __init__(self, program, *, mc_samples=quadrature.DEFAULT_MC_SAMPLES, seed=0, degree=96, tol=None, nd_degree=None,
                  joint_samples=4096):
         self.p, self.bw = program, program.backward
         self.b = program.backward.builder        # nodes derived while planning live here

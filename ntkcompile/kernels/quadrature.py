@@ -49,7 +49,8 @@ _F64 = torch.float64
 
 # Default Gauss-Hermite degree per quadrature dimension (about 4096 nodes at most).
 _DEFAULT_DEGREE = {1: 64, 2: 32, 3: 16}
-_DEFAULT_MC_SAMPLES = 32_768
+# Points of the quasi-Monte Carlo evaluator unless given (compile()'s default too).
+DEFAULT_MC_SAMPLES = 32_768
 # Eigenvalues below this fraction of the largest one count as zero.
 _RANK_RTOL = 1e-12
 # Entries of ``z`` per evaluation chunk of ``expect_nd`` (2 MiB of float64): the integrand is a
@@ -317,7 +318,7 @@ def nd_method(
         return "exact(z=0)"
     if rank <= max_quadrature_rank:
         return f"quadrature(deg={_degree_for(rank, degree)}, dims={rank})"
-    n = _DEFAULT_MC_SAMPLES if mc_samples is None else int(mc_samples)
+    n = DEFAULT_MC_SAMPLES if mc_samples is None else int(mc_samples)
     return f"quasi-monte-carlo(n={n}, seed={seed})"
 
 
@@ -397,7 +398,7 @@ def expect_nd(
             _tick(min(start + chunk, grid.shape[0]), grid.shape[0])
         return total, None
 
-    n = _DEFAULT_MC_SAMPLES if mc_samples is None else int(mc_samples)
+    n = DEFAULT_MC_SAMPLES if mc_samples is None else int(mc_samples)
     if n < 2:
         raise ValueError(f"expect_nd: mc_samples must be >= 2, got {n}")
     eps = normal_points(n, rank, seed).to(cov.device)
