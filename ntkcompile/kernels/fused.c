@@ -247,6 +247,69 @@ void ntk_window_pair(const double *in, double *out, int64_t n_in, int64_t n_out,
     }
 }
 
+/* ntk_window_pair for tables of one shift per tap (stride-1 windows): ``tab[t, q]`` is
+ * ``q + shift[t]`` or -1, and ``mask[t, q]`` is all bits set where it is not -1, else 0.
+ * Stretches of SPAN entries of a row add their taps in registers, in order from tap 0,
+ * a masked-out lane adding +0.0 as the torch form's zero padding does; a stretch whose
+ * (unused) entries would lie outside row b's array is read entry by entry.  Same values as
+ * ntk_window_pair, without a row store per tap. */
+#define SPAN (4 * WIDTH)
+void ntk_window_pair_shift(const double *in, double *out, int64_t n_in, int64_t n_out, int taps,
+                           const int32_t *tab, const int32_t *shift, const int64_t *mask, double size,
+                           int64_t lo, int64_t hi) {
+    const double *line[taps];
+    const int64_t *keep[taps];
+    for (int64_t b = lo; b < hi; b++) {
+        const double *src = in + b * n_in * n_in, *end = src + n_in * n_in;
+        for (int64_t p = 0; p < n_out; p++) {
+            int na = 0;
+            for (int t = 0; t < taps; t++) {
+                int32_t s = tab[(int64_t)t * n_out + p];
+                if (s < 0) continue;
+                line[na] = src + (int64_t)s * n_in + shift[t];
+                keep[na++] = mask + (int64_t)t * n_out;
+            }
+            double *row = out + (b * n_out + p) * n_out;
+            int64_t q = 0;
+#if WIDTH > 1
+            typedef int64_t bits __attribute__((vector_size(sizeof(vec))));
+            vec by;
+            for (int i = 0; i < WIDTH; i++) by[i] = size;
+            for (; q + SPAN <= n_out; q += SPAN) {   /* SPAN / WIDTH independent sums per tap */
+                vec acc[SPAN / WIDTH] = {{0}}, v;
+                bits m;
+                for (int k = 0; k < na; k++) {
+                    const double *l = line[k] + q;
+                    if (l >= src && l + SPAN <= end) {
+                        for (int u = 0; u < SPAN / WIDTH; u++) {
+                            memcpy(&v, l + u * WIDTH, sizeof v);
+                            memcpy(&m, keep[k] + q + u * WIDTH, sizeof m);
+                            acc[u] += (vec)((bits)v & m);
+                        }
+                    } else {
+                        double one[SPAN];
+                        for (int i = 0; i < SPAN; i++) one[i] = keep[k][q + i] ? l[i] : 0.0;
+                        for (int u = 0; u < SPAN / WIDTH; u++) {
+                            memcpy(&v, one + u * WIDTH, sizeof v);
+                            acc[u] += v;
+                        }
+                    }
+                }
+                for (int u = 0; u < SPAN / WIDTH; u++) {
+                    v = acc[u] / by;
+                    memcpy(row + q + u * WIDTH, &v, sizeof v);
+                }
+            }
+#endif
+            for (; q < n_out; q++) {
+                double acc = 0.0;
+                for (int k = 0; k < na; k++) acc += keep[k][q] ? line[k][q] : 0.0;
+                row[q] = acc / size;
+            }
+        }
+    }
+}
+
 /* ``out[b, p] = (sum over taps t of in[b, tab[t, p]]) / size``, 0 for a tap's -1 (zero
  * padding): kernels.spatial.stencil_same, the window mean of one input's variances over its
  * positions.  Each tap adds in order from tap 0, a padded one adding 0.0, as the torch

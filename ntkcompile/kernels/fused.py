@@ -159,6 +159,8 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_rule": (ctypes.c_int, [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2),
     "ntk_window_pair": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                         + [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_window_pair_shift": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                              + [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
     "ntk_window_same": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                 ctypes.c_void_p, ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
     "ntk_gather": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -403,6 +405,20 @@ def _window_table(g, adjoint: bool):
     return table, torch.tensor(runs, dtype=torch.int32).reshape(-1, 4), torch.tensor(run_at, dtype=torch.int32)
 
 
+@functools.lru_cache(maxsize=256)
+def _window_shifts(g, adjoint: bool):
+    """``(shift, mask)`` where every tap of ``_window_table`` reads ``q + shift[t]`` at the
+    output positions q it reads at all (stride-1 windows), ``mask`` (int64) all bits set
+    there and 0 elsewhere; else None."""
+    table = _window_table(g, adjoint)[0].to(torch.int64)
+    ok = table >= 0
+    delta = table - torch.arange(table.shape[1])
+    shift = delta.gather(1, ok.to(torch.int8).argmax(1, keepdim=True))[:, 0]    # at the first entry read
+    if not bool((~ok | (delta == shift[:, None])).all()):
+        return None
+    return shift.to(torch.int32).contiguous(), torch.where(ok, -1, 0).contiguous()
+
+
 def window_pair(a, g, adjoint: bool = False) -> Optional[Tensor]:
     """``kernels.spatial.stencil_pair`` (``adjoint``: its adjoint) of ``a``:
     ``(*batch, *S, *S) -> (*batch, *P, *P)`` (or back), or None where the fused path does
@@ -418,9 +434,15 @@ def window_pair(a, g, adjoint: bool = False) -> Optional[Tensor]:
     table, runs, run_at = _window_table(g, adjoint)
     ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())  # noqa: E731
 
+    shifts = _window_shifts(g, adjoint)
+
     def part(lo, hi):
-        lib.ntk_window_pair(ptr(a), ptr(out), n_in, n_out, table.shape[0], ptr(table), ptr(runs), ptr(run_at),
-                            float(g.size), lo, hi)
+        if shifts is not None:
+            lib.ntk_window_pair_shift(ptr(a), ptr(out), n_in, n_out, table.shape[0], ptr(table), ptr(shifts[0]),
+                                      ptr(shifts[1]), float(g.size), lo, hi)
+        else:
+            lib.ntk_window_pair(ptr(a), ptr(out), n_in, n_out, table.shape[0], ptr(table), ptr(runs), ptr(run_at),
+                                float(g.size), lo, hi)
 
     _parallel(part, a.shape[0], out.numel())
     if _meter is not None:

@@ -156,6 +156,9 @@ def test_window_sums_equal_the_shifted_views(geom):
         ref = spatial.stencil_pair(a, g), spatial.stencil_pair_adjoint(d, g, (5,))
     for x, y in zip(got, ref):
         assert x.shape == y.shape and torch.equal(x, y)
+    # stride 1 with the output the input's size: one shift per tap (ntk_window_pair_shift), else runs
+    same_size = g.stride == (1,) * len(g.kernel) and g.out_shape == g.in_shape
+    assert all((fused._window_shifts(g, adjoint) is not None) == same_size for adjoint in (False, True))
     if geom == GEOMETRIES[0]:   # 3x3, stride 1, padding 1: each tap one run, masked across the padding
         for adjoint in (False, True):
             _, runs, run_at = fused._window_table(g, adjoint)
