@@ -83,14 +83,92 @@ static inline double relu_kernel(double scale, double c, double theta) {
     return out * scale * INV_2PI;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* Square roots and quotients without the divider, 8 lanes at a time (the divider, shared by
+ * vsqrtpd and vdivpd, took about half of a closed-form program's time): rsqrt14's 14-bit
+ * estimate of 1/sqrt(p), two Newton steps (about 2^-52), then one correction from the exact
+ * residual (an FMA) each, ``s + (p - s^2) y / 2`` and ``q + (a - s q) y``, which round as
+ * sqrt and division do except within about 2^-100 relative of a rounding boundary (see
+ * ntk_roots, which tests/kernels/test_fused.py compares with torch bit for bit).  Lanes
+ * need ``p`` positive and normal; the callers guarantee it or blend those lanes out. */
+static inline __m512d rsqrt8(__m512d p) {
+    const __m512d half = _mm512_set1_pd(0.5);
+    __m512d y = _mm512_rsqrt14_pd(p), h = _mm512_mul_pd(p, half);
+    for (int k = 0; k < 2; k++)     /* y (1 + (1 - p y^2) / 2) */
+        y = _mm512_fmadd_pd(y, _mm512_fnmadd_pd(h, _mm512_mul_pd(y, y), half), y);
+    return y;
+}
+
+static inline __m512d sqrt8(__m512d p, __m512d y) {       /* y: rsqrt8(p) */
+    __m512d s = _mm512_mul_pd(p, y);
+    return _mm512_fmadd_pd(_mm512_fnmadd_pd(s, s, p), _mm512_mul_pd(y, _mm512_set1_pd(0.5)), s);
+}
+
+static inline __m512d quot8(__m512d a, __m512d s, __m512d y) {     /* a / s, y about 1 / s */
+    __m512d q = _mm512_mul_pd(a, y);
+    return _mm512_fmadd_pd(_mm512_fnmadd_pd(s, q, a), y, q);
+}
+
+/* ``sqrt(max(x, 0))``, NaN kept: 0 (and NaN) lanes bypass the estimate (rsqrt14(0) = inf). */
+static inline __m512d sqrt8_nonneg(__m512d x) {
+    x = _mm512_max_pd(_mm512_setzero_pd(), x);                  /* the second operand when NaN */
+    __mmask8 pos = _mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_GT_OQ);
+    return _mm512_mask_blend_pd(pos, x, sqrt8(x, rsqrt8(x)));
+}
+
+/* relu_kernel of 8 lanes, in its operations' order. */
+static inline __m512d relu_kernel8(__m512d scale, __m512d c, __m512d theta) {
+    __m512d out = _mm512_sub_pd(_mm512_set1_pd(1.0), _mm512_mul_pd(c, c));
+    out = _mm512_add_pd(sqrt8_nonneg(out), _mm512_mul_pd(_mm512_sub_pd(_mm512_set1_pd(PI), theta), c));
+    return _mm512_mul_pd(_mm512_mul_pd(out, scale), _mm512_set1_pd(INV_2PI));
+}
+
+/* Test hook: ``s = sqrt(p)``, ``q = a / s`` (p positive normal) and ``r = sqrt(max(x, 0))``
+ * through the routines above, lanes of 8 (the rest as libm does). */
+int ntk_roots(const double *p, const double *a, const double *x, double *s, double *q, double *r, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512d pv = _mm512_loadu_pd(p + i), y = rsqrt8(pv), sv = sqrt8(pv, y);
+        _mm512_storeu_pd(s + i, sv);
+        _mm512_storeu_pd(q + i, quot8(_mm512_loadu_pd(a + i), sv, y));
+        _mm512_storeu_pd(r + i, sqrt8_nonneg(_mm512_loadu_pd(x + i)));
+    }
+    for (; i < n; i++) {
+        s[i] = sqrt(p[i]);
+        q[i] = a[i] / s[i];
+        r[i] = sqrt(x[i] < 0.0 ? 0.0 : x[i]);
+    }
+    return 1;
+}
+#else
+int ntk_roots(const double *p, const double *a, const double *x, double *s, double *q, double *r, int64_t n) {
+    (void)p; (void)a; (void)x; (void)s; (void)q; (void)r; (void)n;
+    return 0;                                  /* no divider-free path in this build */
+}
+#endif
+
 /* ``aa R(c) + ab2 R(-c)``: R at theta and at pi - theta (the relu family's V-transform). */
 static void relu_cs(const double *c, const double *s, const double *th, double *out, const double *par,
                     int64_t n) {
     double aa = par[0], ab2 = par[1];
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512d va = _mm512_set1_pd(aa), vb = _mm512_set1_pd(ab2), pi = _mm512_set1_pd(PI);
+    for (; i + 8 <= n; i += 8) {
+        __m512d cv = _mm512_loadu_pd(c + i), sv = _mm512_loadu_pd(s + i), tv = _mm512_loadu_pd(th + i);
+        __m512d v = _mm512_mul_pd(va, relu_kernel8(sv, cv, tv));
+        if (ab2 != 0.0) {
+            __m512d neg = _mm512_mul_pd(cv, _mm512_set1_pd(-1.0));     /* -c, -0.0 included */
+            v = _mm512_add_pd(v, _mm512_mul_pd(vb, relu_kernel8(sv, neg, _mm512_sub_pd(pi, tv))));
+        }
+        _mm512_storeu_pd(out + i, v);
+    }
+#endif
     if (ab2 == 0.0) {
-        for (int64_t i = 0; i < n; i++) out[i] = aa * relu_kernel(s[i], c[i], th[i]);
+        for (; i < n; i++) out[i] = aa * relu_kernel(s[i], c[i], th[i]);
     } else {
-        for (int64_t i = 0; i < n; i++)
+        for (; i < n; i++)
             out[i] = aa * relu_kernel(s[i], c[i], th[i]) + ab2 * relu_kernel(s[i], -c[i], PI - th[i]);
     }
 }
@@ -99,7 +177,17 @@ static void relu_cs(const double *c, const double *s, const double *th, double *
  * one-branch form, for variances in range (see in_range). */
 static void correlation_block(const double *k11, const double *k12, const double *k22, double *c, double *s,
                               int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512d lo = _mm512_set1_pd(-1.0), hi = _mm512_set1_pd(1.0);
+    for (; i + 8 <= n; i += 8) {
+        __m512d p = _mm512_mul_pd(_mm512_loadu_pd(k11 + i), _mm512_loadu_pd(k22 + i));
+        __m512d y = rsqrt8(p), sv = sqrt8(p, y), v = quot8(_mm512_loadu_pd(k12 + i), sv, y);
+        _mm512_storeu_pd(s + i, sv);
+        _mm512_storeu_pd(c + i, _mm512_min_pd(hi, _mm512_max_pd(lo, v)));   /* NaN kept (second operand) */
+    }
+#endif
+    for (; i < n; i++) {
         s[i] = sqrt(k11[i] * k22[i]);
         double v = k12[i] / s[i];
         c[i] = v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v);

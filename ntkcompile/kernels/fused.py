@@ -161,6 +161,7 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
                         + [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
     "ntk_window_pair_shift": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                               + [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_roots": (ctypes.c_int, [ctypes.c_void_p] * 6 + [ctypes.c_int64]),
     "ntk_window_same": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                 ctypes.c_void_p, ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
     "ntk_gather": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

@@ -137,6 +137,32 @@ def test_special_entries_as_the_torch_forms():
     assert torch.isnan(got[1][5:7]).all()                       # a NaN variance stays NaN
 
 
+@needs_compiler
+def test_roots_and_quotients_round_as_ieee():
+    """With AVX-512 fused.c takes sqrt(k11 k22), k12 / sqrt(k11 k22) and sqrt(1 - c^2)
+    without the divider (rsqrt14, two Newton steps, one correction): against numpy's IEEE
+    sqrt and division (correctly rounded; torch's vectorized sqrt is not), bit for bit over
+    the range the correlation meets, perfect squares (k12 = k11 = k22 must give c = 1)
+    and 1 - c^2 near 0 included."""
+    lib = fused._load()
+    g = torch.Generator().manual_seed(5)
+    n = 1 << 18
+    u = lambda lo, hi: torch.empty(n, dtype=torch.float64).uniform_(lo, hi, generator=g)  # noqa: E731
+    cases = [(torch.exp(u(-660.0, 660.0)), u(-1.2, 1.2), u(-0.1, 1.0)),          # in_range's whole span
+             (torch.randint(1, 1 << 26, (n,), generator=g).double() ** 2, None, 1 - u(0.99, 1.0) ** 2),
+             (u(0.5, 4.0), u(-1.0, 1.0), torch.ldexp(u(0.0, 1.0), torch.randint(-60, 1, (n,), generator=g)))]
+    for p, c, x in cases:
+        a = p.sqrt() if c is None else p.sqrt() * c      # None: a = sqrt(p), so a / sqrt(p) = 1
+        s, q, r = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+        if lib.ntk_roots(*(t.data_ptr() for t in (p, a, x, s, q, r)), n) == 0:
+            pytest.skip("built without AVX-512: sqrt and division take the divider (IEEE already)")
+        ref_s = np.sqrt(p.numpy())
+        for got, ref in ((s, ref_s), (q, a.numpy() / ref_s), (r, np.sqrt(np.maximum(x.numpy(), 0.0)))):
+            assert np.array_equal(got.numpy(), ref)
+        if c is None:
+            assert bool((q == 1.0).all())
+
+
 GEOMETRIES = [((3, 3), 1, 1, 1, (8, 8)), ((3, 3), 2, 1, 1, (9, 7)), ((3, 3), 1, 2, 2, (8, 8)),
               ((2, 2), 2, 0, 1, (6, 6)), ((5,), 1, 2, 1, (11,)), ((3,), 2, 0, 3, (13,)),
               ((3, 1), 1, (2, 0), (2, 1), (7, 5)), ((2, 2, 2), 1, 1, 1, (4, 3, 3))]
