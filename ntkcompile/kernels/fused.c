@@ -174,24 +174,34 @@ static void relu_cs(const double *c, const double *s, const double *th, double *
 }
 
 /* ``c = k12 / s`` clamped to [-1, 1] and the scale ``s = sqrt(k11 k22)``: the correlation's
- * one-branch form, for variances in range (see in_range). */
-static void correlation_block(const double *k11, const double *k12, const double *k22, double *c, double *s,
-                              int64_t n) {
+ * one-branch form, for variances in range.  Returns in_range(k11, k22, n), found on the way
+ * (the values are only meant for blocks where it holds). */
+static int correlation_block(const double *k11, const double *k12, const double *k22, double *c, double *s,
+                             int64_t n) {
     int64_t i = 0;
+    int ok = 1;
 #if defined(__AVX512F__)
-    const __m512d lo = _mm512_set1_pd(-1.0), hi = _mm512_set1_pd(1.0);
+    const __m512d lo = _mm512_set1_pd(-1.0), hi = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+    const __m512d tiny = _mm512_set1_pd(1e-290), huge = _mm512_set1_pd(1e290);
+    __mmask8 fine = 0xff;
     for (; i + 8 <= n; i += 8) {
-        __m512d p = _mm512_mul_pd(_mm512_loadu_pd(k11 + i), _mm512_loadu_pd(k22 + i));
+        __m512d a = _mm512_loadu_pd(k11 + i), b = _mm512_loadu_pd(k22 + i), p = _mm512_mul_pd(a, b);
+        fine &= _mm512_cmp_pd_mask(a, zero, _CMP_GT_OQ) & _mm512_cmp_pd_mask(b, zero, _CMP_GT_OQ)
+                & _mm512_cmp_pd_mask(p, tiny, _CMP_GT_OQ) & _mm512_cmp_pd_mask(p, huge, _CMP_LT_OQ);
         __m512d y = rsqrt8(p), sv = sqrt8(p, y), v = quot8(_mm512_loadu_pd(k12 + i), sv, y);
         _mm512_storeu_pd(s + i, sv);
         _mm512_storeu_pd(c + i, _mm512_min_pd(hi, _mm512_max_pd(lo, v)));   /* NaN kept (second operand) */
     }
+    ok = fine == 0xff;
 #endif
     for (; i < n; i++) {
-        s[i] = sqrt(k11[i] * k22[i]);
+        double p = k11[i] * k22[i];
+        ok &= (k11[i] > 0.0) & (k22[i] > 0.0) & (p > 1e-290) & (p < 1e290);
+        s[i] = sqrt(p);
         double v = k12[i] / s[i];
         c[i] = v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v);
     }
+    return ok;
 }
 
 /* ------------------------------------------------------------------ rules */
@@ -207,6 +217,17 @@ static int in_range(const double *k11, const double *k22, int64_t n) {
         ok &= (k11[i] > 0.0) & (k22[i] > 0.0) & (p > 1e-290) & (p < 1e290);
     }
     return ok;
+}
+
+/* ``aa S(c) + ab2 S(-c)``, S = (pi - theta) / (2 pi): the step rule of one block. */
+static void step_block(const double *th, double *out, int64_t n, const double *par) {
+    double aa = par[0], ab2 = par[1];
+    for (int64_t i = 0; i < n; i++) {
+        double v = (PI - th[i]) * INV_2PI;
+        if (aa != 1.0) v = aa * v;
+        if (ab2 != 0.0) v = v + ab2 * ((PI - (PI - th[i])) * INV_2PI);
+        out[i] = v;
+    }
 }
 
 /* One block of ``n`` entries: in[r] are the inputs, contiguous in the block, ``k11`` and
@@ -243,17 +264,7 @@ static int rule_block(int rule, const double *const *in, double *out, int64_t n,
         relu_cs(tmp, scale, th, out, par, n);
         break;
     }
-    case RULE_STEP: {                      /* aa S(c) + ab2 S(-c), S = (pi - theta) / (2 pi) */
-        double aa = par[0], ab2 = par[1];
-        const double *th = in[1];
-        for (int64_t i = 0; i < n; i++) {
-            double v = (PI - th[i]) * INV_2PI;
-            if (aa != 1.0) v = aa * v;
-            if (ab2 != 0.0) v = v + ab2 * ((PI - (PI - th[i])) * INV_2PI);
-            out[i] = v;
-        }
-        break;
-    }
+    case RULE_STEP: step_block(in[1], out, n, par); break;
     }
     return fast;
 }
@@ -454,7 +465,8 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
  * intermediate arrays never leave L1.  Each instruction is PROG_WIDTH int32s:
  *
  *   LOAD   dst leaf           leaf ``leaf``: its entries at this block (strided, or gathered
- *                             through its index array when it has one)
+ *                             through its index array when it has one; a row-major leaf is
+ *                             read in place, the register pointing into it)
  *   CONST  dst k              the constant consts[k] (run once, before the blocks)
  *   ADD    dst a b            a + b
  *   MUL    dst a b            a * b
@@ -484,8 +496,7 @@ enum { OP_LOAD = 0, OP_CONST, OP_ADD, OP_MUL, OP_ANGLE, OP_RELU, OP_STEP, OP_STO
  * program takes): RELU_CS then computes the same values as RELU would. */
 static int angle_cs(const double *k11, const double *k12, const double *k22, double *th, double *c,
                     double *s, int64_t n) {
-    if (!in_range(k11, k22, n)) return 0;
-    correlation_block(k11, k12, k22, c, s, n);
+    if (!correlation_block(k11, k12, k22, c, s, n)) return 0;
     acos_block(c, th, n);
     return 1;
 }
@@ -508,9 +519,11 @@ static double block_sum(const double *r, int64_t n) {
 
 int ntk_program(const int32_t *code, int n_code, const double *consts, const double *const *leaves,
                 const int64_t *leaf_strides, const int64_t *const *index, double *const *outs,
-                int ndim, const int64_t *shape, double *regs, int64_t lo, int64_t hi) {
+                int ndim, const int64_t *shape, double *regs, int64_t lo, int64_t hi, int n_regs) {
     double tmp[2 * BLOCK];
     int64_t inner = shape[ndim - 1], at[PROG_MAX_DIMS];
+    const double *reg[n_regs];                 /* what each register reads: its own BLOCK, or a leaf's */
+    for (int r = 0; r < n_regs; r++) reg[r] = regs + (int64_t)r * BLOCK;
     for (int k = 0; k < n_code; k++) {
         const int32_t *c = code + k * PROG_WIDTH;
         if (c[0] == OP_CONST)
@@ -523,10 +536,12 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
             rest /= shape[d];
         }
         int64_t n = hi - lo < BLOCK ? hi - lo : BLOCK;  /* a block may span rows */
+        int angle_k11 = -1, angle_k22 = -1;       /* the variances ANGLE_CS found in range */
         for (int k = 0; k < n_code; k++) {
             const int32_t *c = code + k * PROG_WIDTH;
             double *dst = regs + (int64_t)c[1] * BLOCK;
-#define R(x) (regs + (int64_t)(x) * BLOCK)
+#define R(x) reg[x]
+            if (c[0] != OP_STORE && c[0] != OP_SUM) reg[c[1]] = dst;    /* ops write their own BLOCK */
             switch (c[0]) {
             case OP_LOAD: {
                 const int64_t *st = leaf_strides + (int64_t)ndim * c[2], s = st[ndim - 1];
@@ -534,6 +549,12 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 if (index[c[2]]) {
                     const int64_t *ix = index[c[2]] + lo;
                     for (int64_t i = 0; i < n; i++) dst[i] = base[ix[i] * s];
+                    break;
+                }
+                int flat = s == 1;                 /* row-major in the program's shape: read in place */
+                for (int d = ndim - 2; d >= 0 && flat; d--) flat = st[d] == st[d + 1] * shape[d + 1];
+                if (flat) {
+                    reg[c[1]] = base + lo;
                     break;
                 }
                 int64_t a[PROG_MAX_DIMS], j = j0, done = 0;
@@ -555,7 +576,13 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
             case OP_CONST: break;
             case OP_ADD: { const double *a = R(c[2]), *b = R(c[3]); for (int64_t i = 0; i < n; i++) dst[i] = a[i] + b[i]; break; }
             case OP_MUL: { const double *a = R(c[2]), *b = R(c[3]); for (int64_t i = 0; i < n; i++) dst[i] = a[i] * b[i]; break; }
-            case OP_ANGLE: case OP_RELU: case OP_STEP: {
+            case OP_STEP:
+                if (c[2] == angle_k11 && c[4] == angle_k22) {      /* variances checked: no second pass */
+                    step_block(R(c[3]), dst, n, consts + c[6]);
+                    break;
+                }
+                /* fall through */
+            case OP_ANGLE: case OP_RELU: {
                 const double *in[4] = {R(c[2]), R(c[3]), R(c[4]), c[0] == OP_RELU ? R(c[5]) : 0};
                 int rule = c[0] == OP_ANGLE ? RULE_ANGLE : (c[0] == OP_RELU ? RULE_RELU : RULE_STEP);
                 const double *par = consts + c[6];
@@ -563,7 +590,12 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 break;
             }
             case OP_ANGLE_CS:
-                if (!angle_cs(R(c[2]), R(c[3]), R(c[4]), dst, R(c[5]), R(c[6]), n)) return 0;
+                reg[c[5]] = regs + (int64_t)c[5] * BLOCK;
+                reg[c[6]] = regs + (int64_t)c[6] * BLOCK;
+                if (!angle_cs(R(c[2]), R(c[3]), R(c[4]), dst, regs + (int64_t)c[5] * BLOCK,
+                              regs + (int64_t)c[6] * BLOCK, n)) return 0;
+                angle_k11 = c[2];
+                angle_k22 = c[4];
                 break;
             case OP_RELU_CS: relu_cs(R(c[2]), R(c[3]), R(c[4]), dst, consts + c[6], n); break;
             case OP_SUM: {

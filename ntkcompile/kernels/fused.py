@@ -168,7 +168,7 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_program": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
-                    + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2),
+                    + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]),
 }
 
 
@@ -583,7 +583,7 @@ def program(prog, leaves, shape) -> Optional[list]:
     def part(lo, hi):
         regs = torch.empty(registers * _BLOCK, dtype=torch.float64)
         rc = lib.ntk_program(c_code, len(prog.code), c_consts, c_leaves, c_strides, c_index, c_outs, len(sizes),
-                             c_shape, regs.data_ptr(), lo, hi)
+                             c_shape, regs.data_ptr(), lo, hi, registers)
         if rc < 0:
             raise RuntimeError(f"fused program failed (code {rc})")
         ok.append(rc == 1)
