@@ -348,12 +348,15 @@ class CompiledKernel:
 
     QUAD_WARN = tiling.QUAD_WARN
 
-    # Entries of one tile's pair arrays (N1 * N2 * positions^2): 2 MiB in float64, so a
+    # Entries of one tile's pair arrays (N1 * N2 * positions^2): 4 MiB in float64, so a
     # tile's working set stays in cache.  The generated code is a chain of elementwise
     # passes; on 68 MB arrays each pass is memory-bound (measured 6x slower per entry
     # than on 2 MB arrays, 2-core CPU, benchmarks/README.md), and per-input work is
-    # recomputed per tile at a cost of ~2 / (tile side * positions) of the total.
-    _TILE_ENTRIES = 2 ** 18
+    # recomputed per tile at a cost of ~2 / (tile side * positions) of the total.  Each
+    # tile also costs about 1 ms of Python and thread hand-offs (cnn3_gap, one thread:
+    # 403 / 298 / 283 ms at 136 / 36 / 21 tiles, 298 ms again at 10): 2^19 rather than
+    # 2^18 took cnn3_gap from 189 to 167 ms on two threads, 259 to 228 ms on a busy machine.
+    _TILE_ENTRIES = 2 ** 19
     _TILE_ENTRIES_GPU = 2 ** 25     # 256 MiB per array: a few GB for the live set
 
     def _auto_tile(self, n, device):
