@@ -468,8 +468,8 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
  *                             through its index array when it has one; a row-major leaf is
  *                             read in place, the register pointing into it)
  *   CONST  dst k              the constant consts[k] (run once, before the blocks)
- *   ADD    dst a b            a + b
- *   MUL    dst a b            a * b
+ *   ADD    dst a [b c d e]    ((a + b) + c) + ...: 1 to 5 registers, -1 past the last
+ *   MUL    dst a [b c d e]    ((a * b) * c) * ... (one pass for a chain: dst may be a)
  *   ANGLE  dst k11 k12 k22    as RULE_ANGLE
  *   RELU   dst k11 k12 k22 th p   as RULE_RELU with parameters consts[p], consts[p + 1]
  *   STEP   dst k11 th k22 - p as RULE_STEP
@@ -500,6 +500,22 @@ static int angle_cs(const double *k11, const double *k12, const double *k22, dou
     acos_block(c, th, n);
     return 1;
 }
+
+/* ``dst = ((o0 op o1) op o2) op ...`` over ``m`` (1 to 5) operands, in that order (as the
+ * binary steps it replaces: same roundings), in one pass; ``dst`` may be o0. */
+#define CHAIN(OP) do {                                                                            \
+    const double *a = o[0], *b = o[m > 1 ? 1 : 0], *c2 = o[m > 2 ? 2 : 0], *d = o[m > 3 ? 3 : 0], *e = o[m > 4 ? 4 : 0]; \
+    if (m == 1) for (int64_t i = 0; i < n; i++) dst[i] = a[i];                                  \
+    else if (m == 2) for (int64_t i = 0; i < n; i++) dst[i] = a[i] OP b[i];                     \
+    else if (m == 3) for (int64_t i = 0; i < n; i++) dst[i] = (a[i] OP b[i]) OP c2[i];          \
+    else if (m == 4) for (int64_t i = 0; i < n; i++) dst[i] = ((a[i] OP b[i]) OP c2[i]) OP d[i]; \
+    else for (int64_t i = 0; i < n; i++) dst[i] = (((a[i] OP b[i]) OP c2[i]) OP d[i]) OP e[i];   \
+} while (0)
+static void chain(int mul, int m, const double *const *o, double *dst, int64_t n) {
+    if (mul) CHAIN(*);
+    else CHAIN(+);
+}
+#undef CHAIN
 
 /* The sum of ``n`` entries: WIDTH running sums (vectorized), then added up. */
 static double block_sum(const double *r, int64_t n) {
@@ -574,8 +590,14 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 break;
             }
             case OP_CONST: break;
-            case OP_ADD: { const double *a = R(c[2]), *b = R(c[3]); for (int64_t i = 0; i < n; i++) dst[i] = a[i] + b[i]; break; }
-            case OP_MUL: { const double *a = R(c[2]), *b = R(c[3]); for (int64_t i = 0; i < n; i++) dst[i] = a[i] * b[i]; break; }
+            case OP_ADD: case OP_MUL: {
+                const double *o[5];
+                int m = 0;
+                while (m < 5 && c[2 + m] >= 0) { o[m] = R(c[2 + m]); m++; }
+                if (m < 1) return -1;
+                chain(c[0] == OP_MUL, m, o, dst, n);
+                break;
+            }
             case OP_STEP:
                 if (c[2] == angle_k11 && c[4] == angle_k22) {      /* variances checked: no second pass */
                     step_block(R(c[3]), dst, n, consts + c[6]);

@@ -310,14 +310,11 @@ def _assemble(steps, n_leaves, outputs):
                     free.append(where.pop(r))
             continue
         dst = alloc()           # not over an operand: a chain's temporaries read them later
-        if kind in ("add", "mul"):
-            acc = regs[0]
-            for i, r in enumerate(regs[1:]):
-                out = dst if i == len(regs) - 2 else alloc()
-                code.append((_OPS[kind], out, acc, r, 0, 0, 0))
-                if i > 0:
-                    free.append(acc)
-                acc = out
+        if kind in ("add", "mul"):      # left to right, up to 5 operands a pass, dst accumulating
+            code.append((_OPS[kind], dst, *regs[:5], *[-1] * (5 - len(regs[:5]))))
+            for i in range(5, len(regs), 4):
+                part = regs[i:i + 4]
+                code.append((_OPS[kind], dst, dst, *part, *[-1] * (4 - len(part))))
         elif kind == "angle" and ("c", k) in last:
             where[("c", k)], where[("s", k)] = alloc(), alloc()
             code.append((_OPS["angle_cs"], dst, *regs, where[("c", k)], where[("s", k)]))

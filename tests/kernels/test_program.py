@@ -206,6 +206,26 @@ def test_random_programs_equal_their_torch_form(seed):
         torch.testing.assert_close(g, w.expand_as(g), rtol=1e-13, atol=1e-300)
 
 
+@pytest.mark.parametrize("kind", ["add", "mul"])
+def test_chains_of_any_length_round_as_their_binary_steps(kind):
+    """An add or mul of m operands runs as one pass of up to 5 (then 4 more a pass): its
+    value must be ((a op b) op c) op ... as the torch form's, bit for bit, for m = 1 to 13
+    (one, two and three instructions), with constants and repeated operands among them.
+    m = 1 (a sum of one term, which codegen writes) once stored a register never written."""
+    gen = torch.Generator().manual_seed(7)
+    n = 700
+    leaves = [torch.rand(n, generator=gen, dtype=F64) * 2 - 0.5 for _ in range(4)]
+    for m in range(1, 14):
+        picks = [("leaf", int(i)) for i in torch.randint(0, 4, (m,), generator=gen)]
+        if m > 1:
+            picks[m // 2] = 1.0 + 1e-3 * m      # a constant inside the chain
+        first = ("add" if kind == "mul" else "mul", (picks[0], 1.5))      # a computed first operand
+        prog = program.Program([first, (kind, (("step", 0), *picks[1:]))], 4, (1,))
+        assert len([ins for ins in prog.code if ins[0] == program._OPS[kind]]) == 1 + max(0, m - 2) // 4
+        got = fused.program(prog, leaves, torch.Size([n]))
+        assert got is not None and torch.equal(got[0], program._torch(prog, leaves[0], leaves)[0]), m
+
+
 def test_a_relu_rule_shares_the_correlation_of_its_angle():
     """``relu`` at the angle of its own variances takes that angle's correlation and scale
     (RELU_CS); a rule at another angle computes them itself: both as the rules alone."""
