@@ -163,6 +163,24 @@ def test_roots_and_quotients_round_as_ieee():
             assert bool((q == 1.0).all())
 
 
+@needs_compiler
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 70])
+def test_unpacked_pairs_fill_both_triangles(n):
+    """spatial.unpack of packed pairs (the C scatter, and its torch form), in pair_indices'
+    order and shuffled: the symmetric matrix numpy builds from the same pairs."""
+    g = torch.Generator().manual_seed(n)
+    i, j, _ = spatial.pair_indices(n, torch.device("cpu"))
+    packed = torch.rand(i.shape[0], generator=g, dtype=torch.float64)
+    ref = np.full((n, n), np.nan)
+    ref[i.numpy(), j.numpy()] = packed.numpy()
+    ref[j.numpy(), i.numpy()] = packed.numpy()
+    assert np.array_equal(spatial.unpack(packed, i, j, n).numpy(), ref)
+    perm = torch.randperm(i.shape[0], generator=g)
+    assert np.array_equal(spatial.unpack(packed[perm], i[perm], j[perm], n).numpy(), ref)
+    with fused.disabled():
+        assert np.array_equal(spatial.unpack(packed, i, j, n).numpy(), ref)
+
+
 GEOMETRIES = [((3, 3), 1, 1, 1, (8, 8)), ((3, 3), 2, 1, 1, (9, 7)), ((3, 3), 1, 2, 2, (8, 8)),
               ((2, 2), 2, 0, 1, (6, 6)), ((5,), 1, 2, 1, (11,)), ((3,), 2, 0, 3, (13,)),
               ((3, 1), 1, (2, 0), (2, 1), (7, 5)), ((2, 2, 2), 1, 1, 1, (4, 3, 3))]
