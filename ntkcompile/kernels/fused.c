@@ -465,8 +465,10 @@ void ntk_unpack(const double *packed, const int64_t *i, const int64_t *j, int64_
  * intermediate arrays never leave L1.  Each instruction is PROG_WIDTH int32s:
  *
  *   LOAD   dst leaf           leaf ``leaf``: its entries at this block (strided, or gathered
- *                             through its index array when it has one; a row-major leaf is
- *                             read in place, the register pointing into it)
+ *                             through its index array when it has one; a row-major leaf, or
+ *                             a block within one row of unit stride, is read in place, the
+ *                             register pointing into it; blocks stop at the end of rows of
+ *                             2 BLOCK or more, so that most do)
  *   CONST  dst k              the constant consts[k] (run once, before the blocks)
  *   ADD    dst a [b c d e]    ((a + b) + c) + ...: 1 to 5 registers, -1 past the last
  *   MUL    dst a [b c d e]    ((a * b) * c) * ... (one pass for a chain: dst may be a)
@@ -551,7 +553,8 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
             at[d] = rest % shape[d];
             rest /= shape[d];
         }
-        int64_t n = hi - lo < BLOCK ? hi - lo : BLOCK;  /* a block may span rows */
+        int64_t n = hi - lo < BLOCK ? hi - lo : BLOCK;  /* a block may span rows... */
+        if (inner >= 2 * BLOCK && j0 + n > inner) n = inner - j0;   /* ...unless they are long */
         int angle_k11 = -1, angle_k22 = -1;       /* the variances ANGLE_CS found in range */
         for (int k = 0; k < n_code; k++) {
             const int32_t *c = code + k * PROG_WIDTH;
@@ -569,8 +572,10 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 }
                 int flat = s == 1;                 /* row-major in the program's shape: read in place */
                 for (int d = ndim - 2; d >= 0 && flat; d--) flat = st[d] == st[d + 1] * shape[d + 1];
-                if (flat) {
-                    reg[c[1]] = base + lo;
+                if (flat || (s == 1 && j0 + n <= inner)) {      /* or the block within one row */
+                    const double *p = base + j0;
+                    for (int d = 0; d < ndim - 1; d++) p += at[d] * st[d];
+                    reg[c[1]] = flat ? base + lo : p;
                     break;
                 }
                 int64_t a[PROG_MAX_DIMS], j = j0, done = 0;

@@ -206,6 +206,25 @@ def test_random_programs_equal_their_torch_form(seed):
         torch.testing.assert_close(g, w.expand_as(g), rtol=1e-13, atol=1e-300)
 
 
+@pytest.mark.parametrize("cols", [300, 700, 1100])
+def test_broadcast_leaves_on_long_rows_equal_the_torch_form(cols):
+    """Pair arrays of 2-D tiles: a row-major leaf, per-input variances broadcast along rows
+    and along columns, a transposed leaf.  Rows of 512 or more entries end their blocks
+    (which then read unit-stride rows in place); shorter ones let blocks span rows."""
+    gen = torch.Generator().manual_seed(cols)
+    relu = _relu_family("relu", torch.relu, 1.0, 0.0)
+    prog = _random_program(gen, 4, 30, relu)
+    rows = 5
+    v1 = torch.rand(rows, 1, generator=gen, dtype=F64) + 0.5
+    v2 = torch.rand(1, cols, generator=gen, dtype=F64) + 0.5
+    leaves = [v1.expand(rows, cols), v2.expand(rows, cols), torch.rand(rows, cols, generator=gen, dtype=F64),
+              torch.rand(cols, rows, generator=gen, dtype=F64).T]
+    got = fused.program(prog, leaves, torch.Size([rows, cols]))
+    assert got is not None
+    for g, w in zip(got, program._torch(prog, leaves[2], leaves)):
+        assert torch.equal(g, w.expand_as(g))
+
+
 @pytest.mark.parametrize("kind", ["add", "mul"])
 def test_chains_of_any_length_round_as_their_binary_steps(kind):
     """An add or mul of m operands runs as one pass of up to 5 (then 4 more a pass): its
