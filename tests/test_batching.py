@@ -65,6 +65,8 @@ def test_tiles_computed_one_per_thread_equal_one_at_a_time(two_threads, monkeypa
 
     def spy(compute, tiles, workers):
         seen.append(workers)
+        work = [tiling._tile_work(t, 3, 11, len(args[-1]), len(args) == 1) for t, _ in tiles]
+        assert workers == 1 or (work == sorted(work, reverse=True) and work[0] > work[-1])  # largest first
         for r in real(compute, tiles, workers):
             seen.append(torch.get_num_threads())
             yield r
@@ -84,18 +86,19 @@ def test_tiles_computed_one_per_thread_equal_one_at_a_time(two_threads, monkeypa
 
 def test_few_expensive_pairs_are_split_into_a_tile_per_thread(two_threads, monkeypatch):
     """A tanh MLP's pairs cost 2-D quadrature, which the automatic tile size does not count:
-    40 inputs fit one tile, which would leave a core idle; the side is halved until every
-    thread has a tile, and the kernels equal those of one tile.  Cheap kernels stay whole
-    (per-tile Python overhead would cost more than the second core gives)."""
+    40 inputs fit one tile, which would leave a core idle; the side shrinks until each
+    thread has tiling._TILES_PER_WORKER tiles (4: side 10, 10 tiles), and the kernels equal
+    those of one tile.  Cheap kernels stay whole (per-tile Python overhead would cost more
+    than the second core gives)."""
     from ntkcompile import tiling
     sides, real = [], tiling._fit_memory
     monkeypatch.setattr(tiling, "_fit_memory", lambda k, bs, *a: (sides.append(bs), real(k, bs, *a))[1])
     x = torch.randn(40, 3, dtype=torch.float64)
-    for act, side in ((nn.Tanh, 20), (nn.ReLU, 40)):
+    for act, side in ((nn.Tanh, 10), (nn.ReLU, 40)):
         kfn = ntkcompile.compile(nn.Sequential(nn.Linear(3, 8), act(), nn.Linear(8, 1)), W_std=1.5, b_std=0.1)
         sides.clear()
         auto = kfn(x, progress=False)
-        assert kfn._auto_tile(40, x.device) == 40 and sides == [side]      # tanh: 3 tiles on and above the diagonal
+        assert kfn._auto_tile(40, x.device) == 40 and sides == [side]      # tanh: 10 tiles on and above the diagonal
         one = kfn(x, tile_size=40, progress=False)
         for name in ("nngp", "ntk"):
             torch.testing.assert_close(getattr(auto, name), getattr(one, name), rtol=1e-13, atol=0)
