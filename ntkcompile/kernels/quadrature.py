@@ -334,8 +334,9 @@ def _grid(rank: int, degree: int, rule: str = "hermite") -> Tuple[Tensor, Tensor
 
 
 def _evaluate(f, eps: Tensor, factor: Tensor, batch: torch.Size) -> Tensor:
-    """``f(z)`` for ``z = factor @ eps`` with ``eps`` of shape ``(Q, r)``."""
-    z = torch.einsum("qr,...dr->q...d", eps, factor)
+    """``f(z)`` for ``z = factor @ eps`` with ``eps`` of shape ``(Q, r)``.  ``z`` is laid out
+    slot by slot, so that each ``z[..., d]`` the integrand reads is contiguous."""
+    z = torch.einsum("qr,...dr->dq...", eps, factor).movedim(0, -1)
     out = f(z)
     if tuple(out.shape) != (eps.shape[0], *batch):
         raise ValueError(

@@ -116,7 +116,12 @@ def _relu_family(name: str, fn, a: float, b: float) -> Elementwise:
     at0 = float(Elementwise("", fn).derivative(torch.zeros((), dtype=torch.float64)))   # torch's own
 
     def deriv(x):       # phi' without autograd: the N-D evaluator applies it to every sample
-        return (x > 0).to(x.dtype) * a - (x < 0).to(x.dtype) * b + (x == 0).to(x.dtype) * at0
+        d = (x > 0).to(x.dtype)                    # a (x > 0) - b (x < 0) + phi'(0) (x == 0), the
+        if a != 1.0:                               # terms that are 0 left out (relu: one pass)
+            d = d * a
+        if b != 0.0:
+            d = d - (x < 0).to(x.dtype) * b
+        return d + (x == 0).to(x.dtype) * at0 if at0 != 0.0 else d
 
     return pin_zero_variance(
         Elementwise(
