@@ -90,7 +90,8 @@ static inline double relu_kernel(double scale, double c, double theta) {
  * estimate of 1/sqrt(p), two Newton steps (about 2^-52), then one correction from the exact
  * residual (an FMA) each, ``s + (p - s^2) y / 2`` and ``q + (a - s q) y``, which round as
  * sqrt and division do except within about 2^-100 relative of a rounding boundary (see
- * ntk_roots, which tests/kernels/test_fused.py compares with torch bit for bit).  Lanes
+ * ntk_roots, which tests/kernels/test_fused.py compares with numpy's IEEE sqrt and division
+ * bit for bit).  Lanes
  * need ``p`` positive and normal; the callers guarantee it or blend those lanes out. */
 static inline __m512d rsqrt8(__m512d p) {
     const __m512d half = _mm512_set1_pd(0.5);
@@ -506,7 +507,8 @@ static int angle_cs(const double *k11, const double *k12, const double *k22, dou
 /* ``dst = ((o0 op o1) op o2) op ...`` over ``m`` (1 to 5) operands, in that order (as the
  * binary steps it replaces: same roundings), in one pass; ``dst`` may be o0. */
 #define CHAIN(OP) do {                                                                            \
-    const double *a = o[0], *b = o[m > 1 ? 1 : 0], *c2 = o[m > 2 ? 2 : 0], *d = o[m > 3 ? 3 : 0], *e = o[m > 4 ? 4 : 0]; \
+    const double *a = o[0], *b = o[m > 1 ? 1 : 0], *c2 = o[m > 2 ? 2 : 0];                    \
+    const double *d = o[m > 3 ? 3 : 0], *e = o[m > 4 ? 4 : 0];                                  \
     if (m == 1) for (int64_t i = 0; i < n; i++) dst[i] = a[i];                                  \
     else if (m == 2) for (int64_t i = 0; i < n; i++) dst[i] = a[i] OP b[i];                     \
     else if (m == 3) for (int64_t i = 0; i < n; i++) dst[i] = (a[i] OP b[i]) OP c2[i];          \
@@ -560,7 +562,10 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
             const int32_t *c = code + k * PROG_WIDTH;
             double *dst = regs + (int64_t)c[1] * BLOCK;
 #define R(x) reg[x]
-            if (c[0] != OP_STORE && c[0] != OP_SUM) reg[c[1]] = dst;    /* ops write their own BLOCK */
+            if (c[0] != OP_STORE && c[0] != OP_SUM) {
+                reg[c[1]] = dst;                   /* ops write their own BLOCK */
+                if (c[1] == angle_k11 || c[1] == angle_k22) angle_k11 = angle_k22 = -1;   /* a new value */
+            }
             switch (c[0]) {
             case OP_LOAD: {
                 const int64_t *st = leaf_strides + (int64_t)ndim * c[2], s = st[ndim - 1];
@@ -616,7 +621,7 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 if (!rule_block(rule, in, dst, n, par, tmp)) return 0;
                 break;
             }
-            case OP_ANGLE_CS:
+            case OP_ANGLE_CS:                      /* (c[5], c[6] are new registers, not k11, k22) */
                 reg[c[5]] = regs + (int64_t)c[5] * BLOCK;
                 reg[c[6]] = regs + (int64_t)c[6] * BLOCK;
                 if (!angle_cs(R(c[2]), R(c[3]), R(c[4]), dst, regs + (int64_t)c[5] * BLOCK,
