@@ -239,34 +239,22 @@ static void step_block(const double *th, double *out, int64_t n, const double *p
 static int rule_block(int rule, const double *const *in, double *out, int64_t n, const double *par,
                        double *tmp) {
     const double *k11 = in[0], *k12 = in[1], *k22 = in[2];
-    int fast = in_range(k11, k22, n);
-    switch (rule) {
-    case RULE_ANGLE: {                     /* arccos c */
-        double s;
-        if (fast) {
-            correlation_block(k11, k12, k22, tmp, tmp + BLOCK, n);
-        } else {
-            for (int64_t i = 0; i < n; i++) tmp[i] = correlation(k11[i], k12[i], k22[i], &s);
+    if (rule == RULE_STEP) {               /* aa S(c) + ab2 S(-c): theta alone (in[1]) */
+        step_block(in[1], out, n, par);
+        return in_range(k11, k22, n);
+    }
+    double s, *scale = tmp + BLOCK;        /* the fast form, which finds whether it applies */
+    int fast = correlation_block(k11, k12, k22, tmp, scale, n);
+    if (!fast) {
+        for (int64_t i = 0; i < n; i++) {
+            tmp[i] = correlation(k11[i], k12[i], k22[i], &s);
+            scale[i] = s;
         }
+    }
+    if (rule == RULE_ANGLE)                /* arccos c */
         acos_block(tmp, out, n);
-        break;
-    }
-    case RULE_RELU: {                      /* aa R(c) + ab2 R(-c), R at theta and pi - theta */
-        double s, *scale = tmp + BLOCK;
-        const double *th = in[3];
-        if (fast) {
-            correlation_block(k11, k12, k22, tmp, scale, n);
-        } else {
-            for (int64_t i = 0; i < n; i++) {
-                tmp[i] = correlation(k11[i], k12[i], k22[i], &s);
-                scale[i] = s;
-            }
-        }
-        relu_cs(tmp, scale, th, out, par, n);
-        break;
-    }
-    case RULE_STEP: step_block(in[1], out, n, par); break;
-    }
+    else                                   /* aa R(c) + ab2 R(-c), R at theta and pi - theta */
+        relu_cs(tmp, scale, in[3], out, par, n);
     return fast;
 }
 
@@ -621,14 +609,15 @@ int ntk_program(const int32_t *code, int n_code, const double *consts, const dou
                 if (!rule_block(rule, in, dst, n, par, tmp)) return 0;
                 break;
             }
-            case OP_ANGLE_CS:                      /* (c[5], c[6] are new registers, not k11, k22) */
-                reg[c[5]] = regs + (int64_t)c[5] * BLOCK;
-                reg[c[6]] = regs + (int64_t)c[6] * BLOCK;
-                if (!angle_cs(R(c[2]), R(c[3]), R(c[4]), dst, regs + (int64_t)c[5] * BLOCK,
-                              regs + (int64_t)c[6] * BLOCK, n)) return 0;
+            case OP_ANGLE_CS: {                    /* (c[5], c[6] are new registers, not k11, k22) */
+                double *cor = regs + (int64_t)c[5] * BLOCK, *scale = regs + (int64_t)c[6] * BLOCK;
+                reg[c[5]] = cor;
+                reg[c[6]] = scale;
+                if (!angle_cs(R(c[2]), R(c[3]), R(c[4]), dst, cor, scale, n)) return 0;
                 angle_k11 = c[2];
                 angle_k22 = c[4];
                 break;
+            }
             case OP_RELU_CS: relu_cs(R(c[2]), R(c[3]), R(c[4]), dst, consts + c[6], n); break;
             case OP_SUM: {
                 const double *r = R(c[2]);
