@@ -39,6 +39,7 @@ from .quadrature import correlation
 # vectors on the *same* input at every pair of positions ``(N, *P, *P)`` (needed
 # under average pooling); the sign marks the right operand's position group.
 SIDES = {"d1": (1, 1), "d2": (2, 2), "x": (1, 2), "f1": (1, -1), "f2": (2, -2)}
+SAME_INPUT_PAIRS = ("d1", "d2")
 
 
 class HVarExpectations:
@@ -237,13 +238,19 @@ class HVarExpectations:
                 else:
                     row.append((yield from (self.cov(g, h, pair) if sg == left else self.cov(h, g, pair))))
             entries.append(row)
-        return (yield from self._nd(desc, [(a, left), (b, right)], entries, pair, k))
+        norms = None
+        if pair not in SAME_INPUT_PAIRS and not a.gaussian and not b.gaussian:
+            va = yield from self.cov_atoms(a, a, f"d{abs(left)}")
+            vb = yield from self.cov_atoms(b, b, f"d{abs(right)}")
+            norms = (self.lift(va, left, pair, k), self.lift(vb, right, pair, k))
+        return (yield from self._nd(desc, [(a, left), (b, right)], entries, pair, k, norms))
 
     def _slots(self, a):
         return [self.b.atom_var(a)] if a.gaussian else list(a.gargs)
 
-    def _nd(self, desc, factors, entries, pair, k=0):
-        """An N-D expectation of a product of atoms; ``entries`` is the slot covariance."""
+    def _nd(self, desc, factors, entries, pair, k=0, norms=None):
+        """An N-D expectation of a product of atoms; ``entries`` is the slot covariance;
+        ``norms``: the two atoms' variances (lifted), for ``expect.qn_pair``'s ratio estimate."""
         parts, offset = [], 0
         for atom, side in factors:
             if atom.gaussian:
@@ -259,8 +266,16 @@ class HVarExpectations:
                 f"else quasi-monte-carlo(n={self.mc_samples}, seed={self.seed}, replicated)"
                 + ("" if smooth else " [non-smooth integrand: approximate]"))
         body = parts[0] if len(parts) == 1 else self.plan.make(Mul, tuple(parts))
+        same = pair in SIDES and SIDES[pair][0] == SIDES[pair][1]
+        positions = k if same or (pair == "x" and self.diag) else 2 * k   # trailing axes of the layout
+        self._nd_streams = getattr(self, "_nd_streams", 0) + 1      # the call's own order of nets
+        options = (self.nd_degrees, self.tol, (positions, same, self._nd_streams))
+        if norms is not None and len(parts) == 2 and None not in norms:
+            fa, fb = (self.plan.make(Fn, p) for p in parts)
+            return self.call(expect.qn_pair, fa, fb, *norms, rows, self.like, self.errors, self.mc, smooth,
+                             options=options, note=note)
         return self.call(expect.qn, self.plan.make(Fn, body), rows, self.like, self.errors, self.mc, smooth,
-                         options=(self.nd_degrees, self.tol), note=note)
+                         options=options, note=note)
 
     def _quad_note(self, what, *exprs):
         return what if all(expr_smooth(e) for e in exprs) else what + " [non-smooth integrand: approximate]"

@@ -1,0 +1,206 @@
+"""Quasi-Monte Carlo for N-D expectations whose slots fall into independent groups.
+
+The N-D evaluator's slot covariance is block diagonal whenever slots come from different
+matrices: a post-activation residual chain ``relu(z_0 + relu(z_1 + ...))`` on a pair of
+inputs has one 2x2 block per matrix (the pair's two sides), and the planner writes the
+zero blocks as the constant ``0.0``.  ``blocks`` finds the groups from those constants;
+``expect_blocks`` then draws each group from its own factor (a 2x2 block in closed form, a
+larger one by ``eigh``), where ``quadrature.expect_nd`` eigendecomposed the whole ``D x D``
+matrix per entry (twice, with the rank test) and multiplied ``D x r`` per point: the same
+law, far less work.
+
+**One net per position pair.** ``expect_nd`` gives every entry of the batch the same
+points, so the errors of entries with similar covariances are alike, and sums over
+positions (a global average pool, a convolution's window) do not average them away.  Here
+the points are ``K`` disjoint consecutive runs of one scrambled Sobol sequence (each run of
+``2^m`` points is itself a scrambled net, unbiased), and an entry's run is chosen by its
+position indices (the trailing ``positions`` axes of the batch, never split by tiles, so
+tiles of any size give the same values).  Each entry is the same unbiased estimate as
+before; entries at different positions now have nearly independent errors, which a pooled
+readout averages down (measured in ``benchmarks/resnet_v1.py``).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable, List, Tuple
+
+import torch
+from torch import Tensor
+
+from . import quadrature as quad
+
+# Disjoint runs of the point sequence (nets) the positions of a batch are spread over.
+MAX_NETS = 256
+# Entries of ``z`` per chunk of points: the integrand is a chain of torch ops on ``(chunk, batch)``
+# arrays, whose Python overhead (and GIL, with tiles on two threads) outweighs cache misses below
+# about this size.
+CHUNK_ENTRIES = 2**20
+# Same-input entries (the variances, ``(N, *P)``: few) take this many times the points.
+SAME_INPUT_BOOST = 8
+
+_F64 = torch.float64
+_points_lock = threading.Lock()
+_points_cache: dict = {}           # (n, K, dims, seed) -> (dims, n, K) normal points
+_CACHED_POINTS = 32
+
+
+def _zero(e) -> bool:
+    return isinstance(e, (int, float)) and e == 0.0
+
+
+def blocks(entries) -> List[List[int]]:
+    """The groups of slots with no constant-zero covariance between them (connected
+    components of the nonzero pattern), each sorted, in the order of their first slot."""
+    d = len(entries)
+    parent = list(range(d))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i in range(d):
+        for j in range(i + 1, d):
+            if not (_zero(entries[i][j]) and _zero(entries[j][i])):
+                parent[find(i)] = find(j)
+    groups: dict = {}
+    for i in range(d):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def _factor(sub: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(factor (*batch, m, m), eigenvalues (*batch, m))`` of a PSD block ``(*batch, m, m)``:
+    ``z = factor @ eps``.  A 2x2 block in closed form: its correlation clamped to ``[-1, 1]``,
+    so a block made slightly indefinite by rounding (or by Monte Carlo inputs) keeps its
+    variances exactly."""
+    m = sub.shape[-1]
+    if m == 1:
+        v = sub[..., 0, 0].clamp_min(0.0)
+        return v.sqrt()[..., None, None], v[..., None]
+    if m == 2:
+        a, b, c = sub[..., 0, 0].clamp_min(0.0), sub[..., 0, 1], sub[..., 1, 1].clamp_min(0.0)
+        sa, sc = a.sqrt(), c.sqrt()
+        s = sa * sc
+        rho = torch.where(s > 0, b / torch.where(s > 0, s, 1.0), 0.0).clamp(-1.0, 1.0)
+        zero = torch.zeros_like(a)
+        factor = torch.stack([torch.stack([sa, zero], -1),
+                              torch.stack([rho * sc, sc * (1.0 - rho * rho).clamp_min(0.0).sqrt()], -1)], -2)
+        half, gap = 0.5 * (a + c), (0.25 * (a - c) ** 2 + (rho * s) ** 2).sqrt()
+        return factor, torch.stack([half - gap, half + gap], -1).clamp_min(0.0)
+    evals, evecs = quad._eigh(sub)
+    return evecs * evals.sqrt().unsqueeze(-2), evals
+
+
+def normal_nets(n: int, nets: int, dims: int, seed: int) -> Tensor:
+    """``(dims, n, nets)``: ``nets`` consecutive runs of ``n`` points of one scrambled Sobol
+    sequence (``quadrature.normal_points``), the first ``dims`` coordinates of a sequence of
+    ``dims`` rounded up to 8, cached: a replicate's calls, of 3 to 8 slots, share one set."""
+    width = 8 * -(-dims // 8)
+    key = (n, nets, width, seed)
+    with _points_lock:
+        hit = _points_cache.get(key)
+    if hit is None:
+        hit = quad.normal_points(n * nets, width, seed).reshape(nets, n, width).permute(2, 1, 0).contiguous()
+        with _points_lock:
+            while len(_points_cache) >= _CACHED_POINTS:
+                _points_cache.pop(next(iter(_points_cache)))
+            _points_cache[key] = hit
+    return hit[:dims]
+
+
+def _nets_of(t: int, nets: int, seed: int, stream: int, device) -> Tensor:
+    """The net of each of ``t`` position entries: a pseudo-random function of the position
+    index and the call's ``stream`` alone (not of the tile)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + stream) * 7919 + 12345)
+    return (torch.randperm(t, generator=g) % nets).to(device)
+
+
+def prepare(entries, like) -> Tuple[torch.Size, int, list, Tensor]:
+    """The batch shape, the number of slots, ``[(columns, [(slot, column, coefficient (B,))])]`` per group (the
+    factor's nonzero entries; columns that vanish on the whole batch dropped) and the eigenvalues of the whole block-diagonal covariance ``(B, D)``."""
+    flat = [quad._f64(e)[0] if torch.is_tensor(e) else torch.as_tensor(float(e), dtype=_F64, device=like.device)
+            for row in entries for e in row]
+    flat = torch.broadcast_tensors(*flat)
+    d = len(entries)
+    batch = flat[0].shape
+    groups, evals = [], []
+    for slots in blocks(entries):
+        sub = torch.stack([flat[i * d + j].reshape(-1) for i in slots for j in slots], -1)
+        sub = sub.reshape(-1, len(slots), len(slots))
+        factor, ev = _factor(0.5 * (sub + sub.transpose(-1, -2)))
+        groups.append((slots, factor))
+        evals.append(ev)
+    evals = torch.cat(evals, -1)
+    top = evals.amax() if evals.numel() else evals.new_zeros(())
+    kept = []
+    for slots, factor in groups:
+        alive = factor.pow(2).sum(-2).amax(0) > quad._RANK_RTOL * top
+        factor = factor[..., alive]
+        terms = [(slot, j, factor[:, r, j]) for r, slot in enumerate(slots) for j in range(factor.shape[-1])
+                 if bool((factor[:, r, j] != 0).any())]
+        kept.append((factor.shape[-1], terms))
+    return batch, d, kept, evals
+
+
+def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
+                  positions: int = 0, stream: int = 0) -> Tuple[Tensor, Tensor, list]:
+    """``E f(z)``, its standard error (as for independent draws, an upper bound) and the means
+    of the further arrays ``f`` returns (if it returns a tuple, on the same points) over
+    ``samples`` points per entry, for the groups of ``prepare``; ``positions``: the trailing
+    batch axes the nets are spread over (``MAX_NETS`` at most, one per position pair when
+    there are fewer); ``stream``: the call's number in the program (without positions, its
+    own scramble)."""
+    B = math.prod(batch)
+    device = next((t[2].device for _, terms in groups for t in terms), torch.device("cpu"))
+    dims = sum(cols for cols, _ in groups)
+    t = math.prod(batch[len(batch) - positions:]) if positions else 1
+    nets = max(1, min(MAX_NETS, t))
+    # one set of points per replicate, shared by its calls; each call spreads its entries over
+    # the nets in its own order (``stream``), so that two expectations multiplied together (an NTK
+    # term ``D * E[x x']``) have independent errors, and their product no bias
+    pts = normal_nets(samples, nets, max(1, dims), seed if nets > 1 else seed * 1_000_003 + stream).to(device)
+    net = _nets_of(t, nets, seed, stream, device) if nets > 1 else None
+    chunk = max(1, CHUNK_ENTRIES // max(1, B * d))
+    shift, extra = None, None
+    acc, acc2 = (torch.zeros(B, dtype=_F64, device=device) for _ in range(2))
+    for start in range(0, samples, chunk):
+        c = min(chunk, samples - start)
+        # (dims, c, 1, t): each position's net, broadcast over the pairs of inputs
+        eps = (pts[:, start:start + c].index_select(2, net) if net is not None else pts[:, start:start + c])
+        eps = eps.reshape(dims, c, 1, -1)
+        z = torch.zeros(d, c, B // t, t, dtype=_F64, device=device)
+        col = 0
+        for cols, terms in groups:
+            for slot, j, coef in terms:
+                z[slot].addcmul_(coef.view(B // t, t), eps[col + j])
+            col += cols
+        vals = f(z.reshape(d, c, *batch).movedim(0, -1))
+        if isinstance(vals, tuple):
+            vals, more = vals[0], [v.reshape(c, B).sum(0) for v in vals[1:]]
+            extra = more if extra is None else [a + b for a, b in zip(extra, more)]
+        if tuple(vals.shape) != (c, *batch):
+            raise ValueError(f"expect_blocks: f must map z of shape {(c, *batch, d)} to {(c, *batch)}, "
+                             f"got {tuple(vals.shape)}")
+        vals = vals.reshape(c, B)
+        if shift is None:
+            shift = vals.mean(0)
+        dv = vals - shift
+        acc, acc2 = acc + dv.sum(0), acc2 + (dv * dv).sum(0)
+        quad._tick(start + c, samples)
+    mean = acc / samples
+    var = ((acc2 - samples * mean * mean) / max(1, samples - 1)).clamp_min(0.0)
+    extra = [(e / samples).reshape(batch) for e in extra or ()]
+    return (shift + mean).reshape(batch), (var / samples).sqrt().reshape(batch), extra
+
+
+def rank(evals: Tensor) -> int:
+    """The numerical rank (largest over the batch) of the block-diagonal covariance."""
+    return quad._rank_from_eigenvalues(evals)
+
+
+def samples_for(samples: int, same_input: bool) -> int:
+    return samples * SAME_INPUT_BOOST if same_input else samples
+
