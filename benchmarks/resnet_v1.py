@@ -1,15 +1,20 @@
 """Time the kernels of a post-activation ResNet (ResNet v1 blocks, no BatchNorm): issue 12, item 3.
 
 ``relu(x + conv(relu(conv(x))))`` makes block ``l``'s output an H-var of ``l + 1`` G-vars, so
-its pair expectations go to the N-D evaluator (quasi-Monte Carlo: scrambled Sobol points,
+its pair expectations go to the N-D evaluator (quasi-Monte Carlo, ``kernels.qmc``:
 ``mc_samples`` split into ``mc_replicates`` independent replicates whose spread is the
 reported standard error).  The peer, in the same process and on the same inputs, is the same
-compiled kernel with the Sobol points replaced by independent normal draws (what the
-evaluator used before): for each sampler the run reports the time of the first call and the
-largest standard error, relative to the entry (NNGP and NTK).  ``(se_iid / se_sobol)^2`` is
-how many more independent draws would give the Sobol points' error.
+compiled kernel with every entry on the same points (``qmc.MAX_NETS = 1``: the evaluator
+before each position pair had a net of its own).  For each the run reports the time of a
+warm call and the largest standard error relative to the entry (NNGP and NTK);
+``(se_common / se_nets)^2`` is how many more points the common points would need.  With
+``--reference N`` it also computes the kernel at ``N`` points (nets) and reports each
+sampler's largest error against it, and the root mean square of the errors in combined
+standard errors (about 1 when the standard errors are honest, larger where a bias is not
+in them).
 
-    python benchmarks/resnet_v1.py [--cases 2x4x3,4x6x3] [--samples 32768] [--threads 2]
+    python benchmarks/resnet_v1.py [--cases 4x4x3,4x8x3] [--samples 1024] [--replicates 4]
+                                   [--reference 131072] [--threads 2]
 
 A case ``NxHxB`` is N inputs of 3 x H x H through a stem convolution, B blocks and global
 average pooling (16 channels; the width does not change the infinite-width kernels).
@@ -21,7 +26,7 @@ import torch
 from torch import nn
 
 import ntkcompile
-from ntkcompile.kernels import quadrature
+from ntkcompile.kernels import qmc
 
 
 class ResNetV1(nn.Module):
@@ -39,47 +44,59 @@ class ResNetV1(nn.Module):
         return self.out(h.mean(dim=(2, 3)))
 
 
-def _independent(n, dim, seed):
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def _kernel(blocks, x, samples, replicates, nets, seed=0):
+    old = qmc.MAX_NETS
+    qmc.MAX_NETS = nets
+    try:
+        kfn = ntkcompile.compile(ResNetV1(blocks), mc_samples=samples, mc_replicates=replicates, seed=seed)
+        kfn(x[:1], progress=False)                     # trace and plan outside the timing
+        t = time.perf_counter()
+        k = kfn(x, progress=False)
+        return time.perf_counter() - t, k
+    finally:
+        qmc.MAX_NETS = old
 
 
-def run(case, samples):
+def run(case, samples, replicates, reference):
     n, h, blocks = (int(v) for v in case.split("x"))
     x = torch.randn(n, 3, h, h, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = None
+    if reference:
+        seconds, ref = _kernel(blocks, x, reference, 8, qmc.MAX_NETS, seed=12345)
+        rel = [float((getattr(ref, f"{m}_stderr") / getattr(ref, m).abs()).max()) for m in ("nngp", "ntk")]
+        print(f"{case} reference ({reference} points, 8 replicates): {seconds:.1f} s, standard error "
+              f"NNGP {rel[0]:.1e}, NTK {rel[1]:.1e}", flush=True)
     out = {}
-    sobol = quadrature.normal_points
-    for name, points in (("sobol", sobol), ("iid", _independent)):
-        quadrature.normal_points = points
-        try:
-            kfn = ntkcompile.compile(ResNetV1(blocks), mc_samples=samples)
-            t = time.perf_counter()
-            k = kfn(x, progress=False)
-            seconds = time.perf_counter() - t
-        finally:
-            quadrature.normal_points = sobol
+    for name, nets in (("nets", qmc.MAX_NETS), ("common", 1)):
+        seconds, k = _kernel(blocks, x, samples, replicates, nets)
         rel = [float((getattr(k, f"{m}_stderr") / getattr(k, m).abs()).max()) for m in ("nngp", "ntk")]
-        out[name] = (seconds, rel, k)
-        print(f"{case} {name:5s}: {seconds:7.1f} s, largest standard error / entry: NNGP {rel[0]:.1e}, "
-              f"NTK {rel[1]:.1e}", flush=True)
-    (ts, rs, ks), (ti, ri, ki) = out["sobol"], out["iid"]
-    z = max(float(((getattr(ks, m) - getattr(ki, m)).abs()
-                   / (getattr(ks, f"{m}_stderr") ** 2 + getattr(ki, f"{m}_stderr") ** 2).sqrt()).max())
-            for m in ("nngp", "ntk"))
-    print(f"{case}: iid / sobol standard error NNGP {ri[0] / rs[0]:.1f}x, NTK {ri[1] / rs[1]:.1f}x "
-          f"(as many more draws: {(ri[0] / rs[0]) ** 2:.0f}x, {(ri[1] / rs[1]) ** 2:.0f}x); time {ti / ts:.2f}x; "
-          f"largest difference {z:.1f} combined standard errors")
+        out[name] = (seconds, rel)
+        line = (f"{case} {name:6s} ({samples} points, {replicates} replicates): {seconds:7.1f} s, largest "
+                f"standard error / entry: NNGP {rel[0]:.1e}, NTK {rel[1]:.1e}")
+        if ref is not None:
+            for m in ("nngp", "ntk"):
+                v, r = getattr(k, m), getattr(ref, m)
+                z = (v - r) / (getattr(k, f"{m}_stderr") ** 2 + getattr(ref, f"{m}_stderr") ** 2).sqrt()
+                line += (f"; {m.upper()} error {float(((v - r) / r.abs()).abs().max()):.1e}, "
+                         f"rms {float(z.pow(2).mean().sqrt()):.2f} se")
+        print(line, flush=True)
+    (tn, rn), (tc, rc) = out["nets"], out["common"]
+    print(f"{case}: common / nets standard error NNGP {rc[0] / rn[0]:.1f}x, NTK {rc[1] / rn[1]:.1f}x "
+          f"(as many more points: {(rc[0] / rn[0]) ** 2:.0f}x, {(rc[1] / rn[1]) ** 2:.0f}x); time {tc / tn:.2f}x")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default="2x4x3,4x6x3")
-    p.add_argument("--samples", type=int, default=32768)
+    p.add_argument("--cases", default="4x4x3,4x8x3")
+    p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--replicates", type=int, default=4)
+    p.add_argument("--reference", type=int, default=0, help="points of a reference kernel (0: none)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for case in args.cases.split(","):
-        run(case, args.samples)
+        run(case, args.samples, args.replicates, args.reference)
 
 
 if __name__ == "__main__":

@@ -298,7 +298,10 @@ def evaluate(kfn, x1, x2, get, tile_size, progress, out, resume=False, distribut
     if not bs:
         bs = kfn._auto_tile(max(n1, n2), x1.device)
         if cores > 1 and (n1 * n2 * kfn._pair_work() >= _SPLIT_WORK or _count_tiles(bs, n1, n2, x2 is None) > 1):
-            bs = _enough_tiles(bs, n1, n2, x2 is None, _TILES_PER_WORKER * cores)
+            # N-D quasi-Monte Carlo: each tile redoes its inputs' same-input expectations (at
+            # qmc.SAME_INPUT_BOOST times the points), so one tile per worker
+            per_worker = 1 if kfn._nd_calls() else _TILES_PER_WORKER
+            bs = _enough_tiles(bs, n1, n2, x2 is None, per_worker * cores)
     bs, fit, split = _fit_memory(kfn, bs, live, tile_size is not None, cores)
     tiles = [(i, j) for i in range(0, n1, bs) for j in range(0, n2, bs) if x2 is not None or j >= i]
     rank, world = _ranks(distributed)
@@ -494,7 +497,8 @@ def balanced(n, side) -> int:
 # Tiles per worker that a kernel split over several is cut into at least: the cores then
 # finish together (largest tiles first; the last ones small).  Two cores, two workers:
 # mlp8_relu 6 -> 10 tiles, median 56.4 -> 54.3 ms; mlp4_tanh (100 inputs, quadrature)
-# 3 -> 10 tiles, 1.52 -> 1.33 s; cnn3_gap's 21 tiles are enough.
+# 3 -> 10 tiles, 1.52 -> 1.33 s; cnn3_gap's 21 tiles are enough.  Not for N-D quasi-Monte Carlo
+# (a 3-block ResNet v1 on 4 inputs of 3x8x8, 512 points: 10 tiles 16.3 s, 3 tiles 11.4 s).
 _TILES_PER_WORKER = 4
 
 

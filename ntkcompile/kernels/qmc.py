@@ -42,7 +42,9 @@ SAME_INPUT_BOOST = 8
 _F64 = torch.float64
 _points_lock = threading.Lock()
 _points_cache: dict = {}           # (n, K, dims, seed) -> (dims, n, K) normal points
-_CACHED_POINTS = 32
+_CACHED_BYTES = 256 << 20          # the cache's size (the sets of a few replicates' calls)
+# Points in all the nets of one call at most (``nets`` shrinks for many points per entry).
+MAX_NET_POINTS = 1 << 20
 
 
 def _zero(e) -> bool:
@@ -105,16 +107,24 @@ def normal_nets(n: int, nets: int, dims: int, seed: int) -> Tensor:
     if hit is None:
         hit = quad.normal_points(n * nets, width, seed).reshape(nets, n, width).permute(2, 1, 0).contiguous()
         with _points_lock:
-            while len(_points_cache) >= _CACHED_POINTS:
+            while _points_cache and sum(v.nbytes for v in _points_cache.values()) + hit.nbytes > _CACHED_BYTES:
                 _points_cache.pop(next(iter(_points_cache)))
             _points_cache[key] = hit
     return hit[:dims]
 
 
+def _mix(*values: int) -> int:
+    """One seed from several integers, within what ``torch.Generator.manual_seed`` takes."""
+    h = 0
+    for v in values:
+        h = (h * 1_000_003 + int(v)) % (1 << 61)
+    return h
+
+
 def _nets_of(t: int, nets: int, seed: int, stream: int, device) -> Tensor:
     """The net of each of ``t`` position entries: a pseudo-random function of the position
     index and the call's ``stream`` alone (not of the tile)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + stream) * 7919 + 12345)
+    g = torch.Generator().manual_seed(_mix(seed, stream, 12345))
     return (torch.randperm(t, generator=g) % nets).to(device)
 
 
@@ -151,17 +161,18 @@ def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
     of the further arrays ``f`` returns (if it returns a tuple, on the same points) over
     ``samples`` points per entry, for the groups of ``prepare``; ``positions``: the trailing
     batch axes the nets are spread over (``MAX_NETS`` at most, one per position pair when
-    there are fewer); ``stream``: the call's number in the program (without positions, its
+    there are fewer, and ``MAX_NET_POINTS`` points in all); ``stream``: the call's number in the program (without positions, its
     own scramble)."""
     B = math.prod(batch)
     device = next((t[2].device for _, terms in groups for t in terms), torch.device("cpu"))
     dims = sum(cols for cols, _ in groups)
+    positions = min(positions, len(batch))
     t = math.prod(batch[len(batch) - positions:]) if positions else 1
-    nets = max(1, min(MAX_NETS, t))
+    nets = max(1, min(MAX_NETS, t, MAX_NET_POINTS // samples))
     # one set of points per replicate, shared by its calls; each call spreads its entries over
     # the nets in its own order (``stream``), so that two expectations multiplied together (an NTK
     # term ``D * E[x x']``) have independent errors, and their product no bias
-    pts = normal_nets(samples, nets, max(1, dims), seed if nets > 1 else seed * 1_000_003 + stream).to(device)
+    pts = normal_nets(samples, nets, max(1, dims), _mix(seed) if nets > 1 else _mix(seed, stream)).to(device)
     net = _nets_of(t, nets, seed, stream, device) if nets > 1 else None
     chunk = max(1, CHUNK_ENTRIES // max(1, B * d))
     shift, extra = None, None

@@ -152,6 +152,16 @@ def test_ratio_estimate_keeps_correlations_within_one():
     assert errors and errors[0][0] == "mc"
 
 
+def test_large_seeds_are_accepted():
+    """A user's seed times the replicate and call numbers must stay a valid generator seed."""
+    e = _chain_entries(4)
+    b, d, groups, _ = qmc.prepare(e, torch.zeros((), dtype=F64))
+    f = lambda z: _side(z, 0) * _side(z, 3)                    # noqa: E731
+    for positions in (0, 1):
+        v, se, _ = qmc.expect_blocks(f, b, d, groups, 64, 12345 * 1_000_003 + 7, positions=positions, stream=99)
+        assert torch.isfinite(v).all() and torch.isfinite(se).all()
+
+
 def test_same_input_entries_take_more_points():
     assert qmc.samples_for(512, True) == 512 * qmc.SAME_INPUT_BOOST
     assert qmc.samples_for(512, False) == 512
