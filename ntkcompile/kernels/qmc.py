@@ -129,8 +129,9 @@ def _nets_of(t: int, nets: int, seed: int, stream: int, device) -> Tensor:
 
 
 def prepare(entries, like) -> Tuple[torch.Size, int, list, Tensor]:
-    """The batch shape, the number of slots, ``[(columns, [(slot, column, coefficient (B,))])]`` per group (the
-    factor's nonzero entries; columns that vanish on the whole batch dropped) and the eigenvalues of the whole block-diagonal covariance ``(B, D)``."""
+    """The batch shape, the number of slots, ``[(columns, [(slot, column, coefficient (B,))])]``
+    per group (the factor's nonzero entries; columns that vanish on the whole batch dropped)
+    and the eigenvalues of the whole block-diagonal covariance ``(B, D)``."""
     flat = [quad._f64(e)[0] if torch.is_tensor(e) else torch.as_tensor(float(e), dtype=_F64, device=like.device)
             for row in entries for e in row]
     flat = torch.broadcast_tensors(*flat)
@@ -161,8 +162,8 @@ def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
     of the further arrays ``f`` returns (if it returns a tuple, on the same points) over
     ``samples`` points per entry, for the groups of ``prepare``; ``positions``: the trailing
     batch axes the nets are spread over (``MAX_NETS`` at most, one per position pair when
-    there are fewer, and ``MAX_NET_POINTS`` points in all); ``stream``: the call's number in the program (without positions, its
-    own scramble)."""
+    there are fewer, and ``MAX_NET_POINTS`` points in all); ``stream``: the call's number in
+    the program (without positions, its own scramble)."""
     B = math.prod(batch)
     device = next((t[2].device for _, terms in groups for t in terms), torch.device("cpu"))
     dims = sum(cols for cols, _ in groups)
