@@ -131,6 +131,16 @@ def q2(f, g, like, k11, k12, k22, degree, errors, smooth=True, tol=None):
     return _refine(errors, "quad", rule, degree, smooth, 8, tol)
 
 
+def _sampled(entries, like, smooth):
+    """``(batch, slots, groups)`` of ``qmc.prepare`` when ``qn`` samples (rank above the
+    quadrature's), else None (also under ``torch.compile`` and on the meta device, where the
+    rank is not known: the dense evaluator decides)."""
+    if compiling() or like.device.type == "meta":
+        return None
+    batch, d, groups, evals = qmc.prepare(entries, like)
+    return (batch, d, groups) if qmc.rank(evals) > quadrature_rank(smooth) else None
+
+
 def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None, layout=(0, False, 0)):
     """N-D expectation: quasi-Monte Carlo over ``mc = (samples, seed)`` beyond rank 3, and
     beyond rank 1 for a kinked integrand (its standard error goes to ``errors`` as ``"mc"``),
@@ -148,14 +158,13 @@ def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=Non
     the trailing batch axes that are positions, whether the entries are same-input ones
     (variances: few, given ``qmc.SAME_INPUT_BOOST`` times the points), and the call's number."""
     samples, seed = mc
-    if not compiling() and like.device.type != "meta":
-        batch, d, groups, evals = qmc.prepare(entries, like)
-        if qmc.rank(evals) > quadrature_rank(smooth):
-            positions, same_input, stream = layout
-            value, stderr, _ = qmc.expect_blocks(f, batch, d, groups, qmc.samples_for(samples, same_input), seed,
-                                                 positions, stream)
-            errors.append(("mc", stderr.max()))
-            return value
+    sampled = _sampled(entries, like, smooth)
+    if sampled is not None:
+        positions, same_input, stream = layout
+        value, stderr, _ = qmc.expect_blocks(f, *sampled, qmc.samples_for(samples, same_input), seed, positions,
+                                             stream)
+        errors.append(("mc", stderr.max()))
+        return value
     cov = _cov_matrix(entries, like)
     rank = quad.numerical_rank(cov)
     top = quadrature_rank(smooth)
@@ -190,20 +199,19 @@ def qn_pair(fa, fb, va, vb, entries, like, errors, mc, smooth=True, degrees=(192
     step family's ``arccos`` there turned that noise into a bias of 6e-4 (relative) in the NTK
     of a 3-block ResNet v1 with 256 points per replicate."""
     samples, seed = mc
-    if not compiling() and like.device.type != "meta":
-        batch, d, groups, evals = qmc.prepare(entries, like)
-        if qmc.rank(evals) > quadrature_rank(smooth):
-            def moments(z):
-                a, b = fa(z), fb(z)
-                return a * b, a * a, b * b
+    sampled = _sampled(entries, like, smooth)
+    if sampled is not None:
+        def moments(z):
+            a, b = fa(z), fb(z)
+            return a * b, a * a, b * b
 
-            positions, _, stream = layout
-            mab, stderr, (maa, mbb) = qmc.expect_blocks(moments, batch, d, groups, samples, seed, positions, stream)
-            den = maa * mbb
-            scale = torch.where(den > 0, (const(va, like) * const(vb, like)).clamp_min(0.0)
-                                / torch.where(den > 0, den, 1.0), 1.0).sqrt()
-            errors.append(("mc", (stderr * scale).max()))
-            return mab * scale
+        positions, _, stream = layout
+        mab, stderr, (maa, mbb) = qmc.expect_blocks(moments, *sampled, samples, seed, positions, stream)
+        den = maa * mbb
+        scale = torch.where(den > 0, (const(va, like) * const(vb, like)).clamp_min(0.0)
+                            / torch.where(den > 0, den, 1.0), 1.0).sqrt()
+        errors.append(("mc", (stderr * scale).max()))
+        return mab * scale
     return qn(lambda z: fa(z) * fb(z), entries, like, errors, mc, smooth, degrees, tol, layout)
 
 

@@ -174,6 +174,12 @@ static void relu_cs(const double *c, const double *s, const double *th, double *
     }
 }
 
+/* Variances for which the one-branch correlation is exact: both positive, product ``p``
+ * neither tiny nor huge (in_range; the vector loop of correlation_block tests the same). */
+static inline int lane_in_range(double k11, double k22, double p) {
+    return (k11 > 0.0) & (k22 > 0.0) & (p > 1e-290) & (p < 1e290);
+}
+
 /* ``c = k12 / s`` clamped to [-1, 1] and the scale ``s = sqrt(k11 k22)``: the correlation's
  * one-branch form, for variances in range.  Returns in_range(k11, k22, n), found on the way
  * (the values are only meant for blocks where it holds). */
@@ -197,7 +203,7 @@ static int correlation_block(const double *k11, const double *k12, const double 
 #endif
     for (; i < n; i++) {
         double p = k11[i] * k22[i];
-        ok &= (k11[i] > 0.0) & (k22[i] > 0.0) & (p > 1e-290) & (p < 1e290);
+        ok &= lane_in_range(k11[i], k22[i], p);
         s[i] = sqrt(p);
         double v = k12[i] / s[i];
         c[i] = v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v);
@@ -213,10 +219,7 @@ enum { RULE_ANGLE = 0, RULE_RELU = 1, RULE_STEP = 2 };
  * where the correlation and the arc-cosine root take their one-branch forms. */
 static int in_range(const double *k11, const double *k22, int64_t n) {
     int ok = 1;
-    for (int64_t i = 0; i < n; i++) {
-        double p = k11[i] * k22[i];
-        ok &= (k11[i] > 0.0) & (k22[i] > 0.0) & (p > 1e-290) & (p < 1e290);
-    }
+    for (int64_t i = 0; i < n; i++) ok &= lane_in_range(k11[i], k22[i], k11[i] * k22[i]);
     return ok;
 }
 

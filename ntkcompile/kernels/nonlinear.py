@@ -239,7 +239,9 @@ class HVarExpectations:
                     row.append((yield from (self.cov(g, h, pair) if sg == left else self.cov(h, g, pair))))
             entries.append(row)
         norms = None
-        if pair not in SAME_INPUT_PAIRS and not a.gaussian and not b.gaussian:
+        # the ratio estimate needs the variances; only sampling uses it (rank above the quadrature's)
+        if (pair not in SAME_INPUT_PAIRS and not a.gaussian and not b.gaussian
+                and len(slots) > expect.quadrature_rank(expr_smooth(a.expr) and expr_smooth(b.expr))):
             va = yield from self.cov_atoms(a, a, f"d{abs(left)}")
             vb = yield from self.cov_atoms(b, b, f"d{abs(right)}")
             norms = (self.lift(va, left, pair, k), self.lift(vb, right, pair, k))
