@@ -137,11 +137,12 @@ def _sampled(entries, like, smooth):
     rank is not known: the dense evaluator decides)."""
     if compiling() or like.device.type == "meta":
         return None
-    batch, d, groups, evals = qmc.prepare(entries, like)
+    batch, d, groups, evals = qmc.prepare_shared(entries, like)
     return (batch, d, groups) if qmc.rank(evals) > quadrature_rank(smooth) else None
 
 
-def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None, layout=(0, False, 0)):
+def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None, layout=(0, False, 0),
+       program=None):
     """N-D expectation: quasi-Monte Carlo over ``mc = (samples, seed)`` beyond rank 3, and
     beyond rank 1 for a kinked integrand (its standard error goes to ``errors`` as ``"mc"``),
     else the tensor-product trapezoidal rule with ``degrees[rank - 1]`` nodes per dimension,
@@ -156,13 +157,14 @@ def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=Non
     The quasi-Monte Carlo draws independent groups of slots from their own factors, one net
     of points per position pair (``kernels.qmc``); ``layout = (positions, same_input, stream)``:
     the trailing batch axes that are positions, whether the entries are same-input ones
-    (variances: few, given ``qmc.SAME_INPUT_BOOST`` times the points), and the call's number."""
+    (variances: few, given ``qmc.SAME_INPUT_BOOST`` times the points), and the call's number;
+    ``program``: ``f`` as a ``pointwise.Program`` for the fused sampler, or None."""
     samples, seed = mc
     sampled = _sampled(entries, like, smooth)
     if sampled is not None:
         positions, same_input, stream = layout
         value, stderr, _ = qmc.expect_blocks(f, *sampled, qmc.samples_for(samples, same_input), seed, positions,
-                                             stream)
+                                             stream, program)
         errors.append(("mc", stderr.max()))
         return value
     cov = _cov_matrix(entries, like)
@@ -186,7 +188,7 @@ def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=Non
 
 
 def qn_pair(fa, fb, va, vb, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None,
-            layout=(0, False, 0)):
+            layout=(0, False, 0), program=None):
     """``E[a(z) b(z)]`` for two vectors on different inputs or positions (``qn`` of the product),
     given their variances ``va = E[a^2]``, ``vb = E[b^2]`` (the same-input values, lifted to
     the pair).  Under quasi-Monte Carlo it is the ratio estimate
@@ -197,7 +199,8 @@ def qn_pair(fa, fb, va, vb, entries, like, errors, mc, smooth=True, degrees=(192
     independent errors in numerator and denominator, pushed past 1 by noise where the
     correlation is near 1 (neighbouring positions, near-duplicate inputs), then clamped: the
     step family's ``arccos`` there turned that noise into a bias of 6e-4 (relative) in the NTK
-    of a 3-block ResNet v1 with 256 points per replicate."""
+    of a 3-block ResNet v1 with 256 points per replicate.  ``program``: the three moments as a
+    ``pointwise.Program`` for the fused sampler, or None."""
     samples, seed = mc
     sampled = _sampled(entries, like, smooth)
     if sampled is not None:
@@ -206,7 +209,7 @@ def qn_pair(fa, fb, va, vb, entries, like, errors, mc, smooth=True, degrees=(192
             return a * b, a * a, b * b
 
         positions, _, stream = layout
-        mab, stderr, (maa, mbb) = qmc.expect_blocks(moments, *sampled, samples, seed, positions, stream)
+        mab, stderr, (maa, mbb) = qmc.expect_blocks(moments, *sampled, samples, seed, positions, stream, program)
         den = maa * mbb
         scale = torch.where(den > 0, (const(va, like) * const(vb, like)).clamp_min(0.0)
                             / torch.where(den > 0, den, 1.0), 1.0).sqrt()

@@ -1,15 +1,14 @@
 """Fused kernels for the closed-form rules on the default path (CPU, float64).
 
-The arc-cosine rules (ReLU-family V-transforms, the step family's, and the angle
-they share) are each one C loop (``fused.c``) over the pair arrays instead of a
-dozen torch ops that each read and write whole arrays.  The C file has no
-dependency but libm: it is compiled once per machine with the system C
-compiler (well under a second), cached on disk, and loaded with ``ctypes``;
-arccos is SLEEF's (looked up in libtorch, which calls its 1-ulp version; the fused
-rules take the 3.5-ulp one, twice as fast: 1.1 against 2.2 ns per entry here), so the
-fused rules agree with their torch forms to a few units in the last place (an MKL build
-of torch takes arccos and sqrt from MKL's VML, which rounds differently from SLEEF and
-the correctly rounded ``sqrt`` used here).
+The arc-cosine rules (ReLU-family V-transforms, the step family's, and the angle they
+share) are each one C loop (``fused.c``) over the pair arrays instead of a dozen torch ops
+that each read and write whole arrays (and ``sampling.c``, the N-D quasi-Monte Carlo,
+``kernels/qmc.py``).  The C files need only libm: compiled once per machine with the system
+C compiler (well under a second), cached on disk, loaded with ``ctypes``; arccos is SLEEF's
+(looked up in libtorch, which calls its 1-ulp version; the fused rules take the 3.5-ulp
+one, twice as fast: 1.1 against 2.2 ns per entry here), so the fused rules agree with
+their torch forms to a few ulps (an MKL build of torch takes arccos and sqrt from MKL's
+VML, which rounds differently from SLEEF and the correctly rounded ``sqrt`` used here).
 
 Without a C compiler, on other devices and dtypes, under ``torch.compile``, or
 with ``NTKCOMPILE_FUSED=0`` in the environment, every rule falls back to its torch
@@ -47,6 +46,7 @@ from torch import Tensor
 from .compat import compiling
 
 SOURCE = Path(__file__).with_name("fused.c")
+EXTRA_SOURCES = (Path(__file__).with_name("sampling.c"),)
 _RULES = {"angle": (0, 3), "relu": (1, 4), "step": (2, 3)}
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"]
 _RUN_LENGTH = 4                      # window tables whose runs are shorter on average gather
@@ -105,8 +105,8 @@ def _cpu_flags() -> str:
 
 def _library_path(cc: list, flags: list) -> Path:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(cc).encode(), " ".join(flags).encode(), _cpu_flags().encode(),
-                 sys.platform.encode()):
+    for part in (SOURCE.read_bytes(), *(p.read_bytes() for p in EXTRA_SOURCES), " ".join(cc).encode(),
+                 " ".join(flags).encode(), _cpu_flags().encode(), sys.platform.encode()):
         h.update(part)
         h.update(b"\0")
     return cache_dir() / f"fused-{h.hexdigest()[:16]}.so"
@@ -125,7 +125,7 @@ def _build(cc: list) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
-        cmd = [*cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [*cc, *flags, str(SOURCE), *map(str, EXTRA_SOURCES), "-o", tmp, "-lm"]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode == 0:
             os.replace(tmp, path)
@@ -137,9 +137,9 @@ def _build(cc: list) -> Path:
 
 def _sleef_acos(width: int) -> Optional[int]:
     """The address of SLEEF's arccos for ``width`` doubles in libtorch (torch's vectorized
-    arccos where it is not built with MKL; the 3.5-ulp variant where there is one), or
-    None: then libm's ``acos``.  MKL's ``vdAcos``,
-    which an MKL build of torch calls, is slower here and serializes concurrent callers."""
+    arccos where it is not built with MKL; the 3.5-ulp variant where there is one), or None:
+    then libm's ``acos``.  MKL's ``vdAcos`` (an MKL build of torch's) is slower here and
+    serializes concurrent callers."""
     if width not in (4, 8):
         return None
     lib_dir = Path(torch.__file__).parent / "lib"
@@ -157,19 +157,19 @@ def _sleef_acos(width: int) -> Optional[int]:
     return None
 
 
-_WINDOW_PAIR = (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-                + [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64])
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_WINDOW_PAIR = (None, [_P, _P, _L, _L, _I, _P, _P, _P, ctypes.c_double, _L, _L])
 _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_rule": (ctypes.c_int, [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2),
     "ntk_window_pair": _WINDOW_PAIR, "ntk_window_pair_shift": _WINDOW_PAIR,
     "ntk_roots": (ctypes.c_int, [ctypes.c_void_p] * 6 + [ctypes.c_int64]),
     "ntk_window_same": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                 ctypes.c_void_p, ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
-    "ntk_gather": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_gather": (None, [_P, _L, _P, _P, _L, _P, _L, _L]),
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_program": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
                     + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]),
+    "ntk_qmc": (_I, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _L, _L, _P, _L, _L, _I, _P, _P, _P, _P, _L, _L]),
 }
 
 

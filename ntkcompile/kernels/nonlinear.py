@@ -31,7 +31,7 @@ from ..ir import nodes as irn
 from ..ir import walk
 from ..ir.builder import expr_breaks, expr_has_jump, expr_smooth, expr_uses_slot
 from ..plan import Add, Apply, Fn, Mul, Slot
-from . import expect
+from . import expect, pointwise
 from .piecewise_expr import as_piecewise
 from .quadrature import correlation
 
@@ -272,7 +272,15 @@ class HVarExpectations:
         positions = k if same or (pair == "x" and self.diag) else 2 * k   # trailing axes of the layout
         self._nd_streams = getattr(self, "_nd_streams", 0) + 1      # the call's own order of nets
         options = (self.nd_degrees, self.tol, (positions, same, self._nd_streams))
-        if norms is not None and len(parts) == 2 and None not in norms:
+        pair_moments = norms is not None and len(parts) == 2 and None not in norms
+        # the integrand as a program for the fused sampler (None: the lambda's torch form)
+        program, offset = [], 0
+        for atom, _ in factors:
+            program.append((None if atom.gaussian else atom.expr, offset))
+            offset += 1 if atom.gaussian else len(atom.gargs)
+        program = pointwise.build(program, offset, pair_moments)
+        options += (None if program is None else self.static(program, "pw_"),)
+        if pair_moments:
             fa, fb = (self.plan.make(Fn, p) for p in parts)
             return self.call(expect.qn_pair, fa, fb, *norms, rows, self.like, self.errors, self.mc, smooth,
                              options=options, note=note)

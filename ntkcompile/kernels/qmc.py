@@ -21,13 +21,16 @@ readout averages down (measured in ``benchmarks/resnet_v1.py``).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
+import weakref
 from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor
 
+from . import fused
 from . import quadrature as quad
 
 # Disjoint runs of the point sequence (nets) the positions of a batch are spread over.
@@ -96,16 +99,17 @@ def _factor(sub: Tensor) -> Tuple[Tensor, Tensor]:
     return evecs * evals.sqrt().unsqueeze(-2), evals
 
 
-def normal_nets(n: int, nets: int, dims: int, seed: int) -> Tensor:
+def normal_nets(n: int, nets: int, dims: int, seed: int, by_net: bool = False) -> Tensor:
     """``(dims, n, nets)``: ``nets`` consecutive runs of ``n`` points of one scrambled Sobol
     sequence (``quadrature.normal_points``), the first ``dims`` coordinates of a sequence of
     ``dims`` rounded up to 8, cached: a replicate's calls, of 3 to 8 slots, share one set."""
     width = 8 * -(-dims // 8)
-    key = (n, nets, width, seed)
+    key = (n, nets, width, seed, by_net)
     with _points_lock:
         hit = _points_cache.get(key)
     if hit is None:
-        hit = quad.normal_points(n * nets, width, seed).reshape(nets, n, width).permute(2, 1, 0).contiguous()
+        hit = quad.normal_points(n * nets, width, seed).reshape(nets, n, width)
+        hit = (hit.permute(2, 0, 1) if by_net else hit.permute(2, 1, 0)).contiguous()
         with _points_lock:
             while _points_cache and sum(v.nbytes for v in _points_cache.values()) + hit.nbytes > _CACHED_BYTES:
                 _points_cache.pop(next(iter(_points_cache)))
@@ -156,14 +160,45 @@ def prepare(entries, like) -> Tuple[torch.Size, int, list, Tensor]:
     return batch, d, kept, evals
 
 
+_prepared = threading.local()      # per tile thread: {key: (weak references, versions, prepare's value, bytes)}
+PREPARED_BYTES = 128 << 20         # the factors kept per thread at most
+
+
+def prepare_shared(entries, like):
+    """``prepare``, shared by the calls that pass the same covariance arrays (unchanged: same
+    objects, same versions), as the expectations of one layer do (``E[h h']``, ``E[h' h'']``,
+    ...): four of each on a 3-block ResNet v1.  A kept value goes when one of its arrays does
+    (the generated code deletes each after its last use), or when the least recently used
+    values are over ``PREPARED_BYTES``."""
+    tensors = [e for row in entries for e in row if torch.is_tensor(e)]
+    key = tuple(id(e) if torch.is_tensor(e) else e for row in entries for e in row)
+    kept = getattr(_prepared, "items", None)
+    if kept is None:
+        kept = _prepared.items = {}
+    hit = kept.pop(key, None)
+    if hit is not None and all(r() is t and t._version == v for r, t, v in zip(hit[0], tensors, hit[1])):
+        kept[key] = hit                                  # the most recently used last
+        return hit[2]
+    value = prepare(entries, like)
+    size = sum(8 * c.numel() for _, terms in value[2] for _, _, c in terms)
+    if tensors and size <= PREPARED_BYTES:
+        while kept and sum(v[3] for v in kept.values()) + size > PREPARED_BYTES:
+            kept.pop(next(iter(kept)))
+        kept[key] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], value, size)
+        for t in {id(t): t for t in tensors}.values():
+            weakref.finalize(t, kept.pop, key, None)
+    return value
+
+
 def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
-                  positions: int = 0, stream: int = 0) -> Tuple[Tensor, Tensor, list]:
+                  positions: int = 0, stream: int = 0, program=None) -> Tuple[Tensor, Tensor, list]:
     """``E f(z)``, its standard error (as for independent draws, an upper bound) and the means
     of the further arrays ``f`` returns (if it returns a tuple, on the same points) over
     ``samples`` points per entry, for the groups of ``prepare``; ``positions``: the trailing
     batch axes the nets are spread over (``MAX_NETS`` at most, one per position pair when
     there are fewer, and ``MAX_NET_POINTS`` points in all); ``stream``: the call's number in
-    the program (without positions, its own scramble)."""
+    the program (without positions, its own scramble); ``program``: ``f`` as a
+    ``pointwise.Program``, run by the fused C pass where it applies (``_fused``)."""
     B = math.prod(batch)
     device = next((t[2].device for _, terms in groups for t in terms), torch.device("cpu"))
     dims = sum(cols for cols, _ in groups)
@@ -173,8 +208,14 @@ def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
     # one set of points per replicate, shared by its calls; each call spreads its entries over
     # the nets in its own order (``stream``), so that two expectations multiplied together (an NTK
     # term ``D * E[x x']``) have independent errors, and their product no bias
-    pts = normal_nets(samples, nets, max(1, dims), _mix(seed) if nets > 1 else _mix(seed, stream)).to(device)
+    points_seed = _mix(seed) if nets > 1 else _mix(seed, stream)
     net = _nets_of(t, nets, seed, stream, device) if nets > 1 else None
+    if program is not None and device.type == "cpu":
+        out = _fused(program, batch, d, groups, samples, nets, dims, net, t, points_seed)
+        if out is not None:
+            quad._tick(samples, samples)
+            return out
+    pts = normal_nets(samples, nets, max(1, dims), points_seed).to(device)
     chunk = max(1, CHUNK_ENTRIES // max(1, B * d))
     shift, extra = None, None
     acc, acc2 = (torch.zeros(B, dtype=_F64, device=device) for _ in range(2))
@@ -216,3 +257,47 @@ def rank(evals: Tensor) -> int:
 def samples_for(samples: int, same_input: bool) -> int:
     return samples * SAME_INPUT_BOOST if same_input else samples
 
+
+
+def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
+    """``expect_blocks``'s values by ``sampling.c`` (``program``'s outputs over the same points,
+    ``(dims, nets, n)``), or None where the fused path does not apply."""
+    lib = fused._load() if not fused._off else None
+    coefs = [coef for _, terms in groups for _, _, coef in terms]
+    if lib is None or not fused._applicable(coefs) or program.slots != d:
+        return None
+    B = math.prod(batch)
+    pts = normal_nets(samples, nets, max(1, dims), seed, by_net=True)
+    slot_of, col_of, ptrs, keep, col = [], [], [], [], 0
+    for cols, terms in groups:
+        for slot, j, coef in terms:
+            coef = coef.reshape(B).contiguous()
+            keep.append(coef)
+            slot_of.append(slot)
+            col_of.append(col + j)
+            ptrs.append(coef.data_ptr())
+        col += cols
+    n_terms = len(ptrs)
+    if program._c is None:
+        program._c = ((ctypes.c_int32 * (4 * len(program.code)))(*[v for ins in program.code for v in ins]),
+                      (ctypes.c_double * max(1, len(program.consts)))(*program.consts))
+    code, consts = program._c
+    mean, stderr = torch.empty(B, dtype=_F64), torch.empty(B, dtype=_F64)
+    extra = [torch.empty(B, dtype=_F64) for _ in range(program.outputs - 1)]
+    c_extra = (ctypes.c_void_p * max(1, len(extra)))(*[e.data_ptr() for e in extra])
+    c_slot = (ctypes.c_int32 * max(1, n_terms))(*slot_of)
+    c_col = (ctypes.c_int32 * max(1, n_terms))(*col_of)
+    c_coef = (ctypes.c_void_p * max(1, n_terms))(*ptrs)
+    net_of = net.to(torch.int64).contiguous() if net is not None else None
+
+    def part(lo, hi):
+        regs = torch.empty(program.registers * 256, dtype=_F64)
+        rc = lib.ntk_qmc(code, len(program.code), consts, program.registers, d, n_terms, c_slot, c_col, c_coef,
+                         pts.data_ptr(), samples, nets, None if net_of is None else net_of.data_ptr(), t, B // t,
+                         program.outputs, mean.data_ptr(), stderr.data_ptr(), c_extra, regs.data_ptr(), lo, hi)
+        if rc < 0:
+            raise RuntimeError(f"fused quasi-Monte Carlo failed (code {rc})")
+
+    if B:
+        fused._parallel(part, B, B * samples)
+    return mean.reshape(batch), stderr.reshape(batch), [e.reshape(batch) for e in extra]

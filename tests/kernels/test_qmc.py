@@ -179,3 +179,27 @@ def test_qn_keeps_quadrature_for_low_rank_and_checks_the_integrand_shape():
     b, d, groups, _ = qmc.prepare(e, like)
     with pytest.raises(ValueError, match="expect_blocks"):
         qmc.expect_blocks(lambda z: z, b, d, groups, 16, 0)
+
+
+def test_calls_on_the_same_covariance_share_its_factors():
+    """``prepare_shared``: the same arrays give the kept factors; an array changed in place
+    or a new one recomputes them (oracle: ``prepare`` itself); a dead array drops them."""
+    import gc
+
+    like = torch.zeros((), dtype=F64)
+    e = _chain_entries(8, seed=11)
+    first = qmc.prepare_shared(e, like)
+    assert qmc.prepare_shared(e, like) is first
+    e[0][0].mul_(2.0)                                   # in place: the version changes
+    again = qmc.prepare_shared(e, like)
+    assert again is not first
+    want = qmc.prepare(e, like)
+    for (_, got_terms), (_, want_terms) in zip(again[2], want[2]):
+        for (s1, j1, c1), (s2, j2, c2) in zip(got_terms, want_terms):
+            assert (s1, j1) == (s2, j2)
+            torch.testing.assert_close(c1, c2, rtol=0, atol=0)
+    kept = len(qmc._prepared.items)
+    e[1][1] = None
+    del e, again
+    gc.collect()
+    assert len(qmc._prepared.items) < kept               # its arrays' death dropped the kept factors

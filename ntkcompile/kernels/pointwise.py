@@ -1,0 +1,168 @@
+"""N-D integrands as straight-line programs for the fused quasi-Monte Carlo (``sampling.c``).
+
+The N-D evaluator's integrand is a product of atoms' expressions over the slots: sums with
+scalar coefficients, products, and elementwise nonlinearities (``relu(z0 + relu(z1))`` and
+its derivative for a post-activation residual chain).  When every nonlinearity has a
+piecewise polynomial form (``Elementwise.piecewise``: relu, its derivative the step, leaky
+relu, abs, hardtanh, clamp, ...) and every coefficient is a constant, ``build`` writes the
+integrand as a ``Program``: ``sampling.c`` then evaluates it point block by point block
+with ``z`` and every intermediate in L1, where the torch form walks whole
+``(points, entries)`` arrays once per op.  Anything else (a smooth function such as tanh,
+a per-input coefficient) gives None, and the torch form runs.
+
+The program takes the torch form's operations in its order (the generated lambda's: linear
+combinations ``(c0 x0 + c1 x1) + ...``, products left to right, each piece of a nonlinearity
+by Horner as ``Piecewise``), so each value of the integrand agrees with it to the last bit
+for the piecewise linear functions (relu, step), to rounding for higher degrees.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from ..ir import nodes as irn
+
+_OPS = {"const": 0, "add": 1, "mul": 2, "pw": 3, "out": 4}
+
+
+class Program:
+    """Instructions ``(op, dst, a, b)`` over registers (the first ``slots`` hold the slots),
+    their constants, the registers they use and the number of outputs."""
+
+    def __init__(self, code, consts, registers: int, slots: int, outputs: int):
+        self.code, self.consts = tuple(code), tuple(consts)
+        self.registers, self.slots, self.outputs = registers, slots, outputs
+        self._c = None
+
+    def __repr__(self):
+        return f"<pointwise program: {len(self.code)} steps, {self.slots} slots, {self.outputs} outputs>"
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Writer:
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.steps: list = []            # (op, args): args are value numbers (slots first) or ints
+        self.consts: List[float] = []
+        self.memo: dict = {}
+        self.values = slots               # values numbered: the slots, then one per step
+
+    def _const_index(self, values: Sequence[float]) -> int:
+        k = len(self.consts)
+        self.consts.extend(float(v) for v in values)
+        return k
+
+    def step(self, op, *args, key=None):
+        if key is not None and key in self.memo:
+            return self.memo[key]
+        self.steps.append((op, args))
+        v = self.values
+        self.values += 1
+        if key is not None:
+            self.memo[key] = v
+        return v
+
+    def const(self, c: float):
+        return self.step("const", self._const_index([c]), key=("const", float(c)))
+
+    def expr(self, e, offset: int):
+        key = (id(e), offset)
+        if key in self.memo:
+            return self.memo[key]
+        if isinstance(e, irn.ESlot):
+            v = offset + e.index
+        elif isinstance(e, irn.EConst):
+            v = self.const(e.value)
+        elif isinstance(e, irn.ECall):
+            pw = getattr(e.fn, "piecewise", None)
+            if pw is None:
+                raise _Unsupported(e.fn)
+            x = self.expr(e.arg, offset)
+            v = self.step("pw", x, self._piecewise(pw))
+        elif isinstance(e, irn.EMul):
+            v = self.product([self.expr(a, offset) for a in e.args])
+        elif isinstance(e, irn.ELin):
+            terms = []
+            for c, t in e.terms:
+                if not isinstance(c, irn.SConst):
+                    raise _Unsupported(c)        # a per-input coefficient: the torch form
+                # as the planner's ``coef * x`` (``coef * 1.0`` for a constant term); ``1.0 * x`` is x
+                if isinstance(t, irn.EConst):
+                    terms.append(self.const(float(c.value) * 1.0))
+                elif float(c.value) == 1.0:
+                    terms.append(self.expr(t, offset))
+                else:
+                    terms.append(self.step("mul", self.const(c.value), self.expr(t, offset)))
+            v = terms[0]
+            for t in terms[1:]:
+                v = self.step("add", v, t)
+        else:
+            raise _Unsupported(e)
+        self.memo[key] = v
+        return v
+
+    def product(self, values):
+        v = values[0]
+        for w in values[1:]:
+            v = self.step("mul", v, w)
+        return v
+
+    def _piecewise(self, pw) -> int:
+        width = max(len(c) for c in pw.coeffs)
+        at = [pw._at_break(i) for i in range(len(pw.breaks))]
+        coeffs = [a for c in pw.coeffs for a in tuple(c) + (0.0,) * (width - len(c))]
+        return self._const_index([len(pw.breaks), width, *pw.breaks, *at, *coeffs])
+
+    def assemble(self, outputs) -> Program:
+        """Registers for the values: the slots keep theirs; every other value takes the
+        first register free when it is made (freed after its last read)."""
+        last = {}
+        for k, (op, args) in enumerate(self.steps):
+            for a in (args[:2] if op in ("add", "mul") else args[:1] if op == "pw" else ()):
+                last[a] = k
+        for v in outputs:
+            last[v] = len(self.steps)
+        reg = {s: s for s in range(self.slots)}
+        free: list = []
+        top = self.slots
+        code = []
+        for k, (op, args) in enumerate(self.steps):
+            v = self.slots + k
+            reads = args[:2] if op in ("add", "mul") else args[:1] if op == "pw" else ()
+            if op == "const":      # filled once: never freed
+                reg[v], top = top, top + 1
+            elif free:             # registers read last here are freed after: never the destination
+                reg[v] = free.pop(0)
+            else:
+                reg[v], top = top, top + 1
+            for a in reads:
+                if a >= self.slots and last.get(a) == k and self.steps[a - self.slots][0] != "const":
+                    free.append(reg[a])
+                    free.sort()
+            ins = ((args[0], 0) if op == "const" else (reg[args[0]], args[1]) if op == "pw"
+                   else (reg[args[0]], reg[args[1]]))
+            code.append((_OPS[op], reg[v], *ins))
+        for j, v in enumerate(outputs):
+            code.append((_OPS["out"], j, reg[v], 0))
+        return Program(code, self.consts, top, self.slots, len(outputs))
+
+
+def build(parts, slots: int, pair: bool) -> Optional[Program]:
+    """The program of the N-D evaluator's integrand: ``parts`` are its factors ``(expr,
+    offset)`` (an atom's expression over slots ``offset + j``; ``expr`` None for a G-var,
+    the slot ``offset`` itself); one output, their product, or with ``pair`` (two factors)
+    three: ``a b``, ``a a``, ``b b`` (``expect.qn_pair``'s moments).  None if some
+    nonlinearity has no piecewise polynomial form or a coefficient is not a constant."""
+    w = _Writer(slots)
+    try:
+        values = [offset if e is None else w.expr(e, offset) for e, offset in parts]
+    except _Unsupported:
+        return None
+    if pair:
+        a, b = values
+        outputs = [w.step("mul", a, b), w.step("mul", a, a), w.step("mul", b, b)]
+    else:
+        outputs = [w.product(values)]
+    return w.assemble(outputs)

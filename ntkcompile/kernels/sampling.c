@@ -1,0 +1,192 @@
+/* Quasi-Monte Carlo of an N-D expectation as one pass (kernels/pointwise.py writes the
+ * program, kernels/qmc.py calls it; built into the same library as fused.c).
+ *
+ * qmc.expect_blocks evaluates E f(z) per entry of a batch: z = factor @ eps on each entry's
+ * net of points, then f as a chain of torch ops over (points, entries) arrays.  Building z
+ * (a gather of each position's net, a multiply-add per factor term) and the chain of ops
+ * each read and write whole arrays: 24 ns per entry, point and call on a 3-block ResNet v1.
+ * Here one entry at a time, BLOCK points at a time, z and the integrand stay in L1.
+ *
+ * The same operations in the same order as the torch form (compiled with -ffp-contract=off):
+ * z_slot = ((0 + c_0 eps_0) + c_1 eps_1) + ..., then the program's steps, so every value of
+ * f agrees with it to the last bit; only the sums over points add in another order.
+ *
+ * Program: instructions of QMC_WIDTH int32s over registers of BLOCK doubles; registers
+ * 0 .. n_slots - 1 hold the slots.
+ *
+ *   CONST dst k       consts[k] (filled once, before the entries)
+ *   ADD   dst a b     a + b
+ *   MUL   dst a b     a * b
+ *   PW    dst a p     the piecewise polynomial at consts[p]: m breaks, c coefficients per
+ *                     piece, then the breaks t_1 < ... < t_m, the values at them, and the
+ *                     m + 1 pieces' coefficients (lowest first), as kernels.piecewise
+ *   OUT   j a         output j takes the register
+ *
+ * Per entry: output 0's mean and the standard error of its mean (as for independent
+ * points: shifted by its first block's mean, as qmc.expect_blocks), the others' means.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 256
+#define QMC_WIDTH 4
+#define QMC_MAX_OUT 4
+enum { Q_CONST = 0, Q_ADD, Q_MUL, Q_PW, Q_OUT };
+
+#if defined(__AVX512F__)
+typedef double vec __attribute__((vector_size(64)));
+#define WIDTH 8
+#elif defined(__AVX__)
+typedef double vec __attribute__((vector_size(32)));
+#define WIDTH 4
+#else
+#define WIDTH 1
+#endif
+
+/* One piece ``p`` (``c`` coefficients, by Horner) of x[0..n): into dst (piece 0), else where
+ * x > t.  The common degrees 0 and 1 in loops of their own, which the compiler vectorizes. */
+static void piece(const double *p, int c, const double *restrict x, double *restrict dst, int64_t n, int first,
+                  double t) {
+    const double p0 = p[0], p1 = c > 1 ? p[1] : 0.0;    /* locals: dst cannot alias them */
+    if (c == 1 && first) for (int64_t i = 0; i < n; i++) dst[i] = p0;
+    else if (c == 1) for (int64_t i = 0; i < n; i++) dst[i] = x[i] > t ? p0 : dst[i];
+    else if (c == 2 && first) for (int64_t i = 0; i < n; i++) dst[i] = p1 * x[i] + p0;
+    else if (c == 2) for (int64_t i = 0; i < n; i++) dst[i] = x[i] > t ? p1 * x[i] + p0 : dst[i];
+    else
+        for (int64_t i = 0; i < n; i++) {
+            double y = p[c - 1];
+            for (int j = c - 2; j >= 0; j--) y = y * x[i] + p[j];
+            dst[i] = first || x[i] > t ? y : dst[i];
+        }
+}
+
+/* The piecewise polynomial ``pw`` (see above) of x[0..n) into dst (dst != x). */
+static void piecewise(const double *pw, const double *restrict x, double *restrict dst, int64_t n) {
+    int m = (int)pw[0], c = (int)pw[1];
+    const double *t = pw + 2, *at = t + m, *coef = at + m;
+    if (m == 1 && c <= 2) {        /* one break, pieces of degree <= 1 (relu, step, leaky relu, abs): one pass */
+        const double t0 = t[0], a0 = at[0], l0 = coef[0], l1 = c > 1 ? coef[1] : 0.0;
+        const double r0 = coef[c], r1 = c > 1 ? coef[c + 1] : 0.0;
+        if (c == 1)
+            for (int64_t i = 0; i < n; i++) dst[i] = x[i] > t0 ? r0 : x[i] == t0 ? a0 : l0;
+        else
+            for (int64_t i = 0; i < n; i++) dst[i] = x[i] > t0 ? r1 * x[i] + r0 : x[i] == t0 ? a0 : l1 * x[i] + l0;
+        return;
+    }
+    for (int k = 0; k <= m; k++) piece(coef + k * c, c, x, dst, n, k == 0, k ? t[k - 1] : 0.0);
+    for (int b = 0; b < m; b++) {
+        const double tb = t[b], ab = at[b];
+        for (int64_t i = 0; i < n; i++) dst[i] = x[i] == tb ? ab : dst[i];
+    }
+}
+
+/* sum of r[i] - shift and of its square over [0, n): WIDTH running sums each, then added up. */
+static void block_moments(const double *r, int64_t n, double shift, double *sum, double *sum2) {
+    int64_t i = 0;
+    double s = 0.0, s2 = 0.0;
+#if WIDTH > 1
+    vec a = {0}, a2 = {0}, v;
+    for (; i + WIDTH <= n; i += WIDTH) {
+        memcpy(&v, r + i, sizeof v);
+        v -= shift;
+        a += v;
+        a2 += v * v;
+    }
+    for (int k = 0; k < WIDTH; k++) {
+        s += a[k];
+        s2 += a2[k];
+    }
+#endif
+    for (; i < n; i++) {
+        double d = r[i] - shift;
+        s += d;
+        s2 += d * d;
+    }
+    *sum += s;
+    *sum2 += s2;
+}
+
+/* Entries [lo, hi) of a batch of rows x t entries, entry e at position e % t with net
+ * net_of[e % t] (net 0 without net_of), taken position by position (j = pos * rows + row,
+ * e = row * t + pos): the entries of one position share its net, whose points then stay in
+ * L1 from one entry to the next.  Slot s of a point is
+ * sum over the terms k with term_slot[k] == s of coef[k][e] * points[term_col[k]][net][i];
+ * points: (dims, nets, n).  Returns 0, or -1 for a bad instruction. */
+int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers, int n_slots,
+            int n_terms, const int32_t *term_slot, const int32_t *term_col, const double *const *coef,
+            const double *points, int64_t n, int64_t nets, const int64_t *net_of, int64_t t, int64_t rows,
+            int n_out, double *mean, double *stderr_, double *const *extra, double *regs,
+            int64_t lo, int64_t hi) {
+    if (n_out < 1 || n_out > QMC_MAX_OUT) return -1;
+    for (int k = 0; k < n_code; k++) {
+        const int32_t *q = code + k * QMC_WIDTH;
+        if (q[0] < Q_CONST || q[0] > Q_OUT || q[1] < 0 || (q[0] != Q_OUT && q[1] >= registers)) return -1;
+        if (q[0] == Q_CONST)
+            for (int i = 0; i < BLOCK; i++) regs[(int64_t)q[1] * BLOCK + i] = consts[q[2]];
+    }
+    for (int64_t j = lo; j < hi; j++) {
+        const int64_t e = (j % rows) * t + j / rows;
+        const int64_t net = net_of ? net_of[e % t] : 0;
+        double shift = 0.0, acc = 0.0, acc2 = 0.0, sums[QMC_MAX_OUT] = {0};
+        for (int64_t start = 0; start < n; start += BLOCK) {
+            int64_t m = n - start < BLOCK ? n - start : BLOCK;
+            for (int s = 0; s < n_slots; s++) {     /* ((0 + c_0 eps_0) + c_1 eps_1) + ...: two terms a pass */
+                double *restrict z = regs + (int64_t)s * BLOCK;
+                int first = 1;
+                for (int k = 0; k < n_terms; k++) {
+                    if (term_slot[k] != s) continue;
+                    int k2 = k + 1;
+                    while (k2 < n_terms && term_slot[k2] != s) k2++;
+                    const double c = coef[k][e];
+                    const double *restrict u = points + ((int64_t)term_col[k] * nets + net) * n + start;
+                    if (k2 < n_terms) {
+                        const double c2 = coef[k2][e];
+                        const double *restrict v = points + ((int64_t)term_col[k2] * nets + net) * n + start;
+                        if (first) for (int64_t i = 0; i < m; i++) z[i] = (0.0 + c * u[i]) + c2 * v[i];
+                        else for (int64_t i = 0; i < m; i++) z[i] = (z[i] + c * u[i]) + c2 * v[i];
+                        k = k2;
+                    } else if (first) {
+                        for (int64_t i = 0; i < m; i++) z[i] = 0.0 + c * u[i];
+                    } else {
+                        for (int64_t i = 0; i < m; i++) z[i] = z[i] + c * u[i];
+                    }
+                    first = 0;
+                }
+                if (first) for (int64_t i = 0; i < m; i++) z[i] = 0.0;
+            }
+            for (int k = 0; k < n_code; k++) {
+                const int32_t *q = code + k * QMC_WIDTH;
+                double *dst = regs + (int64_t)q[1] * BLOCK;
+                const double *a = regs + (int64_t)q[2] * BLOCK, *b = regs + (int64_t)q[3] * BLOCK;
+                switch (q[0]) {
+                case Q_ADD: for (int64_t i = 0; i < m; i++) dst[i] = a[i] + b[i]; break;
+                case Q_MUL: for (int64_t i = 0; i < m; i++) dst[i] = a[i] * b[i]; break;
+                case Q_PW: piecewise(consts + q[3], a, dst, m); break;
+                case Q_OUT: {
+                    const double *r = regs + (int64_t)q[2] * BLOCK;
+                    if (q[1] >= n_out) return -1;
+                    double unused = 0.0;
+                    if (q[1] > 0) {
+                        block_moments(r, m, 0.0, &sums[q[1]], &unused);
+                        break;
+                    }
+                    if (start == 0) {
+                        block_moments(r, m, 0.0, &shift, &unused);
+                        shift /= (double)m;
+                    }
+                    block_moments(r, m, shift, &acc, &acc2);
+                    break;
+                }
+                default: break;
+                }
+            }
+        }
+        double mu = acc / (double)n;
+        double var = (acc2 - (double)n * mu * mu) / (double)(n > 1 ? n - 1 : 1);
+        mean[e] = shift + mu;
+        stderr_[e] = sqrt((var > 0.0 ? var : 0.0) / (double)n);
+        for (int j = 1; j < n_out; j++) extra[j - 1][e] = sums[j] / (double)n;
+    }
+    return 0;
+}

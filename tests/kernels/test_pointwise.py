@@ -1,0 +1,176 @@
+"""The fused quasi-Monte Carlo of the N-D evaluator (``kernels.pointwise``, ``sampling.c``).
+
+Oracle: the torch form of the same integrand (the lambda the generated code passes, here
+written by hand with torch's own functions) on the same points, through
+``qmc.expect_blocks``; the fused pass must give the same means to rounding (only the sums
+over points add in another order).
+"""
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ntkcompile.ir import nodes as irn
+from ntkcompile.kernels import fused, pointwise, qmc
+from ntkcompile.kernels import piecewise as pw
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused path does not exist here")
+
+
+def _fn(piecewise):
+    return types.SimpleNamespace(piecewise=piecewise)
+
+
+RELU, STEP = _fn(pw.relu()), _fn(pw.step())
+LEAKY = _fn(pw.Piecewise((0.0,), ((0.0, 0.1), (0.0, 1.0))))
+HARDTANH = _fn(pw.hardtanh(-0.5, 1.5))
+SQUARED = _fn(pw.Piecewise((0.0,), ((0.0,), (0.0, 0.0, 1.0))))      # relu(x)^2
+ONE, HALF = irn.SConst(1.0), irn.SConst(0.5)
+
+
+def _lin(*terms):
+    return irn.ELin(tuple((irn.SConst(c) if isinstance(c, float) else c, e) for c, e in terms))
+
+
+def _chain(o):
+    """relu(z_o + relu(1.5 z_{o+1} + relu(z_{o+2}) - 0.25)) over slots o, o+1, o+2."""
+    s = [irn.ESlot(j) for j in range(3)]
+    inner = irn.ECall(RELU, s[2])
+    mid = irn.ECall(RELU, _lin((1.5, s[1]), (ONE, inner), (-0.25, irn.EConst(1.0))))
+    return irn.ECall(RELU, _lin((ONE, s[0]), (ONE, mid))), (lambda z: torch.relu(
+        1.0 * z[..., o] + 1.0 * torch.relu(1.5 * z[..., o + 1] + 1.0 * torch.relu(z[..., o + 2]) + -0.25 * 1.0)))
+
+
+def _entries(batch, seed, blocks=3):
+    """A residual chain's slot covariance on a pair (as ``test_qmc``): slots ``i`` and
+    ``i + blocks`` (its two sides) covary, other pairs are the constant 0.0."""
+    g = torch.Generator().manual_seed(seed)
+    e = [[0.0] * (2 * blocks) for _ in range(2 * blocks)]
+    for i in range(blocks):
+        a, c = torch.rand(batch, generator=g, dtype=F64) + 0.5, torch.rand(batch, generator=g, dtype=F64) + 0.5
+        r = torch.rand(batch, generator=g, dtype=F64) * 1.8 - 0.9
+        e[i][i], e[i + blocks][i + blocks] = a, c
+        e[i][i + blocks] = e[i + blocks][i] = r * (a * c).sqrt()
+    return e
+
+
+def _both(f, program, entries, samples, positions=0, stream=0):
+    b, d, groups, _ = qmc.prepare(entries, torch.zeros((), dtype=F64))
+    calls = []
+    real = qmc._fused
+
+    def spy(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    qmc._fused = spy
+    try:
+        got = qmc.expect_blocks(f, b, d, groups, samples, 3, positions, stream, program)
+    finally:
+        qmc._fused = real
+    assert calls == [True]                        # the fused pass ran
+    want = qmc.expect_blocks(f, b, d, groups, samples, 3, positions, stream)
+    return got, want
+
+
+def _close(got, want):
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-8, atol=1e-15)      # a difference of sums
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("samples", [256, 300])          # a whole number of blocks, and a tail
+def test_a_residual_chain_matches_its_torch_form(samples):
+    (ea, fa), (eb, fb) = _chain(0), _chain(3)
+    program = pointwise.build([(ea, 0), (eb, 3)], 6, pair=False)
+    entries = _entries((5, 4, 4), seed=1)
+    _close(*_both(lambda z: fa(z) * fb(z), program, entries, samples, positions=2, stream=2))
+
+
+def test_pair_moments_match_their_torch_form():
+    (ea, fa), (eb, fb) = _chain(0), _chain(3)
+    program = pointwise.build([(ea, 0), (eb, 3)], 6, pair=True)
+
+    def moments(z):
+        a, b = fa(z), fb(z)
+        return a * b, a * a, b * b
+
+    _close(*_both(moments, program, _entries(64, seed=2), 256, positions=1, stream=5))
+
+
+@pytest.mark.parametrize("name", ["step", "leaky", "hardtanh", "squared", "gaussian"])
+def test_other_piecewise_functions_and_factors(name):
+    """Each piecewise family (constant pieces, a slope on both sides, two breaks, degree 2) and
+    a bare G-var factor, times a derivative-style factor on another slot."""
+    s0, s1 = irn.ESlot(0), irn.ESlot(1)
+    fn, torch_fn = {"step": (STEP, lambda x: (x > 0).to(x.dtype)), "leaky": (LEAKY, lambda x: F.leaky_relu(x, 0.1)),
+                    "hardtanh": (HARDTANH, lambda x: F.hardtanh(x, -0.5, 1.5)),
+                    "squared": (SQUARED, lambda x: torch.relu(x) ** 2),
+                    "gaussian": (None, None)}[name]
+    if fn:
+        side = irn.EMul((irn.ECall(STEP, s1), irn.ECall(fn, _lin((0.5, s0), (HALF, s1)))))
+        parts = [(side, 0), (irn.ECall(STEP, s1), 2)]
+    else:
+        parts = [(None, 0), (irn.ECall(RELU, s1), 2)]
+    program = pointwise.build(parts, 4, pair=False)
+    entries = _entries(32, seed=3, blocks=2)
+    if fn:
+        def f(z):
+            return ((z[..., 1] > 0).to(F64) * torch_fn(0.5 * z[..., 0] + 0.5 * z[..., 1])) * (z[..., 3] > 0).to(F64)
+    else:
+        def f(z):
+            return z[..., 0] * torch.relu(z[..., 3])
+    _close(*_both(f, program, entries, 512))
+
+
+def test_what_has_no_program_takes_the_torch_form():
+    tanh = types.SimpleNamespace(piecewise=None)
+    assert pointwise.build([(irn.ECall(tanh, irn.ESlot(0)), 0)], 1, pair=False) is None
+    coef = object.__new__(irn.SMoment)                           # a coefficient that is not a constant
+    assert pointwise.build([(irn.ECall(RELU, irn.ELin(((coef, irn.ESlot(0)),))), 0)], 1, pair=False) is None
+
+
+def test_registers_are_reused():
+    """A long chain needs a few registers, not one per step."""
+    e = irn.ESlot(0)
+    for _ in range(40):
+        e = irn.ECall(RELU, _lin((ONE, irn.ESlot(1)), (0.5, e)))
+    program = pointwise.build([(e, 0)], 2, pair=False)
+    assert len(program.code) > 80 and program.registers <= 6, program.registers
+
+
+def test_a_resnet_v1_kernel_is_the_same_on_both_paths(monkeypatch):
+    """End to end: a post-activation ResNet's kernels with the fused sampler and with the torch
+    form of every integrand (same points) agree to rounding."""
+    import ntkcompile
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(2, 4, 3, padding=1)
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = torch.relu(h + self.b(torch.relu(self.a(h))))
+            h = torch.relu(h + self.b(torch.relu(self.a(h))))        # the same weights again
+            return self.out(h.mean(dim=(2, 3)))
+
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    kfn = ntkcompile.compile(Block(), mc_samples=512, mc_replicates=2)
+    runs = []
+    real = qmc._fused
+    monkeypatch.setattr(qmc, "_fused", lambda *a: runs.append(1) or real(*a))
+    fast = kfn(x, progress=False)
+    assert runs and "pw_" in kfn.code
+    monkeypatch.setattr(qmc, "_fused", lambda *a: None)
+    slow = kfn(x, progress=False)
+    for m in ("nngp", "ntk"):
+        torch.testing.assert_close(getattr(fast, m), getattr(slow, m), rtol=1e-12, atol=0)
+        torch.testing.assert_close(getattr(fast, m + "_stderr"), getattr(slow, m + "_stderr"), rtol=1e-8, atol=1e-15)
