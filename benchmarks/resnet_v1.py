@@ -3,18 +3,23 @@
 ``relu(x + conv(relu(conv(x))))`` makes block ``l``'s output an H-var of ``l + 1`` G-vars, so
 its pair expectations go to the N-D evaluator (quasi-Monte Carlo, ``kernels.qmc``:
 ``mc_samples`` split into ``mc_replicates`` independent replicates whose spread is the
-reported standard error).  The peer, in the same process and on the same inputs, is the same
-compiled kernel with every entry on the same points (``qmc.MAX_NETS = 1``: the evaluator
-before each position pair had a net of its own).  For each the run reports the time of a
-warm call and the largest standard error relative to the entry (NNGP and NTK);
-``(se_common / se_nets)^2`` is how many more points the common points would need.  With
-``--reference N`` it also computes the kernel at ``N`` points (nets) and reports each
-sampler's largest error against it, and the root mean square of the errors in combined
-standard errors (about 1 when the standard errors are honest, larger where a bias is not
-in them).
+reported standard error), which runs each expectation as one C pass (``sampling.c``).
+
+Peers, in the same process and on the same inputs:
+
+* ``torch``: the same compiled kernel with the fused pass off (each integrand's torch form
+  on the same points; the kernels agree to rounding, which the run checks);
+* ``common`` (with ``--common``): every entry on the same points (``qmc.MAX_NETS = 1``: the
+  evaluator before each position pair had a net of its own), to show what the nets buy.
+
+For each the run reports the time of a warm call and the largest standard error relative to
+the entry (NNGP and NTK).  With ``--reference N`` it also computes the kernel at ``N``
+points and reports each run's largest error against it, and the root mean square of the
+errors in combined standard errors (about 1 when the standard errors are honest, larger
+where a bias is not in them).
 
     python benchmarks/resnet_v1.py [--cases 4x4x3,4x8x3] [--samples 1024] [--replicates 4]
-                                   [--reference 131072] [--threads 2]
+                                   [--reference 131072] [--threads 2] [--common] [--no-torch]
 
 A case ``NxHxB`` is N inputs of 3 x H x H through a stem convolution, B blocks and global
 average pooling (16 channels; the width does not change the infinite-width kernels).
@@ -44,9 +49,11 @@ class ResNetV1(nn.Module):
         return self.out(h.mean(dim=(2, 3)))
 
 
-def _kernel(blocks, x, samples, replicates, nets, seed=0):
-    old = qmc.MAX_NETS
-    qmc.MAX_NETS = nets
+def _kernel(blocks, x, samples, replicates, nets=None, fused=True, seed=0):
+    old, real = qmc.MAX_NETS, qmc._fused
+    qmc.MAX_NETS = nets or old
+    if not fused:
+        qmc._fused = lambda *args: None              # the torch form of every integrand
     try:
         kfn = ntkcompile.compile(ResNetV1(blocks), mc_samples=samples, mc_replicates=replicates, seed=seed)
         kfn(x[:1], progress=False)                     # trace and plan outside the timing
@@ -54,23 +61,28 @@ def _kernel(blocks, x, samples, replicates, nets, seed=0):
         k = kfn(x, progress=False)
         return time.perf_counter() - t, k
     finally:
-        qmc.MAX_NETS = old
+        qmc.MAX_NETS, qmc._fused = old, real
 
 
-def run(case, samples, replicates, reference):
+def _worst(k):
+    return [float((getattr(k, f"{m}_stderr") / getattr(k, m).abs()).max()) for m in ("nngp", "ntk")]
+
+
+def run(case, samples, replicates, reference, peers):
     n, h, blocks = (int(v) for v in case.split("x"))
     x = torch.randn(n, 3, h, h, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = None
     if reference:
-        seconds, ref = _kernel(blocks, x, reference, 8, qmc.MAX_NETS, seed=12345)
-        rel = [float((getattr(ref, f"{m}_stderr") / getattr(ref, m).abs()).max()) for m in ("nngp", "ntk")]
+        seconds, ref = _kernel(blocks, x, reference, 8, seed=12345)
+        rel = _worst(ref)
         print(f"{case} reference ({reference} points, 8 replicates): {seconds:.1f} s, standard error "
               f"NNGP {rel[0]:.1e}, NTK {rel[1]:.1e}", flush=True)
     out = {}
-    for name, nets in (("nets", qmc.MAX_NETS), ("common", 1)):
-        seconds, k = _kernel(blocks, x, samples, replicates, nets)
-        rel = [float((getattr(k, f"{m}_stderr") / getattr(k, m).abs()).max()) for m in ("nngp", "ntk")]
-        out[name] = (seconds, rel)
+    for name in ("fused",) + peers:
+        seconds, k = _kernel(blocks, x, samples, replicates, nets=1 if name == "common" else None,
+                             fused=name != "torch")
+        rel = _worst(k)
+        out[name] = (seconds, rel, k)
         line = (f"{case} {name:6s} ({samples} points, {replicates} replicates): {seconds:7.1f} s, largest "
                 f"standard error / entry: NNGP {rel[0]:.1e}, NTK {rel[1]:.1e}")
         if ref is not None:
@@ -80,9 +92,18 @@ def run(case, samples, replicates, reference):
                 line += (f"; {m.upper()} error {float(((v - r) / r.abs()).abs().max()):.1e}, "
                          f"rms {float(z.pow(2).mean().sqrt()):.2f} se")
         print(line, flush=True)
-    (tn, rn), (tc, rc) = out["nets"], out["common"]
-    print(f"{case}: common / nets standard error NNGP {rc[0] / rn[0]:.1f}x, NTK {rc[1] / rn[1]:.1f}x "
-          f"(as many more points: {(rc[0] / rn[0]) ** 2:.0f}x, {(rc[1] / rn[1]) ** 2:.0f}x); time {tc / tn:.2f}x")
+    tf, rf, kf = out["fused"]
+    if "torch" in out:
+        tt, _, kt = out["torch"]
+        diff = max(float(((getattr(kf, m) - getattr(kt, m)) / getattr(kt, m).abs()).abs().max())
+                   for m in ("nngp", "ntk"))
+        print(f"{case}: fused pass {tt / tf:.1f}x faster than the torch form, same points: kernels differ by "
+              f"{diff:.1e} (relative)")
+    if "common" in out:
+        tc, rc, _ = out["common"]
+        print(f"{case}: common / nets standard error NNGP {rc[0] / rf[0]:.1f}x, NTK {rc[1] / rf[1]:.1f}x "
+              f"(as many more points: {(rc[0] / rf[0]) ** 2:.0f}x, {(rc[1] / rf[1]) ** 2:.0f}x); "
+              f"time {tc / tf:.2f}x")
 
 
 def main():
@@ -92,11 +113,14 @@ def main():
     p.add_argument("--replicates", type=int, default=4)
     p.add_argument("--reference", type=int, default=0, help="points of a reference kernel (0: none)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--common", action="store_true", help="also time every entry on the same points")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch form (slow on many inputs)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    peers = ("torch",) * (not args.no_torch) + ("common",) * args.common
     for case in args.cases.split(","):
-        run(case, args.samples, args.replicates, args.reference)
+        run(case, args.samples, args.replicates, args.reference, peers)
 
 
 if __name__ == "__main__":

@@ -137,8 +137,8 @@ def _sampled(entries, like, smooth):
     rank is not known: the dense evaluator decides)."""
     if compiling() or like.device.type == "meta":
         return None
-    batch, d, groups, evals = qmc.prepare_shared(entries, like)
-    return (batch, d, groups) if qmc.rank(evals) > quadrature_rank(smooth) else None
+    batch, d, groups, _, rank = qmc.prepare_shared(entries, like)
+    return (batch, d, groups) if rank > quadrature_rank(smooth) else None
 
 
 def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None, layout=(0, False, 0),

@@ -21,11 +21,11 @@ from typing import List, Optional, Sequence
 
 from ..ir import nodes as irn
 
-_OPS = {"const": 0, "add": 1, "mul": 2, "pw": 3, "out": 4}
+_OPS = {"const": 0, "add": 1, "mul": 2, "pw": 3, "out": 4, "pwadd": 5, "outmul": 6}
 
 
 class Program:
-    """Instructions ``(op, dst, a, b)`` over registers (the first ``slots`` hold the slots),
+    """Instructions ``(op, dst, a, b, p)`` over registers (the first ``slots`` hold the slots),
     their constants, the registers they use and the number of outputs."""
 
     def __init__(self, code, consts, registers: int, slots: int, outputs: int):
@@ -115,37 +115,64 @@ class _Writer:
         coeffs = [a for c in pw.coeffs for a in tuple(c) + (0.0,) * (width - len(c))]
         return self._const_index([len(pw.breaks), width, *pw.breaks, *at, *coeffs])
 
+    def _one_pass(self, p: int) -> bool:
+        """Whether the piecewise function at consts[p] is one ``sampling.c`` takes in one pass."""
+        return self.consts[p] == 1 and self.consts[p + 1] <= 2
+
     def assemble(self, outputs) -> Program:
-        """Registers for the values: the slots keep theirs; every other value takes the
-        first register free when it is made (freed after its last read)."""
-        last = {}
-        for k, (op, args) in enumerate(self.steps):
-            for a in (args[:2] if op in ("add", "mul") else args[:1] if op == "pw" else ()):
-                last[a] = k
+        """Fused steps, then registers.  A one-pass piecewise function of a sum read nowhere
+        else is one step (``pwadd``: ``relu(z + h)``, the residual chain's step), and an
+        output that is a product read nowhere else is accumulated from its factors
+        (``outmul``): each saves a pass over the block.  The slots keep their registers; every
+        other value takes the first register free when it is made (freed after its last
+        read, so never the destination of the step that reads it last)."""
+        steps = {self.slots + k: [op, (args[:2] if op in ("add", "mul") else args[:1] if op == "pw" else ()),
+                                  args[1] if op == "pw" else args[0] if op == "const" else None]
+                 for k, (op, args) in enumerate(self.steps)}
+        uses: dict = {}
+        for _, reads, _ in steps.values():
+            for a in reads:
+                uses[a] = uses.get(a, 0) + 1
         for v in outputs:
-            last[v] = len(self.steps)
+            uses[v] = uses.get(v, 0) + 1
+        for v, step in steps.items():
+            x = step[1][0] if step[0] == "pw" else None
+            if x in steps and steps[x][0] == "add" and uses[x] == 1 and self._one_pass(step[2]):
+                step[0], step[1] = "pwadd", steps[x][1]
+                steps[x][0] = "dead"
+        outs = []
+        for v in outputs:
+            if v in steps and steps[v][0] == "mul" and uses[v] == 1:
+                outs.append(("outmul", steps[v][1]))
+                steps[v][0] = "dead"
+            else:
+                outs.append(("out", (v, v)))
+        live = [(v, st) for v, st in steps.items() if st[0] != "dead"]
+        last = {}
+        for k, (_, (_, reads, _)) in enumerate(live):
+            for a in reads:
+                last[a] = k
+        for _, reads in outs:
+            for a in reads:
+                last[a] = len(live)
         reg = {s: s for s in range(self.slots)}
         free: list = []
         top = self.slots
         code = []
-        for k, (op, args) in enumerate(self.steps):
-            v = self.slots + k
-            reads = args[:2] if op in ("add", "mul") else args[:1] if op == "pw" else ()
-            if op == "const":      # filled once: never freed
+        for k, (v, (op, reads, param)) in enumerate(live):
+            if op == "const" or not free:      # constants are filled once: never freed
                 reg[v], top = top, top + 1
-            elif free:             # registers read last here are freed after: never the destination
-                reg[v] = free.pop(0)
             else:
-                reg[v], top = top, top + 1
-            for a in reads:
-                if a >= self.slots and last.get(a) == k and self.steps[a - self.slots][0] != "const":
+                reg[v] = free.pop(0)
+            for a in set(reads):
+                if a in steps and last.get(a) == k and steps[a][0] != "const":
                     free.append(reg[a])
-                    free.sort()
-            ins = ((args[0], 0) if op == "const" else (reg[args[0]], args[1]) if op == "pw"
-                   else (reg[args[0]], reg[args[1]]))
-            code.append((_OPS[op], reg[v], *ins))
-        for j, v in enumerate(outputs):
-            code.append((_OPS["out"], j, reg[v], 0))
+            free.sort()
+            r = [reg[a] for a in reads] + [0, 0]
+            code.append((_OPS[op], reg[v], param if op == "const" else r[0], r[1],
+                         param if op in ("pw", "pwadd") else 0))
+        for j, (op, reads) in enumerate(outs):
+            code.append((_OPS[op], j, reg[reads[0]], reg[reads[1]], 0))
         return Program(code, self.consts, top, self.slots, len(outputs))
 
 

@@ -86,17 +86,23 @@ def _factor(sub: Tensor) -> Tuple[Tensor, Tensor]:
         v = sub[..., 0, 0].clamp_min(0.0)
         return v.sqrt()[..., None, None], v[..., None]
     if m == 2:
-        a, b, c = sub[..., 0, 0].clamp_min(0.0), sub[..., 0, 1], sub[..., 1, 1].clamp_min(0.0)
-        sa, sc = a.sqrt(), c.sqrt()
-        s = sa * sc
-        rho = torch.where(s > 0, b / torch.where(s > 0, s, 1.0), 0.0).clamp(-1.0, 1.0)
-        zero = torch.zeros_like(a)
-        factor = torch.stack([torch.stack([sa, zero], -1),
-                              torch.stack([rho * sc, sc * (1.0 - rho * rho).clamp_min(0.0).sqrt()], -1)], -2)
-        half, gap = 0.5 * (a + c), (0.25 * (a - c) ** 2 + (rho * s) ** 2).sqrt()
-        return factor, torch.stack([half - gap, half + gap], -1).clamp_min(0.0)
+        (f00, f10, f11), (lo, hi) = _factor2(sub[..., 0, 0], sub[..., 0, 1], sub[..., 1, 1])
+        factor = torch.stack([torch.stack([f00, torch.zeros_like(f00)], -1), torch.stack([f10, f11], -1)], -2)
+        return factor, torch.stack([lo, hi], -1)
     evals, evecs = quad._eigh(sub)
     return evecs * evals.sqrt().unsqueeze(-2), evals
+
+
+def _factor2(a: Tensor, b: Tensor, c: Tensor):
+    """``_factor`` of the 2x2 blocks ``[[a, b], [b, c]]`` as arrays: the factor's entries
+    ``(f00, f10, f11)`` (``f01 = 0``) and the eigenvalues ``(lo, hi)``."""
+    a, c = a.clamp_min(0.0), c.clamp_min(0.0)
+    sa, sc = a.sqrt(), c.sqrt()
+    s = sa * sc
+    rho = torch.where(s > 0, b / torch.where(s > 0, s, 1.0), 0.0).clamp(-1.0, 1.0)
+    half, gap = 0.5 * (a + c), (0.25 * (a - c) ** 2 + (rho * s) ** 2).sqrt()
+    return (sa, rho * sc, sc * (1.0 - rho * rho).clamp_min(0.0).sqrt()), ((half - gap).clamp_min(0.0),
+                                                                          (half + gap).clamp_min(0.0))
 
 
 def normal_nets(n: int, nets: int, dims: int, seed: int, by_net: bool = False) -> Tensor:
@@ -141,22 +147,28 @@ def prepare(entries, like) -> Tuple[torch.Size, int, list, Tensor]:
     flat = torch.broadcast_tensors(*flat)
     d = len(entries)
     batch = flat[0].shape
-    groups, evals = [], []
+    groups, evals = [], []             # per group: its slots and the factor's columns [[(row, (B,))]]
     for slots in blocks(entries):
+        if len(slots) == 2:            # the common case (a residual chain on a pair): no stacking
+            i, j = slots
+            (f00, f10, f11), ev = _factor2(flat[i * d + i].reshape(-1), (0.5 * (flat[i * d + j] + flat[j * d + i])
+                                                                         ).reshape(-1), flat[j * d + j].reshape(-1))
+            groups.append((slots, [[(0, f00), (1, f10)], [(1, f11)]]))
+            evals += ev
+            continue
         sub = torch.stack([flat[i * d + j].reshape(-1) for i in slots for j in slots], -1)
         sub = sub.reshape(-1, len(slots), len(slots))
         factor, ev = _factor(0.5 * (sub + sub.transpose(-1, -2)))
-        groups.append((slots, factor))
-        evals.append(ev)
-    evals = torch.cat(evals, -1)
+        groups.append((slots, [[(r, factor[:, r, k]) for r in range(len(slots))] for k in range(len(slots))]))
+        evals += ev.unbind(-1)
+    evals = torch.stack(evals, -1) if evals else torch.zeros(math.prod(batch), 0, dtype=_F64)
     top = evals.amax() if evals.numel() else evals.new_zeros(())
     kept = []
-    for slots, factor in groups:
-        alive = factor.pow(2).sum(-2).amax(0) > quad._RANK_RTOL * top
-        factor = factor[..., alive]
-        terms = [(slot, j, factor[:, r, j]) for r, slot in enumerate(slots) for j in range(factor.shape[-1])
-                 if bool((factor[:, r, j] != 0).any())]
-        kept.append((factor.shape[-1], terms))
+    for slots, columns in groups:
+        # columns that vanish on the whole batch dropped, the others renumbered
+        columns = [c for c in columns if float(sum(f.pow(2) for _, f in c).amax()) > quad._RANK_RTOL * top]
+        terms = [(slots[r], k, f) for k, c in enumerate(columns) for r, f in c if bool((f != 0).any())]
+        kept.append((len(columns), sorted(terms, key=lambda t: (t[0], t[1]))))
     return batch, d, kept, evals
 
 
@@ -165,11 +177,11 @@ PREPARED_BYTES = 128 << 20         # the factors kept per thread at most
 
 
 def prepare_shared(entries, like):
-    """``prepare``, shared by the calls that pass the same covariance arrays (unchanged: same
-    objects, same versions), as the expectations of one layer do (``E[h h']``, ``E[h' h'']``,
-    ...): four of each on a 3-block ResNet v1.  A kept value goes when one of its arrays does
-    (the generated code deletes each after its last use), or when the least recently used
-    values are over ``PREPARED_BYTES``."""
+    """``prepare`` and the covariance's ``rank``, shared by the calls that pass the same
+    covariance arrays (unchanged: same objects, same versions), as the expectations of one
+    layer do (``E[h h']``, ``E[h' h'']``, ...): four of each on a 3-block ResNet v1.  A kept
+    value goes when one of its arrays does (the generated code deletes each after its last
+    use), or when the least recently used values are over ``PREPARED_BYTES``."""
     tensors = [e for row in entries for e in row if torch.is_tensor(e)]
     key = tuple(id(e) if torch.is_tensor(e) else e for row in entries for e in row)
     kept = getattr(_prepared, "items", None)
@@ -180,6 +192,7 @@ def prepare_shared(entries, like):
         kept[key] = hit                                  # the most recently used last
         return hit[2]
     value = prepare(entries, like)
+    value = (*value, rank(value[3]))
     size = sum(8 * c.numel() for _, terms in value[2] for _, _, c in terms)
     if tensors and size <= PREPARED_BYTES:
         while kept and sum(v[3] for v in kept.values()) + size > PREPARED_BYTES:
@@ -268,18 +281,19 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
         return None
     B = math.prod(batch)
     pts = normal_nets(samples, nets, max(1, dims), seed, by_net=True)
-    slot_of, col_of, ptrs, keep, col = [], [], [], [], 0
+    slot_of, col_of, coefs, col = [], [], [], 0
     for cols, terms in groups:
         for slot, j, coef in terms:
-            coef = coef.reshape(B).contiguous()
-            keep.append(coef)
+            coefs.append(coef.reshape(B))
             slot_of.append(slot)
             col_of.append(col + j)
-            ptrs.append(coef.data_ptr())
         col += cols
-    n_terms = len(ptrs)
+    n_terms = len(coefs)
+    # (t, rows, terms): the coefficients in the order sampling.c takes the entries, one row apart
+    packed = (torch.stack(coefs, -1).reshape(B // t, t, n_terms).transpose(0, 1).contiguous() if coefs
+              else torch.zeros(1, dtype=_F64))
     if program._c is None:
-        program._c = ((ctypes.c_int32 * (4 * len(program.code)))(*[v for ins in program.code for v in ins]),
+        program._c = ((ctypes.c_int32 * (5 * len(program.code)))(*[v for ins in program.code for v in ins]),
                       (ctypes.c_double * max(1, len(program.consts)))(*program.consts))
     code, consts = program._c
     mean, stderr = torch.empty(B, dtype=_F64), torch.empty(B, dtype=_F64)
@@ -287,13 +301,13 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
     c_extra = (ctypes.c_void_p * max(1, len(extra)))(*[e.data_ptr() for e in extra])
     c_slot = (ctypes.c_int32 * max(1, n_terms))(*slot_of)
     c_col = (ctypes.c_int32 * max(1, n_terms))(*col_of)
-    c_coef = (ctypes.c_void_p * max(1, n_terms))(*ptrs)
     net_of = net.to(torch.int64).contiguous() if net is not None else None
 
     def part(lo, hi):
         regs = torch.empty(program.registers * 256, dtype=_F64)
-        rc = lib.ntk_qmc(code, len(program.code), consts, program.registers, d, n_terms, c_slot, c_col, c_coef,
-                         pts.data_ptr(), samples, nets, None if net_of is None else net_of.data_ptr(), t, B // t,
+        rc = lib.ntk_qmc(code, len(program.code), consts, program.registers, d, n_terms, c_slot, c_col,
+                         packed.data_ptr(), pts.data_ptr(), samples, nets,
+                         None if net_of is None else net_of.data_ptr(), t, B // t,
                          program.outputs, mean.data_ptr(), stderr.data_ptr(), c_extra, regs.data_ptr(), lo, hi)
         if rc < 0:
             raise RuntimeError(f"fused quasi-Monte Carlo failed (code {rc})")

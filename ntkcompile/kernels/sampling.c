@@ -14,13 +14,15 @@
  * Program: instructions of QMC_WIDTH int32s over registers of BLOCK doubles; registers
  * 0 .. n_slots - 1 hold the slots.
  *
- *   CONST dst k       consts[k] (filled once, before the entries)
- *   ADD   dst a b     a + b
- *   MUL   dst a b     a * b
- *   PW    dst a p     the piecewise polynomial at consts[p]: m breaks, c coefficients per
- *                     piece, then the breaks t_1 < ... < t_m, the values at them, and the
- *                     m + 1 pieces' coefficients (lowest first), as kernels.piecewise
- *   OUT   j a         output j takes the register
+ *   CONST  dst k        consts[k] (filled once, before the entries)
+ *   ADD    dst a b      a + b
+ *   MUL    dst a b      a * b
+ *   PW     dst a - p    the piecewise polynomial at consts[p]: m breaks, c coefficients per
+ *                       piece, then the breaks t_1 < ... < t_m, the values at them, and the
+ *                       m + 1 pieces' coefficients (lowest first), as kernels.piecewise
+ *   PWADD  dst a b p    PW of a + b, for one break and pieces of degree <= 1 (relu(z + h))
+ *   OUT    j a          output j takes the register
+ *   OUTMUL j a b        output j takes a * b
  *
  * Per entry: output 0's mean and the standard error of its mean (as for independent
  * points: shifted by its first block's mean, as qmc.expect_blocks), the others' means.
@@ -30,9 +32,9 @@
 #include <string.h>
 
 #define BLOCK 256
-#define QMC_WIDTH 4
+#define QMC_WIDTH 5
 #define QMC_MAX_OUT 4
-enum { Q_CONST = 0, Q_ADD, Q_MUL, Q_PW, Q_OUT };
+enum { Q_CONST = 0, Q_ADD, Q_MUL, Q_PW, Q_OUT, Q_PWADD, Q_OUTMUL };
 
 #if defined(__AVX512F__)
 typedef double vec __attribute__((vector_size(64)));
@@ -61,17 +63,33 @@ static void piece(const double *p, int c, const double *restrict x, double *rest
         }
 }
 
+/* One break, pieces of degree <= 1 (relu, step, leaky relu, abs): ``pw`` of x + y (of x
+ * without y) in one pass. */
+static void piecewise1(const double *pw, const double *restrict x, const double *restrict y, double *restrict dst,
+                       int64_t n) {
+    const int c = (int)pw[1];
+    const double t0 = pw[2], a0 = pw[3], l0 = pw[4], l1 = c > 1 ? pw[5] : 0.0;
+    const double r0 = pw[4 + c], r1 = c > 1 ? pw[5 + c] : 0.0;
+    /* the common shapes in loops of their own: a constant left piece that also holds at the
+     * break (relu: x > 0 ? x : 0; the step: x > 0 ? 1 : 0), which need no test for x == t0 */
+    const int flat_left = l1 == 0.0 && a0 == l0, identity = c > 1 && r1 == 1.0 && r0 == 0.0;
+#define LOOP(EXPR) do {                                                                        \
+        if (y) for (int64_t i = 0; i < n; i++) { const double v = x[i] + y[i]; dst[i] = (EXPR); } \
+        else for (int64_t i = 0; i < n; i++) { const double v = x[i]; dst[i] = (EXPR); }          \
+    } while (0)
+    if (flat_left && identity) LOOP(v > t0 ? v : l0);
+    else if (flat_left && c == 1) LOOP(v > t0 ? r0 : l0);
+    else if (c == 1) LOOP(v > t0 ? r0 : v == t0 ? a0 : l0);
+    else LOOP(v > t0 ? r1 * v + r0 : v == t0 ? a0 : l1 * v + l0);
+#undef LOOP
+}
+
 /* The piecewise polynomial ``pw`` (see above) of x[0..n) into dst (dst != x). */
 static void piecewise(const double *pw, const double *restrict x, double *restrict dst, int64_t n) {
     int m = (int)pw[0], c = (int)pw[1];
     const double *t = pw + 2, *at = t + m, *coef = at + m;
-    if (m == 1 && c <= 2) {        /* one break, pieces of degree <= 1 (relu, step, leaky relu, abs): one pass */
-        const double t0 = t[0], a0 = at[0], l0 = coef[0], l1 = c > 1 ? coef[1] : 0.0;
-        const double r0 = coef[c], r1 = c > 1 ? coef[c + 1] : 0.0;
-        if (c == 1)
-            for (int64_t i = 0; i < n; i++) dst[i] = x[i] > t0 ? r0 : x[i] == t0 ? a0 : l0;
-        else
-            for (int64_t i = 0; i < n; i++) dst[i] = x[i] > t0 ? r1 * x[i] + r0 : x[i] == t0 ? a0 : l1 * x[i] + l0;
+    if (m == 1 && c <= 2) {
+        piecewise1(pw, x, 0, dst, n);
         return;
     }
     for (int k = 0; k <= m; k++) piece(coef + k * c, c, x, dst, n, k == 0, k ? t[k - 1] : 0.0);
@@ -81,25 +99,38 @@ static void piecewise(const double *pw, const double *restrict x, double *restri
     }
 }
 
-/* sum of r[i] - shift and of its square over [0, n): WIDTH running sums each, then added up. */
-static void block_moments(const double *r, int64_t n, double shift, double *sum, double *sum2) {
+/* The sums of v - shift and of its square over [0, n), v = r[i] (r[i] * r2[i] with r2): two
+ * sets of WIDTH running sums each (two chains of additions in flight), then added up. */
+static void block_moments(const double *r, const double *r2, int64_t n, double shift, double *sum, double *sum2) {
     int64_t i = 0;
     double s = 0.0, s2 = 0.0;
 #if WIDTH > 1
-    vec a = {0}, a2 = {0}, v;
-    for (; i + WIDTH <= n; i += WIDTH) {
+    vec a = {0}, b = {0}, a2 = {0}, b2 = {0}, v, w, u;
+    for (; i + 2 * WIDTH <= n; i += 2 * WIDTH) {
         memcpy(&v, r + i, sizeof v);
+        memcpy(&w, r + i + WIDTH, sizeof w);
+        if (r2) {
+            memcpy(&u, r2 + i, sizeof u);
+            v *= u;
+            memcpy(&u, r2 + i + WIDTH, sizeof u);
+            w *= u;
+        }
         v -= shift;
+        w -= shift;
         a += v;
+        b += w;
         a2 += v * v;
+        b2 += w * w;
     }
+    a += b;
+    a2 += b2;
     for (int k = 0; k < WIDTH; k++) {
         s += a[k];
         s2 += a2[k];
     }
 #endif
     for (; i < n; i++) {
-        double d = r[i] - shift;
+        double d = (r2 ? r[i] * r2[i] : r[i]) - shift;
         s += d;
         s2 += d * d;
     }
@@ -111,17 +142,19 @@ static void block_moments(const double *r, int64_t n, double shift, double *sum,
  * net_of[e % t] (net 0 without net_of), taken position by position (j = pos * rows + row,
  * e = row * t + pos): the entries of one position share its net, whose points then stay in
  * L1 from one entry to the next.  Slot s of a point is
- * sum over the terms k with term_slot[k] == s of coef[k][e] * points[term_col[k]][net][i];
+ * sum over the terms k with term_slot[k] == s of coef[j * n_terms + k] * points[term_col[k]][net][i]
+ * (the coefficients packed in the order the entries are taken);
  * points: (dims, nets, n).  Returns 0, or -1 for a bad instruction. */
 int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers, int n_slots,
-            int n_terms, const int32_t *term_slot, const int32_t *term_col, const double *const *coef,
+            int n_terms, const int32_t *term_slot, const int32_t *term_col, const double *coef,
             const double *points, int64_t n, int64_t nets, const int64_t *net_of, int64_t t, int64_t rows,
             int n_out, double *mean, double *stderr_, double *const *extra, double *regs,
             int64_t lo, int64_t hi) {
     if (n_out < 1 || n_out > QMC_MAX_OUT) return -1;
     for (int k = 0; k < n_code; k++) {
         const int32_t *q = code + k * QMC_WIDTH;
-        if (q[0] < Q_CONST || q[0] > Q_OUT || q[1] < 0 || (q[0] != Q_OUT && q[1] >= registers)) return -1;
+        int out = q[0] == Q_OUT || q[0] == Q_OUTMUL;
+        if (q[0] < Q_CONST || q[0] > Q_OUTMUL || q[1] < 0 || q[1] >= (out ? n_out : registers)) return -1;
         if (q[0] == Q_CONST)
             for (int i = 0; i < BLOCK; i++) regs[(int64_t)q[1] * BLOCK + i] = consts[q[2]];
     }
@@ -138,10 +171,10 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
                     if (term_slot[k] != s) continue;
                     int k2 = k + 1;
                     while (k2 < n_terms && term_slot[k2] != s) k2++;
-                    const double c = coef[k][e];
+                    const double c = coef[j * n_terms + k];
                     const double *restrict u = points + ((int64_t)term_col[k] * nets + net) * n + start;
                     if (k2 < n_terms) {
-                        const double c2 = coef[k2][e];
+                        const double c2 = coef[j * n_terms + k2];
                         const double *restrict v = points + ((int64_t)term_col[k2] * nets + net) * n + start;
                         if (first) for (int64_t i = 0; i < m; i++) z[i] = (0.0 + c * u[i]) + c2 * v[i];
                         else for (int64_t i = 0; i < m; i++) z[i] = (z[i] + c * u[i]) + c2 * v[i];
@@ -162,20 +195,21 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
                 switch (q[0]) {
                 case Q_ADD: for (int64_t i = 0; i < m; i++) dst[i] = a[i] + b[i]; break;
                 case Q_MUL: for (int64_t i = 0; i < m; i++) dst[i] = a[i] * b[i]; break;
-                case Q_PW: piecewise(consts + q[3], a, dst, m); break;
-                case Q_OUT: {
-                    const double *r = regs + (int64_t)q[2] * BLOCK;
-                    if (q[1] >= n_out) return -1;
+                case Q_PWADD: piecewise1(consts + q[4], a, b, dst, m); break;
+                case Q_PW: piecewise(consts + q[4], a, dst, m); break;
+                case Q_OUT:
+                case Q_OUTMUL: {
+                    const double *r2 = q[0] == Q_OUTMUL ? b : 0;
                     double unused = 0.0;
                     if (q[1] > 0) {
-                        block_moments(r, m, 0.0, &sums[q[1]], &unused);
+                        block_moments(a, r2, m, 0.0, &sums[q[1]], &unused);
                         break;
                     }
                     if (start == 0) {
-                        block_moments(r, m, 0.0, &shift, &unused);
+                        block_moments(a, r2, m, 0.0, &shift, &unused);
                         shift /= (double)m;
                     }
-                    block_moments(r, m, shift, &acc, &acc2);
+                    block_moments(a, r2, m, shift, &acc, &acc2);
                     break;
                 }
                 default: break;

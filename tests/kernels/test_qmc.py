@@ -194,6 +194,7 @@ def test_calls_on_the_same_covariance_share_its_factors():
     again = qmc.prepare_shared(e, like)
     assert again is not first
     want = qmc.prepare(e, like)
+    assert again[4] == qmc.rank(want[3]) == 6
     for (_, got_terms), (_, want_terms) in zip(again[2], want[2]):
         for (s1, j1, c1), (s2, j2, c2) in zip(got_terms, want_terms):
             assert (s1, j1) == (s2, j2)
