@@ -169,7 +169,7 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_program": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
                     + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]),
-    "ntk_qmc": (_I, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _L, _L, _P, _L, _L, _I, _P, _P, _P, _P, _L, _L]),
+    "ntk_qmc": (_I, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _L, _L, _P, _L, _L, _I, _P, _P, _P, _P, _L, _L, _P]),
 }
 
 

@@ -17,9 +17,11 @@ for the piecewise linear functions (relu, step), to rounding for higher degrees.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 from ..ir import nodes as irn
+from . import native
 
 _OPS = {"const": 0, "add": 1, "mul": 2, "pw": 3, "out": 4, "pwadd": 5, "outmul": 6}
 
@@ -28,10 +30,12 @@ class Program:
     """Instructions ``(op, dst, a, b, p)`` over registers (the first ``slots`` hold the slots),
     their constants, the registers they use and the number of outputs."""
 
-    def __init__(self, code, consts, registers: int, slots: int, outputs: int):
+    def __init__(self, code, consts, registers: int, slots: int, outputs: int, source: str = ""):
         self.code, self.consts = tuple(code), tuple(consts)
         self.registers, self.slots, self.outputs = registers, slots, outputs
+        self.source = source          # the body as a C function of a point block (``c_body``), {name} its name
         self._c = None
+        self.body = None               # the compiled body's address once ``native`` has built it
 
     def __repr__(self):
         return f"<pointwise program: {len(self.code)} steps, {self.slots} slots, {self.outputs} outputs>"
@@ -173,7 +177,60 @@ class _Writer:
                          param if op in ("pw", "pwadd") else 0))
         for j, (op, reads) in enumerate(outs):
             code.append((_OPS[op], j, reg[reads[0]], reg[reads[1]], 0))
-        return Program(code, self.consts, top, self.slots, len(outputs))
+        return Program(code, self.consts, top, self.slots, len(outputs), self.c_body(outputs))
+
+    def c_body(self, outputs) -> str:
+        """The program as one C loop over a block of points, every value a local (the
+        compiler keeps them in vector registers): ``sampling.c``'s ``body_fn``.  Slot ``s`` is
+        ``(0 + c[2s] e[2s][i]) + c[2s+1] e[2s+1][i]`` (a slot of one term has ``c[2s+1] = 0``),
+        the steps are the interpreter's, in its order, constants as exact hex literals."""
+        d = self.slots
+        lit = float.hex
+        lines = ["void {name}(const double *const *e, const double *c, int64_t m, double *restrict o) {"]
+        lines += [f"    const double *restrict e{k} = e[{k}], c{k} = c[{k}];" for k in range(2 * d)]
+        lines += [f"    double *restrict o{j} = o + {j} * BLOCK;" for j in range(len(outputs))]
+        lines.append("    for (int64_t i = 0; i < m; i++) {")
+        body = [f"const double v{s} = (0.0 + c{2 * s} * e{2 * s}[i]) + c{2 * s + 1} * e{2 * s + 1}[i];"
+                for s in range(d)]
+        for k, (op, args) in enumerate(self.steps):
+            v = f"v{d + k}"
+            if op == "const":
+                body.append(f"const double {v} = {lit(self.consts[args[0]])};")
+            elif op in ("add", "mul"):
+                body.append(f"const double {v} = v{args[0]} {'+' if op == 'add' else '*'} v{args[1]};")
+            else:
+                body += self._c_piecewise(v, f"v{args[0]}", args[1])
+        body += [f"o{j}[i] = v{v};" for j, v in enumerate(outputs)]
+        lines += ["        " + b for b in body] + ["    }", "}"]
+        return "\n".join(lines) + "\n"
+
+    def _c_piecewise(self, v, x, p):
+        """``v = pw(x)`` as ``sampling.c``'s ``piecewise``: piece 0, then ``x > t_k ? piece_k``,
+        then the values at the breaks (left out where piece k - 1 already takes it there)."""
+        m, width = int(self.consts[p]), int(self.consts[p + 1])
+        t, at = self.consts[p + 2:p + 2 + m], self.consts[p + 2 + m:p + 2 + 2 * m]
+        pieces = [self.consts[p + 2 + 2 * m + k * width:p + 2 + 2 * m + (k + 1) * width] for k in range(m + 1)]
+
+        def horner(cs, arg):          # trailing zero coefficients dropped, x for the identity
+            cs = list(cs)
+            while len(cs) > 1 and cs[-1] == 0.0:
+                cs.pop()
+            if cs == [0.0, 1.0]:
+                return arg
+            out = float.hex(cs[-1])
+            for a in reversed(cs[:-1]):
+                out = f"({out} * {arg} + {float.hex(a)})"
+            return out
+
+        lines = [f"double {v} = {horner(pieces[0], x)};"]
+        lines += [f"{v} = {x} > {float.hex(t[k])} ? {horner(pieces[k + 1], x)} : {v};" for k in range(m)]
+        for k in range(m):
+            left = pieces[k][-1]
+            for a in reversed(pieces[k][:-1]):
+                left = left * t[k] + a
+            if left != at[k] or math.copysign(1.0, left) != math.copysign(1.0, at[k]):
+                lines.append(f"{v} = {x} == {float.hex(t[k])} ? {float.hex(at[k])} : {v};")
+        return lines
 
 
 def build(parts, slots: int, pair: bool) -> Optional[Program]:
@@ -192,4 +249,6 @@ def build(parts, slots: int, pair: bool) -> Optional[Program]:
         outputs = [w.step("mul", a, b), w.step("mul", a, a), w.step("mul", b, b)]
     else:
         outputs = [w.product(values)]
-    return w.assemble(outputs)
+    program = w.assemble(outputs)
+    native.register(program)
+    return program

@@ -30,7 +30,7 @@ from typing import Callable, List, Tuple
 import torch
 from torch import Tensor
 
-from . import fused
+from . import fused, native
 from . import quadrature as quad
 
 # Disjoint runs of the point sequence (nets) the positions of a batch are spread over.
@@ -302,13 +302,15 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
     c_slot = (ctypes.c_int32 * max(1, n_terms))(*slot_of)
     c_col = (ctypes.c_int32 * max(1, n_terms))(*col_of)
     net_of = net.to(torch.int64).contiguous() if net is not None else None
+    # the compiled body where every slot has at most two terms (2 x 2 blocks), else the interpreter
+    body = native.body(program) if max(slot_of.count(s) for s in set(slot_of) or {0}) <= 2 else None
 
     def part(lo, hi):
-        regs = torch.empty(program.registers * 256, dtype=_F64)
+        regs = torch.empty(max(program.registers, program.outputs) * 256, dtype=_F64)
         rc = lib.ntk_qmc(code, len(program.code), consts, program.registers, d, n_terms, c_slot, c_col,
                          packed.data_ptr(), pts.data_ptr(), samples, nets,
                          None if net_of is None else net_of.data_ptr(), t, B // t,
-                         program.outputs, mean.data_ptr(), stderr.data_ptr(), c_extra, regs.data_ptr(), lo, hi)
+                         program.outputs, mean.data_ptr(), stderr.data_ptr(), c_extra, regs.data_ptr(), lo, hi, body)
         if rc < 0:
             raise RuntimeError(f"fused quasi-Monte Carlo failed (code {rc})")
 

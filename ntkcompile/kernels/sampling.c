@@ -25,7 +25,7 @@
  *   OUTMUL j a b        output j takes a * b
  *
  * Per entry: output 0's mean and the standard error of its mean (as for independent
- * points: shifted by its first block's mean, as qmc.expect_blocks), the others' means.
+ * points; the squares shifted by its first point's value), the others' means.
  */
 #include <math.h>
 #include <stdint.h>
@@ -99,8 +99,9 @@ static void piecewise(const double *pw, const double *restrict x, double *restri
     }
 }
 
-/* The sums of v - shift and of its square over [0, n), v = r[i] (r[i] * r2[i] with r2): two
- * sets of WIDTH running sums each (two chains of additions in flight), then added up. */
+/* The sums of v - shift over [0, n), v = r[i] (r[i] * r2[i] with r2), and of its square
+ * with sum2 (else NULL): two sets of WIDTH running sums each (two chains of additions in
+ * flight), then added up. */
 static void block_moments(const double *r, const double *r2, int64_t n, double shift, double *sum, double *sum2) {
     int64_t i = 0;
     double s = 0.0, s2 = 0.0;
@@ -119,8 +120,10 @@ static void block_moments(const double *r, const double *r2, int64_t n, double s
         w -= shift;
         a += v;
         b += w;
-        a2 += v * v;
-        b2 += w * w;
+        if (sum2) {
+            a2 += v * v;
+            b2 += w * w;
+        }
     }
     a += b;
     a2 += b2;
@@ -135,7 +138,64 @@ static void block_moments(const double *r, const double *r2, int64_t n, double s
         s2 += d * d;
     }
     *sum += s;
-    *sum2 += s2;
+    if (sum2) *sum2 += s2;
+}
+
+/* ``mean``, ``stderr_`` and ``extra`` of entry e from its sums (see ntk_qmc). */
+static void finish(int64_t e, int64_t n, double shift, double acc, double acc2, const double *sums, int n_out,
+                   double *mean, double *stderr_, double *const *extra) {
+    double mu = acc / (double)n;
+    double var = (acc2 - (double)n * mu * mu) / (double)(n > 1 ? n - 1 : 1);
+    mean[e] = shift + mu;
+    stderr_[e] = sqrt((var > 0.0 ? var : 0.0) / (double)n);
+    for (int j = 1; j < n_out; j++) extra[j - 1][e] = sums[j] / (double)n;
+}
+
+/* A program compiled to C (kernels/native.py builds it from pointwise.Program.c_body): the
+ * outputs at points [0, m) of a block into o[j * BLOCK + i], slot s being
+ * (0 + c[2s] e[2s][i]) + c[2s + 1] e[2s + 1][i]. */
+typedef void (*body_fn)(const double *const *e, const double *c, int64_t m, double *o);
+
+/* ntk_qmc with a compiled body: every slot has at most two terms (blocks of at most 2 x 2;
+ * the caller checks); a slot's missing term reads the point of its first with coefficient 0,
+ * which adds an exact zero. */
+static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_slot, const int32_t *term_col,
+                    const double *coef, const double *points, int64_t n, int64_t nets, const int64_t *net_of,
+                    int64_t t, int64_t rows, int n_out, double *mean, double *stderr_, double *const *extra,
+                    double *regs, int64_t lo, int64_t hi) {
+    enum { MAX_SLOTS = 64 };
+    int first[MAX_SLOTS], second[MAX_SLOTS];
+    if (n_slots > MAX_SLOTS || n_out < 1 || n_out > QMC_MAX_OUT) return -1;
+    for (int s = 0; s < n_slots; s++) first[s] = second[s] = -1;
+    for (int k = 0; k < n_terms; k++) {
+        int s = term_slot[k];
+        if (s < 0 || s >= n_slots || second[s] >= 0) return -1;
+        if (first[s] < 0) first[s] = k;
+        else second[s] = k;
+    }
+    const double *e[2 * MAX_SLOTS];
+    double c[2 * MAX_SLOTS];
+    for (int64_t j = lo; j < hi; j++) {
+        const int64_t ent = (j % rows) * t + j / rows;
+        const int64_t net = net_of ? net_of[ent % t] : 0;
+        double shift = 0.0, acc = 0.0, acc2 = 0.0, sums[QMC_MAX_OUT] = {0};
+        for (int64_t start = 0; start < n; start += BLOCK) {
+            int64_t m = n - start < BLOCK ? n - start : BLOCK;
+            for (int s = 0; s < n_slots; s++) {
+                int k1 = first[s], k2 = second[s];
+                e[2 * s] = points + (k1 >= 0 ? ((int64_t)term_col[k1] * nets + net) * n + start : 0);
+                c[2 * s] = k1 >= 0 ? coef[j * n_terms + k1] : 0.0;
+                e[2 * s + 1] = k2 >= 0 ? points + ((int64_t)term_col[k2] * nets + net) * n + start : e[2 * s];
+                c[2 * s + 1] = k2 >= 0 ? coef[j * n_terms + k2] : 0.0;
+            }
+            body(e, c, m, regs);
+            for (int q = 1; q < n_out; q++) block_moments(regs + q * BLOCK, 0, m, 0.0, &sums[q], 0);
+            if (start == 0) shift = regs[0];       /* near the mean, for the sum of squares */
+            block_moments(regs, 0, m, shift, &acc, &acc2);
+        }
+        finish(ent, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
+    }
+    return 0;
 }
 
 /* Entries [lo, hi) of a batch of rows x t entries, entry e at position e % t with net
@@ -149,7 +209,9 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
             int n_terms, const int32_t *term_slot, const int32_t *term_col, const double *coef,
             const double *points, int64_t n, int64_t nets, const int64_t *net_of, int64_t t, int64_t rows,
             int n_out, double *mean, double *stderr_, double *const *extra, double *regs,
-            int64_t lo, int64_t hi) {
+            int64_t lo, int64_t hi, body_fn body) {
+    if (body) return run_body(body, n_slots, n_terms, term_slot, term_col, coef, points, n, nets, net_of, t, rows,
+                              n_out, mean, stderr_, extra, regs, lo, hi);
     if (n_out < 1 || n_out > QMC_MAX_OUT) return -1;
     for (int k = 0; k < n_code; k++) {
         const int32_t *q = code + k * QMC_WIDTH;
@@ -200,15 +262,11 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
                 case Q_OUT:
                 case Q_OUTMUL: {
                     const double *r2 = q[0] == Q_OUTMUL ? b : 0;
-                    double unused = 0.0;
                     if (q[1] > 0) {
-                        block_moments(a, r2, m, 0.0, &sums[q[1]], &unused);
+                        block_moments(a, r2, m, 0.0, &sums[q[1]], 0);
                         break;
                     }
-                    if (start == 0) {
-                        block_moments(a, r2, m, 0.0, &shift, &unused);
-                        shift /= (double)m;
-                    }
+                    if (start == 0) shift = r2 ? a[0] * r2[0] : a[0];   /* near the mean, for the squares */
                     block_moments(a, r2, m, shift, &acc, &acc2);
                     break;
                 }
@@ -216,11 +274,7 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
                 }
             }
         }
-        double mu = acc / (double)n;
-        double var = (acc2 - (double)n * mu * mu) / (double)(n > 1 ? n - 1 : 1);
-        mean[e] = shift + mu;
-        stderr_[e] = sqrt((var > 0.0 ? var : 0.0) / (double)n);
-        for (int j = 1; j < n_out; j++) extra[j - 1][e] = sums[j] / (double)n;
+        finish(e, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
     }
     return 0;
 }

@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from ntkcompile.ir import nodes as irn
-from ntkcompile.kernels import fused, pointwise, qmc
+from ntkcompile.kernels import fused, native, pointwise, qmc
 from ntkcompile.kernels import piecewise as pw
 
 F64 = torch.float64
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused path does not exist here")
+
+
+_MODE = {}
 
 
 def _fn(piecewise):
@@ -56,6 +59,18 @@ def _entries(batch, seed, blocks=3):
     return e
 
 
+@pytest.fixture(params=["compiled", "interpreted"])
+def way(request, monkeypatch):
+    """A test on both fused paths: the program compiled to C (``native``) and interpreted by
+    ``sampling.c``."""
+    if request.param == "interpreted":
+        monkeypatch.setattr(native, "body", lambda program: None)
+    else:
+        assert native.status() == "compiled on first use"
+    _MODE["way"] = request.param
+    return request.param
+
+
 def _both(f, program, entries, samples, positions=0, stream=0):
     b, d, groups, _ = qmc.prepare(entries, torch.zeros((), dtype=F64))
     calls = []
@@ -72,6 +87,7 @@ def _both(f, program, entries, samples, positions=0, stream=0):
     finally:
         qmc._fused = real
     assert calls == [True]                        # the fused pass ran
+    assert (program.body is not None) == (_MODE["way"] == "compiled")
     want = qmc.expect_blocks(f, b, d, groups, samples, 3, positions, stream)
     return got, want
 
@@ -84,14 +100,14 @@ def _close(got, want):
 
 
 @pytest.mark.parametrize("samples", [256, 300])          # a whole number of blocks, and a tail
-def test_a_residual_chain_matches_its_torch_form(samples):
+def test_a_residual_chain_matches_its_torch_form(samples, way):
     (ea, fa), (eb, fb) = _chain(0), _chain(3)
     program = pointwise.build([(ea, 0), (eb, 3)], 6, pair=False)
     entries = _entries((5, 4, 4), seed=1)
     _close(*_both(lambda z: fa(z) * fb(z), program, entries, samples, positions=2, stream=2))
 
 
-def test_pair_moments_match_their_torch_form():
+def test_pair_moments_match_their_torch_form(way):
     (ea, fa), (eb, fb) = _chain(0), _chain(3)
     program = pointwise.build([(ea, 0), (eb, 3)], 6, pair=True)
 
@@ -103,7 +119,7 @@ def test_pair_moments_match_their_torch_form():
 
 
 @pytest.mark.parametrize("name", ["step", "leaky", "hardtanh", "squared", "gaussian"])
-def test_other_piecewise_functions_and_factors(name):
+def test_other_piecewise_functions_and_factors(name, way):
     """Each piecewise family (constant pieces, a slope on both sides, two breaks, degree 2) and
     a bare G-var factor, times a derivative-style factor on another slot."""
     s0, s1 = irn.ESlot(0), irn.ESlot(1)
@@ -143,7 +159,7 @@ def test_registers_are_reused():
     assert len(program.code) > 80 and program.registers <= 6, program.registers
 
 
-def test_a_resnet_v1_kernel_is_the_same_on_both_paths(monkeypatch):
+def test_a_resnet_v1_kernel_is_the_same_on_both_paths(monkeypatch, way):
     """End to end: a post-activation ResNet's kernels with the fused sampler and with the torch
     form of every integrand (same points) agree to rounding."""
     import ntkcompile
@@ -174,3 +190,15 @@ def test_a_resnet_v1_kernel_is_the_same_on_both_paths(monkeypatch):
     for m in ("nngp", "ntk"):
         torch.testing.assert_close(getattr(fast, m), getattr(slow, m), rtol=1e-12, atol=0)
         torch.testing.assert_close(getattr(fast, m + "_stderr"), getattr(slow, m + "_stderr"), rtol=1e-8, atol=1e-15)
+
+
+def test_a_failed_build_leaves_the_interpreter(monkeypatch):
+    """No working compiler for the bodies: ``native.body`` says None (and why), and the
+    interpreter gives the torch form's values."""
+    monkeypatch.setattr(native, "_state", {"failed": ""})
+    monkeypatch.setattr(fused, "_compiler", lambda: ["false"])        # a "compiler" that always fails
+    (ea, fa), (eb, fb) = _chain(0), _chain(3)
+    program = pointwise.build([(ea, 0), (eb, 3)], 6, pair=False)
+    assert native.body(program) is None and native.status().startswith("not compiled: could not compile")
+    _MODE["way"] = "interpreted"
+    _close(*_both(lambda z: fa(z) * fb(z), program, _entries(16, seed=4), 256, positions=1))
