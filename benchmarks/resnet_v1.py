@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import ntkcompile
-from ntkcompile.kernels import qmc
+from ntkcompile.kernels import fused, native, qmc
 
 
 class ResNetV1(nn.Module):
@@ -119,6 +119,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     peers = ("torch",) * (not args.no_torch) + ("common",) * args.common
+    print(f"fused kernels: {fused.status()}; N-D integrands: {native.status()}")
     for case in args.cases.split(","):
         run(case, args.samples, args.replicates, args.reference, peers)
 

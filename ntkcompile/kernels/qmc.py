@@ -18,6 +18,15 @@ position indices (the trailing ``positions`` axes of the batch, never split by t
 tiles of any size give the same values).  Each entry is the same unbiased estimate as
 before; entries at different positions now have nearly independent errors, which a pooled
 readout averages down (measured in ``benchmarks/resnet_v1.py``).
+
+**One C pass per call.**  Where the planner could write the integrand as a
+``pointwise.Program`` (piecewise polynomial functions of linear combinations with constant
+coefficients: the residual chains), ``expect_blocks`` runs it in C (``_fused``): compiled
+to one loop over a block of points (``native``), else interpreted by ``sampling.c``; z and
+every intermediate stay in registers or L1, the same operations in the same order as the
+torch form, so the values agree with it to rounding.  The torch form remains for other
+integrands, other devices and without a C compiler.  The calls of one layer pass the same
+covariance arrays; ``prepare_shared`` factors them once.
 """
 from __future__ import annotations
 
