@@ -157,19 +157,19 @@ def _sleef_acos(width: int) -> Optional[int]:
     return None
 
 
-_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-_WINDOW_PAIR = (None, [_P, _P, _L, _L, _I, _P, _P, _P, ctypes.c_double, _L, _L])
+_P, _I, _L, _D = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
+_WINDOW_PAIR = (None, [_P, _P, _L, _L, _I, _P, _P, _P, _D, _L, _L])
 _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_rule": (ctypes.c_int, [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2),
     "ntk_window_pair": _WINDOW_PAIR, "ntk_window_pair_shift": _WINDOW_PAIR,
     "ntk_roots": (ctypes.c_int, [ctypes.c_void_p] * 6 + [ctypes.c_int64]),
-    "ntk_window_same": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                                ctypes.c_void_p, ctypes.c_double, ctypes.c_int64, ctypes.c_int64]),
+    "ntk_window_same": (None, [_P, _P, _L, _L, _I, _P, _D, _L, _L]),
     "ntk_gather": (None, [_P, _L, _P, _P, _L, _P, _L, _L]),
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
-    "ntk_program": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
-                    + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]),
+    "ntk_program": (_I, [_P, _I] + [_P] * 5 + [_I] + [_P] * 2 + [_L] * 2 + [_I]),
     "ntk_qmc": (_I, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _L, _L, _P, _L, _L, _I, _P, _P, _P, _P, _L, _L, _P]),
+    "ntk_factor2": (None, [_P] * 8 + [_L]), "ntk_pack": (None, [_P, _I, _L, _L, _P]),
+    "ntk_rank": (_I, [_P, _I, _L, _D]),
 }
 
 

@@ -104,7 +104,14 @@ def _factor(sub: Tensor) -> Tuple[Tensor, Tensor]:
 
 def _factor2(a: Tensor, b: Tensor, c: Tensor):
     """``_factor`` of the 2x2 blocks ``[[a, b], [b, c]]`` as arrays: the factor's entries
-    ``(f00, f10, f11)`` (``f01 = 0``) and the eigenvalues ``(lo, hi)``."""
+    ``(f00, f10, f11)`` (``f01 = 0``) and the eigenvalues ``(lo, hi)``; one C pass
+    (``sampling.c``) for 1-D float64 CPU arrays, the same operations as the torch form."""
+    lib = fused._load() if not fused._off and a.dim() == 1 else None
+    if lib is not None and fused._applicable([a, b, c]):
+        a, b, c = (x.contiguous() for x in torch.broadcast_tensors(a, b, c))
+        out = [torch.empty_like(a) for _ in range(5)]
+        lib.ntk_factor2(*(x.data_ptr() for x in (a, b, c, *out)), a.numel())
+        return tuple(out[:3]), tuple(out[3:])
     a, c = a.clamp_min(0.0), c.clamp_min(0.0)
     sa, sc = a.sqrt(), c.sqrt()
     s = sa * sc
@@ -147,6 +154,12 @@ def _nets_of(t: int, nets: int, seed: int, stream: int, device) -> Tensor:
     return (torch.randperm(t, generator=g) % nets).to(device)
 
 
+class Groups(list):
+    """``prepare``'s groups; ``packed`` keeps their coefficients in ``_fused``'s layout for the
+    calls that share them."""
+    packed = None
+
+
 def prepare(entries, like) -> Tuple[torch.Size, int, list, Tensor]:
     """The batch shape, the number of slots, ``[(columns, [(slot, column, coefficient (B,))])]``
     per group (the factor's nonzero entries; columns that vanish on the whole batch dropped)
@@ -172,7 +185,7 @@ def prepare(entries, like) -> Tuple[torch.Size, int, list, Tensor]:
         evals += ev.unbind(-1)
     evals = torch.stack(evals, -1) if evals else torch.zeros(math.prod(batch), 0, dtype=_F64)
     top = evals.amax() if evals.numel() else evals.new_zeros(())
-    kept = []
+    kept = Groups()
     for slots, columns in groups:
         # columns that vanish on the whole batch dropped, the others renumbered
         columns = [c for c in columns if float(sum(f.pow(2) for _, f in c).amax()) > quad._RANK_RTOL * top]
@@ -202,7 +215,7 @@ def prepare_shared(entries, like):
         return hit[2]
     value = prepare(entries, like)
     value = (*value, rank(value[3]))
-    size = sum(8 * c.numel() for _, terms in value[2] for _, _, c in terms)
+    size = 2 * sum(8 * c.numel() for _, terms in value[2] for _, _, c in terms)     # and their packed copy
     if tensors and size <= PREPARED_BYTES:
         while kept and sum(v[3] for v in kept.values()) + size > PREPARED_BYTES:
             kept.pop(next(iter(kept)))
@@ -272,8 +285,14 @@ def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
 
 
 def rank(evals: Tensor) -> int:
-    """The numerical rank (largest over the batch) of the block-diagonal covariance."""
-    return quad._rank_from_eigenvalues(evals)
+    """The numerical rank (largest over the batch) of the block-diagonal covariance: one C
+    pass over ``evals`` ``(B, D)`` (``sampling.c``), else ``quadrature``'s."""
+    lib = fused._load() if not fused._off else None
+    if lib is None or not fused._applicable([evals]) or evals.dim() != 2 or 0 in evals.shape:
+        return quad._rank_from_eigenvalues(evals)
+    cols = [c.contiguous() for c in evals.unbind(-1)]
+    return int(lib.ntk_rank((ctypes.c_void_p * len(cols))(*[c.data_ptr() for c in cols]), len(cols),
+                            evals.shape[0], quad._RANK_RTOL))
 
 
 def samples_for(samples: int, same_input: bool) -> int:
@@ -298,9 +317,17 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
             col_of.append(col + j)
         col += cols
     n_terms = len(coefs)
-    # (t, rows, terms): the coefficients in the order sampling.c takes the entries, one row apart
-    packed = (torch.stack(coefs, -1).reshape(B // t, t, n_terms).transpose(0, 1).contiguous() if coefs
-              else torch.zeros(1, dtype=_F64))
+    # (t, rows, terms): the coefficients in the order sampling.c takes the entries, one row apart;
+    # made once for the calls that share the groups (prepare_shared)
+    packed = groups.packed[1] if isinstance(groups, Groups) and groups.packed and groups.packed[0] == t else None
+    if packed is None:
+        packed = torch.empty(max(1, B * n_terms), dtype=_F64)
+        if coefs:
+            coefs = [c.contiguous() for c in coefs]
+            lib.ntk_pack((ctypes.c_void_p * n_terms)(*[c.data_ptr() for c in coefs]), n_terms, B // t, t,
+                         packed.data_ptr())
+        if isinstance(groups, Groups):
+            groups.packed = (t, packed)
     if program._c is None:
         program._c = ((ctypes.c_int32 * (5 * len(program.code)))(*[v for ins in program.code for v in ins]),
                       (ctypes.c_double * max(1, len(program.consts)))(*program.consts))

@@ -278,3 +278,53 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
     }
     return 0;
 }
+
+/* The 2 x 2 blocks [[a, b], [b, c]] factored as qmc._factor2 does, in one pass with its
+ * operations in its order: variances clamped at 0, the correlation taken as 0 where a
+ * variance is 0 and clamped into [-1, 1]; the factor's entries f00, f10, f11 (f01 = 0) and
+ * the eigenvalues lo <= hi (clamped at 0). */
+void ntk_factor2(const double *a_, const double *b, const double *c_, double *f00, double *f10, double *f11,
+                 double *lo, double *hi, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const double a = a_[i] > 0.0 ? a_[i] : 0.0, c = c_[i] > 0.0 ? c_[i] : 0.0;
+        const double sa = sqrt(a), sc = sqrt(c), s = sa * sc;
+        double rho = s > 0.0 ? b[i] / s : 0.0;
+        rho = rho < -1.0 ? -1.0 : rho > 1.0 ? 1.0 : rho;
+        const double half = 0.5 * (a + c), d = a - c, r = rho * s;
+        const double gap = sqrt(0.25 * (d * d) + r * r), one = 1.0 - rho * rho;
+        f00[i] = sa;
+        f10[i] = rho * sc;
+        f11[i] = sc * sqrt(one > 0.0 ? one : 0.0);
+        lo[i] = half - gap > 0.0 ? half - gap : 0.0;
+        hi[i] = half + gap > 0.0 ? half + gap : 0.0;
+    }
+}
+
+/* The coefficients of ``k`` terms (arrays of rows x t entries) packed in the order ntk_qmc
+ * takes the entries: out[(pos * rows + row) * k + j] = terms[j][row * t + pos]. */
+void ntk_pack(const double *const *terms, int k, int64_t rows, int64_t t, double *out) {
+    enum { SPAN = 32 };              /* positions at a time: the lines written stay in cache */
+    for (int64_t p0 = 0; p0 < t; p0 += SPAN) {
+        const int64_t p1 = p0 + SPAN < t ? p0 + SPAN : t;
+        for (int64_t row = 0; row < rows; row++)
+            for (int64_t pos = p0; pos < p1; pos++) {
+                double *dst = out + (pos * rows + row) * k;
+                for (int j = 0; j < k; j++) dst[j] = terms[j][row * t + pos];
+            }
+    }
+}
+
+/* The largest numerical rank over n entries of k eigenvalue arrays (quadrature's
+ * _rank_from_eigenvalues): an eigenvalue counts above rtol times its entry's largest, and
+ * above 0. */
+int ntk_rank(const double *const *ev, int k, int64_t n, double rtol) {
+    int best = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double top = ev[0][i];
+        for (int j = 1; j < k; j++) top = ev[j][i] > top ? ev[j][i] : top;
+        int count = 0;
+        for (int j = 0; j < k; j++) count += ev[j][i] > rtol * top && ev[j][i] > 0.0;
+        best = count > best ? count : best;
+    }
+    return best;
+}

@@ -204,3 +204,35 @@ def test_calls_on_the_same_covariance_share_its_factors():
     del e, again
     gc.collect()
     assert len(qmc._prepared.items) < kept               # its arrays' death dropped the kept factors
+
+
+def test_c_factors_and_rank_match_their_torch_forms():
+    """``_factor2`` and ``rank`` in one C pass each (``sampling.c``) against their torch forms
+    (``fused.disabled()``): the factors to rounding, the rank exactly, on blocks with
+    negative variances (rounding), correlations past 1, zero and tiny eigenvalues."""
+    from ntkcompile.kernels import fused
+
+    if not fused.available():
+        pytest.skip("no C compiler: only the torch form exists here")
+    g = torch.Generator().manual_seed(12)
+    n = 5000
+    a = torch.rand(n, generator=g, dtype=F64) - 0.05
+    c = torch.rand(n, generator=g, dtype=F64)
+    b = (torch.rand(n, generator=g, dtype=F64) * 2.4 - 1.2) * (a.clamp_min(0) * c).sqrt()
+    got = qmc._factor2(a, b, c)
+    with fused.disabled():
+        want = qmc._factor2(a, b, c)
+    for x, y in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-15)
+    for cols, zeros in ((4, 0), (6, 2), (5, 5)):
+        ev = torch.rand(n, cols, generator=g, dtype=F64)
+        ev[:, :zeros] = 0.0
+        ev[: n // 2, -1] *= 1e-14                       # below 1e-12 of the entry's largest: not counted
+        with fused.disabled():
+            want_rank = qmc.rank(ev)
+        assert qmc.rank(ev) == want_rank == _quad_rank(ev)
+
+
+def _quad_rank(ev):
+    top = ev.amax(-1, keepdim=True)
+    return int(((ev > 1e-12 * top) & (ev > 0)).sum(-1).max())
