@@ -182,16 +182,17 @@ class _Writer:
     def c_body(self, outputs) -> str:
         """The program as one C loop over a block of points, every value a local (the
         compiler keeps them in vector registers): ``sampling.c``'s ``body_fn``.  Slot ``s`` is
-        ``(0 + c[2s] e[2s][i]) + c[2s+1] e[2s+1][i]`` (a slot of one term has ``c[2s+1] = 0``),
-        the steps are the interpreter's, in its order, constants as exact hex literals."""
+        ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]`` (a slot of one term has ``c[2s+1] = 0``), the
+        steps are the interpreter's, in its order, constants as exact hex literals."""
         d = self.slots
         lit = float.hex
         lines = ["void {name}(const double *const *e, const double *c, int64_t m, double *restrict o) {"]
         lines += [f"    const double *restrict e{k} = e[{k}], c{k} = c[{k}];" for k in range(2 * d)]
         lines += [f"    double *restrict o{j} = o + {j} * BLOCK;" for j in range(len(outputs))]
         lines.append("    for (int64_t i = 0; i < m; i++) {")
-        body = [f"const double v{s} = (0.0 + c{2 * s} * e{2 * s}[i]) + c{2 * s + 1} * e{2 * s + 1}[i];"
-                for s in range(d)]
+        # (the torch form's 0 + c0 e0 would differ only in the sign of a zero, which no piecewise
+        # function tells apart: left out, it saves an addition per slot and point)
+        body = [f"const double v{s} = c{2 * s} * e{2 * s}[i] + c{2 * s + 1} * e{2 * s + 1}[i];" for s in range(d)]
         for k, (op, args) in enumerate(self.steps):
             v = f"v{d + k}"
             if op == "const":

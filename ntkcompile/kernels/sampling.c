@@ -153,7 +153,7 @@ static void finish(int64_t e, int64_t n, double shift, double acc, double acc2, 
 
 /* A program compiled to C (kernels/native.py builds it from pointwise.Program.c_body): the
  * outputs at points [0, m) of a block into o[j * BLOCK + i], slot s being
- * (0 + c[2s] e[2s][i]) + c[2s + 1] e[2s + 1][i]. */
+ * c[2s] e[2s][i] + c[2s + 1] e[2s + 1][i]. */
 typedef void (*body_fn)(const double *const *e, const double *c, int64_t m, double *o);
 
 /* ntk_qmc with a compiled body: every slot has at most two terms (blocks of at most 2 x 2;
