@@ -102,16 +102,28 @@ def _factor(sub: Tensor) -> Tuple[Tensor, Tensor]:
     return evecs * evals.sqrt().unsqueeze(-2), evals
 
 
-def _factor2(a: Tensor, b: Tensor, c: Tensor):
+def _factor2(a: Tensor, b: Tensor, c: Tensor, stats: bool = False):
     """``_factor`` of the 2x2 blocks ``[[a, b], [b, c]]`` as arrays: the factor's entries
     ``(f00, f10, f11)`` (``f01 = 0``) and the eigenvalues ``(lo, hi)``; one C pass
-    (``sampling.c``) for 1-D float64 CPU arrays, the same operations as the torch form."""
+    (``sampling.c``) for 1-D float64 CPU arrays, the torch form's operations (the two agree
+    to a few ulps: torch's vectorized loops round some steps differently).  With ``stats``
+    also the largest squared norms of the two columns and of ``hi``, and whether ``f00``,
+    ``f10``, ``f11`` are nonzero anywhere (floats)."""
     lib = fused._load() if not fused._off and a.dim() == 1 else None
     if lib is not None and fused._applicable([a, b, c]):
         a, b, c = (x.contiguous() for x in torch.broadcast_tensors(a, b, c))
         out = [torch.empty_like(a) for _ in range(5)]
-        lib.ntk_factor2(*(x.data_ptr() for x in (a, b, c, *out)), a.numel())
-        return tuple(out[:3]), tuple(out[3:])
+        st = (ctypes.c_double * 6)()
+        lib.ntk_factor2(*(x.data_ptr() for x in (a, b, c, *out)), a.numel(), st)
+        return (tuple(out[:3]), tuple(out[3:])) + ((tuple(st),) if stats else ())
+    f, ev = _factor2_torch(a, b, c)
+    if not stats:
+        return f, ev
+    big = [float(x.amax()) if x.numel() else 0.0 for x in (f[0] ** 2 + f[1] ** 2, f[2] ** 2, ev[1])]
+    return f, ev, (*big, *(float(bool((x != 0).any())) for x in f))
+
+
+def _factor2_torch(a: Tensor, b: Tensor, c: Tensor):
     a, c = a.clamp_min(0.0), c.clamp_min(0.0)
     sa, sc = a.sqrt(), c.sqrt()
     s = sa * sc
@@ -160,36 +172,39 @@ class Groups(list):
     packed = None
 
 
-def prepare(entries, like) -> Tuple[torch.Size, int, list, Tensor]:
+def prepare(entries, like) -> Tuple[torch.Size, int, list, list]:
     """The batch shape, the number of slots, ``[(columns, [(slot, column, coefficient (B,))])]``
     per group (the factor's nonzero entries; columns that vanish on the whole batch dropped)
-    and the eigenvalues of the whole block-diagonal covariance ``(B, D)``."""
+    and the eigenvalues of the whole block-diagonal covariance, ``D`` arrays ``(B,)``."""
     flat = [quad._f64(e)[0] if torch.is_tensor(e) else torch.as_tensor(float(e), dtype=_F64, device=like.device)
             for row in entries for e in row]
     flat = torch.broadcast_tensors(*flat)
     d = len(entries)
     batch = flat[0].shape
-    groups, evals = [], []             # per group: its slots and the factor's columns [[(row, (B,))]]
+    # per group: its slots and the factor's columns [([(row, (B,), nonzero anywhere)], largest squared norm)]
+    groups, evals, top = [], [], 0.0
     for slots in blocks(entries):
         if len(slots) == 2:            # the common case (a residual chain on a pair): no stacking
             i, j = slots
-            (f00, f10, f11), ev = _factor2(flat[i * d + i].reshape(-1), (0.5 * (flat[i * d + j] + flat[j * d + i])
-                                                                         ).reshape(-1), flat[j * d + j].reshape(-1))
-            groups.append((slots, [[(0, f00), (1, f10)], [(1, f11)]]))
+            (f00, f10, f11), ev, st = _factor2(flat[i * d + i].reshape(-1), (0.5 * (flat[i * d + j] + flat[j * d + i])
+                                                                             ).reshape(-1), flat[j * d + j].reshape(-1),
+                                               stats=True)
+            groups.append((slots, [([(0, f00, st[3]), (1, f10, st[4])], st[0]), ([(1, f11, st[5])], st[1])]))
             evals += ev
+            top = max(top, st[2])
             continue
         sub = torch.stack([flat[i * d + j].reshape(-1) for i in slots for j in slots], -1)
         sub = sub.reshape(-1, len(slots), len(slots))
         factor, ev = _factor(0.5 * (sub + sub.transpose(-1, -2)))
-        groups.append((slots, [[(r, factor[:, r, k]) for r in range(len(slots))] for k in range(len(slots))]))
+        groups.append((slots, [([(r, factor[:, r, k], bool((factor[:, r, k] != 0).any())) for r in range(len(slots))],
+                                float(factor[:, :, k].pow(2).sum(-1).amax())) for k in range(len(slots))]))
         evals += ev.unbind(-1)
-    evals = torch.stack(evals, -1) if evals else torch.zeros(math.prod(batch), 0, dtype=_F64)
-    top = evals.amax() if evals.numel() else evals.new_zeros(())
+        top = max([top] + [float(ev.amax())] * (ev.numel() > 0))
     kept = Groups()
     for slots, columns in groups:
         # columns that vanish on the whole batch dropped, the others renumbered
-        columns = [c for c in columns if float(sum(f.pow(2) for _, f in c).amax()) > quad._RANK_RTOL * top]
-        terms = [(slots[r], k, f) for k, c in enumerate(columns) for r, f in c if bool((f != 0).any())]
+        columns = [c for c, norm in columns if norm > quad._RANK_RTOL * top]
+        terms = [(slots[r], k, f) for k, c in enumerate(columns) for r, f, nonzero in c if nonzero]
         kept.append((len(columns), sorted(terms, key=lambda t: (t[0], t[1]))))
     return batch, d, kept, evals
 
@@ -284,20 +299,23 @@ def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
     return (shift + mean).reshape(batch), (var / samples).sqrt().reshape(batch), extra
 
 
-def rank(evals: Tensor) -> int:
-    """The numerical rank (largest over the batch) of the block-diagonal covariance: one C
-    pass over ``evals`` ``(B, D)`` (``sampling.c``), else ``quadrature``'s."""
+def rank(evals) -> int:
+    """The numerical rank (largest over the batch) of the block-diagonal covariance from its
+    eigenvalues (``prepare``'s ``D`` arrays ``(B,)``, or one array ``(B, D)``): one C pass
+    (``sampling.c``), else ``quadrature``'s."""
+    cols = list(evals.unbind(-1)) if torch.is_tensor(evals) else list(evals)
+    if not cols:
+        return 0
     lib = fused._load() if not fused._off else None
-    if lib is None or not fused._applicable([evals]) or evals.dim() != 2 or 0 in evals.shape:
-        return quad._rank_from_eigenvalues(evals)
-    cols = [c.contiguous() for c in evals.unbind(-1)]
+    if lib is None or not fused._applicable(cols) or any(c.dim() != 1 for c in cols):
+        return quad._rank_from_eigenvalues(torch.stack([c.reshape(-1) for c in cols], -1))
+    cols = [c.contiguous() for c in cols]
     return int(lib.ntk_rank((ctypes.c_void_p * len(cols))(*[c.data_ptr() for c in cols]), len(cols),
-                            evals.shape[0], quad._RANK_RTOL))
+                            cols[0].numel(), quad._RANK_RTOL))
 
 
 def samples_for(samples: int, same_input: bool) -> int:
     return samples * SAME_INPUT_BOOST if same_input else samples
-
 
 
 def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):

@@ -284,7 +284,11 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
  * variance is 0 and clamped into [-1, 1]; the factor's entries f00, f10, f11 (f01 = 0) and
  * the eigenvalues lo <= hi (clamped at 0). */
 void ntk_factor2(const double *a_, const double *b, const double *c_, double *f00, double *f10, double *f11,
-                 double *lo, double *hi, int64_t n) {
+                 double *lo, double *hi, int64_t n, double *stats) {
+    /* stats: the largest squared norms of the two columns and of hi, whether f00, f10, f11
+     * are nonzero anywhere (prepare's tests, without a pass of its own each) */
+    double col0 = 0.0, col1 = 0.0, top = 0.0;
+    int nz00 = 0, nz10 = 0, nz11 = 0;
     for (int64_t i = 0; i < n; i++) {
         const double a = a_[i] > 0.0 ? a_[i] : 0.0, c = c_[i] > 0.0 ? c_[i] : 0.0;
         const double sa = sqrt(a), sc = sqrt(c), s = sa * sc;
@@ -297,7 +301,20 @@ void ntk_factor2(const double *a_, const double *b, const double *c_, double *f0
         f11[i] = sc * sqrt(one > 0.0 ? one : 0.0);
         lo[i] = half - gap > 0.0 ? half - gap : 0.0;
         hi[i] = half + gap > 0.0 ? half + gap : 0.0;
+        const double n0 = f00[i] * f00[i] + f10[i] * f10[i], n1 = f11[i] * f11[i];
+        col0 = n0 > col0 ? n0 : col0;
+        col1 = n1 > col1 ? n1 : col1;
+        top = hi[i] > top ? hi[i] : top;
+        nz00 |= f00[i] != 0.0;
+        nz10 |= f10[i] != 0.0;
+        nz11 |= f11[i] != 0.0;
     }
+    stats[0] = col0;
+    stats[1] = col1;
+    stats[2] = top;
+    stats[3] = nz00;
+    stats[4] = nz10;
+    stats[5] = nz11;
 }
 
 /* The coefficients of ``k`` terms (arrays of rows x t entries) packed in the order ntk_qmc
@@ -318,6 +335,7 @@ void ntk_pack(const double *const *terms, int k, int64_t rows, int64_t t, double
  * _rank_from_eigenvalues): an eigenvalue counts above rtol times its entry's largest, and
  * above 0. */
 int ntk_rank(const double *const *ev, int k, int64_t n, double rtol) {
+    if (k == 0) return 0;
     int best = 0;
     for (int64_t i = 0; i < n; i++) {
         double top = ev[0][i];

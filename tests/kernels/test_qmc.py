@@ -236,3 +236,22 @@ def test_c_factors_and_rank_match_their_torch_forms():
 def _quad_rank(ev):
     top = ev.amax(-1, keepdim=True)
     return int(((ev > 1e-12 * top) & (ev > 0)).sum(-1).max())
+
+
+def test_vanishing_columns_and_zero_terms_are_dropped_on_both_paths():
+    """A block of correlation 1 everywhere has one column; a zero variance no term; the C pass
+    and the torch form (``fused.disabled()``) keep the same terms (oracle: the factor by hand)."""
+    from ntkcompile.kernels import fused
+
+    like = torch.zeros((), dtype=F64)
+    a = torch.tensor([1.0, 4.0, 2.0], dtype=F64)
+    e = [[a, 0.0, 2 * a, 0.0], [0.0, torch.zeros(3, dtype=F64), 0.0, 0.0],
+         [2 * a, 0.0, 4 * a, 0.0], [0.0, 0.0, 0.0, a]]          # slots 0, 2: correlation 1; slot 1: variance 0
+    for ctx in (fused.disabled(), torch.no_grad()):
+        with ctx:
+            _, _, groups, evals = qmc.prepare(e, like)
+        layout = [(cols, [(slot, j) for slot, j, _ in terms]) for cols, terms in groups]
+        assert layout == [(1, [(0, 0), (2, 0)]), (0, []), (1, [(3, 0)])], layout
+        torch.testing.assert_close(groups[0][1][0][2], a.sqrt(), rtol=1e-15, atol=0)
+        torch.testing.assert_close(groups[0][1][1][2], 2 * a.sqrt(), rtol=1e-15, atol=0)
+        assert qmc.rank(evals) == 2
