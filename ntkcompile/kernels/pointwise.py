@@ -181,14 +181,17 @@ class _Writer:
 
     def c_body(self, outputs) -> str:
         """The program as one C loop over a block of points, every value a local (the
-        compiler keeps them in vector registers): ``sampling.c``'s ``body_fn``.  Slot ``s`` is
-        ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]`` (a slot of one term has ``c[2s+1] = 0``), the
-        steps are the interpreter's, in its order, constants as exact hex literals."""
+        compiler keeps them in vector registers), that adds up its outputs: ``sampling.c``'s
+        ``body_fn`` (``acc``: the sum of output 0 and of its square, then the sums of the
+        others).  Slot ``s`` is ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]`` (a slot of one term
+        has ``c[2s+1] = 0``), the steps are the interpreter's, in its order, constants as exact
+        hex literals; ``native`` lets the compiler reorder the sums (vectorized), so they and
+        the steps agree with the torch form to rounding."""
         d = self.slots
         lit = float.hex
-        lines = ["void {name}(const double *const *e, const double *c, int64_t m, double *restrict o) {"]
+        lines = ["void {name}(const double *const *e, const double *c, int64_t m, double *restrict acc) {"]
         lines += [f"    const double *restrict e{k} = e[{k}], c{k} = c[{k}];" for k in range(2 * d)]
-        lines += [f"    double *restrict o{j} = o + {j} * BLOCK;" for j in range(len(outputs))]
+        lines.append("    double " + ", ".join(f"s{j} = 0.0" for j in range(len(outputs) + 1)) + ";")
         lines.append("    for (int64_t i = 0; i < m; i++) {")
         # (the torch form's 0 + c0 e0 would differ only in the sign of a zero, which no piecewise
         # function tells apart: left out, it saves an addition per slot and point)
@@ -201,8 +204,10 @@ class _Writer:
                 body.append(f"const double {v} = v{args[0]} {'+' if op == 'add' else '*'} v{args[1]};")
             else:
                 body += self._c_piecewise(v, f"v{args[0]}", args[1])
-        body += [f"o{j}[i] = v{v};" for j, v in enumerate(outputs)]
-        lines += ["        " + b for b in body] + ["    }", "}"]
+        body += [f"s0 += v{outputs[0]};", f"s1 += v{outputs[0]} * v{outputs[0]};"]
+        body += [f"s{j + 1} += v{v};" for j, v in enumerate(outputs) if j]
+        lines += ["        " + b for b in body] + ["    }"]
+        lines += [f"    acc[{j}] += s{j};" for j in range(len(outputs) + 1)] + ["}"]
         return "\n".join(lines) + "\n"
 
     def _c_piecewise(self, v, x, p):
