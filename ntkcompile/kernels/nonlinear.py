@@ -31,7 +31,7 @@ from ..ir import nodes as irn
 from ..ir import walk
 from ..ir.builder import expr_breaks, expr_has_jump, expr_smooth, expr_uses_slot
 from ..plan import Add, Apply, Fn, Mul, Slot
-from . import expect, pointwise
+from . import expect, pointwise, qmc
 from .piecewise_expr import as_piecewise
 from .quadrature import correlation
 
@@ -278,7 +278,7 @@ class HVarExpectations:
         for atom, _ in factors:
             program.append((None if atom.gaussian else atom.expr, offset))
             offset += 1 if atom.gaussian else len(atom.gargs)
-        program = pointwise.build(program, offset, pair_moments)
+        program = pointwise.build(program, offset, pair_moments, qmc.blocks(rows))
         options += (None if program is None else self.static(program, "pw_"),)
         if pair_moments:
             fa, fb = (self.plan.make(Fn, p) for p in parts)

@@ -33,7 +33,8 @@ class Program:
     def __init__(self, code, consts, registers: int, slots: int, outputs: int, source: str = ""):
         self.code, self.consts = tuple(code), tuple(consts)
         self.registers, self.slots, self.outputs = registers, slots, outputs
-        self.source = source          # the body as a C function of a point block (``c_body``), {name} its name
+        self.source = source          # the body: a C function of a block of points (``c_body``), named {name}
+        self.terms = (2,) * slots      # the terms of each slot the body reads (``build``'s groups)
         self._c = None
         self.body = None               # the compiled body's address once ``native`` has built it
 
@@ -52,6 +53,7 @@ class _Writer:
         self.consts: List[float] = []
         self.memo: dict = {}
         self.values = slots               # values numbered: the slots, then one per step
+        self.terms = [2] * slots          # the terms of each slot the compiled body reads
 
     def _const_index(self, values: Sequence[float]) -> int:
         k = len(self.consts)
@@ -177,16 +179,19 @@ class _Writer:
                          param if op in ("pw", "pwadd") else 0))
         for j, (op, reads) in enumerate(outs):
             code.append((_OPS[op], j, reg[reads[0]], reg[reads[1]], 0))
-        return Program(code, self.consts, top, self.slots, len(outputs), self.c_body(outputs))
+        program = Program(code, self.consts, top, self.slots, len(outputs), self.c_body(outputs))
+        program.terms = tuple(self.terms)
+        return program
 
     def c_body(self, outputs) -> str:
         """The program as one C loop over a block of points, every value a local (the
         compiler keeps them in vector registers), that adds up its outputs: ``sampling.c``'s
         ``body_fn`` (``acc``: the sum of output 0 and of its square, then the sums of the
-        others).  Slot ``s`` is ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]`` (a slot of one term
-        has ``c[2s+1] = 0``), the steps are the interpreter's, in its order, constants as exact
-        hex literals; ``native`` lets the compiler reorder the sums (vectorized), so they and
-        the steps agree with the torch form to rounding."""
+        others).  Slot ``s`` is ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]``, the second term left
+        out where ``self.terms`` says one (a slot with fewer terms at run time has ``c = 0``);
+        the steps are the interpreter's, in its order, constants as exact hex literals.
+        ``native`` lets the compiler reorder the sums (vectorized), so they agree with the
+        torch form to rounding."""
         d = self.slots
         lit = float.hex
         lines = ["void {name}(const double *const *e, const double *c, int64_t m, double *restrict acc) {"]
@@ -195,7 +200,8 @@ class _Writer:
         lines.append("    for (int64_t i = 0; i < m; i++) {")
         # (the torch form's 0 + c0 e0 would differ only in the sign of a zero, which no piecewise
         # function tells apart: left out, it saves an addition per slot and point)
-        body = [f"const double v{s} = c{2 * s} * e{2 * s}[i] + c{2 * s + 1} * e{2 * s + 1}[i];" for s in range(d)]
+        body = [f"const double v{s} = c{2 * s} * e{2 * s}[i]" + (f" + c{2 * s + 1} * e{2 * s + 1}[i];"
+                                                               if self.terms[s] > 1 else ";") for s in range(d)]
         for k, (op, args) in enumerate(self.steps):
             v = f"v{d + k}"
             if op == "const":
@@ -239,13 +245,20 @@ class _Writer:
         return lines
 
 
-def build(parts, slots: int, pair: bool) -> Optional[Program]:
+def build(parts, slots: int, pair: bool, groups=None) -> Optional[Program]:
     """The program of the N-D evaluator's integrand: ``parts`` are its factors ``(expr,
     offset)`` (an atom's expression over slots ``offset + j``; ``expr`` None for a G-var,
     the slot ``offset`` itself); one output, their product, or with ``pair`` (two factors)
-    three: ``a b``, ``a a``, ``b b`` (``expect.qn_pair``'s moments).  None if some
-    nonlinearity has no piecewise polynomial form or a coefficient is not a constant."""
+    three: ``a b``, ``a a``, ``b b`` (``expect.qn_pair``'s moments).  ``groups``: the slots'
+    independent groups (``qmc.blocks``), when known: the compiled body then reads one term
+    for the first slot of a group of two (its factor's first row), two for the second.  None
+    if some nonlinearity has no piecewise polynomial form or a coefficient is not a constant."""
     w = _Writer(slots)
+    w.terms = [2] * slots
+    for g in groups or ():
+        if len(g) <= 2:
+            for r, slot in enumerate(g):
+                w.terms[slot] = r + 1
     try:
         values = [offset if e is None else w.expr(e, offset) for e, offset in parts]
     except _Unsupported:

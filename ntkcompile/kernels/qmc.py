@@ -356,8 +356,9 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
     c_slot = (ctypes.c_int32 * max(1, n_terms))(*slot_of)
     c_col = (ctypes.c_int32 * max(1, n_terms))(*col_of)
     net_of = net.to(torch.int64).contiguous() if net is not None else None
-    # the compiled body where every slot has at most two terms (2 x 2 blocks), else the interpreter
-    body = native.body(program) if max(slot_of.count(s) for s in set(slot_of) or {0}) <= 2 else None
+    # the compiled body where no slot has more terms than it reads (2 x 2 blocks), else the interpreter
+    fits = all(slot_of.count(s) <= k for s, k in enumerate(program.terms))     # as many terms as the body reads
+    body = native.body(program) if fits else None
 
     def part(lo, hi):
         regs = torch.empty(max(program.registers, program.outputs) * 256, dtype=_F64)

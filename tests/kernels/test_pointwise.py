@@ -81,13 +81,20 @@ def _both(f, program, entries, samples, positions=0, stream=0):
         calls.append(out is not None)
         return out
 
-    qmc._fused = spy
+    bodies = []
+    real_body = native.body
+
+    def body_spy(p):
+        bodies.append(real_body(p))
+        return bodies[-1]
+
+    qmc._fused, native.body = spy, body_spy
     try:
         got = qmc.expect_blocks(f, b, d, groups, samples, 3, positions, stream, program)
     finally:
-        qmc._fused = real
-    assert calls == [True]                        # the fused pass ran
-    assert (program.body is not None) == (_MODE["way"] == "compiled")
+        qmc._fused, native.body = real, real_body
+    assert calls == [True]                        # the fused pass ran, compiled or interpreted
+    assert any(x is not None for x in bodies) == (_MODE["way"] == "compiled")
     want = qmc.expect_blocks(f, b, d, groups, samples, 3, positions, stream)
     return got, want
 
@@ -202,3 +209,18 @@ def test_a_failed_build_leaves_the_interpreter(monkeypatch):
     assert native.body(program) is None and native.status().startswith("not compiled: could not compile")
     _MODE["way"] = "interpreted"
     _close(*_both(lambda z: fa(z) * fb(z), program, _entries(16, seed=4), 256, positions=1))
+
+
+def test_a_body_reads_the_terms_its_groups_give(way):
+    """With the slots' groups known, the first slot of a pair reads one term; a run whose
+    factor has more terms than the body reads (groups given wrongly here) takes the
+    interpreter, with the same values."""
+    (ea, fa), (eb, fb) = _chain(0), _chain(3)
+    right = pointwise.build([(ea, 0), (eb, 3)], 6, pair=False, groups=[[0, 3], [1, 4], [2, 5]])
+    assert right.terms == (1, 1, 1, 2, 2, 2)
+    assert "= c0 * e0[i];" in right.source and "c1 * e1[i]" not in right.source and "+ c7 * e7[i];" in right.source
+    wrong = pointwise.build([(ea, 0), (eb, 3)], 6, pair=False, groups=[[3, 0], [4, 1], [5, 2]])
+    entries = _entries((4, 16), seed=6)
+    for program in (right, wrong):
+        _MODE["way"] = way if program is right else "interpreted"
+        _close(*_both(lambda z: fa(z) * fb(z), program, entries, 256, positions=1, stream=3))
