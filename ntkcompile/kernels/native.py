@@ -17,6 +17,7 @@ import os
 import subprocess
 import tempfile
 import threading
+import warnings
 import weakref
 from typing import Optional
 
@@ -49,6 +50,8 @@ def body(program) -> Optional[int]:
                 _build(todo)
             except OSError as e:
                 _state["failed"] = str(e)
+                warnings.warn(f"ntkcompile: the N-D integrands could not be compiled ({e}); sampling.c "
+                              "interprets them, about 2x slower", RuntimeWarning, stacklevel=2)
     return program.body
 
 
