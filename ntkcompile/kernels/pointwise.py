@@ -5,15 +5,17 @@ scalar coefficients, products, and elementwise nonlinearities (``relu(z0 + relu(
 its derivative for a post-activation residual chain).  When every nonlinearity has a
 piecewise polynomial form (``Elementwise.piecewise``: relu, its derivative the step, leaky
 relu, abs, hardtanh, clamp, ...) and every coefficient is a constant, ``build`` writes the
-integrand as a ``Program``: ``sampling.c`` then evaluates it point block by point block
-with ``z`` and every intermediate in L1, where the torch form walks whole
-``(points, entries)`` arrays once per op.  Anything else (a smooth function such as tanh,
-a per-input coefficient) gives None, and the torch form runs.
+integrand as a ``Program``: instructions that ``sampling.c`` interprets point block by
+point block with ``z`` and every intermediate in L1, where the torch form walks whole
+``(points, entries)`` arrays once per op, and the same steps as one C loop (``c_body``)
+that ``native`` compiles, every value in registers.  Anything else (a smooth function such
+as tanh, a per-input coefficient) gives None, and the torch form runs.
 
 The program takes the torch form's operations in its order (the generated lambda's: linear
 combinations ``(c0 x0 + c1 x1) + ...``, products left to right, each piece of a nonlinearity
-by Horner as ``Piecewise``), so each value of the integrand agrees with it to the last bit
-for the piecewise linear functions (relu, step), to rounding for higher degrees.
+by Horner as ``Piecewise``; ``1.0 * x`` is ``x``), so each value of the integrand agrees with
+it to the last bit for the piecewise linear functions (relu, step), to rounding for higher
+degrees; the compiled loop adds its sums in another order (agreeing to rounding).
 """
 from __future__ import annotations
 
