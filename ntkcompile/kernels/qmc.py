@@ -371,4 +371,6 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
 
     if B:
         fused._parallel(part, B, B * samples)
-    return mean.reshape(batch), stderr.reshape(batch), [e.reshape(batch) for e in extra]
+    # written position by position (sampling.c's order): back to the batch's, rows x positions
+    back = [x.view(t, B // t).t().reshape(batch) for x in (mean, stderr, *extra)]
+    return back[0], back[1], back[2:]

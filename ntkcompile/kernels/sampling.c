@@ -141,14 +141,15 @@ static void block_moments(const double *r, const double *r2, int64_t n, double s
     if (sum2) *sum2 += s2;
 }
 
-/* ``mean``, ``stderr_`` and ``extra`` of entry e from its sums (see ntk_qmc). */
-static void finish(int64_t e, int64_t n, double shift, double acc, double acc2, const double *sums, int n_out,
+/* ``mean``, ``stderr_`` and ``extra`` at j (the order the entries are taken in: written in
+ * sequence, the caller puts them back in the batch's order) from an entry's sums. */
+static void finish(int64_t j, int64_t n, double shift, double acc, double acc2, const double *sums, int n_out,
                    double *mean, double *stderr_, double *const *extra) {
     double mu = acc / (double)n;
     double var = (acc2 - (double)n * mu * mu) / (double)(n > 1 ? n - 1 : 1);
-    mean[e] = shift + mu;
-    stderr_[e] = sqrt((var > 0.0 ? var : 0.0) / (double)n);
-    for (int j = 1; j < n_out; j++) extra[j - 1][e] = sums[j] / (double)n;
+    mean[j] = shift + mu;
+    stderr_[j] = sqrt((var > 0.0 ? var : 0.0) / (double)n);
+    for (int q = 1; q < n_out; q++) extra[q - 1][j] = sums[q] / (double)n;
 }
 
 /* A program compiled to C (kernels/native.py builds it from pointwise.Program.c_body): over
@@ -162,7 +163,7 @@ typedef void (*body_fn)(const double *const *e, const double *c, int64_t m, doub
 static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_slot, const int32_t *term_col,
                     const double *coef, const double *points, int64_t n, int64_t nets, const int64_t *net_of,
                     int64_t t, int64_t rows, int n_out, double *mean, double *stderr_, double *const *extra,
-                    double *regs, int64_t lo, int64_t hi) {
+                    int64_t lo, int64_t hi) {
     enum { MAX_SLOTS = 64 };
     int first[MAX_SLOTS], second[MAX_SLOTS];
     if (n_slots > MAX_SLOTS || n_out < 1 || n_out > QMC_MAX_OUT) return -1;
@@ -175,18 +176,25 @@ static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_
     }
     const double *e[2 * MAX_SLOTS];
     double c[2 * MAX_SLOTS];
+    int64_t ready = -1;               /* the net whose points e holds (one block: the entries of a position share it) */
     for (int64_t j = lo; j < hi; j++) {
         const int64_t ent = (j % rows) * t + j / rows;
         const int64_t net = net_of ? net_of[ent % t] : 0;
         double shift = 0.0, acc = 0.0, acc2 = 0.0, sums[QMC_MAX_OUT] = {0};
+        const double *cj = coef + j * n_terms;
+        for (int s = 0; s < n_slots; s++) {
+            c[2 * s] = first[s] >= 0 ? cj[first[s]] : 0.0;
+            c[2 * s + 1] = second[s] >= 0 ? cj[second[s]] : 0.0;
+        }
         for (int64_t start = 0; start < n; start += BLOCK) {
             int64_t m = n - start < BLOCK ? n - start : BLOCK;
-            for (int s = 0; s < n_slots; s++) {
-                int k1 = first[s], k2 = second[s];
-                e[2 * s] = points + (k1 >= 0 ? ((int64_t)term_col[k1] * nets + net) * n + start : 0);
-                c[2 * s] = k1 >= 0 ? coef[j * n_terms + k1] : 0.0;
-                e[2 * s + 1] = k2 >= 0 ? points + ((int64_t)term_col[k2] * nets + net) * n + start : e[2 * s];
-                c[2 * s + 1] = k2 >= 0 ? coef[j * n_terms + k2] : 0.0;
+            if (net != ready || n > BLOCK) {
+                for (int s = 0; s < n_slots; s++) {
+                    int k1 = first[s], k2 = second[s];
+                    e[2 * s] = points + (k1 >= 0 ? ((int64_t)term_col[k1] * nets + net) * n + start : 0);
+                    e[2 * s + 1] = k2 >= 0 ? points + ((int64_t)term_col[k2] * nets + net) * n + start : e[2 * s];
+                }
+                ready = n > BLOCK ? -1 : net;
             }
             double block[QMC_MAX_OUT + 1] = {0};
             body(e, c, m, block);
@@ -196,7 +204,7 @@ static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_
         }
         /* unshifted sums of squares: the variance loses about log10(mean^2 / variance) of its 16
          * digits (3 for a step product of mean 0.999), and it only sets the standard error */
-        finish(ent, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
+        finish(j, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
     }
     return 0;
 }
@@ -204,7 +212,7 @@ static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_
 /* Entries [lo, hi) of a batch of rows x t entries, entry e at position e % t with net
  * net_of[e % t] (net 0 without net_of), taken position by position (j = pos * rows + row,
  * e = row * t + pos): the entries of one position share its net, whose points then stay in
- * L1 from one entry to the next.  Slot s of a point is
+ * L1 from one entry to the next; the results are written at j.  Slot s of a point is
  * sum over the terms k with term_slot[k] == s of coef[j * n_terms + k] * points[term_col[k]][net][i]
  * (the coefficients packed in the order the entries are taken);
  * points: (dims, nets, n).  Returns 0, or -1 for a bad instruction. */
@@ -214,7 +222,7 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
             int n_out, double *mean, double *stderr_, double *const *extra, double *regs,
             int64_t lo, int64_t hi, body_fn body) {
     if (body) return run_body(body, n_slots, n_terms, term_slot, term_col, coef, points, n, nets, net_of, t, rows,
-                              n_out, mean, stderr_, extra, regs, lo, hi);
+                              n_out, mean, stderr_, extra, lo, hi);
     if (n_out < 1 || n_out > QMC_MAX_OUT) return -1;
     for (int k = 0; k < n_code; k++) {
         const int32_t *q = code + k * QMC_WIDTH;
@@ -277,7 +285,7 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
                 }
             }
         }
-        finish(e, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
+        finish(j, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
     }
     return 0;
 }
