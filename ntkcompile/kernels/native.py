@@ -5,9 +5,10 @@ each instruction a pass that reads and writes L1 (about 3.6 cycles per vector of
 and instruction on ResNet v1).  Compiled, the whole integrand is one loop whose values stay
 in vector registers, with the same operations in the same order (``Program.c_body``).  The
 bodies are built with the system C compiler that builds ``fused.c``: every program made
-since the last build, in one file (one compiler run per model, 0.2-0.5 s), cached on disk
+since the last build, in one file (one compiler run per model, 0.2-1 s), cached on disk
 by the hash of its source, compiler flags and CPU; where that fails the interpreter runs
-(``body`` returns None).
+(``body`` returns None).  ``qmc`` builds them only for calls of ``WORTH`` points x entries or
+more.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from typing import Optional
 from . import fused
 
 BLOCK = 256                        # sampling.c's BLOCK
+# Points x entries of one call from which qmc builds the bodies: interpreted, such a call takes
+# about 0.05 s (twice the compiled time); a build costs 0.2-1 s, once per machine and model, so
+# small kernels (and the test suite) never wait for the compiler.
+WORTH = 1 << 23
 _lock = threading.Lock()
 _pending: "weakref.WeakSet" = weakref.WeakSet()     # programs made, not built yet
 _libraries: list = []             # the loaded libraries (kept: their functions are in use)
@@ -93,4 +98,5 @@ def _build(programs) -> None:
 
 def status() -> str:
     """Whether the integrands are compiled here, and why not."""
-    return f"not compiled: {_state['failed']}" if _state["failed"] else "compiled on first use"
+    return (f"not compiled: {_state['failed']}" if _state["failed"]
+            else f"compiled for calls of {WORTH} points x entries or more")

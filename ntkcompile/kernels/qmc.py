@@ -358,7 +358,8 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
     net_of = net.to(torch.int64).contiguous() if net is not None else None
     # the compiled body where no slot has more terms than it reads (2 x 2 blocks), else the interpreter
     fits = all(slot_of.count(s) <= k for s, k in enumerate(program.terms))     # as many terms as the body reads
-    body = native.body(program) if fits else None
+    # compiled once a call is worth the compiler's run (about 1 s a model), or when it is already
+    body = (program.body or (native.body(program) if B * samples >= native.WORTH else None)) if fits else None
 
     def part(lo, hi):
         regs = torch.empty(max(program.registers, program.outputs) * 256, dtype=_F64)

@@ -66,7 +66,8 @@ def way(request, monkeypatch):
     if request.param == "interpreted":
         monkeypatch.setattr(native, "body", lambda program: None)
     else:
-        assert native.status() == "compiled on first use"
+        assert native.status().startswith("compiled for calls of")
+        monkeypatch.setattr(native, "WORTH", 0)           # these small calls too
     _MODE["way"] = request.param
     return request.param
 
@@ -226,3 +227,18 @@ def test_a_body_reads_the_terms_its_groups_give(way):
     for program in (right, wrong):
         _MODE["way"] = way if program is right else "interpreted"
         _close(*_both(lambda z: fa(z) * fb(z), program, entries, 256, positions=1, stream=3))
+
+
+def test_small_calls_do_not_wait_for_the_compiler(monkeypatch):
+    """Below ``native.WORTH`` points x entries a call is interpreted and builds nothing."""
+    asked = []
+    monkeypatch.setattr(native, "body", lambda p: asked.append(p))
+    (ea, fa), (eb, fb) = _chain(0), _chain(3)
+    program = pointwise.build([(ea, 0), (eb, 3)], 6, pair=False)
+    b, d, groups, _ = qmc.prepare(_entries(8, seed=7), torch.zeros((), dtype=F64))
+    assert 8 * 256 < native.WORTH
+    qmc.expect_blocks(lambda z: fa(z) * fb(z), b, d, groups, 256, 3, 0, 0, program)
+    assert asked == [] and program.body is None
+    monkeypatch.setattr(native, "WORTH", 8 * 256)
+    qmc.expect_blocks(lambda z: fa(z) * fb(z), b, d, groups, 256, 3, 0, 0, program)
+    assert asked == [program]
