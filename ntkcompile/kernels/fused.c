@@ -18,16 +18,7 @@
 #define PI 3.141592653589793
 #define INV_2PI (1.0 / (2.0 * PI))      /* folded at compile time, as INV_2PI in ops/elementwise.py */
 
-#if defined(__AVX512F__)
-typedef double vec __attribute__((vector_size(64)));
-#define WIDTH 8
-#elif defined(__AVX__)
-typedef double vec __attribute__((vector_size(32)));
-#define WIDTH 4
-#else
-typedef double vec;
-#define WIDTH 1
-#endif
+#include "simd.h"
 
 typedef vec (*vec_fn)(vec);
 static vec_fn sleef_acos = 0;

@@ -46,7 +46,7 @@ from torch import Tensor
 from .compat import compiling
 
 SOURCE = Path(__file__).with_name("fused.c")
-EXTRA_SOURCES = (Path(__file__).with_name("sampling.c"),)
+EXTRA_SOURCES, HEADERS = (Path(__file__).with_name("sampling.c"),), (Path(__file__).with_name("simd.h"),)
 _RULES = {"angle": (0, 3), "relu": (1, 4), "step": (2, 3)}
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"]
 _RUN_LENGTH = 4                      # window tables whose runs are shorter on average gather
@@ -105,7 +105,7 @@ def _cpu_flags() -> str:
 
 def _library_path(cc: list, flags: list) -> Path:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), *(p.read_bytes() for p in EXTRA_SOURCES), " ".join(cc).encode(),
+    for part in (SOURCE.read_bytes(), *(p.read_bytes() for p in EXTRA_SOURCES + HEADERS), " ".join(cc).encode(),
                  " ".join(flags).encode(), _cpu_flags().encode(), sys.platform.encode()):
         h.update(part)
         h.update(b"\0")

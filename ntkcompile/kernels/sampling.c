@@ -36,15 +36,7 @@
 #define QMC_MAX_OUT 4
 enum { Q_CONST = 0, Q_ADD, Q_MUL, Q_PW, Q_OUT, Q_PWADD, Q_OUTMUL };
 
-#if defined(__AVX512F__)
-typedef double vec __attribute__((vector_size(64)));
-#define WIDTH 8
-#elif defined(__AVX__)
-typedef double vec __attribute__((vector_size(32)));
-#define WIDTH 4
-#else
-#define WIDTH 1
-#endif
+#include "simd.h"
 
 /* One piece ``p`` (``c`` coefficients, by Horner) of x[0..n): into dst (piece 0), else where
  * x > t.  The common degrees 0 and 1 in loops of their own, which the compiler vectorizes. */
