@@ -5,11 +5,14 @@
  * net of points, then f as a chain of torch ops over (points, entries) arrays.  Building z
  * (a gather of each position's net, a multiply-add per factor term) and the chain of ops
  * each read and write whole arrays: 24 ns per entry, point and call on a 3-block ResNet v1.
- * Here one entry at a time, BLOCK points at a time, z and the integrand stay in L1.
+ * Here one entry at a time, BLOCK points at a time, z and the integrand stay in L1: either
+ * a compiled body (kernels/native.py: the program as one C loop, values in registers, its
+ * sums added in the loop; run_body) or this file's interpreter of the program (ntk_qmc).
  *
- * The same operations in the same order as the torch form (compiled with -ffp-contract=off):
- * z_slot = ((0 + c_0 eps_0) + c_1 eps_1) + ..., then the program's steps, so every value of
- * f agrees with it to the last bit; only the sums over points add in another order.
+ * The interpreter takes the same operations in the same order as the torch form (compiled
+ * with -ffp-contract=off): z_slot = ((0 + c_0 eps_0) + c_1 eps_1) + ..., then the program's
+ * steps, so every value of f agrees with it to the last bit; only the sums over points add
+ * in another order (and a compiled body's sums in yet another).
  *
  * Program: instructions of QMC_WIDTH int32s over registers of BLOCK doubles; registers
  * 0 .. n_slots - 1 hold the slots.
@@ -25,7 +28,7 @@
  *   OUTMUL j a b        output j takes a * b
  *
  * Per entry: output 0's mean and the standard error of its mean (as for independent
- * points; the squares shifted by its first point's value), the others' means.
+ * points), the others' means.
  */
 #include <math.h>
 #include <stdint.h>
@@ -168,7 +171,7 @@ static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_
     }
     const double *e[2 * MAX_SLOTS];
     double c[2 * MAX_SLOTS];
-    int64_t ready = -1;               /* the net whose points e holds (one block: the entries of a position share it) */
+    int64_t ready = -1;               /* the net whose points e holds (the entries of a position share it) */
     for (int64_t j = lo; j < hi; j++) {
         const int64_t ent = (j % rows) * t + j / rows;
         const int64_t net = net_of ? net_of[ent % t] : 0;
