@@ -69,31 +69,44 @@ def _build(programs) -> None:
     if cc is None:
         raise OSError("no C compiler found (set CC)")
     # the sums over points may be reordered (vectorized): a body's values then agree with the
-    # interpreter's to rounding, which is all a Monte Carlo mean needs
-    flags = (fused._FLAGS + ["-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-march=native"]
-             + ["-mprefer-vector-width=512"] * (" avx512f" in fused._cpu_flags()))
-    h = hashlib.sha256("\0".join([source, " ".join(cc), " ".join(flags), fused._cpu_flags()]).encode())
-    path = fused.cache_dir() / f"bodies-{h.hexdigest()[:16]}.so"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, src = tempfile.mkstemp(suffix=".c", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            run = subprocess.run([*cc, *flags, src, "-o", tmp], capture_output=True, text=True)
-            if run.returncode != 0:
-                raise OSError(f"could not compile the integrands: {run.stderr.strip()[-500:]}")
-            os.replace(tmp, path)
-        finally:
-            for leftover in (src, tmp):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+    # interpreter's to rounding, which is all a Monte Carlo mean needs; -march=native where the
+    # compiler takes it (as fused.c)
+    base = fused._FLAGS + ["-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+    march = ["-march=native"] + ["-mprefer-vector-width=512"] * (" avx512f" in fused._cpu_flags())
+    errors = []
+    for flags in (base + march, base):
+        h = hashlib.sha256("\0".join([source, " ".join(cc), " ".join(flags), fused._cpu_flags()]).encode())
+        path = fused.cache_dir() / f"bodies-{h.hexdigest()[:16]}.so"
+        if path.is_file() or _compile(cc, flags, source, path, errors):
+            break
+    else:
+        raise OSError("could not compile the integrands: " + " / ".join(errors))
     lib = ctypes.CDLL(str(path))
     _libraries.append(lib)
     for name, program in zip(names, programs):
         program.body = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+def _compile(cc, flags, source, path, errors) -> bool:
+    """Build ``path`` from ``source`` (atomically, as ``fused._build``); False, with the
+    compiler's complaint in ``errors``, if it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, src = tempfile.mkstemp(suffix=".c", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([*cc, *flags, src, "-o", tmp], capture_output=True, text=True)
+        if run.returncode != 0:
+            errors.append(run.stderr.strip()[-500:])
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        for leftover in (src, tmp):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def status() -> str:
