@@ -49,10 +49,10 @@ class ResNetV1(nn.Module):
         return self.out(h.mean(dim=(2, 3)))
 
 
-def _kernel(blocks, x, samples, replicates, nets=None, fused=True, seed=0):
+def _kernel(blocks, x, samples, replicates, nets=None, fused_pass=True, seed=0):
     old, real = qmc.MAX_NETS, qmc._fused
     qmc.MAX_NETS = nets or old
-    if not fused:
+    if not fused_pass:
         qmc._fused = lambda *args: None              # the torch form of every integrand
     try:
         kfn = ntkcompile.compile(ResNetV1(blocks), mc_samples=samples, mc_replicates=replicates, seed=seed)
@@ -80,7 +80,7 @@ def run(case, samples, replicates, reference, peers):
     out = {}
     for name in ("fused",) + peers:
         seconds, k = _kernel(blocks, x, samples, replicates, nets=1 if name == "common" else None,
-                             fused=name != "torch")
+                             fused_pass=name != "torch")
         rel = _worst(k)
         out[name] = (seconds, rel, k)
         line = (f"{case} {name:6s} ({samples} points, {replicates} replicates): {seconds:7.1f} s, largest "
