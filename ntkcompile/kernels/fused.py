@@ -103,36 +103,36 @@ def _cpu_flags() -> str:
     return platform.processor() + platform.machine()
 
 
-def _library_path(cc: list, flags: list) -> Path:
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), *(p.read_bytes() for p in EXTRA_SOURCES + HEADERS), " ".join(cc).encode(),
-                 " ".join(flags).encode(), _cpu_flags().encode(), sys.platform.encode()):
-        h.update(part)
-        h.update(b"\0")
-    return cache_dir() / f"fused-{h.hexdigest()[:16]}.so"
+def _library_path(cc: list, flags: list, stem: str, parts) -> Path:
+    h = hashlib.sha256(b"\0".join([*parts, " ".join(cc).encode(), " ".join(flags).encode(), _cpu_flags().encode(),
+                                   sys.platform.encode()]))
+    return cache_dir() / f"{stem}-{h.hexdigest()[:16]}.so"
 
 
-def _build(cc: list) -> Path:
-    """The cached library, compiled first if missing (atomically: concurrent processes
-    each build a private file and rename it into place)."""
+def build_library(cc: list, sources, stem: str, what: str, extra_flags=(), headers=()) -> Path:
+    """The cached library ``stem-<hash>.so`` of ``sources`` (hashed with the ``headers`` they
+    include, the compiler, its flags and the CPU; -march=native where the compiler takes it),
+    compiled first if missing (atomically: concurrent processes each build a private file and
+    rename it into place); ``what`` names it in the error.  Also ``native``'s integrands."""
     errors = []
+    parts = [p.read_bytes() for p in (*sources, *headers)]
     # AVX-512: 512-bit vectors in loops gcc vectorizes (default 256; mlp8's program 31 -> 26 ns/entry)
     native = ["-march=native"] + ["-mprefer-vector-width=512"] * (" avx512f" in _cpu_flags())
-    for flags in (_FLAGS + native, _FLAGS):
-        path = _library_path(cc, flags)
+    for flags in (_FLAGS + [*extra_flags] + native, _FLAGS + [*extra_flags]):
+        path = _library_path(cc, flags, stem, parts)
         if path.is_file():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
-        cmd = [*cc, *flags, str(SOURCE), *map(str, EXTRA_SOURCES), "-o", tmp, "-lm"]
+        cmd = [*cc, *flags, *map(str, sources), "-o", tmp, "-lm"]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode == 0:
             os.replace(tmp, path)
             return path
         os.unlink(tmp)
         errors.append(f"{' '.join(cmd)}: {run.stderr.strip()[-500:]}")
-    raise OSError("could not compile the fused kernels:\n" + "\n".join(errors))
+    raise OSError(f"could not compile {what}:\n" + "\n".join(errors))
 
 
 def _sleef_acos(width: int) -> Optional[int]:
@@ -185,7 +185,7 @@ def _open():
             why = "no C compiler found (set CC)"
         else:
             try:
-                path = _build(cc)
+                path = build_library(cc, (SOURCE, *EXTRA_SOURCES), "fused", "the fused kernels", headers=HEADERS)
                 lib = ctypes.CDLL(str(path))
                 for name, (restype, argtypes) in _SIGNATURES.items():
                     getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes

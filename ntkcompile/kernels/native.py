@@ -3,7 +3,8 @@
 ``sampling.c`` interprets a program one instruction at a time over a block of 256 points,
 each instruction a pass that reads and writes L1 (about 3.6 cycles per vector of points
 and instruction on ResNet v1).  Compiled, the whole integrand is one loop whose values stay
-in vector registers, with the same operations in the same order (``Program.c_body``).  The
+in vector registers, with the same steps in the same order (``Program.c_body``; only the
+sums over points are reordered).  The
 bodies are built with the system C compiler that builds ``fused.c``: every program made
 since the last build, in one file (one compiler run per model, 0.2-1 s), cached on disk
 by the hash of its source, compiler flags and CPU; where that fails the interpreter runs
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
-import subprocess
 import tempfile
 import threading
 import warnings
 import weakref
+from pathlib import Path
 from typing import Optional
 
 from . import fused
@@ -69,44 +69,17 @@ def _build(programs) -> None:
     if cc is None:
         raise OSError("no C compiler found (set CC)")
     # the sums over points may be reordered (vectorized): a body's values then agree with the
-    # interpreter's to rounding, which is all a Monte Carlo mean needs; -march=native where the
-    # compiler takes it (as fused.c)
-    base = fused._FLAGS + ["-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-    march = ["-march=native"] + ["-mprefer-vector-width=512"] * (" avx512f" in fused._cpu_flags())
-    errors = []
-    for flags in (base + march, base):
-        h = hashlib.sha256("\0".join([source, " ".join(cc), " ".join(flags), fused._cpu_flags()]).encode())
-        path = fused.cache_dir() / f"bodies-{h.hexdigest()[:16]}.so"
-        if path.is_file() or _compile(cc, flags, source, path, errors):
-            break
-    else:
-        raise OSError("could not compile the integrands: " + " / ".join(errors))
+    # interpreter's to rounding, which is all a Monte Carlo mean needs; the library's name
+    # hashes the source's text, so a temporary file serves
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "bodies.c"
+        src.write_text(source)
+        path = fused.build_library(cc, (src,), "bodies", "the integrands",
+                                   extra_flags=("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"))
     lib = ctypes.CDLL(str(path))
     _libraries.append(lib)
     for name, program in zip(names, programs):
         program.body = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-
-
-def _compile(cc, flags, source, path, errors) -> bool:
-    """Build ``path`` from ``source`` (atomically, as ``fused._build``); False, with the
-    compiler's complaint in ``errors``, if it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, src = tempfile.mkstemp(suffix=".c", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(source)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        run = subprocess.run([*cc, *flags, src, "-o", tmp], capture_output=True, text=True)
-        if run.returncode != 0:
-            errors.append(run.stderr.strip()[-500:])
-            return False
-        os.replace(tmp, path)
-        return True
-    finally:
-        for leftover in (src, tmp):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
 
 
 def status() -> str:

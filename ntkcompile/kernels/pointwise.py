@@ -32,11 +32,11 @@ class Program:
     """Instructions ``(op, dst, a, b, p)`` over registers (the first ``slots`` hold the slots),
     their constants, the registers they use and the number of outputs."""
 
-    def __init__(self, code, consts, registers: int, slots: int, outputs: int, source: str = ""):
+    def __init__(self, code, consts, registers: int, slots: int, outputs: int, source: str = "", terms=None):
         self.code, self.consts = tuple(code), tuple(consts)
         self.registers, self.slots, self.outputs = registers, slots, outputs
         self.source = source          # the body: a C function of a block of points (``c_body``), named {name}
-        self.terms = (2,) * slots      # the terms of each slot the body reads (``build``'s groups)
+        self.terms = tuple(terms or (2,) * slots)     # the terms of each slot the body reads (``build``'s groups)
         self._c = None
         self.body = None               # the compiled body's address once ``native`` has built it
 
@@ -181,9 +181,7 @@ class _Writer:
                          param if op in ("pw", "pwadd") else 0))
         for j, (op, reads) in enumerate(outs):
             code.append((_OPS[op], j, reg[reads[0]], reg[reads[1]], 0))
-        program = Program(code, self.consts, top, self.slots, len(outputs), self.c_body(outputs))
-        program.terms = tuple(self.terms)
-        return program
+        return Program(code, self.consts, top, self.slots, len(outputs), self.c_body(outputs), self.terms)
 
     def c_body(self, outputs) -> str:
         """The program as one C loop over a block of points, every value a local (the
