@@ -3,7 +3,8 @@
 ``relu(x + conv(relu(conv(x))))`` makes block ``l``'s output an H-var of ``l + 1`` G-vars, so
 its pair expectations go to the N-D evaluator (quasi-Monte Carlo, ``kernels.qmc``:
 ``mc_samples`` split into ``mc_replicates`` independent replicates whose spread is the
-reported standard error), which runs each expectation as one C pass (``sampling.c``).
+reported standard error), which runs the expectations over one covariance (a block's
+``E[h h']`` and the chains of its derivatives) as one C pass (``sampling.c``).
 
 Peers, in the same process and on the same inputs:
 

@@ -260,6 +260,11 @@ class Plan:
             self.origin[node.uid] = self.context
         return node
 
+    @staticmethod
+    def key(value):
+        """The hashable key interning compares a value of nodes and constants by."""
+        return _key(value)
+
     def new_loop_id(self) -> int:
         self._loops += 1
         return self._loops

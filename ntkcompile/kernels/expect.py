@@ -141,8 +141,22 @@ def _sampled(entries, like, smooth):
     return (batch, d, groups) if rank > quadrature_rank(smooth) else None
 
 
+def qn_family(family, entries, like, mc, smooth=True, layout=(0, False, 0)):
+    """The expectations of ``family`` (a ``pointwise.Family``: the integrands of ``qn`` and
+    ``qn_pair`` calls over one covariance) in one compiled pass on the same points:
+    ``qmc.expect_family``'s list, which the calls take as ``shared``; None where that pass
+    does not apply (each call then samples on its own, on the same points)."""
+    sampled = _sampled(entries, like, smooth)
+    if sampled is None or family.program is None:
+        return None
+    samples, seed = mc
+    positions, same_input, stream = layout
+    return qmc.expect_family(family.program, *sampled, qmc.samples_for(samples, same_input), seed, positions,
+                             stream)
+
+
 def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None, layout=(0, False, 0),
-       program=None):
+       program=None, shared=None, member=0):
     """N-D expectation: quasi-Monte Carlo over ``mc = (samples, seed)`` beyond rank 3, and
     beyond rank 1 for a kinked integrand (its standard error goes to ``errors`` as ``"mc"``),
     else the tensor-product trapezoidal rule with ``degrees[rank - 1]`` nodes per dimension,
@@ -158,8 +172,13 @@ def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=Non
     of points per position pair (``kernels.qmc``); ``layout = (positions, same_input, stream)``:
     the trailing batch axes that are positions, whether the entries are same-input ones
     (variances: few, given ``qmc.SAME_INPUT_BOOST`` times the points), and the call's number;
-    ``program``: ``f`` as a ``pointwise.Program`` for the fused sampler, or None."""
+    ``program``: ``f`` as a ``pointwise.Program`` for the fused sampler, or None; ``shared``:
+    ``qn_family``'s results, of which this call's is ``member`` (None: sample here)."""
     samples, seed = mc
+    if shared is not None:
+        value, stderr, _ = shared[member]
+        errors.append(("mc", stderr.max()))
+        return value
     sampled = _sampled(entries, like, smooth)
     if sampled is not None:
         positions, same_input, stream = layout
@@ -188,7 +207,7 @@ def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=Non
 
 
 def qn_pair(fa, fb, va, vb, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None,
-            layout=(0, False, 0), program=None):
+            layout=(0, False, 0), program=None, shared=None, member=0):
     """``E[a(z) b(z)]`` for two vectors on different inputs or positions (``qn`` of the product),
     given their variances ``va = E[a^2]``, ``vb = E[b^2]`` (the same-input values, lifted to
     the pair).  Under quasi-Monte Carlo it is the ratio estimate
@@ -200,16 +219,17 @@ def qn_pair(fa, fb, va, vb, entries, like, errors, mc, smooth=True, degrees=(192
     correlation is near 1 (neighbouring positions, near-duplicate inputs), then clamped: the
     step family's ``arccos`` there turned that noise into a bias of 6e-4 (relative) in the NTK
     of a 3-block ResNet v1 with 256 points per replicate.  ``program``: the three moments as a
-    ``pointwise.Program`` for the fused sampler, or None."""
+    ``pointwise.Program`` for the fused sampler, or None; ``shared``, ``member``: as ``qn``'s."""
     samples, seed = mc
-    sampled = _sampled(entries, like, smooth)
+    sampled = _sampled(entries, like, smooth) if shared is None else True
     if sampled is not None:
         def moments(z):
             a, b = fa(z), fb(z)
             return a * b, a * a, b * b
 
         positions, _, stream = layout
-        mab, stderr, (maa, mbb) = qmc.expect_blocks(moments, *sampled, samples, seed, positions, stream, program)
+        mab, stderr, (maa, mbb) = (shared[member] if shared is not None else
+                                   qmc.expect_blocks(moments, *sampled, samples, seed, positions, stream, program))
         den = maa * mbb
         scale = torch.where(den > 0, (const(va, like) * const(vb, like)).clamp_min(0.0)
                             / torch.where(den > 0, den, 1.0), 1.0).sqrt()

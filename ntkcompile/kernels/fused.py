@@ -167,7 +167,7 @@ _SIGNATURES = {   # (restype, argtypes) of the library's functions
     "ntk_gather": (None, [_P, _L, _P, _P, _L, _P, _L, _L]),
     "ntk_unpack": (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
     "ntk_program": (_I, [_P, _I] + [_P] * 5 + [_I] + [_P] * 2 + [_L] * 2 + [_I]),
-    "ntk_qmc": (_I, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _L, _L, _P, _L, _L, _I, _P, _P, _P, _P, _L, _L, _P]),
+    "ntk_qmc": (_I, [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _L, _L, _P, _L, _L, _I, _P, _P, _P, _L, _L, _P]),
     "ntk_factor2": (None, [_P] * 8 + [_L, _P]), "ntk_pack": (None, [_P, _I, _L, _L, _P]),
     "ntk_rank": (_I, [_P, _I, _L, _D]),
 }

@@ -253,8 +253,9 @@ class HVarExpectations:
     def _nd(self, desc, factors, entries, pair, k=0, norms=None):
         """An N-D expectation of a product of atoms; ``entries`` is the slot covariance;
         ``norms``: the two atoms' variances (lifted), for ``expect.qn_pair``'s ratio estimate."""
-        parts, offset = [], 0
+        parts, program, offset = [], [], 0           # program: pointwise.build's factors
         for atom, side in factors:
+            program.append((None if atom.gaussian else atom.expr, offset))
             if atom.gaussian:
                 parts.append(self.plan.make(Slot, offset))
                 offset += 1
@@ -271,15 +272,18 @@ class HVarExpectations:
         same = pair in SIDES and SIDES[pair][0] == SIDES[pair][1]
         positions = k if same or (pair == "x" and self.diag) else 2 * k   # trailing axes of the layout
         self._nd_streams = getattr(self, "_nd_streams", 0) + 1      # the call's own order of nets
-        options = (self.nd_degrees, self.tol, (positions, same, self._nd_streams))
         pair_moments = norms is not None and len(parts) == 2 and None not in norms
-        # the integrand as a program for the fused sampler (None: the lambda's torch form)
-        program, offset = [], 0
-        for atom, _ in factors:
-            program.append((None if atom.gaussian else atom.expr, offset))
-            offset += 1 if atom.gaussian else len(atom.gargs)
-        program = pointwise.build(program, offset, pair_moments, qmc.blocks(rows))
-        options += (None if program is None else self.static(program, "pw_"),)
+        # the integrand as a program for the fused sampler (None: the lambda's torch form), run with
+        # the others over the same covariance in one pass (a family: one stream, shared points)
+        groups, stream, shared = qmc.blocks(rows), self._nd_streams, ()
+        if (member := pointwise.build(program, offset, pair_moments, groups, register=False)) is not None:
+            family = self.__dict__.setdefault("_nd_families", {}).setdefault(
+                (self.plan.key(rows), positions, same, smooth), pointwise.Family(offset, groups, stream))
+            stream, index = family.stream, family.add(program, pair_moments)
+            shared = (self.call(expect.qn_family, self.static(family, "fam_"), rows, self.like, self.mc, smooth,
+                                options=((positions, same, stream),)), index)
+        options = (self.nd_degrees, self.tol, (positions, same, stream),
+                   None if member is None else self.static(member, "pw_"), *shared)
         if pair_moments:
             fa, fb = (self.plan.make(Fn, p) for p in parts)
             return self.call(expect.qn_pair, fa, fb, *norms, rows, self.like, self.errors, self.mc, smooth,

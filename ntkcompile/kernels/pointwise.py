@@ -32,11 +32,14 @@ class Program:
     """Instructions ``(op, dst, a, b, p)`` over registers (the first ``slots`` hold the slots),
     their constants, the registers they use and the number of outputs."""
 
-    def __init__(self, code, consts, registers: int, slots: int, outputs: int, source: str = "", terms=None):
+    def __init__(self, code, consts, registers: int, slots: int, outputs: int, source: str = "", terms=None,
+                 squared=(0,)):
         self.code, self.consts = tuple(code), tuple(consts)
         self.registers, self.slots, self.outputs = registers, slots, outputs
         self.source = source          # the body: a C function of a block of points (``c_body``), named {name}
         self.terms = tuple(terms or (2,) * slots)     # the terms of each slot the body reads (``build``'s groups)
+        self.squared = tuple(squared)  # the outputs whose standard errors are wanted (the interpreter: 0 only)
+        self.members = ((0, outputs),)  # a family's (``build_family``): each one's first output and count
         self._c = None
         self.body = None               # the compiled body's address once ``native`` has built it
 
@@ -63,13 +66,15 @@ class _Writer:
         return k
 
     def step(self, op, *args, key=None):
-        if key is not None and key in self.memo:
+        # every step is a pure function of its operands: equal steps are one value (the members
+        # of a family share the chain of their residual blocks)
+        key = (op, args) if key is None else key
+        if key in self.memo:
             return self.memo[key]
         self.steps.append((op, args))
         v = self.values
         self.values += 1
-        if key is not None:
-            self.memo[key] = v
+        self.memo[key] = v
         return v
 
     def const(self, c: float):
@@ -121,13 +126,17 @@ class _Writer:
         width = max(len(c) for c in pw.coeffs)
         at = [pw._at_break(i) for i in range(len(pw.breaks))]
         coeffs = [a for c in pw.coeffs for a in tuple(c) + (0.0,) * (width - len(c))]
-        return self._const_index([len(pw.breaks), width, *pw.breaks, *at, *coeffs])
+        values = tuple(float(v) for v in (len(pw.breaks), width, *pw.breaks, *at, *coeffs))
+        key = ("piecewise",) + values
+        if key not in self.memo:
+            self.memo[key] = self._const_index(values)
+        return self.memo[key]
 
     def _one_pass(self, p: int) -> bool:
         """Whether the piecewise function at consts[p] is one ``sampling.c`` takes in one pass."""
         return self.consts[p] == 1 and self.consts[p + 1] <= 2
 
-    def assemble(self, outputs) -> Program:
+    def assemble(self, outputs, squared=(0,)) -> Program:
         """Fused steps, then registers.  A one-pass piecewise function of a sum read nowhere
         else is one step (``pwadd``: ``relu(z + h)``, the residual chain's step), and an
         output that is a product read nowhere else is accumulated from its factors
@@ -181,13 +190,14 @@ class _Writer:
                          param if op in ("pw", "pwadd") else 0))
         for j, (op, reads) in enumerate(outs):
             code.append((_OPS[op], j, reg[reads[0]], reg[reads[1]], 0))
-        return Program(code, self.consts, top, self.slots, len(outputs), self.c_body(outputs), self.terms)
+        return Program(code, self.consts, top, self.slots, len(outputs), self.c_body(outputs, squared), self.terms,
+                       squared)
 
-    def c_body(self, outputs) -> str:
+    def c_body(self, outputs, squared=(0,)) -> str:
         """The program as one C loop over a block of points, every value a local (the
         compiler keeps them in vector registers), that adds up its outputs: ``sampling.c``'s
-        ``body_fn`` (``acc``: the sum of output 0 and of its square, then the sums of the
-        others).  Slot ``s`` is ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]``, the second term left
+        ``body_fn`` (``acc[2q]``: the sum of output ``q``, ``acc[2q + 1]`` that of its square
+        for ``q`` in ``squared``).  Slot ``s`` is ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]``, the second term left
         out where ``self.terms`` says one (a slot with fewer terms at run time has ``c = 0``);
         the steps are the interpreter's, in its order, constants as exact hex literals.
         ``native`` lets the compiler reorder the sums (vectorized), so they agree with the
@@ -196,7 +206,8 @@ class _Writer:
         lit = float.hex
         lines = ["void {name}(const double *const *e, const double *c, int64_t m, double *restrict acc) {"]
         lines += [f"    const double *restrict e{k} = e[{k}], c{k} = c[{k}];" for k in range(2 * d)]
-        lines.append("    double " + ", ".join(f"s{j} = 0.0" for j in range(len(outputs) + 1)) + ";")
+        sums = [2 * q for q in range(len(outputs))] + [2 * q + 1 for q in squared]
+        lines.append("    double " + ", ".join(f"s{j} = 0.0" for j in sorted(sums)) + ";")
         lines.append("    for (int64_t i = 0; i < m; i++) {")
         # (the torch form's 0 + c0 e0 would differ only in the sign of a zero, which no piecewise
         # function tells apart: left out, it saves an addition per slot and point)
@@ -210,10 +221,10 @@ class _Writer:
                 body.append(f"const double {v} = v{args[0]} {'+' if op == 'add' else '*'} v{args[1]};")
             else:
                 body += self._c_piecewise(v, f"v{args[0]}", args[1])
-        body += [f"s0 += v{outputs[0]};", f"s1 += v{outputs[0]} * v{outputs[0]};"]
-        body += [f"s{j + 1} += v{v};" for j, v in enumerate(outputs) if j]
+        body += [f"s{2 * q} += v{v};" for q, v in enumerate(outputs)]
+        body += [f"s{2 * q + 1} += v{outputs[q]} * v{outputs[q]};" for q in squared]
         lines += ["        " + b for b in body] + ["    }"]
-        lines += [f"    acc[{j}] += s{j};" for j in range(len(outputs) + 1)] + ["}"]
+        lines += [f"    acc[{j}] += s{j};" for j in sorted(sums)] + ["}"]
         return "\n".join(lines) + "\n"
 
     def _c_piecewise(self, v, x, p):
@@ -245,29 +256,64 @@ class _Writer:
         return lines
 
 
-def build(parts, slots: int, pair: bool, groups=None) -> Optional[Program]:
+def build(parts, slots: int, pair: bool, groups=None, register: bool = True) -> Optional[Program]:
     """The program of the N-D evaluator's integrand: ``parts`` are its factors ``(expr,
     offset)`` (an atom's expression over slots ``offset + j``; ``expr`` None for a G-var,
     the slot ``offset`` itself); one output, their product, or with ``pair`` (two factors)
     three: ``a b``, ``a a``, ``b b`` (``expect.qn_pair``'s moments).  ``groups``: the slots'
     independent groups (``qmc.blocks``), when known: the compiled body then reads one term
     for the first slot of a group of two (its factor's first row), two for the second.  None
-    if some nonlinearity has no piecewise polynomial form or a coefficient is not a constant."""
+    if some nonlinearity has no piecewise polynomial form or a coefficient is not a constant;
+    queued for ``native``'s next build with ``register``."""
+    return build_family([(parts, pair)], slots, groups, register)
+
+
+def build_family(members, slots: int, groups=None, register: bool = True) -> Optional[Program]:
+    """One program for several integrands over the same slots (``members``: ``build``'s
+    ``(parts, pair)`` each), their outputs one after the other (``Program.members``: each
+    one's first output and count; the first output's standard error is wanted), equal steps
+    computed once: the expectations that share a covariance on the same points in one pass."""
     w = _Writer(slots)
-    w.terms = [2] * slots
     for g in groups or ():
         if len(g) <= 2:
             for r, slot in enumerate(g):
                 w.terms[slot] = r + 1
+    outputs, spans = [], []
     try:
-        values = [offset if e is None else w.expr(e, offset) for e, offset in parts]
+        for parts, pair in members:
+            values = [offset if e is None else w.expr(e, offset) for e, offset in parts]
+            spans.append((len(outputs), 3 if pair else 1))
+            if pair:
+                a, b = values
+                outputs += [w.step("mul", a, b), w.step("mul", a, a), w.step("mul", b, b)]
+            else:
+                outputs.append(w.product(values))
     except _Unsupported:
         return None
-    if pair:
-        a, b = values
-        outputs = [w.step("mul", a, b), w.step("mul", a, a), w.step("mul", b, b)]
-    else:
-        outputs = [w.product(values)]
-    program = w.assemble(outputs)
-    native.register(program)
+    program = w.assemble(outputs, [first for first, _ in spans])
+    program.members = tuple(spans)
+    if register:
+        native.register(program)
     return program
+
+
+class Family:
+    """The N-D evaluator's integrands over one slot covariance (the calls of one residual
+    block: ``E[h h']`` and its chains of derivatives), to be run on the same points in one
+    pass: ``program`` (``build_family`` of the members so far, queued for ``native``) and
+    ``stream``, the first member's, which every member uses so that each alone (not
+    compiled, another device) takes the same points and gives the same values."""
+
+    def __init__(self, slots: int, groups, stream: int):
+        self.slots, self.groups, self.stream = slots, groups, stream
+        self.members: list = []
+        self.program: Optional[Program] = None
+
+    def add(self, parts, pair: bool) -> int:
+        """Join ``build``'s integrand; its index among the members."""
+        self.members.append((parts, pair))
+        self.program = build_family(self.members, self.slots, self.groups)
+        return len(self.members) - 1
+
+    def __repr__(self):
+        return f"<family of {len(self.members)} integrands over {self.slots} slots>"

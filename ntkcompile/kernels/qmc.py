@@ -27,6 +27,17 @@ every intermediate stay in registers or L1, the same operations in the same orde
 torch form, so the values agree with it to rounding.  The torch form remains for other
 integrands, other devices and without a C compiler.  The calls of one layer pass the same
 covariance arrays; ``prepare_shared`` factors them once.
+
+**One pass per covariance.**  A residual block's ``E[h h']`` and the chains of its
+derivatives (five integrands over the same eight slots in the last block of a 3-block
+ResNet v1) are one ``pointwise.Family``: one compiled program that computes their common
+chain once and adds up every member's outputs on the same points (``expect_family``),
+2.3x faster on that network.  Members share their points, so their errors correlate, and
+where two were multiplied their product would be biased by the covariance of their errors
+(an NTK term multiplies a block's derivatives with the expectations of the blocks below,
+other families).  Measured on 4 inputs of 3x8x8 through that ResNet: the mean NTK of 8
+seeds is as close to a 65536-point reference as with a stream per call (rms 1.22 against
+1.21 of its standard errors).
 """
 from __future__ import annotations
 
@@ -34,7 +45,7 @@ import ctypes
 import math
 import threading
 import weakref
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -250,21 +261,12 @@ def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
     the program (without positions, its own scramble); ``program``: ``f`` as a
     ``pointwise.Program``, run by the fused C pass where it applies (``_fused``)."""
     B = math.prod(batch)
-    device = next((t[2].device for _, terms in groups for t in terms), torch.device("cpu"))
-    dims = sum(cols for cols, _ in groups)
-    positions = min(positions, len(batch))
-    t = math.prod(batch[len(batch) - positions:]) if positions else 1
-    nets = max(1, min(MAX_NETS, t, MAX_NET_POINTS // samples))
-    # one set of points per replicate, shared by its calls; each call spreads its entries over
-    # the nets in its own order (``stream``), so that two expectations multiplied together (an NTK
-    # term ``D * E[x x']``) have independent errors, and their product no bias
-    points_seed = _mix(seed) if nets > 1 else _mix(seed, stream)
-    net = _nets_of(t, nets, seed, stream, device) if nets > 1 else None
+    device, dims, t, nets, points_seed, net = _layout(batch, groups, samples, seed, positions, stream)
     if program is not None and device.type == "cpu":
         out = _fused(program, batch, d, groups, samples, nets, dims, net, t, points_seed)
         if out is not None:
             quad._tick(samples, samples)
-            return out
+            return out[0][0], out[1][0], out[0][1:]
     pts = normal_nets(samples, nets, max(1, dims), points_seed).to(device)
     chunk = max(1, CHUNK_ENTRIES // max(1, B * d))
     shift, extra = None, None
@@ -297,6 +299,38 @@ def expect_blocks(f: Callable, batch, d: int, groups, samples: int, seed: int,
     var = ((acc2 - samples * mean * mean) / max(1, samples - 1)).clamp_min(0.0)
     extra = [(e / samples).reshape(batch) for e in extra or ()]
     return (shift + mean).reshape(batch), (var / samples).sqrt().reshape(batch), extra
+
+
+def _layout(batch, groups, samples: int, seed: int, positions: int, stream: int):
+    """``(device, dims, t, nets, points_seed, net)`` of ``expect_blocks``: the position entries
+    ``t``, the nets, the seed of the points and each position's net."""
+    device = next((t[2].device for _, terms in groups for t in terms), torch.device("cpu"))
+    positions = min(positions, len(batch))
+    t = math.prod(batch[len(batch) - positions:]) if positions else 1
+    nets = max(1, min(MAX_NETS, t, MAX_NET_POINTS // samples))
+    # one set of points per replicate, shared by its calls; each call spreads its entries over
+    # the nets in its own order (``stream``), so that two expectations multiplied together (an NTK
+    # term ``D * E[x x']``) have independent errors, and their product no bias
+    net = _nets_of(t, nets, seed, stream, device) if nets > 1 else None
+    return device, sum(cols for cols, _ in groups), t, nets, _mix(seed) if nets > 1 else _mix(seed, stream), net
+
+
+def expect_family(program, batch, d: int, groups, samples: int, seed: int, positions: int = 0,
+                  stream: int = 0) -> Optional[list]:
+    """``expect_blocks`` of each member of ``program`` (``pointwise.build_family``: integrands
+    that share the covariance) on the same points, in one compiled pass: per member its
+    ``(mean, stderr, further means)``; None where the pass does not apply (not compiled, not
+    on the CPU), and each member then runs alone, on the same points (``stream``) and so
+    with the same values to rounding."""
+    device, dims, t, nets, points_seed, net = _layout(batch, groups, samples, seed, positions, stream)
+    if device.type != "cpu":
+        return None
+    out = _fused(program, batch, d, groups, samples, nets, dims, net, t, points_seed)
+    if out is None:
+        return None
+    quad._tick(samples, samples)
+    means, errs = out
+    return [(means[first], errs[first], means[first + 1:first + count]) for first, count in program.members]
 
 
 def rank(evals) -> int:
@@ -350,9 +384,11 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
         program._c = ((ctypes.c_int32 * (5 * len(program.code)))(*[v for ins in program.code for v in ins]),
                       (ctypes.c_double * max(1, len(program.consts)))(*program.consts))
     code, consts = program._c
-    mean, stderr = torch.empty(B, dtype=_F64), torch.empty(B, dtype=_F64)
-    extra = [torch.empty(B, dtype=_F64) for _ in range(program.outputs - 1)]
-    c_extra = (ctypes.c_void_p * max(1, len(extra)))(*[e.data_ptr() for e in extra])
+    means = [torch.empty(B, dtype=_F64) for _ in range(program.outputs)]
+    errs = {q: torch.empty(B, dtype=_F64) for q in program.squared}
+    c_means = (ctypes.c_void_p * program.outputs)(*[m.data_ptr() for m in means])
+    c_errs = (ctypes.c_void_p * program.outputs)(*[errs[q].data_ptr() if q in errs else None
+                                                   for q in range(program.outputs)])
     c_slot = (ctypes.c_int32 * max(1, n_terms))(*slot_of)
     c_col = (ctypes.c_int32 * max(1, n_terms))(*col_of)
     net_of = net.to(torch.int64).contiguous() if net is not None else None
@@ -360,18 +396,22 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
     fits = all(slot_of.count(s) <= k for s, k in enumerate(program.terms))     # as many terms as the body reads
     # compiled once a call is worth the compiler's run (about 1 s a model), or when it is already
     body = (program.body or (native.body(program) if B * samples >= native.WORTH else None)) if fits else None
+    if body is None and program.squared != (0,):
+        return None                   # the interpreter gives the standard error of output 0 alone
 
     def part(lo, hi):
         regs = torch.empty(max(program.registers, program.outputs) * 256, dtype=_F64)
         rc = lib.ntk_qmc(code, len(program.code), consts, program.registers, d, n_terms, c_slot, c_col,
                          packed.data_ptr(), pts.data_ptr(), samples, nets,
                          None if net_of is None else net_of.data_ptr(), t, B // t,
-                         program.outputs, mean.data_ptr(), stderr.data_ptr(), c_extra, regs.data_ptr(), lo, hi, body)
+                         program.outputs, c_means, c_errs, regs.data_ptr(), lo, hi, body)
         if rc < 0:
             raise RuntimeError(f"fused quasi-Monte Carlo failed (code {rc})")
 
     if B:
         fused._parallel(part, B, B * samples)
     # written position by position (sampling.c's order): back to the batch's, rows x positions
-    back = [x.view(t, B // t).t().reshape(batch) for x in (mean, stderr, *extra)]
-    return back[0], back[1], back[2:]
+    def back(x):
+        return x.view(t, B // t).t().reshape(batch)
+
+    return [back(m) for m in means], {q: back(e) for q, e in errs.items()}

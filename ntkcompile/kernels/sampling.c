@@ -27,8 +27,8 @@
  *   OUT    j a          output j takes the register
  *   OUTMUL j a b        output j takes a * b
  *
- * Per entry: output 0's mean and the standard error of its mean (as for independent
- * points), the others' means.
+ * Per entry: each output's mean, and the standard error of the mean (as for independent
+ * points) of output 0, or with a compiled body of the outputs the caller asks it for.
  */
 #include <math.h>
 #include <stdint.h>
@@ -36,7 +36,7 @@
 
 #define BLOCK 256
 #define QMC_WIDTH 5
-#define QMC_MAX_OUT 4
+#define QMC_MAX_OUT 32
 enum { Q_CONST = 0, Q_ADD, Q_MUL, Q_PW, Q_OUT, Q_PWADD, Q_OUTMUL };
 
 #include "simd.h"
@@ -136,20 +136,25 @@ static void block_moments(const double *r, const double *r2, int64_t n, double s
     if (sum2) *sum2 += s2;
 }
 
-/* ``mean``, ``stderr_`` and ``extra`` at j (the order the entries are taken in: written in
- * sequence, the caller puts them back in the batch's order) from an entry's sums. */
-static void finish(int64_t j, int64_t n, double shift, double acc, double acc2, const double *sums, int n_out,
-                   double *mean, double *stderr_, double *const *extra) {
-    double mu = acc / (double)n;
-    double var = (acc2 - (double)n * mu * mu) / (double)(n > 1 ? n - 1 : 1);
-    mean[j] = shift + mu;
-    stderr_[j] = sqrt((var > 0.0 ? var : 0.0) / (double)n);
-    for (int q = 1; q < n_out; q++) extra[q - 1][j] = sums[q] / (double)n;
+/* Output q's mean (means[q]) and, where errs[q] is given, the standard error of the mean (as
+ * for independent points) at j (the order the entries are taken in: written in sequence, the
+ * caller puts them back in the batch's order) from an entry's sums of (v - shift) and of its
+ * square (shift: output 0's, 0 for the others). */
+static void finish(int64_t j, int64_t n, double shift, const double *sums, const double *sums2, int n_out,
+                   double *const *means, double *const *errs) {
+    for (int q = 0; q < n_out; q++) {
+        double mu = sums[q] / (double)n;
+        means[q][j] = (q ? 0.0 : shift) + mu;
+        if (!errs[q]) continue;
+        double var = (sums2[q] - (double)n * mu * mu) / (double)(n > 1 ? n - 1 : 1);
+        errs[q][j] = sqrt((var > 0.0 ? var : 0.0) / (double)n);
+    }
 }
 
 /* A program compiled to C (kernels/native.py builds it from pointwise.Program.c_body): over
  * the points [0, m) of a block, slot s being c[2s] e[2s][i] + c[2s + 1] e[2s + 1][i], it adds
- * output 0 and its square to acc[0], acc[1] and output j > 0 to acc[j + 1]. */
+ * output q to acc[2q] and, for the outputs whose standard error is wanted, its square to
+ * acc[2q + 1] (a program of several expectations on the same points: one per member). */
 typedef void (*body_fn)(const double *const *e, const double *c, int64_t m, double *acc);
 
 /* ntk_qmc with a compiled body: every slot has at most two terms (blocks of at most 2 x 2;
@@ -157,7 +162,7 @@ typedef void (*body_fn)(const double *const *e, const double *c, int64_t m, doub
  * which adds an exact zero. */
 static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_slot, const int32_t *term_col,
                     const double *coef, const double *points, int64_t n, int64_t nets, const int64_t *net_of,
-                    int64_t t, int64_t rows, int n_out, double *mean, double *stderr_, double *const *extra,
+                    int64_t t, int64_t rows, int n_out, double *const *means, double *const *errs,
                     int64_t lo, int64_t hi) {
     enum { MAX_SLOTS = 64 };
     int first[MAX_SLOTS], second[MAX_SLOTS];
@@ -175,7 +180,7 @@ static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_
     for (int64_t j = lo; j < hi; j++) {
         const int64_t ent = (j % rows) * t + j / rows;
         const int64_t net = net_of ? net_of[ent % t] : 0;
-        double shift = 0.0, acc = 0.0, acc2 = 0.0, sums[QMC_MAX_OUT] = {0};
+        double sums[QMC_MAX_OUT] = {0}, sums2[QMC_MAX_OUT] = {0};
         const double *cj = coef + j * n_terms;
         for (int s = 0; s < n_slots; s++) {
             c[2 * s] = first[s] >= 0 ? cj[first[s]] : 0.0;
@@ -191,15 +196,16 @@ static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_
                 }
                 ready = n > BLOCK ? -1 : net;
             }
-            double block[QMC_MAX_OUT + 1] = {0};
+            double block[2 * QMC_MAX_OUT] = {0};
             body(e, c, m, block);
-            acc += block[0];
-            acc2 += block[1];
-            for (int q = 1; q < n_out; q++) sums[q] += block[q + 1];
+            for (int q = 0; q < n_out; q++) {
+                sums[q] += block[2 * q];
+                sums2[q] += block[2 * q + 1];
+            }
         }
         /* unshifted sums of squares: the variance loses about log10(mean^2 / variance) of its 16
          * digits (3 for a step product of mean 0.999), and it only sets the standard error */
-        finish(j, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
+        finish(j, n, 0.0, sums, sums2, n_out, means, errs);
     }
     return 0;
 }
@@ -214,11 +220,13 @@ static int run_body(body_fn body, int n_slots, int n_terms, const int32_t *term_
 int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers, int n_slots,
             int n_terms, const int32_t *term_slot, const int32_t *term_col, const double *coef,
             const double *points, int64_t n, int64_t nets, const int64_t *net_of, int64_t t, int64_t rows,
-            int n_out, double *mean, double *stderr_, double *const *extra, double *regs,
+            int n_out, double *const *means, double *const *errs, double *regs,
             int64_t lo, int64_t hi, body_fn body) {
     if (body) return run_body(body, n_slots, n_terms, term_slot, term_col, coef, points, n, nets, net_of, t, rows,
-                              n_out, mean, stderr_, extra, lo, hi);
+                              n_out, means, errs, lo, hi);
     if (n_out < 1 || n_out > QMC_MAX_OUT) return -1;
+    for (int q = 1; q < n_out; q++)
+        if (errs[q]) return -1;          /* interpreted: the standard error of output 0 only */
     for (int k = 0; k < n_code; k++) {
         const int32_t *q = code + k * QMC_WIDTH;
         int out = q[0] == Q_OUT || q[0] == Q_OUTMUL;
@@ -229,7 +237,7 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
     for (int64_t j = lo; j < hi; j++) {
         const int64_t e = (j % rows) * t + j / rows;
         const int64_t net = net_of ? net_of[e % t] : 0;
-        double shift = 0.0, acc = 0.0, acc2 = 0.0, sums[QMC_MAX_OUT] = {0};
+        double shift = 0.0, sums[QMC_MAX_OUT] = {0}, sums2[QMC_MAX_OUT] = {0};
         for (int64_t start = 0; start < n; start += BLOCK) {
             int64_t m = n - start < BLOCK ? n - start : BLOCK;
             for (int s = 0; s < n_slots; s++) {     /* ((0 + c_0 eps_0) + c_1 eps_1) + ...: two terms a pass */
@@ -273,14 +281,14 @@ int ntk_qmc(const int32_t *code, int n_code, const double *consts, int registers
                         break;
                     }
                     if (start == 0) shift = r2 ? a[0] * r2[0] : a[0];   /* near the mean, for the squares */
-                    block_moments(a, r2, m, shift, &acc, &acc2);
+                    block_moments(a, r2, m, shift, &sums[0], &sums2[0]);
                     break;
                 }
                 default: break;
                 }
             }
         }
-        finish(j, n, shift, acc, acc2, sums, n_out, mean, stderr_, extra);
+        finish(j, n, shift, sums, sums2, n_out, means, errs);
     }
     return 0;
 }

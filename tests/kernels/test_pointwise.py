@@ -103,6 +103,7 @@ def _both(f, program, entries, samples, positions=0, stream=0):
 def _close(got, want):
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(got[1], want[1], rtol=1e-8, atol=1e-15)      # a difference of sums
+    assert len(got[2]) == len(want[2])
     for a, b in zip(got[2], want[2]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
@@ -188,11 +189,16 @@ def test_a_resnet_v1_kernel_is_the_same_on_both_paths(monkeypatch, way):
 
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
     kfn = ntkcompile.compile(Block(), mc_samples=512, mc_replicates=2)
-    runs = []
-    real = qmc._fused
+    runs, families = [], []
+    real, real_family = qmc._fused, qmc.expect_family
     monkeypatch.setattr(qmc, "_fused", lambda *a: runs.append(1) or real(*a))
+    monkeypatch.setattr(qmc, "expect_family", lambda *a: families.append(real_family(*a)) or families[-1])
     fast = kfn(x, progress=False)
-    assert runs and "pw_" in kfn.code
+    assert runs and "pw_" in kfn.code and "fam_" in kfn.code
+    # compiled, the expectations over one covariance ran as families of several; interpreted
+    # (one standard error a pass) only families of one did, the others' members alone
+    ran = [len(f) for f in families if f is not None]
+    assert max(ran) >= 3 if way == "compiled" else set(ran) == {1}, ran
     monkeypatch.setattr(qmc, "_fused", lambda *a: None)
     slow = kfn(x, progress=False)
     for m in ("nngp", "ntk"):
@@ -242,3 +248,53 @@ def test_small_calls_do_not_wait_for_the_compiler(monkeypatch):
     monkeypatch.setattr(native, "WORTH", 8 * 256)
     qmc.expect_blocks(lambda z: fa(z) * fb(z), b, d, groups, 256, 3, 0, 0, program)
     assert asked == [program]
+
+
+def _step_chain(o):
+    """The derivative of ``_chain(o)`` along its middle slot: step(outer) * step(middle) * 1.5."""
+    s = [irn.ESlot(j) for j in range(3)]
+    inner = irn.ECall(RELU, s[2])
+    mid_arg = _lin((1.5, s[1]), (ONE, inner), (-0.25, irn.EConst(1.0)))
+    outer_arg = _lin((ONE, s[0]), (ONE, irn.ECall(RELU, mid_arg)))
+    expr = irn.EMul((irn.ECall(STEP, outer_arg), irn.ECall(STEP, mid_arg)))
+
+    def torch_form(z):
+        m = 1.5 * z[..., o + 1] + 1.0 * torch.relu(z[..., o + 2]) + -0.25 * 1.0
+        return (1.0 * z[..., o] + 1.0 * torch.relu(m) > 0).to(F64) * (m > 0).to(F64)
+
+    return expr, torch_form
+
+
+def test_a_family_runs_its_members_in_one_pass(way):
+    """The integrands over one covariance (a chain's ``E[h h']`` pair moments, its derivative's,
+    and a plain product) as one program: each member's mean, standard error and further means
+    are its own torch form's on the same points (compiled); the shared chain is computed once.
+    Interpreted, a family of several gives None (the interpreter has one standard error), and
+    each member then runs alone."""
+    (ea, fa), (eb, fb) = _chain(0), _chain(3)
+    (da, ga), (db, gb) = _step_chain(0), _step_chain(3)
+    members = [([(ea, 0), (eb, 3)], True), ([(da, 0), (db, 3)], True), ([(ea, 0), (db, 3)], False)]
+    groups = [[0, 3], [1, 4], [2, 5]]
+    family = pointwise.Family(6, groups, stream=4)
+    assert [family.add(*m) for m in members] == [0, 1, 2]
+    program = family.program
+    assert program.members == ((0, 3), (3, 3), (6, 1)) and program.squared == (0, 3, 6)
+    alone = [pointwise.build(parts, 6, pair, groups) for parts, pair in members]
+    assert len(program.code) < sum(len(p.code) for p in alone) - 10     # the chains are shared
+
+    def pair(f, g):
+        def moments(z):
+            a, b = f(z), g(z)
+            return a * b, a * a, b * b
+        return moments
+
+    torch_forms = [pair(fa, fb), pair(ga, gb), lambda z: fa(z) * gb(z)]
+    entries = _entries((4, 16), seed=8)
+    b, d, prepared, _ = qmc.prepare(entries, torch.zeros((), dtype=F64))
+    got = qmc.expect_family(program, b, d, prepared, 256, 3, 1, family.stream)
+    if way == "interpreted":
+        assert got is None
+        return
+    assert len(got) == 3
+    for mine, f in zip(got, torch_forms):
+        _close(mine, qmc.expect_blocks(f, b, d, prepared, 256, 3, 1, family.stream))
