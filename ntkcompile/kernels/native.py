@@ -4,19 +4,20 @@
 each instruction a pass that reads and writes L1 (about 3.6 cycles per vector of points
 and instruction on ResNet v1).  Compiled, the whole integrand is one loop whose values stay
 in vector registers, with the same steps in the same order (``Program.c_body``; only the
-sums over points are reordered).  The
-bodies are built with the system C compiler that builds ``fused.c``: every program made
-since the last build, in one file (one compiler run per model, 0.2-1 s), cached on disk
-by the hash of its source, compiler flags and CPU; where that fails the interpreter runs
-(``body`` returns None).  ``qmc`` builds them only for calls of ``WORTH`` points x entries or
-more.
+sums over points are reordered).  The bodies are built with the system C compiler that
+builds ``fused.c``: every program made since the last build, in one file (one compiler run
+per model, 0.2-1 s), cached on disk by the hash of its source, compiler flags and CPU (the
+least recently used pruned: ``prune``); where that fails the interpreter runs (``body``
+returns None).  ``qmc`` builds them only for calls of ``WORTH`` points x entries or more.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import tempfile
 import threading
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -76,10 +77,34 @@ def _build(programs) -> None:
         src.write_text(source)
         path = fused.build_library(cc, (src,), "bodies", "the integrands",
                                    extra_flags=("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"))
+    prune(path)
     lib = ctypes.CDLL(str(path))
     _libraries.append(lib)
     for name, program in zip(names, programs):
         program.body = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+# Libraries of integrands kept in the cache directory: every set of programs (a model, a change
+# of planner) makes its own, about 70 KB; the most recently used KEEP, and any used within KEEP_DAYS.
+KEEP, KEEP_DAYS = 32, 7
+
+
+def prune(used: Path) -> None:
+    """Mark ``used`` as used now (its time of modification) and delete the other ``bodies-*.so``
+    beside it beyond the ``KEEP`` most recently used that no process has used in ``KEEP_DAYS``
+    (one loaded meanwhile keeps its mapping; a later run rebuilds it)."""
+    now = time.time()
+    try:
+        os.utime(used)
+        found = sorted(((p.stat().st_mtime, p) for p in used.parent.glob("bodies-*.so")), reverse=True)
+    except OSError:
+        return
+    for mtime, p in found[KEEP:]:
+        if now - mtime > KEEP_DAYS * 86400:
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def status() -> str:

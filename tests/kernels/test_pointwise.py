@@ -298,3 +298,28 @@ def test_a_family_runs_its_members_in_one_pass(way):
     assert len(got) == 3
     for mine, f in zip(got, torch_forms):
         _close(mine, qmc.expect_blocks(f, b, d, prepared, 256, 3, 1, family.stream))
+
+
+def test_the_cache_keeps_the_recently_used_bodies(tmp_path, monkeypatch):
+    """``native.prune``: of the integrand libraries beside the one used, those beyond the
+    ``KEEP`` most recently used go once unused for ``KEEP_DAYS``; other files stay."""
+    import os
+    import time
+
+    monkeypatch.setattr(native, "KEEP", 3)
+    now, day = time.time(), 86400.0
+    ages = {"a": 30, "b": 20, "c": 10, "d": 3, "e": 40, "f": 50}       # days since last use
+    for name, age in ages.items():
+        p = tmp_path / f"bodies-{name}.so"
+        p.write_bytes(b"")
+        os.utime(p, (now - age * day, now - age * day))
+    other = tmp_path / "fused-x.so"
+    other.write_bytes(b"")
+    os.utime(other, (now - 99 * day, now - 99 * day))
+    native.prune(tmp_path / "bodies-f.so")               # used now: the newest
+    # newest first: f (now), d (3 days), c (10): kept as the 3 most recent; b, a, e: beyond and old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bodies-c.so", "bodies-d.so", "bodies-f.so", "fused-x.so"]
+    monkeypatch.setattr(native, "KEEP", 1)
+    os.utime(tmp_path / "bodies-f.so", (now - 8 * day, now - 8 * day))
+    native.prune(tmp_path / "bodies-c.so")               # beyond KEEP: d used 3 days ago stays, f (8) goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bodies-c.so", "bodies-d.so", "fused-x.so"]
