@@ -277,9 +277,9 @@ class HVarExpectations:
         # the others over the same covariance in one pass (a family: one stream, shared points)
         groups, stream, shared = qmc.blocks(rows), self._nd_streams, ()
         if (member := pointwise.build(program, offset, pair_moments, groups, register=False)) is not None:
-            family = self.__dict__.setdefault("_nd_families", {}).setdefault(
-                (self.plan.key(rows), positions, same, smooth), pointwise.Family(offset, groups, stream))
-            stream, index = family.stream, family.add(program, pair_moments)
+            family, index = pointwise.join(self.__dict__.setdefault("_nd_families", {}), (
+                self.plan.key(rows), positions, same, smooth), program, pair_moments, offset, groups, stream)
+            stream = family.stream
             shared = (self.call(expect.qn_family, self.static(family, "fam_"), rows, self.like, self.mc, smooth,
                                 options=((positions, same, stream),)), index)
         options = (self.nd_degrees, self.tol, (positions, same, stream),

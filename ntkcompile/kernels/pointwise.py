@@ -315,5 +315,23 @@ class Family:
         self.program = build_family(self.members, self.slots, self.groups)
         return len(self.members) - 1
 
+    @property
+    def outputs(self) -> int:
+        return sum(3 if pair else 1 for _, pair in self.members)
+
+
+# Outputs of one program at most (sampling.c's QMC_MAX_OUT): a family with more starts another.
+MAX_OUTPUTS = 32
+
+
+def join(families: dict, key, parts, pair: bool, slots: int, groups, stream: int):
+    """``(family, index)``: ``build``'s integrand joined to the family ``key`` of ``families``,
+    a new one (with ``stream``) where there is none yet or the last is full (``MAX_OUTPUTS``;
+    a deep ResNet's last block has a derivative chain per block)."""
+    family = families.get(key)
+    if family is None or family.outputs + (3 if pair else 1) > MAX_OUTPUTS:
+        family = families[key] = Family(slots, groups, stream)
+    return family, family.add(parts, pair)
+
     def __repr__(self):
         return f"<family of {len(self.members)} integrands over {self.slots} slots>"

@@ -36,7 +36,7 @@
 
 #define BLOCK 256
 #define QMC_WIDTH 5
-#define QMC_MAX_OUT 32
+#define QMC_MAX_OUT 32           /* pointwise.MAX_OUTPUTS */
 enum { Q_CONST = 0, Q_ADD, Q_MUL, Q_PW, Q_OUT, Q_PWADD, Q_OUTMUL };
 
 #include "simd.h"

@@ -323,3 +323,23 @@ def test_the_cache_keeps_the_recently_used_bodies(tmp_path, monkeypatch):
     os.utime(tmp_path / "bodies-f.so", (now - 8 * day, now - 8 * day))
     native.prune(tmp_path / "bodies-c.so")               # beyond KEEP: d used 3 days ago stays, f (8) goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bodies-c.so", "bodies-d.so", "fused-x.so"]
+
+
+def test_a_full_family_starts_another(monkeypatch):
+    """``pointwise.join``: members join their covariance's family until its program would have
+    more than ``MAX_OUTPUTS`` outputs (sampling.c's limit); the next starts a family of its own,
+    with its own stream; other covariances have theirs."""
+    monkeypatch.setattr(pointwise, "MAX_OUTPUTS", 6)
+    (ea, _), (eb, _) = _chain(0), _chain(3)
+    (da, _), (db, _) = _step_chain(0), _step_chain(3)
+    pair, product = [(ea, 0), (eb, 3)], [(da, 0), (db, 3)]
+    families = {}
+    calls = [("k", pair, True, 1), ("k", product, False, 2), ("other", pair, True, 3), ("k", product, True, 4),
+             ("k", pair, False, 5)]
+    joined = [pointwise.join(families, key, parts, is_pair, 6, None, stream) for key, parts, is_pair, stream in calls]
+    first, second, other = joined[0][0], joined[3][0], joined[2][0]
+    assert [index for _, index in joined] == [0, 1, 0, 0, 1]
+    assert joined[1][0] is first and joined[4][0] is second and len({id(first), id(second), id(other)}) == 3
+    assert (first.stream, other.stream, second.stream) == (1, 3, 4)
+    assert (first.outputs, second.outputs) == (4, 4) and first.program.members == ((0, 3), (3, 1))
+    assert all(f.program.outputs <= 6 for f in (first, second, other))
