@@ -16,6 +16,11 @@ combinations ``(c0 x0 + c1 x1) + ...``, products left to right, each piece of a 
 by Horner as ``Piecewise``; ``1.0 * x`` is ``x``), so each value of the integrand agrees with
 it to the last bit for the piecewise linear functions (relu, step), to rounding for higher
 degrees; the compiled loop adds its sums in another order (agreeing to rounding).
+
+The integrands the planner asks for over one slot covariance (a residual block's
+``E[h h']`` and the chains of its derivatives) form a ``Family`` (``join``): one program
+(``build_family``) with every member's outputs, its equal steps computed once, that
+``qmc.expect_family`` runs on one set of points.
 """
 from __future__ import annotations
 
@@ -197,8 +202,8 @@ class _Writer:
         """The program as one C loop over a block of points, every value a local (the
         compiler keeps them in vector registers), that adds up its outputs: ``sampling.c``'s
         ``body_fn`` (``acc[2q]``: the sum of output ``q``, ``acc[2q + 1]`` that of its square
-        for ``q`` in ``squared``).  Slot ``s`` is ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]``, the second term left
-        out where ``self.terms`` says one (a slot with fewer terms at run time has ``c = 0``);
+        for ``q`` in ``squared``).  Slot ``s`` is ``c[2s] e[2s][i] + c[2s+1] e[2s+1][i]``, the
+        second term left out where ``self.terms`` says one (a slot with fewer terms at run time has ``c = 0``);
         the steps are the interpreter's, in its order, constants as exact hex literals.
         ``native`` lets the compiler reorder the sums (vectorized), so they agree with the
         torch form to rounding."""
@@ -319,6 +324,9 @@ class Family:
     def outputs(self) -> int:
         return sum(3 if pair else 1 for _, pair in self.members)
 
+    def __repr__(self):
+        return f"<family of {len(self.members)} integrands over {self.slots} slots>"
+
 
 # Outputs of one program at most (sampling.c's QMC_MAX_OUT): a family with more starts another.
 MAX_OUTPUTS = 32
@@ -332,6 +340,3 @@ def join(families: dict, key, parts, pair: bool, slots: int, groups, stream: int
     if family is None or family.outputs + (3 if pair else 1) > MAX_OUTPUTS:
         family = families[key] = Family(slots, groups, stream)
     return family, family.add(parts, pair)
-
-    def __repr__(self):
-        return f"<family of {len(self.members)} integrands over {self.slots} slots>"
