@@ -104,6 +104,7 @@ class _Renderer:
         self._bound: dict = {}
         self.names: dict = {}            # node uid -> variable name
         self.statements: list = []       # (lines, assigned name, names or None)
+        self.weights: dict = {}          # name -> pair arrays its value holds, where not 1 (``fn.arrays``)
         self._count = 0
         self.uses: dict = {}
         self._text: dict = {}            # node uid -> rendered inline text
@@ -362,6 +363,8 @@ class _Renderer:
         text = f"{indent}{name} = {self.expr(n)}"
         if isinstance(n, P.Call) and n.note:
             text += f"  # {n.note[0]}: {n.note[1]}"
+        if isinstance(n, P.Call) and hasattr(n.fn, "arrays"):       # a helper whose result holds several
+            self.weights[name] = n.fn.arrays(*n.args)
         self.statements.append(([text] + self._checked(name, n, indent), name))
         self.names[n.uid] = name
 
@@ -433,10 +436,11 @@ _ASSIGN = re.compile(r"^\s*(k\d+|c\d+_\d+) = ")
 _NAME = re.compile(r"\b(k\d+|c\d+_\d+)\b")
 
 
-def _free_dead(statements, returns):
+def _free_dead(statements, returns, weights=None):
     """``del`` after the last use of every temporary: peak memory is then the live set of
     ``(N1, N2, ...)`` arrays, not every intermediate of the program.  Returns the lines
-    and the size of the largest live set."""
+    and the size of the largest live set (a name counting as ``weights[name]`` arrays, else 1)."""
+    weights = weights or {}
     last = {}
     for i, (lines, _) in enumerate(statements):
         for line in lines:
@@ -450,17 +454,17 @@ def _free_dead(statements, returns):
     for i, (lines, assigned) in enumerate(statements):
         out.extend(lines)
         assigned = (assigned,) if isinstance(assigned, str) else assigned or ()     # a fused program: several
-        live += len(assigned)
+        live += sum(weights.get(a, 1) for a in assigned)
         most = max(most, live)
         dead = sorted(n for n in dies.get(i, ()) if n not in keep and n not in assigned and not n.startswith("c"))
         if dead:
             out.append("del " + ", ".join(dead))
-            live -= len(dead)
+            live -= sum(weights.get(d, 1) for d in dead)
     return out, most
 
 
-def _build(signature, head, body_statements, returns, namespace):
-    lines, most = _free_dead(body_statements, returns)
+def _build(signature, head, body_statements, returns, namespace, weights=None):
+    lines, most = _free_dead(body_statements, returns, weights)
     body = head + lines + [f"return {returns}"]
     src = f"def {signature}:\n" + "".join(f"    {line}\n" for line in body)
     ns = dict(namespace)
@@ -482,7 +486,7 @@ def function(values, *, name="f", self_mode=False):
     statements = r.statements + [([f"_out = ({returns})"], None)] if names else r.statements
     r.namespace["_MC"] = (quadrature.DEFAULT_MC_SAMPLES, 0)
     return _build(f"{name}(F1, MC=_MC)", ["F2 = F1", "like = F1[0]", "_err = []"], statements,
-                  "_out" if names else f"({returns})", r.namespace)
+                  "_out" if names else f"({returns})", r.namespace, r.weights)
 
 
 class NonFiniteValue(ArithmeticError):
@@ -560,7 +564,7 @@ def render(plan: P.Plan, *, self_mode: bool, outputs=("nngp", "ntk"), prep=None,
         r.statements.append(([f"{name} = {out}"], None))
     sig = "kernel_self(x1, MC=_MC)" if self_mode else "kernel_cross(x1, x2, MC=_MC)"
     r.namespace["_MC"] = tuple(mc)
-    return _build(sig, head, r.statements, "nngp, ntk, _err", r.namespace)
+    return _build(sig, head, r.statements, "nngp, ntk, _err", r.namespace, r.weights)
 
 
 def _pair_gram(eq: str, args, sizes) -> Optional[str]:

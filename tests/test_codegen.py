@@ -103,3 +103,17 @@ def test_a_loop_carries_values_and_hoists_what_does_not_change():
     loop_at = next(i for i, ln in enumerate(lines) if ln.strip().startswith("for "))
     assert any("2.0 * F1[1]" in ln for ln in lines[:loop_at])    # hoisted
     assert len(lines) < 15
+
+
+def test_the_live_set_counts_what_a_value_holds():
+    """``_free_dead``'s largest live set, counted by hand: a value that holds several pair arrays
+    (``weights``: a family of N-D expectations' results) counts as that many while alive."""
+    statements = [(["k1 = f()"], "k1"), (["k2 = g()"], "k2"), (["k3 = h(k1)"], "k3"), (["k4 = u(k2, k3)"], "k4")]
+    lines, most = codegen._free_dead(statements, "k4")
+    assert most == 3 and "del k1" in lines and "del k2, k3" in lines     # k1, k2, k3 alive at k3
+    _, most = codegen._free_dead(statements, "k4", {"k1": 5})
+    assert most == 7                                                      # 5 + k2 + k3
+    _, most = codegen._free_dead(statements, "k4", {"k2": 5})
+    assert most == 7                                                      # k1 + 5 + k3; then 5 + k3 + k4
+    _, most = codegen._free_dead(statements, "k4", {"k4": 9})
+    assert most == 11                                                     # k2, k3 die after k4 is made

@@ -155,6 +155,15 @@ def qn_family(family, entries, like, mc, smooth=True, layout=(0, False, 0)):
                              stream)
 
 
+def _family_arrays(family, *_):
+    """The pair arrays ``qn_family``'s result holds (its members' means and standard errors), for
+    codegen's estimate of the memory a tile needs; ``family``: the plan's ``Static``."""
+    return family.obj.outputs + len(family.obj.members)
+
+
+qn_family.arrays = _family_arrays
+
+
 def qn(f, entries, like, errors, mc, smooth=True, degrees=(192, 96, 32), tol=None, layout=(0, False, 0),
        program=None, shared=None, member=0):
     """N-D expectation: quasi-Monte Carlo over ``mc = (samples, seed)`` beyond rank 3, and

@@ -199,6 +199,10 @@ def test_a_resnet_v1_kernel_is_the_same_on_both_paths(monkeypatch, way):
     # (one standard error a pass) only families of one did, the others' members alone
     ran = [len(f) for f in families if f is not None]
     assert max(ran) >= 3 if way == "compiled" else set(ran) == {1}, ran
+    # the tiles' memory estimate counts every array a family's results hold while they live
+    fn = kfn._function(True, True)[0]
+    held = [f.outputs + len(f.members) for name, f in fn.__globals__.items() if name.startswith("fam_")]
+    assert max(held) >= 9 and fn.live_arrays > max(held)
     monkeypatch.setattr(qmc, "_fused", lambda *a: None)
     slow = kfn(x, progress=False)
     for m in ("nngp", "ntk"):
