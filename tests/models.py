@@ -32,6 +32,20 @@ class ResidualMLP(nn.Module):
         return self.out(torch.relu(h))
 
 
+class PostActivationResidual(nn.Module):
+    """``h = relu(Linear(x)); h = relu(h + Linear(relu(Linear(h))))`` (ResNet v1 as an MLP):
+    the block's output is an H-var of two G-vars, whose pair expectations are N-D ones."""
+
+    def __init__(self, d, n):
+        super().__init__()
+        self.a, self.b, self.c, self.o = nn.Linear(d, n), nn.Linear(n, n), nn.Linear(n, n), nn.Linear(n, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(h + self.c(torch.relu(self.b(h))))
+        return self.o(h)
+
+
 class CorrelatedResidual(nn.Module):
     """Residual branches that are *not* independent: ``h + tanh(h)``."""
 

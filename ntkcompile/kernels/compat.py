@@ -14,3 +14,14 @@ def compiling() -> bool:
         from torch import _dynamo
         fn = _dynamo.is_compiling
     return bool(fn())
+
+
+def eager(fn):
+    """``fn`` run as plain Python inside torch.compile'd code (a graph break there): for the
+    runtime helpers whose estimator needs data-dependent steps (the N-D quasi-Monte Carlo's
+    rank test, its C pass), which a traced graph would replace by another estimator."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    if disable is None:
+        from torch import _dynamo
+        disable = _dynamo.disable
+    return disable(fn)
