@@ -234,22 +234,24 @@ def qn_pair(fa, fb, va, vb, entries, like, errors, mc, smooth=True, degrees=(192
     step family's ``arccos`` there turned that noise into a bias of 6e-4 (relative) in the NTK
     of a 3-block ResNet v1 with 256 points per replicate.  ``program``: the three moments as a
     ``pointwise.Program`` for the fused sampler, or None; ``shared``, ``member``: as ``qn``'s."""
-    samples, seed = mc
-    sampled = _sampled(entries, like, smooth) if shared is None else True
-    if sampled is not None:
+    if shared is not None:
+        mab, stderr, (maa, mbb) = shared[member]
+    else:
+        sampled = _sampled(entries, like, smooth)
+        if sampled is None:
+            return qn(lambda z: fa(z) * fb(z), entries, like, errors, mc, smooth, degrees, tol, layout)
+
         def moments(z):
             a, b = fa(z), fb(z)
             return a * b, a * a, b * b
 
-        positions, _, stream = layout
-        mab, stderr, (maa, mbb) = (shared[member] if shared is not None else
-                                   qmc.expect_blocks(moments, *sampled, samples, seed, positions, stream, program))
-        den = maa * mbb
-        scale = torch.where(den > 0, (const(va, like) * const(vb, like)).clamp_min(0.0)
-                            / torch.where(den > 0, den, 1.0), 1.0).sqrt()
-        errors.append(("mc", (stderr * scale).max()))
-        return mab * scale
-    return qn(lambda z: fa(z) * fb(z), entries, like, errors, mc, smooth, degrees, tol, layout)
+        (samples, seed), (positions, _, stream) = mc, layout
+        mab, stderr, (maa, mbb) = qmc.expect_blocks(moments, *sampled, samples, seed, positions, stream, program)
+    den = maa * mbb
+    scale = torch.where(den > 0, (const(va, like) * const(vb, like)).clamp_min(0.0)
+                        / torch.where(den > 0, den, 1.0), 1.0).sqrt()
+    errors.append(("mc", (stderr * scale).max()))
+    return mab * scale
 
 
 # Ranks up to which ``qn`` uses the tensor-product rule for a smooth integrand and for a kinked

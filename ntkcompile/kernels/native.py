@@ -37,7 +37,7 @@ _state = {"failed": ""}
 
 
 def register(program) -> None:
-    """Queue ``program`` for the next build (``pointwise.build`` calls this)."""
+    """Queue ``program`` for the next build (``pointwise.build_family`` calls this)."""
     if program.source:
         with _lock:
             _pending.add(program)

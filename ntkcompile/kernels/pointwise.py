@@ -322,7 +322,7 @@ class Family:
 
     @property
     def outputs(self) -> int:
-        return sum(3 if pair else 1 for _, pair in self.members)
+        return 0 if self.program is None else self.program.outputs
 
     def __repr__(self):
         return f"<family of {len(self.members)} integrands over {self.slots} slots>"

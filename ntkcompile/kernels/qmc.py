@@ -360,7 +360,6 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
     if lib is None or not fused._applicable(coefs) or program.slots != d:
         return None
     B = math.prod(batch)
-    pts = normal_nets(samples, nets, max(1, dims), seed, by_net=True)
     slot_of, col_of, coefs, col = [], [], [], 0
     for cols, terms in groups:
         for slot, j, coef in terms:
@@ -369,6 +368,13 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
             col_of.append(col + j)
         col += cols
     n_terms = len(coefs)
+    # the compiled body where no slot has more terms than it reads (2 x 2 blocks), else the interpreter
+    fits = all(slot_of.count(s) <= k for s, k in enumerate(program.terms))     # as many terms as the body reads
+    # compiled once a call is worth the compiler's run (about 1 s a model), or when it is already
+    body = (program.body or (native.body(program) if B * samples >= native.WORTH else None)) if fits else None
+    if body is None and program.squared != (0,):
+        return None                   # the interpreter gives the standard error of output 0 alone
+    pts = normal_nets(samples, nets, max(1, dims), seed, by_net=True)
     # (t, rows, terms): the coefficients in the order sampling.c takes the entries, one row apart;
     # made once for the calls that share the groups (prepare_shared)
     packed = groups.packed[1] if isinstance(groups, Groups) and groups.packed and groups.packed[0] == t else None
@@ -392,12 +398,6 @@ def _fused(program, batch, d, groups, samples, nets, dims, net, t, seed):
     c_slot = (ctypes.c_int32 * max(1, n_terms))(*slot_of)
     c_col = (ctypes.c_int32 * max(1, n_terms))(*col_of)
     net_of = net.to(torch.int64).contiguous() if net is not None else None
-    # the compiled body where no slot has more terms than it reads (2 x 2 blocks), else the interpreter
-    fits = all(slot_of.count(s) <= k for s, k in enumerate(program.terms))     # as many terms as the body reads
-    # compiled once a call is worth the compiler's run (about 1 s a model), or when it is already
-    body = (program.body or (native.body(program) if B * samples >= native.WORTH else None)) if fits else None
-    if body is None and program.squared != (0,):
-        return None                   # the interpreter gives the standard error of output 0 alone
 
     def part(lo, hi):
         regs = torch.empty(max(program.registers, program.outputs) * 256, dtype=_F64)
